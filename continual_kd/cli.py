@@ -1,0 +1,330 @@
+"""The ``ckd`` command line: thin wrappers over the packages, Rich output, exit code 2 on user errors.
+
+Set ``CKD_DEBUG=1`` to see the traceback behind an error message.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .errors import CkdError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="continual-kd: continual knowledge distillation for recommenders, on Ray.")
+data_app = typer.Typer(no_args_is_help=True, help="Build a stream store from a dataset.")
+app.add_typer(data_app, name="data")
+
+out = Console()
+err = Console(stderr=True)
+
+StoreOpt = Annotated[Path, typer.Option("--store", help="Stream store directory.", envvar="CKD_STORE")]
+RunsOpt = Annotated[Path, typer.Option("--runs", help="Directory holding the jobs' snapshot folders.", envvar="CKD_RUNS")]
+
+
+def _guard(fn):
+    """Turn a CkdError into one red line on stderr and exit code 2 (CKD_DEBUG=1 keeps the traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CkdError as e:
+            if os.environ.get("CKD_DEBUG"):
+                raise
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+
+    return wrapper
+
+
+def _fmt(v: float | None) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def _write_json(path: Optional[Path], payload) -> None:
+    if path is None:
+        return
+    if str(path) == "-":
+        sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------- ingest / data
+
+
+def _print_report(r) -> None:
+    if r.already_ingested:
+        out.print(f"[yellow]{r.source}[/]: already ingested (content {r.content_hash[:12]}); store unchanged")
+        return
+    out.print(f"[bold]{r.source}[/]: {r.rows_taken:,} rows taken, {r.rows_quarantined:,} quarantined "
+              f"({r.new_users:,} new users, {r.new_items:,} new items)"
+              + (f", segment {r.segment_id}" if r.segment_id is not None else ""))
+    for reason, n in sorted(r.reasons.items()):
+        out.print(f"  quarantined: {n:,} × {reason}")
+
+
+@app.command()
+@_guard
+def ingest(
+    files: Annotated[list[Path], typer.Argument(help="CSV/TSV/Parquet files with user, item, timestamp columns.")],
+    store: StoreOpt,
+    user_col: Annotated[str, typer.Option(help="Name of the user id column.")] = "user",
+    item_col: Annotated[str, typer.Option(help="Name of the item id column.")] = "item",
+    time_col: Annotated[str, typer.Option(help="Name of the timestamp column.")] = "timestamp",
+    weight_col: Annotated[Optional[str], typer.Option(help="Name of a rating/weight column (default: 'weight' or 'rating' if present).")] = None,
+):
+    """Validate and append interaction files to a stream store (bad rows are quarantined with a reason)."""
+    from .stream import ColumnMap, StreamStore
+
+    st = StreamStore.open(store, create=True)
+    cols = ColumnMap(user=user_col, item=item_col, timestamp=time_col, weight=weight_col)
+    for f in files:
+        _print_report(st.ingest_file(f, cols))
+
+
+@data_app.command("movielens-100k")
+@_guard
+def data_movielens(store: StoreOpt = Path("stores/ml-100k")):
+    """MovieLens-100K (943 users, 1,682 items, 100k rated interactions with timestamps)."""
+    from .data.sources import build_store
+
+    _, report = build_store("movielens-100k", store)
+    _print_report(report)
+
+
+@data_app.command("synthetic")
+@_guard
+def data_synthetic(
+    store: StoreOpt = Path("stores/synthetic"),
+    users: int = 2000, items: int = 1000, interactions: int = 60000, periods: int = 6,
+    popularity_exponent: float = 1.0, drift: float = 0.3, new_user_fraction: float = 0.3,
+    new_item_fraction: float = 0.3, seed: int = 0,
+):
+    """A seeded stream with power-law item popularity, taste drift and users/items arriving later."""
+    from .config import SyntheticSpec
+    from .data.sources import build_store
+
+    spec = SyntheticSpec(users=users, items=items, interactions=interactions, periods=periods,
+                         popularity_exponent=popularity_exponent, drift=drift,
+                         new_user_fraction=new_user_fraction, new_item_fraction=new_item_fraction, seed=seed)
+    _, report = build_store("synthetic", store, spec)
+    _print_report(report)
+
+
+# ---------------------------------------------------------------------------------------- submit
+
+
+class _BlockProgress:
+    """Rich progress: one bar over the blocks, its description naming the running stage."""
+
+    def __init__(self, console: Console):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = console
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=console, transient=False)
+        self.task = None
+
+    def __call__(self, e: dict) -> None:
+        kind = e["type"]
+        if kind == "plan":
+            plan = e["plan"]
+            self.console.print(f"block plan {plan.plan_id}: {plan.num_blocks} blocks "
+                               f"({', '.join(f'{b.rows:,}' for b in plan.blocks)} rows), running {e['start']}..{e['end'] - 1}")
+            self.bar.start()
+            self.task = self.bar.add_task("starting", total=e["end"] - e["start"])
+        elif kind == "ray":
+            dash = f", dashboard http://{e['dashboard']}" if e.get("dashboard") else ""
+            self.console.print(f"Ray at {e['address']}{dash}")
+        elif kind == "stage" and self.task is not None:
+            self.bar.update(self.task, description=f"block {e['block']}: {e['stage']}")
+        elif kind == "block" and self.task is not None:
+            r = e["result"]
+            cells = "  ".join(f"{n} {m['ndcg@20']:.4f}" for n, m in r.metrics.items())
+            self.bar.console.print(f"block {r.block} ({r.seconds:.1f}s) NDCG@20: {cells}")
+            self.bar.advance(self.task)
+        elif kind in ("info", "warning"):
+            style = "yellow" if kind == "warning" else "dim"
+            self.console.print(f"[{style}]{e['message']}[/]")
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+def _history_table(history: list[dict], ks=(20,)) -> Table:
+    models = list(history[0]["metrics"]) if history else []
+    t = Table(title="test metrics per block (full ranking)")
+    t.add_column("block", justify="right")
+    for m in models:
+        for k in ks:
+            t.add_column(f"{m}\nNDCG@{k}", justify="right")
+            t.add_column(f"{m}\nRecall@{k}", justify="right")
+    t.add_column("seconds", justify="right")
+    for h in history:
+        row = [str(h["block"])]
+        for m in models:
+            for k in ks:
+                row += [_fmt(h["metrics"][m].get(f"ndcg@{k}")), _fmt(h["metrics"][m].get(f"recall@{k}"))]
+        t.add_row(*row, f"{h.get('seconds', float('nan')):.1f}")
+    incr = [h for h in history if h["block"] > 0]
+    if incr:
+        row = ["mean 1.."]
+        for m in models:
+            for k in ks:
+                for metric in ("ndcg", "recall"):
+                    row.append(_fmt(sum(h["metrics"][m][f"{metric}@{k}"] for h in incr) / len(incr)))
+        t.add_row(*row, "", style="bold")
+    return t
+
+
+@app.command()
+@_guard
+def submit(
+    job_file: Annotated[Path, typer.Argument(help="Job spec (YAML), e.g. jobs/stream.yaml.")],
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (host:port); default: an embedded local Ray.", envvar="CKD_RAY_ADDRESS")] = None,
+    restart: Annotated[bool, typer.Option("--restart", help="Discard this job's snapshots and start from block 0.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue after the last snapshot (also the default when one exists).")] = False,
+    max_blocks: Annotated[Optional[int], typer.Option(help="Run at most this many blocks now (resume later).")] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the per-block metrics as JSON ('-' for stdout).")] = None,
+):
+    """Run the stream: every block updates the teachers, distils into the student, evaluates, snapshots."""
+    from .config import load_job
+    from .runtime.coordinator import run_job
+
+    if restart and resume:
+        raise CkdError("--restart and --resume contradict each other; pass one")
+    job = load_job(job_file)
+    progress = _BlockProgress(out)
+    try:
+        result = run_job(job, address=address, restart=restart, progress=progress, max_blocks=max_blocks)
+    finally:
+        progress.stop()
+    if result.history:
+        out.print(_history_table(result.history))
+    out.print(f"snapshots: {result.runs_dir}  (evaluate with `ckd evaluate --snapshot latest`)")
+    _write_json(json_path, {"job": job.name, "plan_id": result.plan.plan_id, "history": result.history})
+
+
+# ---------------------------------------------------------------------------------------- evaluate / status
+
+
+def _find_job_runs(runs: Path, job: Optional[str]) -> Path:
+    """The snapshot folder of ``job`` under ``runs`` (or the only / most recently written one)."""
+    from .snapshots import list_snapshots
+
+    if job:
+        d = runs / job
+        if not list_snapshots(d):
+            raise CkdError(f"{d}: no snapshots of job {job!r}; run `ckd submit` for it first")
+        return d
+    if list_snapshots(runs):  # --runs points at a job's snapshot folder itself
+        return runs
+    candidates = [d for d in runs.iterdir() if d.is_dir() and list_snapshots(d)] if runs.is_dir() else []
+    if not candidates:
+        raise CkdError(f"{runs}: no snapshots found; run `ckd submit JOB.yaml` here first or pass --runs DIR")
+    return max(candidates, key=lambda d: d.stat().st_mtime)
+
+
+@app.command()
+@_guard
+def evaluate(
+    snapshot: Annotated[str, typer.Option(help="'latest' or a block number.")] = "latest",
+    runs: RunsOpt = Path("runs"),
+    job: Annotated[Optional[str], typer.Option(help="Job name when --runs holds several jobs.")] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics as JSON ('-' for stdout).")] = None,
+):
+    """Full-ranking metrics of every model in a snapshot, on the test part of every block seen so far."""
+    from .continual.snapshot_eval import evaluate_snapshot
+    from .snapshots import resolve_snapshot
+    from .stream import StreamStore
+
+    which: str | int = snapshot
+    if snapshot != "latest":
+        if not snapshot.isdigit():
+            raise CkdError(f"--snapshot {snapshot!r}: use 'latest' or a block number such as 3")
+        which = int(snapshot)
+    job_dir = _find_job_runs(runs, job)
+    snap, warnings = resolve_snapshot(job_dir, which)
+    for w in warnings:
+        err.print(f"[yellow]warning:[/] {w}")
+    m = snap.manifest
+    store = StreamStore.open(m["store"])
+    seen = store.read_blocks(m["plan_id"], snap.block)
+    res = evaluate_snapshot(snap, seen)
+    ks = res["ks"]
+    k_main = 20 if 20 in ks else ks[0]
+    t = Table(title=f"{m['job']} snapshot block-{snap.block:04d}: test part of blocks 0..{snap.block}")
+    t.add_column("model")
+    t.add_column("params", justify="right")
+    blocks = sorted(next(iter(res["models"].values()))["blocks"]) if res["models"] else []
+    for b in blocks:
+        t.add_column(f"b{b}\nNDCG@{k_main}", justify="right")
+    for k in ks:
+        t.add_column(f"mean\nRecall@{k}", justify="right")
+        t.add_column(f"mean\nNDCG@{k}", justify="right")
+    for name, r in res["models"].items():
+        row = [name, f"{r['parameters']:,}"] + [_fmt(r["blocks"][b][f"ndcg@{k_main}"]) for b in blocks]
+        for k in ks:
+            row += [_fmt(r["mean"][f"recall@{k}"]), _fmt(r["mean"][f"ndcg@{k}"])]
+        t.add_row(*row)
+    out.print(t)
+    _write_json(json_path, {"snapshot": str(snap.path), "warnings": warnings, **res})
+
+
+@app.command()
+@_guard
+def status(
+    store: StoreOpt = Path("stores/ml-100k"),
+    runs: RunsOpt = Path("runs"),
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the status as JSON ('-' for stdout).")] = None,
+):
+    """Segments, blocks, quarantine counts of a store, and the snapshots under --runs."""
+    from .snapshots import list_snapshots
+    from .stream import StreamStore
+
+    st = StreamStore.open(store)
+    s = st.status()
+    out.print(f"[bold]store {store}[/]: {s['rows']:,} interactions, {s['users']:,} users, {s['items']:,} items, "
+              f"{len(s['segments'])} segments")
+    t = Table(title="segments")
+    for c in ("id", "source", "rows", "first ts", "last ts", "content"):
+        t.add_column(c)
+    for seg in s["segments"]:
+        t.add_row(str(seg["id"]), str(seg["source"]), f"{seg['rows']:,}", str(seg["ts_min"]), str(seg["ts_max"]),
+                  str(seg["content_hash"])[:12])
+    out.print(t)
+    q = s.get("quarantine", {})
+    out.print("quarantine: " + (", ".join(f"{n:,} × {r}" for r, n in q.items()) if q else "empty"))
+    for plan in s.get("plans", []):
+        out.print(f"plan {plan['plan_id']}: " + ", ".join(f"b{b['index']}={b['rows']:,}" for b in plan["blocks"]))
+    snaps = {}
+    if runs.is_dir():
+        for d in sorted(runs.iterdir()):
+            blocks = list_snapshots(d) if d.is_dir() else []
+            if blocks:
+                snaps[d.name] = blocks
+                out.print(f"snapshots {d}: blocks {', '.join(map(str, blocks))}")
+    _write_json(json_path, {**s, "snapshots": snaps})
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""The job spec: YAML → typed, validated, frozen dataclasses, with errors that name file and field.
+
+Only ``yaml.safe_load`` is used; a job file is data, never code. Every key is checked: an unknown
+key, a wrong type or an impossible value ends in one ``CkdError`` sentence with the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import CkdError
+
+DATASETS = ("movielens-100k", "synthetic", "store")
+BACKBONE_NAMES = ("mf",)  # kept in step with models.BACKBONES by tests (config must not import torch)
+DISTILL_METHODS = ("rrd", "none")
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    users: int = 2000
+    items: int = 1000
+    interactions: int = 60000
+    periods: int = 6
+    popularity_exponent: float = 1.0
+    drift: float = 0.3
+    new_user_fraction: float = 0.3
+    new_item_fraction: float = 0.3
+    latent_dim: int = 8
+    temperature: float = 0.5
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    dataset: str = "movielens-100k"  # movielens-100k | synthetic | store (an existing store, filled by `ckd ingest`)
+    store: str = "stores/ml-100k"  # the stream store directory (built from the dataset when missing)
+    synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
+
+    def validate(self, where: str) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"{where}.dataset: unknown dataset {self.dataset!r}; use one of {', '.join(DATASETS)}")
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    base_fraction: float = 0.5
+    incremental: int = 5
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+
+    def validate(self, where: str) -> None:
+        if not 0 < self.base_fraction < 1:
+            raise ValueError(f"{where}.base_fraction: must be between 0 and 1 (exclusive), got {self.base_fraction}")
+        if self.incremental < 1:
+            raise ValueError(f"{where}.incremental: needs at least 1 incremental block, got {self.incremental}")
+        if any(f < 0 for f in self.split) or abs(sum(self.split) - 1) > 1e-6 or self.split[0] <= 0:
+            raise ValueError(f"{where}.split: three non-negative fractions (train, valid, test) summing to 1, got {list(self.split)}")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    epochs_base: int = 40  # epochs on the base block (from scratch)
+    epochs_block: int = 10  # epochs on each incremental block (warm-started)
+    lr: float = 0.005
+    weight_decay: float = 1e-4
+    batch_size: int = 1024
+
+    def validate(self, where: str) -> None:
+        for name in ("epochs_base", "epochs_block"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{where}.{name}: must be ≥ 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"{where}.lr: must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"{where}.weight_decay: must be ≥ 0, got {self.weight_decay}")
+        if self.batch_size < 1:
+            raise ValueError(f"{where}.batch_size: must be ≥ 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class ResourceSpec:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+    def validate(self, where: str) -> None:
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ValueError(f"{where}: num_cpus and num_gpus must be ≥ 0")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str = "student"
+    backbone: str = "mf"
+    dim: int = 16
+    init: str = "neighbor"  # how rows for new users/items start: neighbor (1-hop mean) | random
+    train: TrainSpec = field(default_factory=TrainSpec)
+    resources: ResourceSpec = field(default_factory=ResourceSpec)
+
+    def validate(self, where: str) -> None:
+        if not self.name or any(c in self.name for c in "/\\ \t"):
+            raise ValueError(f"{where}.name: a non-empty name without spaces or slashes, got {self.name!r}")
+        if self.backbone not in BACKBONE_NAMES:
+            raise ValueError(f"{where}.backbone: unknown backbone {self.backbone!r}; use one of {', '.join(BACKBONE_NAMES)}")
+        if self.dim < 1:
+            raise ValueError(f"{where}.dim: must be a positive integer, got {self.dim}")
+        if self.init not in ("neighbor", "random"):
+            raise ValueError(f"{where}.init: use neighbor or random, got {self.init!r}")
+
+
+@dataclass(frozen=True)
+class DistillSpec:
+    method: str = "rrd"  # rrd | none
+    weight: float = 0.01  # λ in BPR + λ·KD, both summed over the batch
+    k: int = 40  # teacher's interesting items per user
+    pool: int = 500  # teacher top-N that uninteresting items avoid
+    uninteresting: int = 40
+    mode: str = "direct"  # direct (teacher top-K as is) | sample (K of the pool, p ∝ exp(-rank/T))
+    temperature: float = 10.0
+    score_clamp: float | None = None
+
+    def validate(self, where: str) -> None:
+        if self.method not in DISTILL_METHODS:
+            raise ValueError(f"{where}.method: unknown method {self.method!r}; use one of {', '.join(DISTILL_METHODS)}")
+        if self.weight < 0:
+            raise ValueError(f"{where}.weight: must be ≥ 0, got {self.weight}")
+        if self.k < 1 or self.uninteresting < 1:
+            raise ValueError(f"{where}: k and uninteresting must be ≥ 1")
+        if self.pool < self.k:
+            raise ValueError(f"{where}.pool: must be ≥ k ({self.k}), got {self.pool}")
+        if self.mode not in ("direct", "sample"):
+            raise ValueError(f"{where}.mode: use direct or sample, got {self.mode!r}")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    ks: tuple[int, ...] = (10, 20, 50)
+    chunk_size: int = 1024
+
+    def validate(self, where: str) -> None:
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ValueError(f"{where}.ks: a non-empty list of positive cut-offs, got {list(self.ks)}")
+        if self.chunk_size < 1:
+            raise ValueError(f"{where}.chunk_size: must be ≥ 1")
+
+
+@dataclass(frozen=True)
+class SnapshotSpec:
+    dir: str = ""  # default: runs/<job name>
+    keep_last: int = 0  # 0 keeps every snapshot
+
+    def validate(self, where: str) -> None:
+        if self.keep_last < 0:
+            raise ValueError(f"{where}.keep_last: must be ≥ 0 (0 keeps all), got {self.keep_last}")
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    num_cpus: int | None = None  # CPUs of the embedded local Ray (default: all)
+    device: str = "auto"  # auto (CUDA when an actor has a GPU) | cpu | cuda
+
+    def validate(self, where: str) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"{where}.device: use auto, cpu or cuda, got {self.device!r}")
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ValueError(f"{where}.num_cpus: must be ≥ 1, got {self.num_cpus}")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str = "stream"
+    seed: int = 0
+    source: SourceSpec = field(default_factory=SourceSpec)
+    blocks: BlockSpec = field(default_factory=BlockSpec)
+    teachers: tuple[ModelSpec, ...] = ()
+    student: ModelSpec = field(default_factory=ModelSpec)
+    distill: DistillSpec = field(default_factory=DistillSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    snapshots: SnapshotSpec = field(default_factory=SnapshotSpec)
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+
+    def validate(self, where: str) -> None:
+        if not self.name or any(c in self.name for c in "/\\ \t"):
+            raise ValueError(f"{where}.name: a non-empty name without spaces or slashes, got {self.name!r}")
+        if self.distill.method != "none" and not self.teachers:
+            raise ValueError(f"{where}.teachers: distillation method {self.distill.method!r} needs at least one teacher")
+        names = [t.name for t in self.teachers] + [self.student.name]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"{where}: model names must be unique, {sorted(dup)} used twice")
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return Path(self.snapshots.dir or f"runs/{self.name}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def config_hash(self) -> str:
+        """Identity of the lineage: everything that changes results (not where or how fast it runs)."""
+        d = self.to_dict()
+        for k in ("runtime", "snapshots"):
+            d.pop(k)
+        for m in [d["student"], *d["teachers"]]:
+            m.pop("resources")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- generic typed parsing
+
+
+def _type_name(tp) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _coerce(value, tp, where: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, got {value!r}")
+        return _build(tp, value, where)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ValueError(f"{where}: expected a list of {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _build(cls, data: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        at = f"{where}: unknown key" if where else "unknown top-level key"
+        raise ValueError(f"{at} {unknown[0]!r}; allowed keys are {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = f"{where}.{name}" if where else name
+        kwargs[name] = _coerce(value, hints[name], sub)
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(where or "job")
+    return obj
+
+
+def parse_job(data, source: str = "<job>") -> JobSpec:
+    if not isinstance(data, dict):
+        raise CkdError(f"{source}: a job file must be a YAML mapping (name, source, blocks, teachers, student, ...), got {type(data).__name__}")
+    try:
+        return _build(JobSpec, data, "")
+    except ValueError as e:
+        raise CkdError(f"{source}: {e}") from None
+
+
+def load_job(path: str | Path) -> JobSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise CkdError(f"{path}: job file not found; pass the path of a YAML job such as jobs/stream.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise CkdError(f"{path}: not valid YAML{at} ({getattr(e, 'problem', None) or e}); fix the syntax") from None
+    except UnicodeDecodeError:
+        raise CkdError(f"{path}: not a text file; a job file is UTF-8 YAML") from None
+    return parse_job(data, str(path))

@@ -1,0 +1,37 @@
+"""Evaluate the models of a saved snapshot on the test part of every block it has seen."""
+
+from __future__ import annotations
+
+from ..config import parse_job
+from ..eval.metrics import nan_mean
+from ..types import Interactions
+from .learner import Learner
+from .loop import model_key
+
+
+def learners_from_snapshot(snapshot, device: str = "cpu") -> dict[str, Learner]:
+    """Rebuild every model of a snapshot from its manifest (specs) and weights (weights-only load)."""
+    job = parse_job(snapshot.manifest["job_spec"], f"{snapshot.path}/manifest.json")
+    specs = {model_key("teacher", t.name): t for t in job.teachers}
+    specs["student"] = job.student
+    weights = snapshot.load_states()
+    learners = {}
+    for name, info in snapshot.manifest["model_info"].items():
+        learner = Learner(specs[name], job.seed, device)
+        learner.load({"block": snapshot.block, "num_users": info["num_users"], "num_items": info["num_items"],
+                      "weights": weights[name]})
+        learners[name] = learner
+    return learners
+
+
+def evaluate_snapshot(snapshot, seen: Interactions, device: str = "cpu") -> dict:
+    """{"block": k, "ks": [...], "models": {name: {"blocks": {j: metrics}, "mean": metrics}}} for j ≤ k."""
+    job = parse_job(snapshot.manifest["job_spec"], f"{snapshot.path}/manifest.json")
+    blocks = sorted(int(b) for b in set(seen.block.tolist()))
+    out = {"block": snapshot.block, "ks": list(job.eval.ks), "models": {}}
+    for name, learner in learners_from_snapshot(snapshot, device).items():
+        per_block = learner.evaluate(seen, blocks, job.eval)
+        keys = [k for k in next(iter(per_block.values())) if k != "users"] if per_block else []
+        mean = {k: nan_mean(m[k] for m in per_block.values()) for k in keys}
+        out["models"][name] = {"blocks": per_block, "mean": mean, "parameters": learner.num_parameters()}
+    return out

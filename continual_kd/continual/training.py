@@ -1,0 +1,57 @@
+"""The training loop shared by every model: BPR on (user, positive, sampled negative) + optional KD.
+
+One visible loop over epochs and mini-batches; sampling is a tensor operation per epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import TrainSpec
+from ..sparse import UserItemSet, sample_excluding
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    base_loss: float
+    kd_loss: float
+
+
+def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserItemSet, epochs: int,
+                 spec: TrainSpec, generator: torch.Generator, kd=None, kd_weight: float = 0.0) -> list[EpochLog]:
+    """Train ``model`` for ``epochs`` on the (users, items) positives; negatives avoid ``known``.
+
+    ``kd`` (optional) has ``resample(generator)`` (called once per epoch) and ``loss(model, batch_users)``;
+    the batch loss is ``base_loss + kd_weight · kd.loss`` (both summed over the batch).
+    """
+    logs: list[EpochLog] = []
+    n = len(users)
+    if n == 0 or epochs == 0:
+        return logs
+    device = users.device
+    opt = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    model.train()
+    for epoch in range(epochs):
+        if kd is not None:
+            kd.resample(generator)
+        perm = torch.randperm(n, generator=generator).to(device)
+        u_all, p_all = users[perm], items[perm]
+        n_all = sample_excluding(u_all, 1, model.num_items, [known], generator).squeeze(1)  # (n,)
+        base_sum = kd_sum = 0.0
+        for start in range(0, n, spec.batch_size):
+            u = u_all[start : start + spec.batch_size]
+            loss = model.base_loss(u, p_all[start : start + spec.batch_size], n_all[start : start + spec.batch_size])
+            base_sum += float(loss.detach())
+            if kd is not None and kd_weight > 0:
+                kd_loss = kd.loss(model, u)
+                kd_sum += float(kd_loss.detach())
+                loss = loss + kd_weight * kd_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        logs.append(EpochLog(epoch, base_sum / n, kd_sum / n))
+    model.eval()
+    return logs

@@ -1,0 +1,84 @@
+"""RRD: relaxed ranking distillation (DE-RRD, CIKM'20).
+
+For each user the teacher's top-K unobserved items ("interesting", in teacher order) must keep
+their order in the student, and L uniformly drawn "uninteresting" items (neither observed nor in
+the teacher's top-``pool``) only have to fall below all of them:
+
+    L = -Σ_u Σ_k [ S1_k - log( Σ_{l≥k} exp(S1_l) + Σ_j exp(S2_j) ) ]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..sparse import UserItemSet, sample_excluding
+
+
+def relaxed_ranking_loss(interesting: torch.Tensor, uninteresting: torch.Tensor) -> torch.Tensor:
+    """Summed RRD loss. interesting: (B, K) student scores in teacher order; uninteresting: (B, L)."""
+    # log Σ_{l≥k} exp(S1_l): logcumsumexp over the reversed list, reversed back
+    tail = torch.logcumsumexp(interesting.flip(-1), dim=-1).flip(-1)  # (B, K)
+    below = torch.logsumexp(uninteresting, dim=-1, keepdim=True)  # (B, 1)
+    return -(interesting - torch.logaddexp(tail, below)).sum()
+
+
+@dataclass(frozen=True)
+class RRDConfig:
+    weight: float = 0.01  # λ in BPR + λ·RRD (both summed over the batch)
+    k: int = 40  # interesting items per user
+    pool: int = 500  # teacher top-N that uninteresting items avoid (and "sample" mode draws from)
+    uninteresting: int = 40  # L uniform items per user
+    mode: str = "direct"  # "direct": teacher top-K as is; "sample": K of the pool, p(r) ∝ exp(-r/T)
+    temperature: float = 10.0  # T of the "sample" mode
+    score_clamp: float | None = None  # clamp student scores in the loss (CCD uses 10)
+
+
+class RRDTargets:
+    """Per-user interesting / uninteresting items, redrawn by ``resample`` once per epoch.
+
+    knowledge_users: (U,) users the teacher produced knowledge for; knowledge_items: (U, P) the
+    teacher's top-P unobserved items, best first (P ≥ k). ``observed`` are the users' known items.
+    """
+
+    def __init__(self, cfg: RRDConfig, knowledge_users: torch.Tensor, knowledge_items: torch.Tensor,
+                 observed: UserItemSet, num_users: int, num_items: int):
+        if knowledge_items.shape[1] < cfg.k:
+            raise ValueError(f"teacher knowledge has {knowledge_items.shape[1]} items per user, RRD needs k={cfg.k}")
+        self.cfg = cfg
+        self.users = knowledge_users.long()
+        self.pool_items = knowledge_items[:, : max(cfg.pool, cfg.k)].long()
+        self.observed = observed
+        self.num_items = num_items
+        self.pool_set = UserItemSet(self.users.repeat_interleave(self.pool_items.shape[1]),
+                                    self.pool_items.reshape(-1), num_users, num_items, self.users.device)
+        # row of each user in the (U, ·) tables, -1 for users without knowledge
+        self.row = torch.full((num_users,), -1, dtype=torch.int64, device=self.users.device)
+        self.row[self.users] = torch.arange(len(self.users), device=self.users.device)
+        self.interesting = self.pool_items[:, : cfg.k]
+        self.uninteresting = self.pool_items[:, :0]
+
+    def resample(self, generator: torch.Generator) -> None:
+        cfg = self.cfg
+        if cfg.mode == "sample" and self.pool_items.shape[1] > cfg.k:
+            p = self.pool_items.shape[1]
+            w = torch.exp(-torch.arange(p, dtype=torch.float32) / cfg.temperature).expand(len(self.users), -1)
+            pos = torch.multinomial(w, cfg.k, replacement=False, generator=generator).sort(dim=1).values
+            self.interesting = torch.gather(self.pool_items, 1, pos.to(self.pool_items.device))
+        self.uninteresting = sample_excluding(self.users, cfg.uninteresting, self.num_items,
+                                              [self.observed, self.pool_set], generator)
+
+    def loss(self, model, batch_users: torch.Tensor) -> torch.Tensor:
+        """RRD over the unique users of a training batch that have teacher knowledge."""
+        users = torch.unique(batch_users)
+        rows = self.row[users]
+        keep = rows >= 0
+        users, rows = users[keep], rows[keep]
+        if len(users) == 0:
+            return torch.zeros((), device=batch_users.device)
+        s1 = model.score(users, self.interesting[rows])
+        s2 = model.score(users, self.uninteresting[rows])
+        if self.cfg.score_clamp is not None:
+            s1, s2 = s1.clamp(max=self.cfg.score_clamp), s2.clamp(max=self.cfg.score_clamp)
+        return relaxed_ranking_loss(s1, s2)

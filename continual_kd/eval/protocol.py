@@ -1,0 +1,28 @@
+"""The block protocol: which pairs are held out and which are masked when a model is evaluated.
+
+A snapshot taken after block k is evaluated on the test part of every block j ≤ k. For block j
+the relevant pairs are test(j); every other pair of blocks ≤ k is masked (it is known, not a target).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..sparse import UserItemSet
+from ..types import TEST, Interactions
+
+
+def eval_sets(seen: Interactions, block: int, split: int = TEST, device="cpu") -> tuple[UserItemSet, UserItemSet]:
+    """(relevant, exclude) for evaluating on ``split`` of ``block`` given everything ``seen``."""
+    target = (seen.block == block) & (seen.split == split)
+    n_items = max(seen.num_items, 1)
+    keys = seen.users * n_items + seen.items
+    held_out = np.isin(keys, keys[target])
+    relevant = UserItemSet(seen.users[target], seen.items[target], seen.num_users, seen.num_items, device)
+    exclude = UserItemSet(seen.users[~held_out], seen.items[~held_out], seen.num_users, seen.num_items, device)
+    return relevant, exclude
+
+
+def known_pairs(seen: Interactions, device="cpu") -> UserItemSet:
+    """Every pair seen so far (all splits): what knowledge and negative sampling must avoid."""
+    return UserItemSet(seen.users, seen.items, seen.num_users, seen.num_items, device)

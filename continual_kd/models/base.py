@@ -1,0 +1,68 @@
+"""What every backbone answers, and the registry of backbones by the names used in job files.
+
+A backbone is a plain ``nn.Module`` built from a frozen config and explicit sizes: it knows nothing
+of Ray, DuckDB or the stream. ``continual/`` trains it; ``runtime/`` decides where it lives.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+
+class Recommender(Protocol):
+    num_users: int
+    num_items: int
+
+    def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """(B,) users × (B, ...) items → scores of the same shape as items."""
+
+    def full_scores(self, users: torch.Tensor) -> torch.Tensor:
+        """(B,) users → (B, num_items) scores over every item."""
+
+    def base_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        """The backbone's own training loss on (user, positive, negative) triples, summed."""
+
+    def grow(self, num_users: int, num_items: int, users: torch.Tensor | None = None,
+             items: torch.Tensor | None = None, init: str = "neighbor") -> None:
+        """Extend the id spaces; new rows get ``init`` ("neighbor": mean of 1-hop neighbours
+        in the given (users, items) interactions, "random": N(0, 0.01))."""
+
+    def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def state_dict(self) -> dict: ...
+
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str):
+    def deco(cls):
+        BACKBONES[name] = cls
+        return cls
+
+    return deco
+
+
+def build_backbone(name: str, num_users: int, num_items: int, **params) -> nn.Module:
+    if name not in BACKBONES:
+        raise KeyError(name)
+    return BACKBONES[name](num_users=num_users, num_items=num_items, **params)
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def neighbor_mean(table: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of ``table[dst]`` grouped by ``src`` into ``size`` rows; also the per-row counts.
+
+    Used to initialise a new entity from the entities it interacted with (CCD's 1-hop init).
+    """
+    sums = torch.zeros(size, table.shape[1], dtype=table.dtype, device=table.device)
+    sums.index_add_(0, src, table[dst])
+    counts = torch.zeros(size, dtype=table.dtype, device=table.device)
+    counts.index_add_(0, src, torch.ones_like(src, dtype=table.dtype))
+    return sums / counts.clamp(min=1).unsqueeze(1), counts

@@ -1,0 +1,79 @@
+"""One Ray actor per model (``teacher:<name>``, ``student``): a thin wrapper over ``Learner``.
+
+Block data arrives as object references (put once by the coordinator); knowledge travels from
+teacher actors to the student actor by reference too, never through the driver.
+"""
+
+from __future__ import annotations
+
+import ray
+import torch
+
+from ..config import DistillSpec, EvalSpec, ModelSpec
+from ..continual import Knowledge, Learner, resolve_device
+from ..types import Interactions
+
+
+class LearnerActor:
+    def __init__(self, spec: ModelSpec, seed: int, device: str, state: dict | None = None):
+        torch.set_num_threads(max(1, int(spec.resources.num_cpus)))
+        device = resolve_device(device, has_gpu=spec.resources.num_gpus > 0)
+        self.learner = Learner(spec, seed, device)
+        if state is not None:
+            self.learner.load(state)
+        self._seen_key: tuple | None = None
+        self._seen: Interactions | None = None
+        self._gauges = None
+
+    def _interactions(self, block_refs: list) -> Interactions:
+        """Blocks 0..k concatenated (cached for the stages of one block)."""
+        key = tuple(r.hex() for r in block_refs)
+        if key != self._seen_key:
+            self._seen = Interactions.concat(ray.get(block_refs))
+            self._seen_key = key
+        return self._seen
+
+    def ping(self) -> dict:
+        return {"device": self.learner.device, "block": self.learner.block, "name": self.learner.spec.name}
+
+    def update(self, block: int, block_refs: list, knowledge_refs: list | None = None,
+               distill: DistillSpec | None = None) -> dict:
+        knowledge: list[Knowledge] = ray.get(knowledge_refs) if knowledge_refs else []
+        return self.learner.update(self._interactions(block_refs), block, knowledge, distill)
+
+    def knowledge(self, block: int, block_refs: list, size: int) -> Knowledge:
+        return self.learner.knowledge(self._interactions(block_refs), block, size)
+
+    def evaluate(self, block: int, block_refs: list, spec: EvalSpec) -> dict:
+        seen = self._interactions(block_refs)
+        test = self.learner.evaluate(seen, [block], spec)[block]
+        valid = self.learner.validate(seen, block, spec)
+        self._report(block, test)
+        return {"test": test, "valid": valid, "parameters": self.learner.num_parameters()}
+
+    def state(self) -> dict:
+        return self.learner.state()
+
+    def _report(self, block: int, metrics: dict) -> None:
+        """Export the block's test metrics to the Ray dashboard (Metrics tab / Prometheus)."""
+        from ray.util.metrics import Gauge
+
+        if self._gauges is None:
+            self._gauges = {
+                key: Gauge(f"ckd_{key.replace('@', '_at_')}", description=f"test {key} of the last block",
+                           tag_keys=("model",))
+                for key in metrics if "@" in key
+            }
+        for key, gauge in self._gauges.items():
+            gauge.set(metrics[key], tags={"model": self.learner.spec.name})
+
+
+def spawn_learner(role_name: str, spec: ModelSpec, seed: int, device: str, state: dict | None = None):
+    """Start the named actor ``role_name`` with the resources its spec asks for."""
+    cls = ray.remote(LearnerActor)
+    return cls.options(
+        name=role_name,
+        num_cpus=spec.resources.num_cpus,
+        num_gpus=spec.resources.num_gpus,
+        max_concurrency=1,
+    ).remote(spec, seed, device, state)

@@ -1,0 +1,218 @@
+"""The DuckDB catalog: schema, short-lived connections, and the inserts of one ingest / plan.
+
+Connections are opened per operation and closed at once, so another process can take the
+file between calls. Every SELECT is materialised (``fetchall`` / ``fetchnumpy`` / arrow) before
+the connection closes. Values always travel as ``?`` parameters or registered Arrow tables.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from continual_kd.errors import CkdError
+
+CATALOG_FILE = "catalog.duckdb"
+SCHEMA_VERSION = "1"
+ID_TABLES = {"user": "users", "item": "items"}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
+CREATE TABLE IF NOT EXISTS users (dense_id INTEGER PRIMARY KEY, external_id VARCHAR NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS items (dense_id INTEGER PRIMARY KEY, external_id VARCHAR NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS segments (
+    segment_id INTEGER PRIMARY KEY, path VARCHAR NOT NULL, content_hash VARCHAR NOT NULL,
+    source VARCHAR NOT NULL, rows BIGINT NOT NULL, first_offset BIGINT NOT NULL,
+    ts_min BIGINT NOT NULL, ts_max BIGINT NOT NULL, created_at TIMESTAMP NOT NULL);
+CREATE TABLE IF NOT EXISTS ingests (
+    ingest_id INTEGER PRIMARY KEY, content_hash VARCHAR NOT NULL UNIQUE, source VARCHAR NOT NULL,
+    rows_read BIGINT NOT NULL, rows_taken BIGINT NOT NULL, rows_quarantined BIGINT NOT NULL,
+    new_users BIGINT NOT NULL, new_items BIGINT NOT NULL, segment_id INTEGER,
+    created_at TIMESTAMP NOT NULL);
+CREATE TABLE IF NOT EXISTS quarantine (
+    ingest_id INTEGER NOT NULL, source VARCHAR NOT NULL, row_number BIGINT NOT NULL,
+    reason VARCHAR NOT NULL, raw VARCHAR NOT NULL);
+CREATE TABLE IF NOT EXISTS plans (
+    plan_id VARCHAR PRIMARY KEY, base_fraction DOUBLE NOT NULL, incremental INTEGER NOT NULL,
+    split_train DOUBLE NOT NULL, split_valid DOUBLE NOT NULL, split_test DOUBLE NOT NULL,
+    seed BIGINT NOT NULL, total_rows BIGINT NOT NULL, segment_hashes VARCHAR NOT NULL,
+    created_at TIMESTAMP NOT NULL);
+CREATE TABLE IF NOT EXISTS plan_blocks (
+    plan_id VARCHAR NOT NULL, block SMALLINT NOT NULL, rows BIGINT NOT NULL,
+    ts_start BIGINT NOT NULL, ts_end BIGINT NOT NULL, num_users BIGINT NOT NULL,
+    num_items BIGINT NOT NULL, new_users BIGINT NOT NULL, new_items BIGINT NOT NULL,
+    PRIMARY KEY (plan_id, block));
+CREATE TABLE IF NOT EXISTS plan_rows (
+    plan_id VARCHAR NOT NULL, "offset" BIGINT NOT NULL, block SMALLINT NOT NULL, split TINYINT NOT NULL);
+"""
+# Fixed order, used by the fingerprint.
+TABLES = ("meta", "users", "items", "segments", "ingests", "quarantine", "plans", "plan_blocks", "plan_rows")
+
+LOCK_WAIT_S = 5.0
+
+
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+@contextmanager
+def connect(root: Path, write: bool, lock_wait_s: float = LOCK_WAIT_S) -> Iterator[duckdb.DuckDBPyConnection]:
+    """One connection for one operation; waits up to ``lock_wait_s`` for another process's lock."""
+    path = root / CATALOG_FILE
+    deadline = time.monotonic() + lock_wait_s
+    while True:
+        try:
+            con = duckdb.connect(str(path), read_only=not write)
+            break
+        except duckdb.IOException as e:
+            if "lock" not in str(e).lower():
+                reason = str(e).splitlines()[0]
+                raise CkdError(f"Cannot open the catalog of the stream store {root}: {reason}.") from None
+            if time.monotonic() >= deadline:
+                raise CkdError(
+                    f"The stream store {root} is in use by another process (catalog.duckdb is locked); "
+                    f"wait for it to finish or stop it, then retry."
+                ) from None
+            time.sleep(0.1)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def create_schema(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("BEGIN")
+    try:
+        for statement in SCHEMA.split(";"):
+            if statement.strip():
+                con.execute(statement)
+        con.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO NOTHING", [SCHEMA_VERSION])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+@contextmanager
+def registered(con: duckdb.DuckDBPyConnection, name: str, table: pa.Table) -> Iterator[str]:
+    con.register(name, table)
+    try:
+        yield name
+    finally:
+        con.unregister(name)
+
+
+def scalar(con: duckdb.DuckDBPyConnection, query: str, params: list | None = None):
+    return con.sql(query, params=params or []).fetchall()[0][0]
+
+
+# --- reads ---------------------------------------------------------------------------------
+
+def id_table(kind: str) -> str:
+    if kind not in ID_TABLES:
+        raise ValueError(f"kind must be 'user' or 'item', got {kind!r}")
+    return ID_TABLES[kind]
+
+
+def count_ids(con: duckdb.DuckDBPyConnection, kind: str) -> int:
+    return int(scalar(con, f"SELECT count(*) FROM {id_table(kind)}"))
+
+
+def lookup_dense(con: duckdb.DuckDBPyConnection, kind: str, values: pa.Array) -> np.ndarray:
+    """Dense id of each external id in ``values`` (-1 where unknown)."""
+    dense = np.full(len(values), -1, dtype=np.int64)
+    if len(values) == 0:
+        return dense
+    query = pa.table({"pos": pa.array(np.arange(len(values)), pa.int64()), "ext": values})
+    with registered(con, "_ckd_lookup", query):
+        found = con.sql(
+            f"SELECT q.pos, t.dense_id FROM _ckd_lookup q JOIN {id_table(kind)} t ON t.external_id = q.ext"
+        ).fetchnumpy()
+    dense[found["pos"]] = found["dense_id"]
+    return dense
+
+
+def segment_paths(con: duckdb.DuckDBPyConnection, root: Path) -> list[str]:
+    rows = con.sql("SELECT path FROM segments ORDER BY segment_id").fetchall()
+    return [str(root / p) for (p,) in rows]
+
+
+def find_ingest(con: duckdb.DuckDBPyConnection, content_hash: str) -> dict | None:
+    rows = con.sql(
+        "SELECT ingest_id, source, rows_read, segment_id FROM ingests WHERE content_hash = ?", params=[content_hash]
+    ).fetchall()
+    if not rows:
+        return None
+    ingest_id, source, rows_read, segment_id = rows[0]
+    return {"ingest_id": ingest_id, "source": source, "rows_read": rows_read, "segment_id": segment_id}
+
+
+def next_segment(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
+    """(next segment id, first offset of the next segment)."""
+    seg, offset = con.sql(
+        "SELECT coalesce(max(segment_id), 0) + 1, coalesce(max(first_offset + rows), 0) FROM segments"
+    ).fetchall()[0]
+    return int(seg), int(offset)
+
+
+# --- writes (called inside one transaction by the store) -----------------------------------
+
+def insert_ids(con: duckdb.DuckDBPyConnection, kind: str, first_dense: int, external: pa.Array) -> None:
+    if len(external) == 0:
+        return
+    dense = pa.array(np.arange(first_dense, first_dense + len(external)), pa.int32())
+    with registered(con, "_ckd_new_ids", pa.table({"dense_id": dense, "external_id": external})):
+        con.execute(f"INSERT INTO {id_table(kind)} SELECT dense_id, external_id FROM _ckd_new_ids")
+
+
+def insert_segment(con: duckdb.DuckDBPyConnection, segment: dict) -> None:
+    con.execute(
+        "INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [segment["segment_id"], segment["path"], segment["content_hash"], segment["source"], segment["rows"],
+         segment["first_offset"], segment["ts_min"], segment["ts_max"], segment["created_at"]],
+    )
+
+
+def insert_ingest(con: duckdb.DuckDBPyConnection, ingest: dict) -> int:
+    ingest_id = int(scalar(con, "SELECT coalesce(max(ingest_id), 0) + 1 FROM ingests"))
+    con.execute(
+        "INSERT INTO ingests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [ingest_id, ingest["content_hash"], ingest["source"], ingest["rows_read"], ingest["rows_taken"],
+         ingest["rows_quarantined"], ingest["new_users"], ingest["new_items"], ingest["segment_id"],
+         ingest["created_at"]],
+    )
+    return ingest_id
+
+
+def insert_quarantine(con: duckdb.DuckDBPyConnection, ingest_id: int, source: str, row_number: np.ndarray,
+                      reason: pa.Array, raw: pa.Array) -> None:
+    if len(row_number) == 0:
+        return
+    table = pa.table({"row_number": pa.array(row_number, pa.int64()), "reason": reason, "raw": raw})
+    with registered(con, "_ckd_quarantine", table):
+        con.execute(
+            "INSERT INTO quarantine SELECT ?, ?, row_number, reason, raw FROM _ckd_quarantine",
+            [ingest_id, source],
+        )
+
+
+def insert_plan(con: duckdb.DuckDBPyConnection, plan: dict, blocks: pa.Table, rows: pa.Table) -> None:
+    con.execute(
+        "INSERT INTO plans VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [plan["plan_id"], plan["base_fraction"], plan["incremental"], *plan["split"], plan["seed"],
+         plan["total_rows"], plan["segment_hashes"], plan["created_at"]],
+    )
+    with registered(con, "_ckd_plan_blocks", blocks):
+        con.execute(
+            "INSERT INTO plan_blocks SELECT ?, block, rows, ts_start, ts_end, num_users, num_items, "
+            "new_users, new_items FROM _ckd_plan_blocks", [plan["plan_id"]],
+        )
+    with registered(con, "_ckd_plan_rows", rows):
+        con.execute('INSERT INTO plan_rows SELECT ?, "offset", block, split FROM _ckd_plan_rows', [plan["plan_id"]])

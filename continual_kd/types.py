@@ -1,0 +1,82 @@
+"""Plain data that crosses package boundaries: numpy arrays only (no torch, no duckdb, no ray).
+
+``Interactions`` is what ``stream/`` reads out of the store and what ``continual/`` and ``eval/``
+consume; the coordinator puts it in the Ray object store once per block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+TRAIN, VALID, TEST = 0, 1, 2
+SPLIT_NAMES = {TRAIN: "train", VALID: "valid", TEST: "test"}
+
+
+@dataclass(frozen=True)
+class Interactions:
+    """A set of interactions with dense ids, each tagged with its block and split.
+
+    ``num_users`` / ``num_items`` are the sizes of the dense id spaces known when these
+    interactions were read (ids are stable across ingests, so later blocks only add ids).
+    """
+
+    users: np.ndarray  # (n,) int64 dense user ids
+    items: np.ndarray  # (n,) int64 dense item ids
+    ts: np.ndarray  # (n,) int64 seconds since the epoch
+    weight: np.ndarray  # (n,) float32 (rating or 1.0)
+    block: np.ndarray  # (n,) int16 block index (0 = base block)
+    split: np.ndarray  # (n,) int8 TRAIN / VALID / TEST
+    num_users: int
+    num_items: int
+    meta: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.users)
+        for name in ("items", "ts", "weight", "block", "split"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"Interactions.{name} has {len(getattr(self, name))} rows, expected {n}")
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def select(self, mask: np.ndarray) -> "Interactions":
+        return Interactions(
+            self.users[mask], self.items[mask], self.ts[mask], self.weight[mask],
+            self.block[mask], self.split[mask], self.num_users, self.num_items, dict(self.meta),
+        )
+
+    def part(self, split: int, block: int | None = None) -> "Interactions":
+        """Rows of one split (optionally of one block)."""
+        mask = self.split == split
+        if block is not None:
+            mask &= self.block == block
+        return self.select(mask)
+
+    def of_block(self, block: int) -> "Interactions":
+        return self.select(self.block == block)
+
+    def up_to_block(self, block: int) -> "Interactions":
+        return self.select(self.block <= block)
+
+    @staticmethod
+    def empty(num_users: int = 0, num_items: int = 0) -> "Interactions":
+        z = np.zeros(0, dtype=np.int64)
+        return Interactions(z, z, z, np.zeros(0, np.float32), np.zeros(0, np.int16),
+                            np.zeros(0, np.int8), num_users, num_items)
+
+    @staticmethod
+    def concat(parts: list["Interactions"]) -> "Interactions":
+        if not parts:
+            return Interactions.empty()
+        return Interactions(
+            np.concatenate([p.users for p in parts]),
+            np.concatenate([p.items for p in parts]),
+            np.concatenate([p.ts for p in parts]),
+            np.concatenate([p.weight for p in parts]),
+            np.concatenate([p.block for p in parts]),
+            np.concatenate([p.split for p in parts]),
+            max(p.num_users for p in parts),
+            max(p.num_items for p in parts),
+        )

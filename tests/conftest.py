@@ -1,0 +1,71 @@
+"""Shared fixtures: one real local Ray for the whole session, small generated stores, CLI runner."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("COLUMNS", "200")  # Rich tables at a fixed width under CliRunner
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray (2 CPUs), started once and shared; the coordinator reuses it."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    ray.init(num_cpus=2, include_dashboard=False, namespace="ckd-tests", log_to_driver=False,
+             configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def cli():
+    """Invoke ``ckd`` in-process; returns the click Result (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from continual_kd.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, [str(a) for a in args])
+
+    return invoke
+
+
+TINY_JOB = """
+name: {name}
+seed: {seed}
+source:
+  dataset: synthetic
+  store: {store}
+  synthetic: {{users: 150, items: 120, interactions: 3000, periods: 3, seed: 1}}
+blocks: {{base_fraction: 0.5, incremental: 2}}
+teachers:
+  - name: mf32
+    backbone: mf
+    dim: 32
+    train: {{epochs_base: 8, epochs_block: 4, batch_size: 512}}
+student:
+  dim: 8
+  train: {{epochs_base: 8, epochs_block: 4, batch_size: 512}}
+distill: {{method: rrd, weight: 0.01, k: 10, pool: 30, uninteresting: 10}}
+eval: {{ks: [10, 20]}}
+"""
+
+
+@pytest.fixture
+def tiny_job(tmp_path: Path, monkeypatch):
+    """Write a tiny synthetic job in a fresh working directory; returns a writer for variants."""
+    monkeypatch.chdir(tmp_path)
+
+    def write(name: str = "tiny", seed: int = 0, store: str = "stores/tiny", extra: str = "") -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(TINY_JOB.format(name=name, seed=seed, store=store) + extra)
+        return path
+
+    return write

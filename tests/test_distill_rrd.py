@@ -1,0 +1,68 @@
+import math
+
+import torch
+
+from continual_kd.distill import RRDConfig, RRDTargets, relaxed_ranking_loss
+from continual_kd.models import build_backbone
+from continual_kd.sparse import UserItemSet
+
+
+def test_rrd_loss_matches_hand_computation():
+    s1 = torch.tensor([[2.0, 1.0]])  # interesting items in teacher order
+    s2 = torch.tensor([[0.0]])  # one uninteresting item
+    # k=1: 2 - log(e^2 + e^1 + e^0); k=2: 1 - log(e^1 + e^0)
+    expected = -((2 - math.log(math.e**2 + math.e + 1)) + (1 - math.log(math.e + 1)))
+    assert math.isclose(float(relaxed_ranking_loss(s1, s2)), expected, rel_tol=1e-6)
+    assert math.isclose(expected, 0.72088, abs_tol=1e-4)
+
+
+def test_rrd_loss_sums_over_users_and_is_stable_for_large_scores():
+    s1 = torch.tensor([[2.0, 1.0], [2.0, 1.0]])
+    s2 = torch.tensor([[0.0], [0.0]])
+    assert math.isclose(float(relaxed_ranking_loss(s1, s2)), 2 * 0.720878, rel_tol=1e-4)
+    big = relaxed_ranking_loss(torch.tensor([[1000.0, 999.0]]), torch.tensor([[998.0]]))
+    assert torch.isfinite(big)
+
+
+def test_rrd_loss_prefers_the_teacher_order():
+    right = relaxed_ranking_loss(torch.tensor([[3.0, 2.0, 1.0]]), torch.tensor([[-1.0, -2.0]]))
+    wrong = relaxed_ranking_loss(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[-1.0, -2.0]]))
+    below = relaxed_ranking_loss(torch.tensor([[3.0, 2.0, 1.0]]), torch.tensor([[4.0, 5.0]]))
+    assert float(right) < float(wrong) and float(right) < float(below)
+
+
+def test_uninteresting_items_avoid_observed_and_teacher_pool():
+    num_users, num_items = 3, 50
+    users = torch.arange(num_users)
+    pool = torch.stack([torch.arange(10) + 10 * u for u in range(num_users)])  # (3, 10)
+    observed = UserItemSet([0, 0, 1], [40, 41, 42], num_users, num_items)
+    cfg = RRDConfig(k=5, pool=10, uninteresting=30)
+    t = RRDTargets(cfg, users, pool, observed, num_users, num_items)
+    t.resample(torch.Generator().manual_seed(0))
+    assert t.interesting.tolist() == pool[:, :5].tolist()
+    un = t.uninteresting
+    assert un.shape == (3, 30)
+    for u in range(num_users):
+        drawn = set(un[u].tolist())
+        assert not drawn & set(pool[u].tolist())
+        assert not drawn & {i for uu, i in [(0, 40), (0, 41), (1, 42)] if uu == u}
+
+
+def test_rrd_targets_sample_mode_keeps_teacher_order():
+    pool = torch.arange(100).unsqueeze(0)
+    t = RRDTargets(RRDConfig(k=8, pool=100, mode="sample"), torch.tensor([0]), pool,
+                   UserItemSet([], [], 1, 200), 1, 200)
+    t.resample(torch.Generator().manual_seed(1))
+    picked = t.interesting[0].tolist()
+    assert picked == sorted(picked) and len(set(picked)) == 8 and max(picked) < 100
+
+
+def test_rrd_loss_only_for_users_with_knowledge():
+    model = build_backbone("mf", 4, 20, dim=4)
+    t = RRDTargets(RRDConfig(k=3, pool=3, uninteresting=4), torch.tensor([1]), torch.tensor([[1, 2, 3]]),
+                   UserItemSet([], [], 4, 20), 4, 20)
+    t.resample(torch.Generator().manual_seed(0))
+    assert float(t.loss(model, torch.tensor([0, 2, 3]))) == 0.0
+    direct = relaxed_ranking_loss(model.score(torch.tensor([1]), t.interesting[[0]]),
+                                  model.score(torch.tensor([1]), t.uninteresting[[0]]))
+    assert math.isclose(float(t.loss(model, torch.tensor([1, 1, 0])).detach()), float(direct.detach()), rel_tol=1e-6)
