@@ -268,20 +268,27 @@ def evaluate(
     res = evaluate_snapshot(snap, seen)
     ks = res["ks"]
     k_main = 20 if 20 in ks else ks[0]
-    t = Table(title=f"{m['job']} snapshot block-{snap.block:04d}: test part of blocks 0..{snap.block}")
+    models = sorted(res["models"], key=lambda n: (n == "student", n))  # teachers first
+    blocks = sorted(res["models"][models[0]]["blocks"]) if models else []
+    t = Table(title=f"{m['job']} snapshot block-{snap.block:04d}: NDCG@{k_main} on the test part of each block")
     t.add_column("model")
     t.add_column("params", justify="right")
-    blocks = sorted(next(iter(res["models"].values()))["blocks"]) if res["models"] else []
     for b in blocks:
-        t.add_column(f"b{b}\nNDCG@{k_main}", justify="right")
+        t.add_column(f"b{b}", justify="right")
+    t.add_column("mean", justify="right", style="bold")
+    for name in models:
+        r = res["models"][name]
+        t.add_row(name, f"{r['parameters']:,}", *[_fmt(r["blocks"][b][f"ndcg@{k_main}"]) for b in blocks],
+                  _fmt(r["mean"][f"ndcg@{k_main}"]))
+    out.print(t)
+    t = Table(title=f"mean over blocks 0..{snap.block}")
+    t.add_column("model")
     for k in ks:
-        t.add_column(f"mean\nRecall@{k}", justify="right")
-        t.add_column(f"mean\nNDCG@{k}", justify="right")
-    for name, r in res["models"].items():
-        row = [name, f"{r['parameters']:,}"] + [_fmt(r["blocks"][b][f"ndcg@{k_main}"]) for b in blocks]
-        for k in ks:
-            row += [_fmt(r["mean"][f"recall@{k}"]), _fmt(r["mean"][f"ndcg@{k}"])]
-        t.add_row(*row)
+        t.add_column(f"Recall@{k}", justify="right")
+        t.add_column(f"NDCG@{k}", justify="right")
+    for name in models:
+        mean = res["models"][name]["mean"]
+        t.add_row(name, *[_fmt(mean[f"{metric}@{k}"]) for k in ks for metric in ("recall", "ndcg")])
     out.print(t)
     _write_json(json_path, {"snapshot": str(snap.path), "warnings": warnings, **res})
 

@@ -102,7 +102,8 @@ class Learner:
         if self.model is None:
             self.model = self._build(seen.num_users, seen.num_items)
         else:
-            self.model.grow(seen.num_users, seen.num_items, u, i, init=self.spec.init)
+            grow_gen = torch.Generator().manual_seed(derive_seed(self.seed, self.spec.name, "grow", block))
+            self.model.grow(seen.num_users, seen.num_items, u, i, init=self.spec.init, generator=grow_gen)
         gen = torch.Generator().manual_seed(derive_seed(self.seed, self.spec.name, "train", block))
         known = self._known(seen)
         kd, kd_weight = None, 0.0

@@ -9,18 +9,25 @@ from .learner import Learner
 from .loop import model_key
 
 
+def learner_states(snapshot) -> dict[str, dict]:
+    """Per model, the state ``Learner.load`` takes: weights (weights-only load) + id-space sizes."""
+    weights = snapshot.load_states()
+    return {
+        name: {"block": snapshot.block, "num_users": info["num_users"], "num_items": info["num_items"],
+               "weights": weights[name]}
+        for name, info in snapshot.manifest["model_info"].items()
+    }
+
+
 def learners_from_snapshot(snapshot, device: str = "cpu") -> dict[str, Learner]:
-    """Rebuild every model of a snapshot from its manifest (specs) and weights (weights-only load)."""
+    """Rebuild every model of a snapshot from its manifest (specs) and weights."""
     job = parse_job(snapshot.manifest["job_spec"], f"{snapshot.path}/manifest.json")
     specs = {model_key("teacher", t.name): t for t in job.teachers}
     specs["student"] = job.student
-    weights = snapshot.load_states()
     learners = {}
-    for name, info in snapshot.manifest["model_info"].items():
-        learner = Learner(specs[name], job.seed, device)
-        learner.load({"block": snapshot.block, "num_users": info["num_users"], "num_items": info["num_items"],
-                      "weights": weights[name]})
-        learners[name] = learner
+    for name, state in learner_states(snapshot).items():
+        learners[name] = Learner(specs[name], job.seed, device)
+        learners[name].load(state)
     return learners
 
 

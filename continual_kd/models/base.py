@@ -26,9 +26,10 @@ class Recommender(Protocol):
         """The backbone's own training loss on (user, positive, negative) triples, summed."""
 
     def grow(self, num_users: int, num_items: int, users: torch.Tensor | None = None,
-             items: torch.Tensor | None = None, init: str = "neighbor") -> None:
+             items: torch.Tensor | None = None, init: str = "neighbor",
+             generator: torch.Generator | None = None) -> None:
         """Extend the id spaces; new rows get ``init`` ("neighbor": mean of 1-hop neighbours
-        in the given (users, items) interactions, "random": N(0, 0.01))."""
+        in the given (users, items) interactions, "random": N(0, 0.01) drawn from ``generator``)."""
 
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]: ...
 

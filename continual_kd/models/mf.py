@@ -46,13 +46,14 @@ class BPRMF(nn.Module):
 
     @torch.no_grad()
     def grow(self, num_users: int, num_items: int, users: torch.Tensor | None = None,
-             items: torch.Tensor | None = None, init: str = "neighbor") -> None:
+             items: torch.Tensor | None = None, init: str = "neighbor",
+             generator: torch.Generator | None = None) -> None:
         old_u, old_i = self.num_users, self.num_items
         if num_users <= old_u and num_items <= old_i:
             return
         device = self.user_emb.device
-        new_u = torch.randn(max(num_users - old_u, 0), self.dim, device=device) * INIT_STD
-        new_i = torch.randn(max(num_items - old_i, 0), self.dim, device=device) * INIT_STD
+        new_u = torch.randn(max(num_users - old_u, 0), self.dim, generator=generator).to(device) * INIT_STD
+        new_i = torch.randn(max(num_items - old_i, 0), self.dim, generator=generator).to(device) * INIT_STD
         if init == "neighbor" and users is not None and items is not None:
             users, items = users.to(device), items.to(device)
             # new users: mean of the (already known) items they interacted with, and vice versa

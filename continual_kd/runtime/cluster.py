@@ -6,7 +6,6 @@ token is in ``~/.ray/auth_token`` (send it as ``Authorization: Bearer <token>`` 
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 from contextlib import contextmanager
@@ -60,7 +59,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, namespa
                            f"check RAY_AUTH_MODE=token and the token in ~/.ray/auth_token match the cluster's") from None
         started = False
     else:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # Ray's default for a local cluster it starts is token auth on; keep it (never set disabled)
         info = ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host=dashboard_host,
                         namespace=namespace, log_to_driver=False, configure_logging=False)
         started = True

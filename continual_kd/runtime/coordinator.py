@@ -18,6 +18,7 @@ import ray
 
 from ..config import JobSpec
 from ..continual import BlockResult, knowledge_size, model_key
+from ..continual.snapshot_eval import learner_states
 from ..data.sources import open_source
 from ..errors import CkdError
 from ..models import num_parameters  # noqa: F401  (registers backbones in the driver too)
@@ -57,7 +58,7 @@ def _resume_point(job: JobSpec, plan: BlockPlan, runs: Path, restart: bool, emit
             f"{m.get('config_hash')} vs {job.config_hash()}); pass --restart to discard them, or set "
             f"snapshots.dir in the job file to keep both"
         )
-    return snap.block + 1, snap.load_states(), list(m.get("history", []))
+    return snap.block + 1, learner_states(snap), list(m.get("history", []))
 
 
 def run_job(job: JobSpec, address: str | None = None, restart: bool = False,

@@ -1,0 +1,88 @@
+"""Quality benchmark: per-block NDCG@20 of the teacher, the RRD student and the same student without KD.
+
+    python bench/quality.py [jobs/stream.yaml] [--blocks N] [--json out.json]
+
+Runs the job's stages in this process (the same code the Ray actors run), once as written and
+once with distillation off, and prints per-block NDCG@20 / Recall@20 with the seconds per block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from continual_kd.config import DistillSpec, load_job  # noqa: E402
+from continual_kd.continual import run_stream_local  # noqa: E402
+from continual_kd.data.sources import open_source  # noqa: E402
+
+
+def run(job, blocks: int | None):
+    store = open_source(job.source)
+    b = job.blocks
+    plan = store.ensure_plan(b.base_fraction, b.incremental, b.split, job.seed)
+    n = plan.num_blocks if blocks is None else min(blocks, plan.num_blocks)
+    t0 = time.perf_counter()
+    results = run_stream_local(job, lambda k: store.read_blocks(plan.plan_id, k), n,
+                               on_block=lambda r: print(f"  block {r.block}: {r.seconds:.1f}s", flush=True))
+    return results, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("job", nargs="?", default="jobs/stream.yaml")
+    ap.add_argument("--blocks", type=int, default=None, help="run only the first N blocks")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 = one core per model, as in the actors)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    job = load_job(args.job)
+    print(f"job {args.job}: KD run (teacher + student with {job.distill.method})", flush=True)
+    kd_results, kd_secs = run(job, args.blocks)
+    no_kd = dataclasses.replace(job, teachers=(), distill=DistillSpec(method="none"))
+    print("same student without distillation", flush=True)
+    base_results, base_secs = run(no_kd, args.blocks)
+
+    rows = []
+    teacher = next((n for n in kd_results[0].metrics if n.startswith("teacher:")), None)
+    header = f"{'block':>5} | {'teacher':>8} | {'student+KD':>10} | {'student':>8} | {'KD s/block':>10} | {'noKD s/block':>12}"
+    print("\nNDCG@20 (full ranking, test part of each block)")
+    print(header)
+    print("-" * len(header))
+    for kd, base in zip(kd_results, base_results):
+        row = {
+            "block": kd.block,
+            "teacher_ndcg20": kd.metrics[teacher]["ndcg@20"] if teacher else None,
+            "student_kd_ndcg20": kd.metrics["student"]["ndcg@20"],
+            "student_nokd_ndcg20": base.metrics["student"]["ndcg@20"],
+            "teacher_recall20": kd.metrics[teacher]["recall@20"] if teacher else None,
+            "student_kd_recall20": kd.metrics["student"]["recall@20"],
+            "student_nokd_recall20": base.metrics["student"]["recall@20"],
+            "kd_seconds": kd.seconds, "nokd_seconds": base.seconds,
+        }
+        rows.append(row)
+        print(f"{kd.block:>5} | {row['teacher_ndcg20'] or float('nan'):>8.4f} | {row['student_kd_ndcg20']:>10.4f} | "
+              f"{row['student_nokd_ndcg20']:>8.4f} | {kd.seconds:>10.1f} | {base.seconds:>12.1f}")
+    incr = [r for r in rows if r["block"] > 0] or rows
+    mean = {k: sum(r[k] for r in incr) / len(incr) for k in rows[0] if k != "block" and rows[0][k] is not None}
+    print(f"{'mean':>5} | {mean.get('teacher_ndcg20', float('nan')):>8.4f} | {mean['student_kd_ndcg20']:>10.4f} | "
+          f"{mean['student_nokd_ndcg20']:>8.4f} | {mean['kd_seconds']:>10.1f} | {mean['nokd_seconds']:>12.1f}"
+          "   (mean over incremental blocks)")
+    print(f"Recall@20 mean over incremental blocks: teacher {mean.get('teacher_recall20', float('nan')):.4f}, "
+          f"student+KD {mean['student_kd_recall20']:.4f}, student {mean['student_nokd_recall20']:.4f}")
+    print(f"total: KD run {kd_secs:.1f}s, no-KD run {base_secs:.1f}s; torch threads {args.threads}")
+    print(f"reproduce: python bench/quality.py {args.job}" + (f" --blocks {args.blocks}" if args.blocks else ""))
+    if args.json:
+        args.json.write_text(json.dumps({"job": args.job, "rows": rows, "mean_incremental": mean}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""Atomic, verified model snapshots: one folder per block, written whole or not at all.
+
+    runs_dir/block-0003/
+        teacher--mf128.pt      one torch.save'd state dict per model (names made filesystem-safe)
+        student.pt
+        manifest.json          the caller's dict + block, created_at, format_version,
+                               files {filename: {sha256, bytes}}, models {model name: filename}
+
+Everything is written into ``runs_dir/.tmp-block-0003-<uuid>/``, fsync'd, then renamed into place,
+so a crash leaves either the old snapshot or the new one (plus a temp folder that is ignored and
+removed by ``prune_snapshots``). A snapshot is intact when its manifest parses strictly and every
+file matches its size and sha256; ``latest`` is the newest intact one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .errors import CkdError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_BLOCK_DIR = re.compile(r"block-(\d{4,})")
+_LEFTOVER = re.compile(r"\.(tmp|old)-block-\d+-[0-9a-f]+")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def block_dir_name(block: int) -> str:
+    return f"block-{block:04d}"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    path: Path
+    block: int
+    manifest: dict
+
+    def load_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every model's state dict, on the CPU, keyed by model name."""
+        return {name: torch.load(self.path / filename, map_location="cpu", weights_only=True)
+                for name, filename in self.manifest["models"].items()}
+
+
+def write_snapshot(runs_dir: Path, block: int, states: dict[str, dict[str, torch.Tensor]],
+                   manifest: dict) -> Snapshot:
+    """Write the states of block ``block`` atomically, replacing an existing snapshot of that block."""
+    runs_dir = Path(runs_dir)
+    if isinstance(block, bool) or not isinstance(block, int) or block < 0:
+        raise ValueError(f"block must be a non-negative int, got {block!r}")
+    filenames = _model_filenames(list(states))
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    final = runs_dir / block_dir_name(block)
+    tmp = runs_dir / f".tmp-{final.name}-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        files = {}
+        for name, state in states.items():
+            buf = io.BytesIO()
+            torch.save({k: _cpu_copy(v) for k, v in state.items()}, buf)
+            data = buf.getvalue()
+            _write_durable(tmp / filenames[name], data)
+            files[filenames[name]] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        full = dict(manifest)
+        full.update(block=block, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    format_version=FORMAT_VERSION, files=files, models=filenames)
+        try:
+            text = json.dumps(full, indent=2, sort_keys=True, allow_nan=False)
+        except ValueError as exc:  # NaN/inf would make the manifest unreadable by the strict parser
+            raise ValueError(f"snapshot manifest must hold only finite numbers: {exc}") from exc
+        _write_durable(tmp / MANIFEST, text.encode("utf-8"))
+        _fsync_dir(tmp)
+        if final.exists():
+            aside = runs_dir / f".old-{final.name}-{uuid.uuid4().hex}"
+            os.replace(final, aside)
+            os.replace(tmp, final)
+            _fsync_dir(runs_dir)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+            _fsync_dir(runs_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Snapshot(final, block, full)
+
+
+def list_snapshots(runs_dir: Path) -> list[int]:
+    """Blocks that have a snapshot folder with a manifest, ascending (not checksum-verified)."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []
+    blocks = []
+    for entry in runs_dir.iterdir():
+        m = _BLOCK_DIR.fullmatch(entry.name)
+        if m and (entry / MANIFEST).is_file():
+            blocks.append(int(m.group(1)))
+    return sorted(blocks)
+
+
+def verify_snapshot(path: Path) -> None:
+    """Raise CkdError naming the first missing or damaged file of the snapshot folder ``path``."""
+    path = Path(path)
+    problem = _damage(path)
+    if problem is not None:
+        filename, reason = problem
+        raise CkdError(f"Snapshot file {path / filename} is damaged ({reason}); use an earlier snapshot "
+                       f"(--snapshot N) or rewrite this block with `ckd submit --resume`.")
+
+
+def resolve_snapshot(runs_dir: Path, which: str | int = "latest") -> tuple[Snapshot, list[str]]:
+    """The snapshot ``which`` ("latest" or a block number) and warnings about damaged ones skipped."""
+    runs_dir = Path(runs_dir)
+    blocks = list_snapshots(runs_dir)
+    available = ", ".join(str(b) for b in blocks) or "none"
+    if not blocks:
+        raise CkdError(f"No snapshots in {runs_dir}; run `ckd submit JOB.yaml` first to create them.")
+    if which == "latest":
+        damaged = []
+        for block in reversed(blocks):
+            path = runs_dir / block_dir_name(block)
+            problem = _damage(path)
+            if problem is None:
+                warnings = [f"{bad.name} is damaged ({file} {reason}); using {path.name}"
+                            for bad, (file, reason) in damaged]
+                return Snapshot(path, block, _read_manifest(path)), warnings
+            damaged.append((path, problem))
+        details = "; ".join(f"{bad.name}: {file} {reason}" for bad, (file, reason) in damaged)
+        raise CkdError(f"Every snapshot in {runs_dir} is damaged ({details}); "
+                       "rerun the stream with `ckd submit JOB.yaml`.")
+    block = _parse_which(which)
+    if block not in blocks:
+        raise CkdError(f"No snapshot for block {block} in {runs_dir}; available blocks: {available} "
+                       "(use one of them, or run `ckd submit` first to create it).")
+    path = runs_dir / block_dir_name(block)
+    verify_snapshot(path)
+    return Snapshot(path, block, _read_manifest(path)), []
+
+
+def prune_snapshots(runs_dir: Path, keep_last: int, keep: set[int] = frozenset()) -> list[int]:
+    """Delete all but the ``keep_last`` newest snapshots and those in ``keep``; → deleted blocks.
+
+    The newest intact snapshot is always kept (even if damaged ones are newer), and temp folders
+    left by interrupted writes are removed.
+    """
+    runs_dir = Path(runs_dir)
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+        raise CkdError(f"keep_last must be an integer >= 1, got {keep_last!r}.")
+    if not runs_dir.is_dir():
+        return []
+    for entry in runs_dir.iterdir():
+        if _LEFTOVER.fullmatch(entry.name) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+    blocks = list_snapshots(runs_dir)
+    kept = set(blocks[-keep_last:]) | set(keep)
+    for block in reversed(blocks):  # newest intact snapshot: normally the newest one, one hash pass
+        if _damage(runs_dir / block_dir_name(block)) is None:
+            kept.add(block)
+            break
+    deleted = []
+    for block in blocks:
+        if block in kept:
+            continue
+        # rename first so a half-deleted folder never looks like a snapshot
+        aside = runs_dir / f".old-{block_dir_name(block)}-{uuid.uuid4().hex}"
+        os.replace(runs_dir / block_dir_name(block), aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        deleted.append(block)
+    if deleted:
+        _fsync_dir(runs_dir)
+    return deleted
+
+
+def _damage(path: Path) -> tuple[str, str] | None:
+    """(file name, what is wrong) for the first problem found in a snapshot folder, or None if intact."""
+    try:
+        manifest = _read_manifest(path)
+    except FileNotFoundError:
+        return MANIFEST, "missing"
+    except (OSError, ValueError) as exc:
+        return MANIFEST, f"does not parse: {exc}"
+    for filename, entry in manifest["files"].items():
+        file = path / filename
+        try:
+            size = file.stat().st_size
+        except FileNotFoundError:
+            return filename, "missing"
+        if size != entry["bytes"]:
+            return filename, f"size {size} bytes, manifest says {entry['bytes']}"
+        if _sha256(file) != entry["sha256"]:
+            return filename, "checksum mismatch"
+    return None
+
+
+def _read_manifest(path: Path) -> dict:
+    """Strictly parse and check manifest.json; ValueError on anything unexpected."""
+    raw = (path / MANIFEST).read_bytes()
+    manifest = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys,
+                          parse_constant=_reject_constant)
+    if not isinstance(manifest, dict):
+        raise ValueError("top level is not an object")
+    version = manifest.get("format_version")
+    if not _is_int(version) or not 1 <= version <= FORMAT_VERSION:
+        raise ValueError(f"format_version {version!r} is not supported (expected 1..{FORMAT_VERSION})")
+    m = _BLOCK_DIR.fullmatch(path.name)
+    if not _is_int(manifest.get("block")) or (m and int(m.group(1)) != manifest["block"]):
+        raise ValueError(f"block {manifest.get('block')!r} does not match the folder name {path.name}")
+    if not isinstance(manifest.get("created_at"), str):
+        raise ValueError("created_at is missing")
+    files, models = manifest.get("files"), manifest.get("models")
+    if not isinstance(files, dict) or not isinstance(models, dict):
+        raise ValueError("files / models must be objects")
+    for filename, entry in files.items():
+        if not _is_plain_filename(filename) or filename == MANIFEST:
+            raise ValueError(f"file name {filename!r} is not a plain file name")
+        if (not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str)
+                or not _SHA256.fullmatch(entry["sha256"]) or not _is_int(entry.get("bytes"))):
+            raise ValueError(f"files[{filename!r}] needs a sha256 hex digest and a byte count")
+    for name, filename in models.items():
+        if filename not in files:
+            raise ValueError(f"model {name!r} points to {filename!r}, which is not listed in files")
+    return manifest
+
+
+def _model_filenames(names: list[str]) -> dict[str, str]:
+    """Model name → file name: ':' becomes '--', other unsafe characters '_'; collisions get a hash."""
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"model names must be non-empty strings, got {name!r}")
+        stem = _UNSAFE.sub("_", name.replace(":", "--")).lstrip(".") or "model"
+        filename = f"{stem}.pt"
+        if filename in used:
+            filename = f"{stem}-{hashlib.sha1(name.encode()).hexdigest()[:8]}.pt"
+        used.add(filename)
+        out[name] = filename
+    return out
+
+
+def _cpu_copy(value):
+    # a copy, so a slice of a larger tensor does not drag the whole storage into the file
+    return value.detach().to("cpu").clone() if isinstance(value, torch.Tensor) else value
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory fds (Windows): the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _parse_which(which: str | int) -> int:
+    if _is_int(which) and which >= 0:
+        return int(which)
+    if isinstance(which, str):
+        m = re.fullmatch(r"(?:block-)?(\d+)", which.strip())
+        if m:
+            return int(m.group(1))
+    raise CkdError(f"--snapshot must be 'latest' or a block number, got {which!r}.")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_plain_filename(name: str) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"non-standard JSON constant {name}")
