@@ -45,12 +45,13 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 def ray_session(address: str | None = None, num_cpus: int | None = None, namespace: str = "ckd",
                 dashboard_host: str = "127.0.0.1", runtime_env: dict | None = None):
     """Yield a RaySession; shut Ray down at the end only if this call started it."""
+    if address:
+        _check_reachable(address)
     if ray.is_initialized():  # e.g. a test session's shared Ray, or a driver inside `ray job submit`
         ctx = ray.get_runtime_context()
         yield RaySession(False, ctx.gcs_address, None)
         return
     if address:
-        _check_reachable(address)
         try:
             info = ray.init(address=address, namespace=namespace, runtime_env=runtime_env,
                             log_to_driver=False, configure_logging=False)
