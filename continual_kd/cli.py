@@ -201,6 +201,7 @@ def submit(
     resume: Annotated[bool, typer.Option("--resume", help="Continue after the last snapshot (also the default when one exists).")] = False,
     max_blocks: Annotated[Optional[int], typer.Option(help="Run at most this many blocks now (resume later).")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the per-block metrics as JSON ('-' for stdout).")] = None,
+    dashboard_host: Annotated[str, typer.Option(help="Interface of the embedded Ray dashboard. Anything but 127.0.0.1 exposes it (and job submission) to the network; token auth stays on.")] = "127.0.0.1",
 ):
     """Run the stream: every block updates the teachers, distils into the student, evaluates, snapshots."""
     from .config import load_job
@@ -209,9 +210,15 @@ def submit(
     if restart and resume:
         raise CkdError("--restart and --resume contradict each other; pass one")
     job = load_job(job_file)
+    if dashboard_host not in ("127.0.0.1", "localhost", "::1"):
+        if address:
+            raise CkdError("--dashboard-host only applies to the embedded Ray; drop it when using --address")
+        err.print(f"[yellow]warning:[/] the Ray dashboard will listen on {escape(dashboard_host)}:8265: anyone who can "
+                  "reach it and holds the token in ~/.ray/auth_token can see this job and submit code to run here")
     progress = _BlockProgress(out)
     try:
-        result = run_job(job, address=address, restart=restart, progress=progress, max_blocks=max_blocks)
+        result = run_job(job, address=address, restart=restart, progress=progress, max_blocks=max_blocks,
+                         dashboard_host=dashboard_host)
     finally:
         progress.stop()
     if result.history:

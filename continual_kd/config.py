@@ -19,7 +19,14 @@ import yaml
 from .errors import CkdError
 
 DATASETS = ("movielens-100k", "synthetic", "store")
-BACKBONE_NAMES = ("mf",)  # kept in step with models.BACKBONES by tests (config must not import torch)
+# backbone name → the ModelSpec fields its constructor takes (kept in step with models.BACKBONES by
+# tests; config must not import torch)
+BACKBONE_PARAMS = {
+    "mf": ("dim",),
+    "lightgcn": ("dim", "layers"),
+    "multvae": ("dim", "hidden", "dropout", "beta"),
+}
+BACKBONE_NAMES = tuple(BACKBONE_PARAMS)
 DISTILL_METHODS = ("rrd", "none")
 
 
@@ -98,10 +105,17 @@ class ResourceSpec:
 class ModelSpec:
     name: str = "student"
     backbone: str = "mf"
-    dim: int = 16
+    dim: int = 16  # embedding size (MultVAE: latent size)
+    layers: int = 2  # LightGCN propagation layers
+    hidden: int = 600  # MultVAE hidden width
+    dropout: float = 0.5  # MultVAE input dropout
+    beta: float = 0.2  # MultVAE KL weight
     init: str = "neighbor"  # how rows for new users/items start: neighbor (1-hop mean) | random
     train: TrainSpec = field(default_factory=TrainSpec)
     resources: ResourceSpec = field(default_factory=ResourceSpec)
+
+    def backbone_params(self) -> dict:
+        return {p: getattr(self, p) for p in BACKBONE_PARAMS[self.backbone]}
 
     def validate(self, where: str) -> None:
         if not self.name or any(c in self.name for c in "/\\ \t"):
@@ -110,6 +124,10 @@ class ModelSpec:
             raise ValueError(f"{where}.backbone: unknown backbone {self.backbone!r}; use one of {', '.join(BACKBONE_NAMES)}")
         if self.dim < 1:
             raise ValueError(f"{where}.dim: must be a positive integer, got {self.dim}")
+        if self.layers < 1 or self.hidden < 1:
+            raise ValueError(f"{where}: layers and hidden must be positive integers")
+        if not 0 <= self.dropout < 1 or self.beta < 0:
+            raise ValueError(f"{where}: dropout must be in [0, 1) and beta ≥ 0")
         if self.init not in ("neighbor", "random"):
             raise ValueError(f"{where}.init: use neighbor or random, got {self.init!r}")
 
@@ -154,18 +172,25 @@ class EvalSpec:
 class SnapshotSpec:
     dir: str = ""  # default: runs/<job name>
     keep_last: int = 0  # 0 keeps every snapshot
+    keep: tuple[int, ...] = ()  # blocks whose snapshots are never pruned
 
     def validate(self, where: str) -> None:
         if self.keep_last < 0:
             raise ValueError(f"{where}.keep_last: must be ≥ 0 (0 keeps all), got {self.keep_last}")
+        if any(b < 0 for b in self.keep):
+            raise ValueError(f"{where}.keep: block numbers are ≥ 0, got {list(self.keep)}")
 
 
 @dataclass(frozen=True)
 class RuntimeSpec:
     num_cpus: int | None = None  # CPUs of the embedded local Ray (default: all)
     device: str = "auto"  # auto (CUDA when an actor has a GPU) | cpu | cuda
+    max_restarts: int = 3  # Ray restarts of a dead model actor (it then reloads the last committed state)
+    block_attempts: int = 3  # tries of one block before the job gives up (each from the last commit)
 
     def validate(self, where: str) -> None:
+        if self.max_restarts < 0 or self.block_attempts < 1:
+            raise ValueError(f"{where}: max_restarts must be ≥ 0 and block_attempts ≥ 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"{where}.device: use auto, cpu or cuda, got {self.device!r}")
         if self.num_cpus is not None and self.num_cpus < 1:

@@ -10,7 +10,7 @@ from continual_kd.eval import evaluate_ranking
 from continual_kd.models import BACKBONES, build_backbone
 from continual_kd.sparse import UserItemSet
 
-BACKBONE_CASES = {"mf": {"dim": 16}}
+BACKBONE_CASES = {"mf": {"dim": 16}}  # one entry per backbone: how to build it
 
 
 def test_registry_and_config_agree():

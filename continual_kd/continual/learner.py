@@ -61,7 +61,7 @@ class Learner:
     def _build(self, num_users: int, num_items: int):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.seed, self.spec.name, "init"))
-            return build_backbone(self.spec.backbone, num_users, num_items, dim=self.spec.dim).to(self.device)
+            return build_backbone(self.spec.backbone, num_users, num_items, **self.spec.backbone_params()).to(self.device)
 
     def state(self) -> dict:
         """Everything needed to rebuild the model: weights (CPU tensors) and id-space sizes."""
@@ -90,6 +90,12 @@ class Learner:
         ok = seen.split != TEST
         return UserItemSet(seen.users[ok], seen.items[ok], seen.num_users, seen.num_items, self.device)
 
+    def observe(self, seen: Interactions) -> UserItemSet:
+        """Hand the model the interactions it may use at scoring time (graph / input rows)."""
+        known = self._known(seen)
+        self.model.observe(known.users, known.items)
+        return known
+
     def update(self, seen: Interactions, block: int, knowledge: list[Knowledge] | None = None,
                distill: DistillSpec | None = None) -> dict:
         """Grow to the block's id spaces, then train on the block's train part (warm start).
@@ -106,6 +112,7 @@ class Learner:
             self.model.grow(seen.num_users, seen.num_items, u, i, init=self.spec.init, generator=grow_gen)
         gen = torch.Generator().manual_seed(derive_seed(self.seed, self.spec.name, "train", block))
         known = self._known(seen)
+        self.model.observe(known.users, known.items)
         kd, kd_weight = None, 0.0
         if knowledge and distill is not None and distill.method == "rrd" and distill.weight > 0:
             kd = self._rrd_targets(knowledge[0], distill, known)
@@ -130,7 +137,8 @@ class Learner:
     def knowledge(self, seen: Interactions, block: int, size: int) -> Knowledge:
         """Top-``size`` unobserved items for every user with training data in ``block``."""
         users = torch.as_tensor(np.unique(seen.part(TRAIN, block).users), dtype=torch.int64, device=self.device)
-        items, scores = top_k_items(self.model, users, min(size, self.model.num_items), self._known(seen))
+        known = self.observe(seen)
+        items, scores = top_k_items(self.model, users, min(size, self.model.num_items), known)
         return Knowledge(self.spec.name, block, users.cpu().numpy(), items.cpu().numpy(),
                          scores.float().cpu().numpy())
 
@@ -138,6 +146,7 @@ class Learner:
     def evaluate(self, seen: Interactions, blocks: list[int], spec: EvalSpec, split: int = TEST) -> dict[int, dict]:
         """Full-ranking metrics on ``split`` of each of ``blocks`` (everything else seen is masked)."""
         out = {}
+        self.observe(seen)
         for b in blocks:
             relevant, exclude = eval_sets(seen, b, split, self.device)
             out[b] = evaluate_ranking(self.model, relevant, exclude, spec.ks, spec.chunk_size, self.device)

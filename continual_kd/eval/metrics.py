@@ -8,6 +8,7 @@ import math
 import torch
 
 from ..sparse import UserItemSet
+from .bias import average_popularity, coverage, covered_items, group_names, group_recall_at_k, item_popularity_groups
 
 
 def recall_at_k(hits: torch.Tensor, n_relevant: torch.Tensor) -> torch.Tensor:
@@ -48,15 +49,34 @@ def top_k_items(model, users: torch.Tensor, k: int, exclude: UserItemSet | None 
 
 @torch.no_grad()
 def evaluate_ranking(model, relevant: UserItemSet, exclude: UserItemSet | None, ks=(10, 20, 50),
-                     chunk_size: int = 1024, device: str | torch.device = "cpu") -> dict[str, float]:
+                     chunk_size: int = 1024, device: str | torch.device = "cpu",
+                     item_popularity: torch.Tensor | None = None,
+                     item_group: torch.Tensor | None = None) -> dict[str, float]:
     """Mean Recall@K and NDCG@K over users with at least one relevant item, full ranking.
 
     ``relevant``: the held-out pairs (e.g. a block's test part). ``exclude``: pairs to mask
     (everything known except the held-out pairs themselves: see ``eval.protocol``).
+
+    Bias-aware keys, added when ``item_popularity`` (I,) training interaction counts and/or
+    ``item_group`` (I,) popularity groups are given (groups default to ``item_popularity_groups``
+    of the popularity; items past either tensor's end count as popularity 0 / the last group):
+    ``recall@K/<group>`` (head, mid, tail for 3 groups): hits on relevant items of the group over the
+    user's relevant items of the group, averaged over users with ≥1 relevant item in it (NaN if none);
+    ``avgpop@K`` (needs ``item_popularity``): mean popularity of the top-K items, averaged over users;
+    ``coverage@K``: fraction of all items recommended to at least one evaluated user.
+    All come from the same top-K tensor as Recall/NDCG.
     """
     users = torch.nonzero(relevant.degree > 0).flatten().to(device)
     max_k = max(ks)
     sums = {f"{m}@{k}": 0.0 for m in METRICS for k in ks}
+    bias = item_popularity is not None or item_group is not None
+    if item_group is None and item_popularity is not None:
+        item_group = item_popularity_groups(item_popularity)
+    names = group_names(int(item_group.max()) + 1 if item_group is not None and len(item_group) else 0)
+    group_sums = {k: torch.zeros(len(names), dtype=torch.float64) for k in ks}
+    group_users = torch.zeros(len(names), dtype=torch.float64)
+    pop_sums = {k: 0.0 for k in ks}
+    covered = {}
     for start in range(0, len(users), chunk_size):
         cu = users[start : start + chunk_size]
         s = model.full_scores(cu)
@@ -69,10 +89,46 @@ def evaluate_ranking(model, relevant: UserItemSet, exclude: UserItemSet | None, 
         for k in ks:
             for name, fn in METRICS.items():
                 sums[f"{name}@{k}"] += float(fn(hits[:, :k], n_rel).sum())
+        if not bias:
+            continue
+        n_items = s.shape[1]
+        if item_group is not None:
+            groups = _fit(item_group.to(s.device).long(), n_items, len(names) - 1)
+            rows, cols = relevant.rows_for(cu)
+            keep = cols < n_items
+            rel_per_group = torch.zeros(len(cu), len(names), dtype=torch.int64, device=s.device)
+            rel_per_group.index_put_((rows[keep], groups[cols[keep]]), torch.ones_like(rows[keep]), accumulate=True)
+            group_users += (rel_per_group > 0).sum(0).double().cpu()
+            for k in ks:
+                recall, has = group_recall_at_k(hits[:, :k], groups[top[:, :k]], rel_per_group)
+                group_sums[k] += torch.where(has, recall, torch.zeros_like(recall)).sum(0).double().cpu()
+        if item_popularity is not None:
+            pop = _fit(item_popularity.to(s.device), n_items, 0)
+            for k in ks:
+                pop_sums[k] += float(average_popularity(top[:, :k], pop).sum())
+        for k in ks:
+            chunk_cov = covered_items(top[:, :k], n_items)
+            covered[k] = chunk_cov if k not in covered else covered[k] | chunk_cov
     n = max(len(users), 1)
     out = {key: v / n for key, v in sums.items()}
     out["users"] = float(len(users))
+    if bias:
+        for k in ks:
+            if item_group is not None:
+                for g, name in enumerate(names):
+                    cnt = float(group_users[g])
+                    out[f"recall@{k}/{name}"] = float(group_sums[k][g]) / cnt if cnt > 0 else float("nan")
+            if item_popularity is not None:
+                out[f"avgpop@{k}"] = pop_sums[k] / len(users) if len(users) else float("nan")
+            out[f"coverage@{k}"] = coverage(covered[k]) if k in covered else float("nan")
     return out
+
+
+def _fit(values: torch.Tensor, n: int, fill) -> torch.Tensor:
+    """``values`` cut or padded with ``fill`` to length n (items unknown to the tensor)."""
+    if len(values) >= n:
+        return values[:n]
+    return torch.cat([values, torch.full((n - len(values),), fill, dtype=values.dtype, device=values.device)])
 
 
 def nan_mean(values) -> float:

@@ -1,6 +1,6 @@
 """Backbones, one file per family; ``BACKBONES`` maps job-file names to classes."""
 
-from . import mf  # noqa: F401  (registers "mf")
+from . import lightgcn, mf, multvae  # noqa: F401  (register "lightgcn", "mf", "multvae")
 from .base import BACKBONES, Recommender, build_backbone, num_parameters
 
 __all__ = ["BACKBONES", "Recommender", "build_backbone", "num_parameters"]

@@ -22,6 +22,10 @@ class Recommender(Protocol):
     def full_scores(self, users: torch.Tensor) -> torch.Tensor:
         """(B,) users → (B, num_items) scores over every item."""
 
+    def observe(self, users: torch.Tensor, items: torch.Tensor) -> None:
+        """The interactions the model may use when it scores (LightGCN's graph, MultVAE's input
+        rows): every known non-test pair so far. Called before training, knowledge and evaluation."""
+
     def base_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         """The backbone's own training loss on (user, positive, negative) triples, summed."""
 

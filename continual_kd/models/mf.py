@@ -37,6 +37,9 @@ class BPRMF(nn.Module):
     def full_scores(self, users: torch.Tensor) -> torch.Tensor:
         return self.user_emb[users] @ self.item_emb.T  # (B, I)
 
+    def observe(self, users: torch.Tensor, items: torch.Tensor) -> None:
+        """MF scores from its tables alone."""
+
     def base_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         diff = self.score(users, pos) - self.score(users, neg)
         return -F.logsigmoid(diff).sum()

@@ -33,6 +33,14 @@ class LearnerActor:
             self._seen_key = key
         return self._seen
 
+    def restore(self, state: dict | None) -> None:
+        """Go back to a committed state (None: no model yet), e.g. after this or another actor died."""
+        if state is None:
+            self.learner.model, self.learner.block = None, -1
+        else:
+            self.learner.load(state)
+        self._seen_key = self._seen = None
+
     def ping(self) -> dict:
         return {"device": self.learner.device, "block": self.learner.block, "name": self.learner.spec.name}
 
@@ -68,12 +76,20 @@ class LearnerActor:
             gauge.set(metrics[key], tags={"model": self.learner.spec.name})
 
 
-def spawn_learner(role_name: str, spec: ModelSpec, seed: int, device: str, state: dict | None = None):
-    """Start the named actor ``role_name`` with the resources its spec asks for."""
+def spawn_learner(role_name: str, spec: ModelSpec, seed: int, device: str, state: dict | None = None,
+                  max_restarts: int = 3):
+    """Start the named actor ``role_name`` with the resources its spec asks for.
+
+    Ray restarts it up to ``max_restarts`` times if its process dies (re-running ``__init__`` with
+    the state it started the job with); the coordinator then calls ``restore`` with the last
+    committed state. Calls are not retried by Ray: the coordinator retries whole blocks.
+    """
     cls = ray.remote(LearnerActor)
     return cls.options(
         name=role_name,
         num_cpus=spec.resources.num_cpus,
         num_gpus=spec.resources.num_gpus,
         max_concurrency=1,
+        max_restarts=max_restarts,
+        max_task_retries=0,
     ).remote(spec, seed, device, state)

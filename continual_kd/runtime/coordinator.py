@@ -1,13 +1,20 @@
-"""The driver of a job: blocks in, actors updated, knowledge passed, snapshots out.
+"""The driver of a job: blocks in, actors updated, knowledge passed, snapshots out, blocks committed.
 
 It is the only writer of the store's catalog. Per block k it puts block k in the object store once,
 runs the stages of ``continual.loop`` on the actors (teachers in parallel), writes an atomic
-snapshot and then records the block as committed. A re-submit of the same job continues after the
-newest good snapshot of its lineage (same config hash and block plan).
+snapshot, and only then records block k as committed in the catalog (``commits`` table).
+
+Exactly once: a (re-)submit of the same job (same config hash = same lineage) continues after the
+last committed block whose snapshot verifies. A snapshot written but not committed (the driver died
+in between) is verified and committed on resume; a committed block whose snapshot is missing or
+damaged is revoked (kept in the record) and trained again. A model actor that dies is restarted by
+Ray; every actor is then restored to the last committed state and the block is retried, so the
+result equals an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -15,14 +22,14 @@ from pathlib import Path
 from typing import Callable
 
 import ray
+from ray.exceptions import RayActorError
 
 from ..config import JobSpec
 from ..continual import BlockResult, knowledge_size, model_key
 from ..continual.snapshot_eval import learner_states
 from ..data.sources import open_source
 from ..errors import CkdError
-from ..models import num_parameters  # noqa: F401  (registers backbones in the driver too)
-from ..snapshots import list_snapshots, prune_snapshots, resolve_snapshot, write_snapshot
+from ..snapshots import MANIFEST, list_snapshots, prune_snapshots, resolve_snapshot, write_snapshot
 from ..stream import BlockPlan, StreamStore
 from .actors import spawn_learner
 from .cluster import check_resources, ray_session
@@ -38,81 +45,179 @@ class JobResult:
     results: list[BlockResult] = field(default_factory=list)  # blocks run by this call
     history: list[dict] = field(default_factory=list)  # every committed block's metrics, oldest first
     resumed_from: int | None = None
+    retries: int = 0  # blocks retried after an actor died
     dashboard_url: str | None = None
 
 
-def _resume_point(job: JobSpec, plan: BlockPlan, runs: Path, restart: bool, emit: Progress):
-    """(first block to run, model states or None, metric history) for this job's lineage."""
-    if restart and runs.exists():
-        shutil.rmtree(runs)
-        emit({"type": "info", "message": f"--restart: removed the old snapshots in {runs}"})
-    if not list_snapshots(runs):
-        return 0, None, []
-    snap, warnings = resolve_snapshot(runs, "latest")
-    for w in warnings:
-        emit({"type": "warning", "message": w})
-    m = snap.manifest
-    if m.get("config_hash") != job.config_hash() or m.get("plan_id") != plan.plan_id:
+@dataclass
+class _Recovery:
+    start: int = 0  # first block to run
+    plan_id: str | None = None  # the lineage's plan (pinned once a block is committed)
+    states: dict | None = None  # model name → state of the last committed block
+    history: list[dict] = field(default_factory=list)
+
+
+def manifest_digest(snapshot_path: Path) -> str:
+    """The manifest's sha256: it lists every file's checksum, so it identifies the whole snapshot."""
+    return hashlib.sha256((Path(snapshot_path) / MANIFEST).read_bytes()).hexdigest()
+
+
+def _recover(job: JobSpec, store: StreamStore, runs: Path, restart: bool, emit: Progress) -> _Recovery:
+    lineage = job.config_hash()
+    if restart:
+        n = store.revoke_commits(job.name, None, 0, "restart requested")
+        if runs.exists():
+            shutil.rmtree(runs)
+        emit({"type": "info", "message": f"--restart: revoked {n} committed blocks, removed {runs}"})
+    others = [c for c in store.committed_blocks(job.name) if c["lineage"] != lineage]
+    if others:
         raise CkdError(
-            f"{runs}: holds snapshots of a different job configuration or block plan (config "
-            f"{m.get('config_hash')} vs {job.config_hash()}); pass --restart to discard them, or set "
-            f"snapshots.dir in the job file to keep both"
+            f"job {job.name!r} has blocks committed under another configuration (lineage {others[0]['lineage']}, "
+            f"this file is {lineage}); pass --restart to start a new lineage, or give the job another name"
         )
-    return snap.block + 1, learner_states(snap), list(m.get("history", []))
+    commits = store.committed_blocks(job.name, lineage)
+    good = None
+    for c in reversed(commits):  # the newest commit whose snapshot is intact and is the one committed
+        try:
+            snap, _ = resolve_snapshot(runs, c["block"])
+        except CkdError as e:
+            emit({"type": "warning", "message": f"committed block {c['block']}: {e}"})
+            continue
+        if manifest_digest(snap.path) != c["snapshot_digest"]:
+            emit({"type": "warning", "message": f"committed block {c['block']}: {snap.path} is not the snapshot "
+                                                f"that was committed"})
+            continue
+        good = snap
+        break
+    last = good.block if good else -1
+    if commits and commits[-1]["block"] > last:
+        n = store.revoke_commits(job.name, lineage, last + 1, "snapshot missing or damaged")
+        emit({"type": "warning", "message": f"revoked {n} committed block(s) after {last} whose snapshots are "
+                                            f"missing or damaged; they will be trained again"})
+    # roll forward: snapshots completed after the last commit (the driver died before committing)
+    on_disk = set(list_snapshots(runs))
+    while last + 1 in on_disk:
+        try:
+            snap, _ = resolve_snapshot(runs, last + 1)
+        except CkdError:
+            break  # damaged: it will be rewritten
+        m = snap.manifest
+        if m.get("config_hash") != lineage:
+            raise CkdError(
+                f"{runs}: holds snapshots of a different job configuration (config {m.get('config_hash')}, "
+                f"this file is {lineage}); pass --restart to discard them, or set snapshots.dir in the job file"
+            )
+        if good is not None and m.get("plan_id") != good.manifest.get("plan_id"):
+            break
+        store.commit_block(job.name, lineage, m["plan_id"], snap.block, m["rows_covered"], str(snap.path),
+                           manifest_digest(snap.path))
+        emit({"type": "info", "message": f"block {snap.block}: snapshot complete but not committed; committed it now"})
+        good, last = snap, snap.block
+    if good is None:
+        return _Recovery()
+    return _Recovery(last + 1, good.manifest["plan_id"], learner_states(good), list(good.manifest.get("history", [])))
 
 
-def run_job(job: JobSpec, address: str | None = None, restart: bool = False,
-            progress: Progress | None = None, max_blocks: int | None = None) -> JobResult:
+def run_job(job: JobSpec, address: str | None = None, restart: bool = False, progress: Progress | None = None,
+            max_blocks: int | None = None, dashboard_host: str = "127.0.0.1") -> JobResult:
     emit = progress or (lambda _e: None)
     store: StreamStore = open_source(job.source)
-    b = job.blocks
-    plan = store.ensure_plan(b.base_fraction, b.incremental, b.split, job.seed)
-    if job.distill.method != "none" and job.distill.k > store.num_items:
-        raise CkdError(f"distill.k: {job.distill.k} is larger than the {store.num_items} items in the store; lower it")
     runs = job.snapshot_dir
-    start, states, history = _resume_point(job, plan, runs, restart, emit)
-    result = JobResult(job, plan, runs, history=history, resumed_from=start if start else None)
-    end = plan.num_blocks if max_blocks is None else min(plan.num_blocks, start + max_blocks)
-    if start >= plan.num_blocks:
+    rec = _recover(job, store, runs, restart, emit)
+    b = job.blocks
+    if rec.plan_id is not None:  # a lineage keeps its plan; data ingested since goes to a later lineage
+        plan = store.get_plan(rec.plan_id)
+    else:
+        plan = store.ensure_plan(b.base_fraction, b.incremental, b.split, job.seed)
+    if job.distill.method != "none" and job.distill.k > plan.blocks[0].num_items:
+        raise CkdError(f"distill.k: {job.distill.k} is larger than the {plan.blocks[0].num_items} items of the "
+                       f"base block; lower it")
+    result = JobResult(job, plan, runs, history=rec.history, resumed_from=rec.start or None)
+    end = plan.num_blocks if max_blocks is None else min(plan.num_blocks, rec.start + max_blocks)
+    if rec.start >= plan.num_blocks:
         emit({"type": "info", "message": f"all {plan.num_blocks} blocks already committed in {runs}"})
         return result
-    emit({"type": "plan", "plan": plan, "start": start, "end": end})
+    emit({"type": "plan", "plan": plan, "start": rec.start, "end": end})
 
-    models = [("teacher", t) for t in job.teachers] + [("student", job.student)]
-    names = {model_key(role, spec.name): spec for role, spec in models}
-    with ray_session(address, job.runtime.num_cpus, namespace=f"ckd-{job.name}") as session:
+    specs = {model_key("teacher", t.name): t for t in job.teachers}
+    specs["student"] = job.student
+    with ray_session(address, job.runtime.num_cpus, namespace=f"ckd-{job.name}",
+                     dashboard_host=dashboard_host) as session:
         result.dashboard_url = session.dashboard_url
         emit({"type": "ray", "address": session.address, "dashboard": session.dashboard_url})
-        check_resources({n: {"CPU": s.resources.num_cpus, "GPU": s.resources.num_gpus} for n, s in names.items()})
-        actors = {n: spawn_learner(n, s, job.seed, job.runtime.device, (states or {}).get(n)) for n, s in names.items()}
-        ray.get([a.ping.remote() for a in actors.values()])
-        teachers = {n: a for n, a in actors.items() if n != "student"}
-        student = actors["student"]
-        # blocks before `start` are re-read (not re-trained): they are history for masks and sampling
-        block_refs = [ray.put(store.read_block(plan.plan_id, k)) for k in range(start)]
+        check_resources({n: {"CPU": s.resources.num_cpus, "GPU": s.resources.num_gpus} for n, s in specs.items()})
+        actors = {n: spawn_learner(n, s, job.seed, job.runtime.device, (rec.states or {}).get(n),
+                                   max_restarts=job.runtime.max_restarts)
+                  for n, s in specs.items()}
         try:
-            for k in range(start, end):
+            ray.get([a.ping.remote() for a in actors.values()])
+            # blocks before `start` are read (not trained): history for masks and sampling
+            block_refs = [ray.put(store.read_block(plan.plan_id, k)) for k in range(rec.start)]
+            states = rec.states
+            for k in range(rec.start, end):
                 block_refs.append(ray.put(store.read_block(plan.plan_id, k)))
-                res = _run_block(job, k, block_refs, teachers, student, emit)
-                states = dict(zip(actors, ray.get([a.state.remote() for a in actors.values()])))
+                res, states = _run_block_with_retries(job, k, block_refs, actors, states, emit, result)
                 entry = {"block": k, "metrics": res.metrics, "valid": res.valid, "seconds": res.seconds,
                          "updates": {n: u.get("seconds") for n, u in res.updates.items()}}
-                history.append(entry)
+                history = [*result.history, entry]
                 manifest = _manifest(job, plan, store, k, states, res, history)
                 snap = write_snapshot(runs, k, {n: s["weights"] for n, s in states.items()}, manifest)
+                store.commit_block(job.name, job.config_hash(), plan.plan_id, k, manifest["rows_covered"],
+                                   str(snap.path), manifest_digest(snap.path))
+                result.history = history
                 if job.snapshots.keep_last:
-                    prune_snapshots(runs, job.snapshots.keep_last)
+                    prune_snapshots(runs, job.snapshots.keep_last, set(job.snapshots.keep))
                 result.results.append(res)
                 emit({"type": "block", "result": res, "snapshot": snap.path})
         finally:
             for a in actors.values():
-                ray.kill(a)
+                ray.kill(a, no_restart=True)
     return result
 
 
-def _run_block(job: JobSpec, k: int, block_refs: list, teachers: dict, student, emit: Progress) -> BlockResult:
+def _run_block_with_retries(job: JobSpec, k: int, block_refs: list, actors: dict, states: dict | None,
+                            emit: Progress, result: JobResult) -> tuple[BlockResult, dict]:
+    """Run block k; if an actor dies, restore every actor to the last committed state and retry."""
+    for attempt in range(1, job.runtime.block_attempts + 1):
+        try:
+            res = _run_block(job, k, block_refs, actors, emit)
+            new_states = dict(zip(actors, ray.get([a.state.remote() for a in actors.values()])))
+            return res, new_states
+        except RayActorError as e:
+            who = getattr(e, "actor_id", None)
+            emit({"type": "warning", "message": f"block {k}: a model actor died (attempt {attempt}: "
+                                                f"{type(e).__name__}{' ' + str(who) if who else ''}); restoring "
+                                                f"all models to block {k - 1} and retrying"})
+            result.retries += 1
+            _restore(actors, states)
+    raise CkdError(f"block {k} failed {job.runtime.block_attempts} times because model actors died; see the "
+                   f"Ray dashboard / logs, then `ckd submit` again to resume after block {k - 1}")
+
+
+def _restore(actors: dict, states: dict | None, timeout_s: float = 120.0) -> None:
+    """Wait until every actor answers (Ray restarts dead ones), then load the committed state."""
+    deadline = time.monotonic() + timeout_s
+    for name, actor in actors.items():
+        while True:
+            try:
+                ray.get(actor.ping.remote(), timeout=30)
+                break
+            except (RayActorError, ray.exceptions.GetTimeoutError):
+                if time.monotonic() > deadline:
+                    raise CkdError(f"model actor {name!r} did not come back after dying; the job stops here and "
+                                   f"`ckd submit` resumes after the last committed block") from None
+                time.sleep(0.5)
+    ray.get([a.restore.remote((states or {}).get(n)) for n, a in actors.items()])
+
+
+def _run_block(job: JobSpec, k: int, block_refs: list, actors: dict, emit: Progress) -> BlockResult:
     t0 = time.perf_counter()
-    stage = lambda s: emit({"type": "stage", "block": k, "stage": s})  # noqa: E731
+    teachers = {n: a for n, a in actors.items() if n != "student"}
+    student = actors["student"]
+
+    def stage(s: str) -> None:
+        emit({"type": "stage", "block": k, "stage": s})
+
     stage("update teachers")
     updates = dict(zip(teachers, ray.get([t.update.remote(k, block_refs) for t in teachers.values()])))
     knowledge_refs = []
@@ -122,8 +227,7 @@ def _run_block(job: JobSpec, k: int, block_refs: list, teachers: dict, student, 
     stage("update student")
     updates["student"] = ray.get(student.update.remote(k, block_refs, knowledge_refs, job.distill))
     stage("evaluate")
-    evals = dict(zip([*teachers, "student"],
-                     ray.get([a.evaluate.remote(k, block_refs, job.eval) for a in [*teachers.values(), student]])))
+    evals = dict(zip(actors, ray.get([a.evaluate.remote(k, block_refs, job.eval) for a in actors.values()])))
     return BlockResult(
         block=k,
         metrics={n: e["test"] for n, e in evals.items()},

@@ -51,9 +51,15 @@ CREATE TABLE IF NOT EXISTS plan_blocks (
     PRIMARY KEY (plan_id, block));
 CREATE TABLE IF NOT EXISTS plan_rows (
     plan_id VARCHAR NOT NULL, "offset" BIGINT NOT NULL, block SMALLINT NOT NULL, split TINYINT NOT NULL);
+CREATE TABLE IF NOT EXISTS commits (
+    commit_id INTEGER PRIMARY KEY, job VARCHAR NOT NULL, lineage VARCHAR NOT NULL,
+    plan_id VARCHAR NOT NULL, block SMALLINT NOT NULL, rows_covered BIGINT NOT NULL,
+    snapshot VARCHAR NOT NULL, snapshot_digest VARCHAR NOT NULL, committed_at TIMESTAMP NOT NULL,
+    revoked_at TIMESTAMP, revoked_reason VARCHAR);
 """
 # Fixed order, used by the fingerprint.
-TABLES = ("meta", "users", "items", "segments", "ingests", "quarantine", "plans", "plan_blocks", "plan_rows")
+TABLES = ("meta", "users", "items", "segments", "ingests", "quarantine", "plans", "plan_blocks", "plan_rows",
+          "commits")
 
 LOCK_WAIT_S = 5.0
 

@@ -79,6 +79,65 @@ class StreamStore:
     def _connect(self, write: bool):
         return catalog.connect(self.root, write, self.lock_wait_s)
 
+    def _upgrade_schema(self) -> None:
+        """Stores made by an older version lack newer tables (CREATE ... IF NOT EXISTS)."""
+        with self._connect(write=False) as con:
+            tables = {t for (t,) in con.sql("SELECT table_name FROM information_schema.tables").fetchall()}
+        if not set(catalog.TABLES) <= tables:
+            with self._connect(write=True) as con:
+                catalog.create_schema(con)
+
+    # --- the commit log: which block of which job lineage is consumed -----------------------
+
+    def commit_block(self, job: str, lineage: str, plan_id: str, block: int, rows_covered: int,
+                     snapshot: str, snapshot_digest: str) -> None:
+        """Record that ``block`` of the job's lineage is consumed (its snapshot is complete).
+
+        Blocks are committed in order, exactly once: the block must be the next after the last
+        active commit. Anything else would skip or double-count data, so it is refused.
+        """
+        self._upgrade_schema()
+        with self._connect(write=True) as con:
+            last = catalog.scalar(con, "SELECT max(block) FROM commits WHERE job = ? AND lineage = ? "
+                                       "AND revoked_at IS NULL", [job, lineage])
+            expected = 0 if last is None else int(last) + 1
+            if block != expected:
+                raise RuntimeError(f"commit of block {block} for job {job!r} out of order: the next "
+                                   f"block to commit is {expected}")
+            next_id = int(catalog.scalar(con, "SELECT coalesce(max(commit_id), 0) + 1 FROM commits"))
+            con.execute("INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+                        [next_id, job, lineage, plan_id, block, rows_covered, snapshot, snapshot_digest,
+                         catalog.now_utc()])
+
+    def committed_blocks(self, job: str, lineage: str | None = None, include_revoked: bool = False) -> list[dict]:
+        """The job's commits in order (active ones unless ``include_revoked``)."""
+        self._upgrade_schema()
+        query = ("SELECT commit_id, job, lineage, plan_id, block, rows_covered, snapshot, snapshot_digest, "
+                 "committed_at, revoked_at, revoked_reason FROM commits WHERE job = ?")
+        params: list = [job]
+        if lineage is not None:
+            query += " AND lineage = ?"
+            params.append(lineage)
+        if not include_revoked:
+            query += " AND revoked_at IS NULL"
+        with self._connect(write=False) as con:
+            rows = con.sql(query + " ORDER BY commit_id", params=params).fetchall()
+        keys = ("commit_id", "job", "lineage", "plan_id", "block", "rows_covered", "snapshot", "snapshot_digest",
+                "committed_at", "revoked_at", "revoked_reason")
+        return [dict(zip(keys, r)) for r in rows]
+
+    def revoke_commits(self, job: str, lineage: str | None, from_block: int, reason: str) -> int:
+        """Mark the job's active commits of blocks ≥ from_block as revoked (kept for the record)."""
+        self._upgrade_schema()
+        query = "UPDATE commits SET revoked_at = ?, revoked_reason = ? WHERE job = ? AND block >= ? AND revoked_at IS NULL"
+        params: list = [catalog.now_utc(), reason, job, from_block]
+        if lineage is not None:
+            query += " AND lineage = ?"
+            params.append(lineage)
+        with self._connect(write=True) as con:
+            n = con.execute(query + " RETURNING commit_id", params).fetchall()
+        return len(n)
+
     # --- ingest ----------------------------------------------------------------------------
 
     def ingest_file(self, path: str | Path, columns: ColumnMap = ColumnMap()) -> IngestReport:

@@ -1,0 +1,128 @@
+"""Fusing several teachers' top-N lists into one target ranking per user (the ensemble teacher).
+
+Two scorings of an item ``i`` for user ``u`` from each teacher ``t`` that lists it at 1-based rank
+``r_t`` (0-based position ``p_t = r_t - 1``), weighted by ``w_t`` and normalised by ``Σ_t w_t``:
+
+- ``"rank"`` (CCD's rank fusion): ``score = Σ_t w_t · (1 / r_t)^rank_power / Σ_t w_t``;
+- ``"importance"`` (HetComp): ``score = Σ_t w_t · exp(-p_t / temperature) / Σ_t w_t``, the rank
+  importance HetComp uses for its teachers' permutations (``exp(-pos/10)``, best item = 1).
+  Dividing by ``Σ_t w_t`` only rescales HetComp's plain sum; the order is the same.
+
+A teacher that does not list an item contributes 0 for it (it is outside that teacher's top-N_t;
+it is *not* treated as rank N_t + 1). Entries < 0 in a list are padding and ignored.
+
+Implemented as a sparse (user, item) aggregation: per user chunk, every listed pair becomes a key
+``row · num_items + item``; ``unique`` + ``index_add_`` sum the contributions, one sort orders each
+user's candidates. Memory is O(chunk · Σ_t N_t), never users × items.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+FUSION_METHODS = ("rank", "importance")
+_SCORE_QUANT = float(2**40)  # fused scores lie in [0, 1]; ties are compared on this grid (float noise ≪ 1e-12)
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    method: str = "rank"  # "rank" (CCD) or "importance" (HetComp)
+    rank_power: float = 0.05  # exponent of 1/rank in "rank" mode (CCD: 0.05)
+    temperature: float = 10.0  # T of exp(-pos/T) in "importance" mode (HetComp: 10)
+    chunk_size: int = 4096  # users aggregated at once
+
+
+def rank_contribution(n: int, method: str, rank_power: float, temperature: float,
+                      device=None) -> torch.Tensor:
+    """(n,) float64 contribution of list positions 0..n-1 (best first) for one teacher with weight 1."""
+    pos = torch.arange(n, dtype=torch.float64, device=device)
+    if method == "rank":
+        return (1.0 / (pos + 1.0)) ** rank_power
+    if method == "importance":
+        return torch.exp(-pos / temperature)
+    raise ValueError(f"unknown fusion method {method!r}; expected one of {FUSION_METHODS}")
+
+
+def fuse_rankings(item_lists: list[torch.Tensor], k: int, method: str = "rank",
+                  weights: list[float] | None = None, *, num_items: int, rank_power: float = 0.05,
+                  temperature: float = 10.0, chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fuse per-teacher top-N lists into one top-``k`` list per user.
+
+    item_lists: one (U, N_t) int64 tensor per teacher, best first, same U users in the same order;
+    N_t may differ; entries < 0 are padding. Each list should hold distinct items.
+    Returns (U, k) item ids and (U, k) float32 fused scores, best first; ties go to the smaller item
+    id. A user with fewer than ``k`` candidates is padded with item -1 and score 0.
+    """
+    if not item_lists:
+        raise ValueError("fuse_rankings needs at least one teacher list")
+    if method not in FUSION_METHODS:
+        raise ValueError(f"unknown fusion method {method!r}; expected one of {FUSION_METHODS}")
+    n_users = item_lists[0].shape[0]
+    if any(lst.dim() != 2 or lst.shape[0] != n_users for lst in item_lists):
+        raise ValueError("every teacher list must be a (U, N_t) tensor over the same U users")
+    if weights is None:
+        weights = [1.0] * len(item_lists)
+    if len(weights) != len(item_lists):
+        raise ValueError(f"{len(weights)} weights for {len(item_lists)} teachers")
+    if any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"teacher weights must be finite, ≥ 0 and not all 0, got {weights}")
+    device = item_lists[0].device
+    w_sum = float(sum(weights))
+    contrib = [rank_contribution(lst.shape[1], method, rank_power, temperature, device) * (w / w_sum)
+               for lst, w in zip(item_lists, weights)]  # (N_t,) each
+    out_items = torch.full((n_users, k), -1, dtype=torch.int64, device=device)
+    out_scores = torch.zeros(n_users, k, dtype=torch.float32, device=device)
+    for start in range(0, n_users, chunk_size):
+        end = min(start + chunk_size, n_users)
+        items, scores = _fuse_chunk([lst[start:end].long() for lst in item_lists], contrib, k, num_items)
+        out_items[start:end], out_scores[start:end] = items, scores
+    return out_items, out_scores
+
+
+def _fuse_chunk(lists: list[torch.Tensor], contrib: list[torch.Tensor], k: int,
+                num_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    b = lists[0].shape[0]
+    device = lists[0].device
+    rows, items, values = [], [], []
+    for lst, c in zip(lists, contrib):
+        valid = lst >= 0  # (B, N_t)
+        r = torch.arange(b, device=device).unsqueeze(1).expand_as(lst)
+        rows.append(r[valid])
+        items.append(lst[valid])
+        values.append(c.unsqueeze(0).expand_as(lst)[valid])
+    rows, items, values = torch.cat(rows), torch.cat(items), torch.cat(values)
+    if items.numel() and int(items.max()) >= num_items:
+        raise ValueError(f"item id {int(items.max())} ≥ num_items={num_items}")
+    keys, inverse = torch.unique(rows * num_items + items, return_inverse=True)  # sorted by (row, item)
+    score = torch.zeros(len(keys), dtype=torch.float64, device=device).index_add_(0, inverse, values)
+    rows, items = keys // num_items, keys % num_items
+    # order by (row asc, score desc, item asc): two stable sorts over the (row, item)-sorted keys
+    quant = torch.round(score * _SCORE_QUANT).long()  # scores compared on a 2^-40 grid
+    order = torch.sort(-quant, stable=True).indices
+    order = order[torch.sort(rows[order], stable=True).indices]
+    rows, items, score = rows[order], items[order], score[order]
+    counts = torch.bincount(rows, minlength=b)
+    first = torch.cumsum(counts, 0) - counts  # start of each row in the sorted arrays
+    pos = torch.arange(len(rows), device=device) - first[rows]
+    keep = pos < k
+    out_items = torch.full((b, k), -1, dtype=torch.int64, device=device)
+    out_scores = torch.zeros(b, k, dtype=torch.float32, device=device)
+    out_items[rows[keep], pos[keep]] = items[keep]
+    out_scores[rows[keep], pos[keep]] = score[keep].float()
+    return out_items, out_scores
+
+
+def teacher_weights_from_ndcg(ndcgs: list[float], floor: float = 1e-3) -> list[float]:
+    """Teacher weights proportional to validation NDCG, summing to 1.
+
+    A NaN, non-positive or tiny NDCG is raised to ``floor`` so that teacher still counts a little
+    (and all-NaN gives equal weights).
+    """
+    if not ndcgs:
+        return []
+    raw = [v if (v is not None and math.isfinite(v) and v > floor) else floor for v in ndcgs]
+    total = sum(raw)
+    return [v / total for v in raw]

@@ -1,0 +1,184 @@
+"""LightGCN: base user/item tables propagated over the normalised user–item graph, score = dot product.
+
+    Â = D^-1/2 A D^-1/2        A: the (U+I)×(U+I) symmetric bipartite adjacency of the observed pairs
+    E_l = Â E_{l-1}            E_0 = [user_emb; item_emb]
+    E = mean(E_0, …, E_L)      score(u, i) = E[u] · E[U + i]
+
+The graph is whatever ``observe`` was last given (every known non-test pair), held as a sparse CSR
+tensor built lazily for the current id spaces; before any ``observe`` it has no edges.
+
+Propagation cache (``_propagate``): results computed with grad disabled (evaluation, knowledge,
+``full_scores`` per chunk) are kept and reused while the key is unchanged: graph version (bumped by
+``observe`` and ``grow``), the parameter tensors themselves and their in-place ``_version`` counters
+(bumped by every optimiser step and by ``load_state_dict``'s copy), device and dtype. Calls with
+grad enabled (training) always propagate afresh: ``base_loss`` propagates exactly once per call.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import neighbor_mean, register
+
+INIT_STD = 0.01  # N(0, 0.01) as BPR-MF, and as the protocol's random init for new rows
+
+
+class _SymmetricSpMM(torch.autograd.Function):
+    """Â @ x for a constant symmetric sparse Â: the gradient is Â @ grad (no transpose needed).
+
+    PyTorch's generic sparse backward re-transposes the matrix every call (~10× slower on CPU).
+    """
+
+    @staticmethod
+    def forward(ctx, adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ctx.adj = adj
+        return torch.sparse.mm(adj, x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, torch.sparse.mm(ctx.adj, grad.contiguous())
+
+
+def normalized_adjacency(users: torch.Tensor, items: torch.Tensor, num_users: int, num_items: int,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """D^-1/2 A D^-1/2 of the bipartite graph as a (U+I, U+I) sparse CSR tensor (pairs deduplicated).
+
+    Nodes 0..U-1 are users, U..U+I-1 items; isolated nodes get empty rows.
+    """
+    n = num_users + num_items
+    keys = torch.unique(users * num_items + items)
+    u, i = keys // num_items, keys % num_items + num_users
+    rows, cols = torch.cat([u, i]), torch.cat([i, u])  # both directions: symmetric
+    order = torch.argsort(rows * n + cols)
+    rows, cols = rows[order], cols[order]
+    deg = torch.bincount(rows, minlength=n).to(dtype)
+    values = (deg[rows] * deg[cols]).rsqrt()
+    crow = torch.zeros(n + 1, dtype=torch.int64, device=users.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0)
+    with warnings.catch_warnings():  # "CSR support is in beta": CSR @ dense is stable on CPU and CUDA
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, cols, values, size=(n, n), check_invariants=False)
+
+
+@register("lightgcn")
+class LightGCN(nn.Module):
+    def __init__(self, num_users: int, num_items: int, dim: int = 64, layers: int = 2):
+        super().__init__()
+        self.dim, self.layers = dim, layers
+        self.user_emb = nn.Parameter(torch.randn(num_users, dim) * INIT_STD)  # base (layer-0) tables
+        self.item_emb = nn.Parameter(torch.randn(num_items, dim) * INIT_STD)
+        self._edges = (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+        self._adj: torch.Tensor | None = None  # built lazily from _edges for the current sizes
+        self._graph_version = 0
+        self._cache: tuple | None = None  # (key, users (U, d), items (I, d))
+
+    @property
+    def num_users(self) -> int:
+        return self.user_emb.shape[0]
+
+    @property
+    def num_items(self) -> int:
+        return self.item_emb.shape[0]
+
+    # ------------------------------------------------------------------ graph
+    def observe(self, users: torch.Tensor, items: torch.Tensor) -> None:
+        """Use these (user, item) pairs as the graph's edges from now on."""
+        users, items = users.to(torch.int64), items.to(torch.int64)
+        if len(users) and (int(users.max()) >= self.num_users or int(items.max()) >= self.num_items):
+            raise ValueError(f"observe: ids beyond the model's id spaces ({self.num_users} users, "
+                             f"{self.num_items} items); grow the model first")
+        self._edges = (users, items)
+        self._graph_changed()
+
+    def _graph_changed(self) -> None:
+        self._adj, self._cache = None, None
+        self._graph_version += 1
+
+    def _adjacency(self) -> torch.Tensor:
+        emb = self.user_emb
+        if self._adj is None or self._adj.device != emb.device or self._adj.dtype != emb.dtype:
+            users, items = (t.to(emb.device) for t in self._edges)
+            self._adj = normalized_adjacency(users, items, self.num_users, self.num_items, emb.dtype)
+        return self._adj
+
+    def _propagate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final (mean-of-layers) user and item tables: (U, d), (I, d)."""
+        cacheable = not torch.is_grad_enabled()
+        key = (self._graph_version, self.user_emb, self.item_emb, self.user_emb._version,
+               self.item_emb._version, self.user_emb.device, self.user_emb.dtype)
+        if cacheable and self._cache is not None and _same_key(self._cache[0], key):
+            return self._cache[1], self._cache[2]
+        adj = self._adjacency()
+        h = torch.cat([self.user_emb, self.item_emb])  # (U+I, d)
+        total = h
+        for _ in range(self.layers):
+            h = _SymmetricSpMM.apply(adj, h)
+            total = total + h
+        final = total / (self.layers + 1)
+        users, items = final[: self.num_users], final[self.num_users :]
+        self._cache = (key, users, items) if cacheable else None
+        return users, items
+
+    # ------------------------------------------------------------------ protocol
+    def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        ue, ie = self._propagate()
+        return _dot(ue[users], ie[items])
+
+    def full_scores(self, users: torch.Tensor) -> torch.Tensor:
+        ue, ie = self._propagate()  # propagated once, reused across chunks while nothing changes
+        return ue[users] @ ie.T  # (B, I)
+
+    def base_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        ue, ie = self._propagate()  # one propagation for the whole batch
+        u = ue[users]  # (B, d)
+        diff = (u * ie[pos]).sum(-1) - (u * ie[neg]).sum(-1)
+        return -F.logsigmoid(diff).sum()
+
+    def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final (propagated) tables, whose dot products are the scores; base tables are
+        ``user_emb`` / ``item_emb``."""
+        return self._propagate()
+
+    @torch.no_grad()
+    def grow(self, num_users: int, num_items: int, users: torch.Tensor | None = None,
+             items: torch.Tensor | None = None, init: str = "neighbor",
+             generator: torch.Generator | None = None) -> None:
+        """New base rows: mean of 1-hop neighbours' base rows ("neighbor", new users from old items
+        and new items from old users in the given pairs; random when a row has none) or N(0, 0.01)."""
+        if init not in ("neighbor", "random"):
+            raise ValueError(f"unknown init {init!r}")
+        old_u, old_i = self.num_users, self.num_items
+        if num_users <= old_u and num_items <= old_i:
+            return
+        device, dtype = self.user_emb.device, self.user_emb.dtype
+        new_u = (torch.randn(max(num_users - old_u, 0), self.dim, generator=generator) * INIT_STD).to(device, dtype)
+        new_i = (torch.randn(max(num_items - old_i, 0), self.dim, generator=generator) * INIT_STD).to(device, dtype)
+        if init == "neighbor" and users is not None and items is not None:
+            users, items = users.to(device), items.to(device)
+            if len(new_u):
+                sel = (users >= old_u) & (items < old_i)
+                mean, cnt = neighbor_mean(self.item_emb.data, users[sel] - old_u, items[sel], len(new_u))
+                new_u = torch.where(cnt.unsqueeze(1) > 0, mean, new_u)
+            if len(new_i):
+                sel = (items >= old_i) & (users < old_u)
+                mean, cnt = neighbor_mean(self.user_emb.data, items[sel] - old_i, users[sel], len(new_i))
+                new_i = torch.where(cnt.unsqueeze(1) > 0, mean, new_i)
+        self.user_emb = nn.Parameter(torch.cat([self.user_emb.data, new_u]))
+        self.item_emb = nn.Parameter(torch.cat([self.item_emb.data, new_i]))
+        self._graph_changed()  # same edges, larger id spaces: rebuilt on next use
+
+
+def _dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, d) · (B, d) → (B,), or (B, d) · (B, L, d) → (B, L)."""
+    if v.dim() == 3:
+        return torch.einsum("bd,bld->bl", u, v)
+    return (u * v).sum(-1)
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    # parameters compared by identity (a grown table is a new tensor), everything else by value
+    return a[0] == b[0] and a[1] is b[1] and a[2] is b[2] and a[3:] == b[3:]

@@ -1,0 +1,99 @@
+import math
+
+import pytest
+import torch
+
+from continual_kd.distill import fuse_rankings, teacher_weights_from_ndcg
+
+# 2 users × 3 teachers; teacher 2 keeps only its top-2 (N_t differs per teacher)
+T0 = torch.tensor([[0, 1, 2], [4, 5, 0]])
+T1 = torch.tensor([[1, 0, 3], [5, 4, 1]])
+T2 = torch.tensor([[2, 1], [3, 4]])
+LISTS = [T0, T1, T2]
+
+
+def test_rank_fusion_by_hand_with_reciprocal_ranks():
+    # rank_power = 1: contribution 1/rank, absent = 0, mean over the 3 teachers
+    items, scores = fuse_rankings(LISTS, 5, "rank", num_items=6, rank_power=1.0)
+    # user 0: item0 (1 + 1/2 + 0)/3 = 1/2, item1 (1/2 + 1 + 1/2)/3 = 2/3, item2 (1/3 + 0 + 1)/3 = 4/9,
+    #         item3 (0 + 1/3 + 0)/3 = 1/9; only 4 candidates → one -1 pad with score 0
+    assert items[0].tolist() == [1, 0, 2, 3, -1]
+    assert torch.allclose(scores[0], torch.tensor([2 / 3, 1 / 2, 4 / 9, 1 / 9, 0.0]))
+    # user 1: item4 (1 + 1/2 + 1/2)/3 = 2/3, item5 (1/2 + 1)/3 = 1/2, item3 (1)/3 = 1/3,
+    #         item0 (1/3)/3 = 1/9 and item1 (1/3)/3 = 1/9 tie → smaller id first
+    assert items[1].tolist() == [4, 5, 3, 0, 1]
+    assert torch.allclose(scores[1], torch.tensor([2 / 3, 1 / 2, 1 / 3, 1 / 9, 1 / 9]))
+
+
+def test_rank_fusion_with_the_ccd_exponent():
+    p = 0.05
+    items, scores = fuse_rankings(LISTS, 2, num_items=6)  # defaults: "rank", rank_power 0.05
+    r2, r3 = 0.5**p, (1 / 3) ** p
+    # user 0: item1 = (r2 + 1 + r2)/3 beats item0 = (1 + r2)/3 and item2 = (r3 + 1)/3
+    assert items[0].tolist() == [1, 0]
+    assert math.isclose(float(scores[0, 0]), (2 * r2 + 1) / 3, rel_tol=1e-6)
+    assert math.isclose(float(scores[0, 1]), (1 + r2) / 3, rel_tol=1e-6)
+
+
+def test_weights_change_the_order():
+    # teacher 2 weighted 4: user 0 item2 = (1/3 + 0 + 4·1)/6 = 13/18 beats item1 = (1/2 + 1 + 4/2)/6 = 7/12
+    items, scores = fuse_rankings(LISTS, 4, "rank", [1.0, 1.0, 4.0], num_items=6, rank_power=1.0)
+    assert items[0].tolist() == [2, 1, 0, 3]
+    assert torch.allclose(scores[0], torch.tensor([13 / 18, 7 / 12, 1.5 / 6, (1 / 3) / 6]))
+    # teacher 1 alone (others weight 0): its own list, in its own order
+    items, _ = fuse_rankings(LISTS, 3, "rank", [0.0, 1.0, 0.0], num_items=6, rank_power=1.0)
+    assert items.tolist() == T1.tolist()
+
+
+def test_importance_fusion_by_hand():
+    # HetComp importance exp(-pos/10), pos 0-based; absent items contribute 0
+    items, scores = fuse_rankings(LISTS, 4, "importance", num_items=6)
+    e1, e2 = math.exp(-0.1), math.exp(-0.2)
+    expected = {1: (e1 + 1 + e1) / 3, 0: (1 + e1) / 3, 2: (e2 + 1) / 3, 3: e2 / 3}
+    assert items[0].tolist() == [1, 0, 2, 3]
+    assert torch.allclose(scores[0], torch.tensor([expected[i] for i in [1, 0, 2, 3]]))
+    # user 1: item4 (1 + e1 + e1), item5 (e1 + 1), item3 (1), item0 (e2) = item1 (e2) → id order
+    assert items[1].tolist() == [4, 5, 3, 0]
+
+
+def test_padding_is_ignored_and_ties_break_by_item_id():
+    a = torch.tensor([[7, -1, -1]])
+    b = torch.tensor([[3, -1, -1]])
+    items, scores = fuse_rankings([a, b], 3, num_items=10, rank_power=1.0)
+    assert items.tolist() == [[3, 7, -1]]  # both at rank 1 in one list: equal scores, 3 < 7
+    assert torch.allclose(scores, torch.tensor([[0.5, 0.5, 0.0]]))
+
+
+def test_chunking_matches_a_dense_reference():
+    g = torch.Generator().manual_seed(0)
+    n_users, n_items = 37, 50
+    lists = [torch.stack([torch.randperm(n_items, generator=g)[:n] for _ in range(n_users)]) for n in (12, 8, 20)]
+    weights = [0.5, 0.2, 0.3]
+    items, scores = fuse_rankings(lists, 10, "rank", weights, num_items=n_items, chunk_size=5)
+    dense = torch.zeros(n_users, n_items, dtype=torch.float64)
+    for lst, w in zip(lists, weights):
+        contrib = (1.0 / torch.arange(1, lst.shape[1] + 1, dtype=torch.float64)) ** 0.05 * w
+        dense.scatter_add_(1, lst, contrib.expand(n_users, -1))
+    # reference order: score descending, then item id ascending
+    ref = torch.sort(-dense, dim=1, stable=True).indices[:, :10]
+    assert items.tolist() == ref.tolist()
+    assert torch.allclose(scores.double(), torch.gather(dense, 1, ref), atol=1e-6)
+    big = fuse_rankings(lists, 10, "rank", weights, num_items=n_items, chunk_size=4096)
+    assert torch.equal(big[0], items) and torch.equal(big[1], scores)
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="unknown fusion method"):
+        fuse_rankings(LISTS, 2, "borda", num_items=6)
+    with pytest.raises(ValueError, match="weights"):
+        fuse_rankings(LISTS, 2, weights=[1.0], num_items=6)
+    with pytest.raises(ValueError, match="num_items"):
+        fuse_rankings(LISTS, 2, num_items=5)
+
+
+def test_teacher_weights_from_ndcg_normalise_with_a_floor():
+    w = teacher_weights_from_ndcg([0.3, 0.1, float("nan"), 0.0])
+    assert math.isclose(sum(w), 1.0)
+    assert math.isclose(w[0] / w[1], 3.0)
+    assert w[2] == w[3] and 0 < w[2] < 0.01
+    assert teacher_weights_from_ndcg([float("nan"), float("nan")]) == [0.5, 0.5]
