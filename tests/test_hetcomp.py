@@ -131,7 +131,8 @@ def test_step_advances_exactly_the_users_past_the_threshold():
     t, ck = dkc_targets()
     first, second = dkc_students(ck)
     assert t.step(10, first) == 0  # the first step only records d₀
-    assert t.baseline[0].tolist() == pytest.approx([1, 1, 1, distance_by_hand(first[3].tolist(), ck[1][3].tolist())])
+    swap = distance_by_hand(first[3].tolist(), ck[1][3].tolist())
+    assert t.baseline[0].tolist() == pytest.approx([1, 1, 1, swap], abs=1e-6)
     assert 1 < 1 / t._next_distance(second)[0, 2].item() < t.threshold(20)
     assert t.step(20, second) == 2  # user 0 (closer by > θ) and user 3 (farther)
     assert t.position.tolist() == [[1, 0, 0, 1]]
@@ -253,19 +254,22 @@ def test_hetcomp_alone_moves_a_small_mf_toward_the_targets():
                            num_users, num_items)
         assert t.phase == ("early" if checkpoints == 2 else "late")
         model = build_backbone("mf", num_users, num_items, dim=8)
-        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        opt = torch.optim.Adam(model.parameters(), lr=0.1)
 
-        def hits():
-            top = student_top_items(model, users, observed, 5)
-            return sum(len(set(top[u].tolist()) & set(t.top_items[u].tolist())) for u in range(num_users)) / (5 * num_users)
+        # early: the 5 targets as a set; late: the order of the top-4 (the 5th is only a competitor)
+        n = 5 if checkpoints == 2 else 4
+
+        def hits():  # share of the n best targets among the student's top-n unobserved items
+            top = student_top_items(model, users, observed, n)
+            return sum(len(set(top[u].tolist()) & set(t.top_items[u, :n].tolist())) for u in users) / (n * num_users)
 
         before = hits()
-        for _ in range(300):
+        for _ in range(150):
             opt.zero_grad()
             t.loss(model, users).backward()
             opt.step()
         after = hits()
-        assert before < 0.5 and after >= 0.9, (checkpoints, before, after)
-        if checkpoints == 1:  # the late phase also teaches the order of the top-2
-            top = student_top_items(model, users, observed, 2)
-            assert (top == t.top_items[:, :2]).all(dim=1).float().mean() >= 0.75
+        assert before < 0.3 and after >= 0.95, (checkpoints, before, after)
+        if checkpoints == 1:  # the late phase also teaches the order of the top-4
+            top = student_top_items(model, users, observed, 4)
+            assert (top == t.top_items[:, :4]).all(dim=1).float().mean() >= 0.875

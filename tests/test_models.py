@@ -1,4 +1,6 @@
-"""Behaviour every backbone must show; each backbone only says how it is built (BACKBONE_CASES)."""
+"""Behaviour every backbone must show; each backbone only says how it is built (BACKBONE_CASES)
+and, where the shared defaults do not suit it, how it trains (TRAIN_CASES). Growth rules and the
+propagation / determinism checks are per backbone."""
 
 import numpy as np
 import pytest
@@ -8,9 +10,19 @@ from continual_kd.config import BACKBONE_NAMES, TrainSpec
 from continual_kd.continual.training import train_epochs
 from continual_kd.eval import evaluate_ranking
 from continual_kd.models import BACKBONES, build_backbone
+from continual_kd.models.lightgcn import normalized_adjacency
 from continual_kd.sparse import UserItemSet
 
-BACKBONE_CASES = {"mf": {"dim": 16}}  # one entry per backbone: how to build it
+BACKBONE_CASES = {  # one entry per backbone: how to build it
+    "mf": {"dim": 16},
+    "lightgcn": {"dim": 16, "layers": 2},
+    "multvae": {"dim": 8, "hidden": 32, "dropout": 0.5, "beta": 0.2},
+}
+CHECKERBOARD_TRAIN = TrainSpec(epochs_base=60, lr=0.02, weight_decay=0.0, batch_size=64)
+TRAIN_CASES = {  # per-backbone training for the checkerboard, where the shared one does not suit
+    # per-user batches: every user is seen in most batches of an epoch, so far fewer epochs
+    "multvae": TrainSpec(epochs_base=15, lr=0.01, weight_decay=0.0, batch_size=64),
+}
 
 
 def test_registry_and_config_agree():
@@ -35,8 +47,10 @@ def test_backbone_learns_the_checkerboard_and_beats_popularity(name):
     model = build_backbone(name, 60, 60, **BACKBONE_CASES[name])
     tu, ti = torch.as_tensor(u[~test]), torch.as_tensor(i[~test])
     known = UserItemSet(u[~test], i[~test], 60, 60)
-    train_epochs(model, tu, ti, known, 60, TrainSpec(lr=0.02, weight_decay=0.0, batch_size=64),
-                 torch.Generator().manual_seed(0))
+    spec = TRAIN_CASES.get(name, CHECKERBOARD_TRAIN)
+    model.observe(known.users, known.items)  # the graph / input rows: the training pairs
+    train_epochs(model, tu, ti, known, spec.epochs_base, spec, torch.Generator().manual_seed(0))
+    model.observe(known.users, known.items)
     relevant = UserItemSet(u[test], i[test], 60, 60)
     m = evaluate_ranking(model, relevant, known, ks=(10,))
 
@@ -50,19 +64,39 @@ def test_backbone_learns_the_checkerboard_and_beats_popularity(name):
     assert m["recall@10"] > 0.8 > pop["recall@10"] + 0.3
 
 
-@pytest.mark.parametrize("name", sorted(BACKBONE_CASES))
-def test_growth_keeps_old_rows_and_uses_neighbour_mean(name):
+# new user 3 interacted with old items 0 and 2; new item 4 with old users 1 and 2 (and new user 3)
+GROW_USERS, GROW_ITEMS = torch.tensor([3, 3, 1, 2, 3]), torch.tensor([0, 2, 4, 4, 4])
+
+
+@pytest.mark.parametrize("name", ["mf", "lightgcn"])
+def test_table_growth_keeps_old_rows_and_uses_neighbour_mean(name):
     model = build_backbone(name, 3, 4, **BACKBONE_CASES[name])
-    users_before, items_before = [t.detach().clone() for t in model.embeddings()]
-    # new user 3 interacted with old items 0 and 2; new item 4 with old users 1 and 2
-    users, items = torch.tensor([3, 3, 1, 2]), torch.tensor([0, 2, 4, 4])
-    model.grow(4, 5, users, items, init="neighbor")
-    ue, ie = model.embeddings()
+    users_before, items_before = model.user_emb.detach().clone(), model.item_emb.detach().clone()
+    model.grow(4, 5, GROW_USERS, GROW_ITEMS, init="neighbor")
+    ue, ie = model.user_emb, model.item_emb
     assert ue.shape[0] == 4 and ie.shape[0] == 5
     assert torch.equal(ue[:3], users_before) and torch.equal(ie[:4], items_before)
     assert torch.allclose(ue[3], (items_before[0] + items_before[2]) / 2)
-    assert torch.allclose(ie[4], (users_before[1] + users_before[2]) / 2)
+    assert torch.allclose(ie[4], (users_before[1] + users_before[2]) / 2)  # old users only
     assert model.full_scores(torch.tensor([3])).shape == (1, 5)
+
+
+def test_multvae_growth_keeps_old_weights_and_uses_co_consumed_item_mean():
+    model = build_backbone("multvae", 3, 4, **BACKBONE_CASES["multvae"])
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # new item 4: users 1 (old items 0, 1), 2 (old item 3) and 3 (no old item: not counted)
+    users, items = torch.tensor([1, 1, 1, 2, 2, 3]), torch.tensor([0, 1, 4, 3, 4, 4])
+    model.grow(4, 6, users, items, init="neighbor", generator=torch.Generator().manual_seed(0))
+    assert model.num_users == 4 and model.num_items == 6
+    after = model.state_dict()
+    for k, v in before.items():  # old rows / untouched layers bit-identical
+        assert torch.equal(after[k][: v.shape[0]] if k.startswith("item_") else after[k], v), k
+    for k in ("item_in", "item_out", "item_bias"):
+        old = before[k]
+        expected = ((old[0] + old[1]) / 2 + old[3]) / 2  # mean over users of each user's old-item mean
+        assert torch.allclose(after[k][4], expected), k
+        assert not torch.allclose(after[k][5], expected)  # item 5 has no users: random
+    assert model.full_scores(torch.tensor([3])).shape == (1, 6)
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONE_CASES))
@@ -77,7 +111,72 @@ def test_growth_random_init_and_unknown_init(name):
 @pytest.mark.parametrize("name", sorted(BACKBONE_CASES))
 def test_full_scores_agree_with_score(name):
     model = build_backbone(name, 5, 7, **BACKBONE_CASES[name])
+    model.observe(torch.tensor([0, 0, 3, 4, 4]), torch.tensor([1, 2, 2, 5, 6]))
+    model.eval()
     users = torch.tensor([0, 3, 4])
     full = model.full_scores(users)
     items = torch.arange(7).expand(3, -1)
     assert torch.allclose(full, model.score(users, items), atol=1e-6)
+    assert torch.allclose(full[:, 2], model.score(users, torch.full((3,), 2)), atol=1e-6)
+    ue, ie = model.embeddings()
+    assert torch.allclose(full, ue[users] @ ie.T, atol=1e-5)
+
+
+def test_lightgcn_propagation_equals_dense_hand_computation():
+    torch.manual_seed(0)
+    model = build_backbone("lightgcn", 3, 3, dim=4, layers=2).double()
+    # edges: u0–i0, u0–i1, u1–i1, u2–i2 (u0–i1 given twice: one edge)
+    model.observe(torch.tensor([0, 0, 1, 2, 0]), torch.tensor([0, 1, 1, 2, 1]))
+    a = torch.zeros(6, 6, dtype=torch.float64)  # nodes: u0 u1 u2 i0 i1 i2
+    for u, i in [(0, 0), (0, 1), (1, 1), (2, 2)]:
+        a[u, 3 + i] = a[3 + i, u] = 1.0
+    d = a.sum(1).rsqrt()  # every node has an edge here
+    norm = d[:, None] * a * d[None, :]
+    assert torch.allclose(normalized_adjacency(*model._edges, 3, 3, torch.float64).to_dense(), norm)
+    e0 = torch.cat([model.user_emb, model.item_emb]).detach()
+    expected = (e0 + norm @ e0 + norm @ norm @ e0) / 3
+    ue, ie = model.embeddings()
+    assert torch.allclose(torch.cat([ue, ie]), expected)
+    scores = model.full_scores(torch.arange(3))
+    assert torch.allclose(scores, expected[:3] @ expected[3:].T)
+    # gradients flow to the base tables through the custom sparse product
+    model.base_loss(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([2, 2])).backward()
+    loss = lambda e: -torch.nn.functional.logsigmoid(  # noqa: E731
+        ((e[[0, 1]] * (e[[3, 4]] - e[[5, 5]])).sum(-1))).sum()
+    e0.requires_grad_(True)
+    loss((e0 + norm @ e0 + norm @ norm @ e0) / 3).backward()
+    assert torch.allclose(torch.cat([model.user_emb.grad, model.item_emb.grad]), e0.grad)
+
+
+def test_lightgcn_reuses_propagation_until_something_changes():
+    model = build_backbone("lightgcn", 4, 5, dim=8, layers=2)
+    model.observe(torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 4]))
+    with torch.no_grad():
+        first = model.embeddings()[0]
+        assert model.embeddings()[0] is first  # cached: no re-propagation per chunk
+        torch.optim.SGD(model.parameters(), lr=1.0).zero_grad()
+    model.base_loss(torch.tensor([0]), torch.tensor([0]), torch.tensor([3])).backward()
+    torch.optim.SGD(model.parameters(), lr=1.0).step()  # in-place update: cache invalid
+    with torch.no_grad():
+        second = model.embeddings()[0]
+        assert second is not first and not torch.equal(second, first)
+        model.observe(torch.tensor([0]), torch.tensor([1]))  # new graph: cache invalid
+        assert not torch.equal(model.embeddings()[0], second)
+
+
+def test_multvae_scores_are_deterministic_in_eval_mode_and_training_noise_is_seeded():
+    torch.manual_seed(0)
+    model = build_backbone("multvae", 4, 6, **BACKBONE_CASES["multvae"])
+    users, items = torch.tensor([0, 0, 1, 2, 3, 3]), torch.tensor([0, 1, 2, 3, 4, 5])
+    model.observe(users, items)
+    model.eval()
+    first = model.full_scores(torch.arange(4))
+    assert torch.equal(first, model.full_scores(torch.arange(4)))
+    model.train()
+    assert torch.equal(first, model.full_scores(torch.arange(4)))  # scoring never samples
+    losses = []
+    for _ in range(2):  # observe re-seeds the noise: the same noisy loss again
+        model.observe(users, items)
+        losses.append(model.base_loss(users, items, items))
+    assert torch.equal(losses[0], losses[1])
+    assert not torch.equal(losses[0], model.base_loss(users, items, items))  # the noise moves on

@@ -154,7 +154,16 @@ def test_loss_sums_over_pairs_and_users():
     assert math.isclose(float(t.loss(model, torch.tensor([3, 0])).detach()), float(manual.detach()), rel_tol=1e-5)
 
 
-def test_kd_alone_teaches_the_in_group_order():
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds contention (seconds on a loaded 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_kd_alone_teaches_the_in_group_order(one_thread):
     torch.manual_seed(0)
     n_users, n_items = 8, 40
     item_group = popularity_groups(torch.arange(n_items, 0, -1).double(), 4)
@@ -162,22 +171,22 @@ def test_kd_alone_teaches_the_in_group_order():
     ranks = group_rankings(teacher, item_group, 40)
     t = UnKDTargets(UnKDConfig(pairs=40), torch.arange(n_users), ranks)
     student = build_backbone("mf", n_users, n_items, dim=16)
-    opt = torch.optim.Adam(student.parameters(), lr=0.05)
     gen = torch.Generator().manual_seed(0)
 
     def agreement():
         with torch.no_grad():
-            return float((group_rankings(student.full_scores(torch.arange(n_users)), item_group, 40)
-                          == ranks).float().mean())
+            same = group_rankings(student.full_scores(torch.arange(n_users)), item_group, 40) == ranks
+            return float(same[ranks >= 0].float().mean())  # share of slots holding the teacher's item
 
     start = agreement()
-    for _ in range(60):
+    for _ in range(30):
         t.resample(gen)
-        loss = t.loss(student, torch.arange(n_users))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert agreement() > start + 0.1
+        student.zero_grad(set_to_none=True)
+        t.loss(student, torch.arange(n_users)).backward()
+        with torch.no_grad():  # plain gradient steps: torch.optim's first use imports torch._dynamo (seconds)
+            for p in student.parameters():
+                p -= 0.05 * p.grad
+    assert agreement() > start + 0.3
 
 
 def test_registry_and_validation():

@@ -243,6 +243,10 @@ class HetCompTargets:
         self.row[self.users] = torch.arange(len(self.users), device=device)
         self.observed_items = self._rank_observed(observed_ranked)  # (U, P)
         self.top_items = self._build_top()  # (U, k)
+        # the users' observed items as CSR over rows of ``users``, for the per-batch mask
+        obs_rows, self._obs_items = observed.rows_for(self.users)
+        self._obs_degree = torch.bincount(obs_rows, minlength=len(self.users))
+        self._obs_start = torch.cumsum(self._obs_degree, 0) - self._obs_degree
 
     # -- targets ------------------------------------------------------------------------------
 
@@ -339,6 +343,22 @@ class HetCompTargets:
 
     # -- training hooks ------------------------------------------------------------------------
 
+    def _observed_mask(self, rows: torch.Tensor, width: int) -> torch.Tensor:
+        """(B, width) bool: the observed items of the users at ``rows``.
+
+        A segment gather over the precomputed CSR by searchsorted (CPU repeat_interleave can take
+        milliseconds per call when its thread pool is contended).
+        """
+        deg = self._obs_degree[rows]  # (B,)
+        ends = torch.cumsum(deg, 0)
+        pair = torch.arange(int(ends[-1]), device=rows.device)  # one per (user, observed item)
+        b = torch.searchsorted(ends, pair, right=True)  # its batch row
+        items = self._obs_items[self._obs_start[rows][b] + pair - (ends - deg)[b]]
+        mask = torch.zeros(len(rows), width, dtype=torch.bool, device=rows.device)
+        ok = items < width
+        mask[b[ok], items[ok]] = True
+        return mask
+
     def resample(self, generator: torch.Generator) -> None:
         """Per-epoch hook of the training loop: nothing to draw, the loss uses the full item set."""
 
@@ -353,7 +373,7 @@ class HetCompTargets:
         if len(users) == 0:
             return torch.zeros((), device=batch_users.device)
         scores = model.full_scores(users).clamp(-cfg.score_clamp, cfg.score_clamp)  # (B, I)
-        unobserved = ~self.observed.dense(users, scores.shape[1])  # (B, I)
+        unobserved = ~self._observed_mask(rows, scores.shape[1])  # (B, I)
         top, obs = self.top_items[rows], self.observed_items[rows]
         if self.phase == "early":
             raw = target_softmax_loss(scores, torch.cat([top, obs], 1), _without(unobserved, top))

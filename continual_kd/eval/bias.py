@@ -5,6 +5,8 @@ Pure functions over the same top-K tensor ``evaluate_ranking`` builds once per u
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 POPULARITY_GROUP_NAMES = ("head", "mid", "tail")
@@ -15,8 +17,8 @@ def item_popularity_groups(train_counts: torch.Tensor, shares=(0.2, 0.3, 0.5)) -
 
     Items are sorted by training interaction count (descending, ties by smaller id); the first
     round(0.2·I) items are the head, sorted positions [round(0.2·I), round(0.5·I)) the mid, the
-    rest the tail (group g ends at round(I · Σ_{j≤g} shares_j)). Items with no training interaction
-    sort last, so they are tail items unless more than half the catalogue is unseen.
+    rest the tail: group g ends at round(I · Σ_{j≤g} shares_j), rounding half up. Items with no
+    training interaction sort last, so they are tail items unless over half the catalogue is unseen.
     Any number of shares works (groups 0..len(shares)-1); they must be positive and sum to 1.
     (UnKD's equal-interaction-mass groups, ``distill.popularity_groups``, can be passed to
     ``evaluate_ranking`` as ``item_group`` instead.)
@@ -26,8 +28,8 @@ def item_popularity_groups(train_counts: torch.Tensor, shares=(0.2, 0.3, 0.5)) -
         raise ValueError(f"popularity shares must be positive and sum to 1, got {shares}")
     n = train_counts.shape[0]
     order = torch.sort(train_counts.to(torch.float64), descending=True, stable=True).indices
-    bounds = torch.tensor([round(n * c) for c in torch.tensor(shares, dtype=torch.float64).cumsum(0).tolist()],
-                          dtype=torch.int64, device=train_counts.device)
+    cum = torch.tensor(shares, dtype=torch.float64).cumsum(0).tolist()
+    bounds = torch.tensor([math.floor(n * c + 0.5) for c in cum], dtype=torch.int64, device=train_counts.device)
     position = torch.arange(n, device=train_counts.device)
     sorted_group = torch.searchsorted(bounds, position, right=True).clamp(max=len(shares) - 1)
     out = torch.empty(n, dtype=torch.int64, device=train_counts.device)
@@ -49,15 +51,15 @@ def group_recall_at_k(hits: torch.Tensor, top_groups: torch.Tensor,
     (B, G) bool telling which users have a relevant item in the group (only those count).
     """
     n_groups = relevant_per_group.shape[1]
-    hit_counts = torch.zeros(hits.shape[0], n_groups, dtype=torch.float32, device=hits.device)
-    hit_counts.scatter_add_(1, top_groups.long(), hits.float())
+    hit_counts = torch.zeros(hits.shape[0], n_groups, dtype=torch.float64, device=hits.device)
+    hit_counts.scatter_add_(1, top_groups.long(), hits.double())
     has = relevant_per_group > 0
-    return hit_counts / relevant_per_group.clamp(min=1).float(), has
+    return hit_counts / relevant_per_group.clamp(min=1).double(), has
 
 
 def average_popularity(top_items: torch.Tensor, item_popularity: torch.Tensor) -> torch.Tensor:
     """(B,) mean training popularity (interaction count) of each user's recommended items."""
-    return item_popularity[top_items].float().mean(1)
+    return item_popularity[top_items].double().mean(1)
 
 
 def covered_items(top_items: torch.Tensor, num_items: int) -> torch.Tensor:
@@ -69,4 +71,4 @@ def covered_items(top_items: torch.Tensor, num_items: int) -> torch.Tensor:
 
 def coverage(covered: torch.Tensor) -> float:
     """Fraction of the catalogue recommended to at least one user."""
-    return float(covered.float().mean()) if covered.numel() else float("nan")
+    return int(covered.sum()) / covered.numel() if covered.numel() else float("nan")

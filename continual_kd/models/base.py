@@ -27,7 +27,8 @@ class Recommender(Protocol):
         rows): every known non-test pair so far. Called before training, knowledge and evaluation."""
 
     def base_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-        """The backbone's own training loss on (user, positive, negative) triples, summed."""
+        """The backbone's own training loss on (user, positive, negative) triples, summed.
+        A backbone may use less of the batch: MultVAE takes only its unique users (their whole rows)."""
 
     def grow(self, num_users: int, num_items: int, users: torch.Tensor | None = None,
              items: torch.Tensor | None = None, init: str = "neighbor",
@@ -35,7 +36,9 @@ class Recommender(Protocol):
         """Extend the id spaces; new rows get ``init`` ("neighbor": mean of 1-hop neighbours
         in the given (users, items) interactions, "random": N(0, 0.01) drawn from ``generator``)."""
 
-    def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(users (U, d), items (I, d)) whose dot products are the scores (MF: its tables; LightGCN:
+        the propagated tables; MultVAE: decoder hidden state + 1 and output weights + bias)."""
 
     def state_dict(self) -> dict: ...
 

@@ -6,6 +6,8 @@ teacher actors to the student actor by reference too, never through the driver.
 
 from __future__ import annotations
 
+import time
+
 import ray
 import torch
 
@@ -84,12 +86,19 @@ def spawn_learner(role_name: str, spec: ModelSpec, seed: int, device: str, state
     the state it started the job with); the coordinator then calls ``restore`` with the last
     committed state. Calls are not retried by Ray: the coordinator retries whole blocks.
     """
-    cls = ray.remote(LearnerActor)
-    return cls.options(
+    cls = ray.remote(LearnerActor).options(
         name=role_name,
         num_cpus=spec.resources.num_cpus,
         num_gpus=spec.resources.num_gpus,
         max_concurrency=1,
         max_restarts=max_restarts,
         max_task_retries=0,
-    ).remote(spec, seed, device, state)
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return cls.remote(spec, seed, device, state)
+        except ValueError as e:  # the name is still held by the actor of a driver that just died
+            if "already taken" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)

@@ -15,7 +15,9 @@ result equals an uninterrupted run.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +57,14 @@ class _Recovery:
     plan_id: str | None = None  # the lineage's plan (pinned once a block is committed)
     states: dict | None = None  # model name → state of the last committed block
     history: list[dict] = field(default_factory=list)
+
+
+def failpoint(point: str) -> None:
+    """Fault injection for tests: ``CKD_FAILPOINT=<point>`` SIGKILLs this driver when it reaches
+    ``point`` — ``stage:<k>:<stage>`` (a stage of block k starts), ``snapshot:<k>`` (snapshot k written,
+    not yet committed) or ``commit:<k>`` (block k committed)."""
+    if os.environ.get("CKD_FAILPOINT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def manifest_digest(snapshot_path: Path) -> str:
@@ -162,8 +172,10 @@ def run_job(job: JobSpec, address: str | None = None, restart: bool = False, pro
                 history = [*result.history, entry]
                 manifest = _manifest(job, plan, store, k, states, res, history)
                 snap = write_snapshot(runs, k, {n: s["weights"] for n, s in states.items()}, manifest)
+                failpoint(f"snapshot:{k}")
                 store.commit_block(job.name, job.config_hash(), plan.plan_id, k, manifest["rows_covered"],
                                    str(snap.path), manifest_digest(snap.path))
+                failpoint(f"commit:{k}")
                 result.history = history
                 if job.snapshots.keep_last:
                     prune_snapshots(runs, job.snapshots.keep_last, set(job.snapshots.keep))
@@ -217,6 +229,7 @@ def _run_block(job: JobSpec, k: int, block_refs: list, actors: dict, emit: Progr
 
     def stage(s: str) -> None:
         emit({"type": "stage", "block": k, "stage": s})
+        failpoint(f"stage:{k}:{s}")
 
     stage("update teachers")
     updates = dict(zip(teachers, ray.get([t.update.remote(k, block_refs) for t in teachers.values()])))
