@@ -27,7 +27,9 @@ BACKBONE_PARAMS = {
     "multvae": ("dim", "hidden", "dropout", "beta"),
 }
 BACKBONE_NAMES = tuple(BACKBONE_PARAMS)
-DISTILL_METHODS = ("rrd", "none")
+DISTILL_METHODS = ("rrd", "hetcomp", "none")
+FUSIONS = ("rank", "importance")
+TEACHER_WEIGHTS = ("uniform", "valid_ndcg")
 
 
 @dataclass(frozen=True)
@@ -133,15 +135,53 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class UnKDSpec:
+    """UnKD's popularity-stratified pairs (added to the student's loss when weight > 0)."""
+
+    weight: float = 0.0  # w in ... + w·L_UnKD (summed); 0 switches it off
+    groups: int = 4  # popularity groups of equal interaction mass
+    pairs: int = 32  # pairs per user and epoch, pairs // groups per group
+    per_group: int = 200  # teacher's top items kept per group
+    temperature: float = 20.0  # p(rank r) ∝ exp(-(r+1)/T)
+
+    def validate(self, where: str) -> None:
+        if self.weight < 0 or self.groups < 1 or self.per_group < 2 or self.temperature <= 0:
+            raise ValueError(f"{where}: weight ≥ 0, groups ≥ 1, per_group ≥ 2 and temperature > 0 are required")
+        if self.weight > 0 and self.pairs < self.groups:
+            raise ValueError(f"{where}.pairs: at least one pair per group is needed ({self.groups}), got {self.pairs}")
+
+
+@dataclass(frozen=True)
+class HetCompSpec:
+    """HetComp: teacher trajectories, dynamic knowledge construction, two-phase loss."""
+
+    checkpoints: int = 4  # checkpoints per teacher and block (its trajectory), evenly spaced in epochs
+    k: int = 100  # target size: top-k of the summed importance
+    observed: int = 10  # observed items added to the target
+    early_weight: float = 0.01
+    late_weight: float = 0.005
+    dkc_every: int = 10  # epochs between dynamic knowledge construction steps
+    with_bpr: bool = False  # the authors' student learns from the KD loss only
+
+    def validate(self, where: str) -> None:
+        if self.checkpoints < 1 or self.k < 1 or self.observed < 0 or self.dkc_every < 1:
+            raise ValueError(f"{where}: checkpoints, k and dkc_every must be ≥ 1, observed ≥ 0")
+
+
+@dataclass(frozen=True)
 class DistillSpec:
-    method: str = "rrd"  # rrd | none
-    weight: float = 0.01  # λ in BPR + λ·KD, both summed over the batch
+    method: str = "rrd"  # rrd | hetcomp | none
+    weight: float = 0.01  # λ in BPR + λ·RRD, both summed over the batch
     k: int = 40  # teacher's interesting items per user
     pool: int = 500  # teacher top-N that uninteresting items avoid
     uninteresting: int = 40
     mode: str = "direct"  # direct (teacher top-K as is) | sample (K of the pool, p ∝ exp(-rank/T))
     temperature: float = 10.0
     score_clamp: float | None = None
+    fusion: str = "rank"  # several teachers → one ranking: rank (CCD, mean (1/rank)^0.05) | importance (HetComp)
+    teacher_weights: str = "uniform"  # uniform | valid_ndcg (each teacher's validation NDCG@20 on the last block)
+    unkd: UnKDSpec = field(default_factory=UnKDSpec)
+    hetcomp: HetCompSpec = field(default_factory=HetCompSpec)
 
     def validate(self, where: str) -> None:
         if self.method not in DISTILL_METHODS:
@@ -154,6 +194,14 @@ class DistillSpec:
             raise ValueError(f"{where}.pool: must be ≥ k ({self.k}), got {self.pool}")
         if self.mode not in ("direct", "sample"):
             raise ValueError(f"{where}.mode: use direct or sample, got {self.mode!r}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"{where}.fusion: use one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        if self.teacher_weights not in TEACHER_WEIGHTS:
+            raise ValueError(f"{where}.teacher_weights: use one of {', '.join(TEACHER_WEIGHTS)}, got {self.teacher_weights!r}")
+
+    @property
+    def needs_teachers(self) -> bool:
+        return self.method != "none" or self.unkd.weight > 0
 
 
 @dataclass(frozen=True)
@@ -213,8 +261,9 @@ class JobSpec:
     def validate(self, where: str) -> None:
         if not self.name or any(c in self.name for c in "/\\ \t"):
             raise ValueError(f"{where}.name: a non-empty name without spaces or slashes, got {self.name!r}")
-        if self.distill.method != "none" and not self.teachers:
-            raise ValueError(f"{where}.teachers: distillation method {self.distill.method!r} needs at least one teacher")
+        if self.distill.needs_teachers and not self.teachers:
+            raise ValueError(f"{where}.teachers: distillation ({self.distill.method}"
+                             f"{', unkd' if self.distill.unkd.weight > 0 else ''}) needs at least one teacher")
         names = [t.name for t in self.teachers] + [self.student.name]
         dup = {n for n in names if names.count(n) > 1}
         if dup:

@@ -38,9 +38,10 @@ class UserItemSet:
         inside = users < self.num_users
         deg = torch.where(inside, self.degree[users.clamp(max=self.num_users - 1)], 0)
         starts = torch.where(inside, self.indptr[users.clamp(max=self.num_users - 1)], 0)
-        rows = torch.repeat_interleave(torch.arange(len(users), device=users.device), deg)
-        first = torch.repeat_interleave(torch.cumsum(deg, 0) - deg, deg)
-        pos = torch.repeat_interleave(starts, deg) + torch.arange(len(rows), device=users.device) - first
+        total = int(deg.sum())  # output_size spares repeat_interleave a slow size pass
+        rows = torch.repeat_interleave(torch.arange(len(users), device=users.device), deg, output_size=total)
+        first = torch.repeat_interleave(torch.cumsum(deg, 0) - deg, deg, output_size=total)
+        pos = torch.repeat_interleave(starts, deg, output_size=total) + torch.arange(total, device=users.device) - first
         return rows, self.items[pos]
 
     def mask_(self, scores: torch.Tensor, users: torch.Tensor, value: float = float("-inf")) -> torch.Tensor:

@@ -2,6 +2,8 @@
 and, where the shared defaults do not suit it, how it trains (TRAIN_CASES). Growth rules and the
 propagation / determinism checks are per backbone."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -122,6 +124,16 @@ def test_full_scores_agree_with_score(name):
     assert torch.allclose(full, ue[users] @ ie.T, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", sorted(BACKBONE_CASES))
+def test_deepcopy_scores_the_same(name):  # proxies / checkpoints copy whole models
+    model = build_backbone(name, 5, 7, **BACKBONE_CASES[name])
+    model.observe(torch.tensor([0, 1, 4]), torch.tensor([1, 2, 6]))
+    model.eval()
+    with torch.no_grad():
+        full = model.full_scores(torch.arange(5))
+        assert torch.equal(copy.deepcopy(model).full_scores(torch.arange(5)), full)
+
+
 def test_lightgcn_propagation_equals_dense_hand_computation():
     torch.manual_seed(0)
     model = build_backbone("lightgcn", 3, 3, dim=4, layers=2).double()
@@ -154,7 +166,7 @@ def test_lightgcn_reuses_propagation_until_something_changes():
     with torch.no_grad():
         first = model.embeddings()[0]
         assert model.embeddings()[0] is first  # cached: no re-propagation per chunk
-        torch.optim.SGD(model.parameters(), lr=1.0).zero_grad()
+    assert model.embeddings()[0].requires_grad  # with grad enabled: always a fresh propagation
     model.base_loss(torch.tensor([0]), torch.tensor([0]), torch.tensor([3])).backward()
     torch.optim.SGD(model.parameters(), lr=1.0).step()  # in-place update: cache invalid
     with torch.no_grad():

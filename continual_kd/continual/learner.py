@@ -15,8 +15,11 @@ import numpy as np
 import torch
 
 from ..config import DistillSpec, EvalSpec, ModelSpec
-from ..distill import RRDConfig, RRDTargets
+from ..distill import (RRDConfig, RRDTargets, UnKDConfig, UnKDTargets, fuse_group_rankings, fuse_rankings,
+                       popularity_groups, teacher_group_rankings)
+from ..distill.hetcomp import HetCompConfig, HetCompTargets
 from ..eval import eval_sets, evaluate_ranking, top_k_items
+from ..eval.bias import item_popularity_groups
 from ..models import build_backbone, num_parameters
 from ..sparse import UserItemSet
 from ..types import TEST, TRAIN, VALID, Interactions
@@ -40,13 +43,22 @@ def resolve_device(requested: str = "auto", has_gpu: bool | None = None) -> str:
 
 @dataclass(frozen=True)
 class Knowledge:
-    """A model's top-N unobserved items for a set of users (numpy: small, crosses processes)."""
+    """What a teacher hands the student for one block (numpy: small, crosses processes)."""
 
     source: str
     block: int
-    users: np.ndarray  # (U,) int64
-    items: np.ndarray  # (U, N) int64, best first
+    users: np.ndarray  # (U,) int64: the users of the block
+    items: np.ndarray  # (U, N) int64: top-N unobserved items, best first
     scores: np.ndarray  # (U, N) float32
+    group_items: np.ndarray | None = None  # (U, G, M) top items inside each popularity group (UnKD), -1 padded
+    trajectory: tuple[np.ndarray, ...] = ()  # (U, N) top lists at checkpoints of the block's training (HetComp)
+
+
+def item_counts(seen: Interactions, device="cpu") -> torch.Tensor:
+    """(I,) training popularity: interactions per item over every non-test pair seen so far."""
+    ok = seen.split != TEST
+    counts = np.bincount(seen.items[ok], minlength=seen.num_items)
+    return torch.as_tensor(counts, dtype=torch.float32, device=device)
 
 
 class Learner:
@@ -56,6 +68,7 @@ class Learner:
         self.device = device
         self.model = None
         self.block = -1  # last block this model was updated on
+        self._trajectory: list[np.ndarray] = []  # checkpoints' top lists of the last update (teachers)
 
     # ------------------------------------------------------------------ state
     def _build(self, num_users: int, num_items: int):
@@ -96,13 +109,20 @@ class Learner:
         self.model.observe(known.users, known.items)
         return known
 
+    def _block_users(self, seen: Interactions, block: int) -> torch.Tensor:
+        return torch.as_tensor(np.unique(seen.part(TRAIN, block).users), dtype=torch.int64, device=self.device)
+
     def update(self, seen: Interactions, block: int, knowledge: list[Knowledge] | None = None,
-               distill: DistillSpec | None = None) -> dict:
+               distill: DistillSpec | None = None, teacher_weights: list[float] | None = None,
+               trajectory: tuple[int, int] | None = None) -> dict:
         """Grow to the block's id spaces, then train on the block's train part (warm start).
 
-        With ``knowledge`` and an active ``distill`` spec the loss is BPR + λ·KD.
+        With ``knowledge`` (one per teacher) and a ``distill`` spec the student's loss gets the KD
+        terms (RRD or HetComp on the fused teachers, plus UnKD when its weight is > 0).
+        ``trajectory=(checkpoints, size)`` makes a teacher keep its top-``size`` lists for the block's
+        users at ``checkpoints`` evenly spaced epochs (HetComp's trajectories).
         """
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.time()
         train = seen.part(TRAIN, block)
         u, i = self._tensors(train)
         if self.model is None:
@@ -113,43 +133,92 @@ class Learner:
         gen = torch.Generator().manual_seed(derive_seed(self.seed, self.spec.name, "train", block))
         known = self._known(seen)
         self.model.observe(known.users, known.items)
-        kd, kd_weight = None, 0.0
-        if knowledge and distill is not None and distill.method == "rrd" and distill.weight > 0:
-            kd = self._rrd_targets(knowledge[0], distill, known)
-            kd_weight = distill.weight
         epochs = self.spec.train.epochs_base if block == 0 else self.spec.train.epochs_block
-        logs = train_epochs(self.model, u, i, known, epochs, self.spec.train, gen, kd, kd_weight)
+        kd_terms, base_weight, hooks = [], 1.0, []
+        if knowledge and distill is not None:
+            kd_terms, base_weight, hooks = self._kd_terms(knowledge, distill, teacher_weights, known)
+        self._trajectory = []
+        if trajectory is not None and epochs > 0:
+            hooks.append(self._checkpoint_hook(seen, block, epochs, *trajectory, known))
+        on_epoch_end = (lambda e: [h(e) for h in hooks]) if hooks else None
+        logs = train_epochs(self.model, u, i, known, epochs, self.spec.train, gen, kd_terms, base_weight, on_epoch_end)
         self.block = block
         return {
             "model": self.spec.name, "block": block, "epochs": epochs, "train_rows": len(train),
-            "seconds": time.perf_counter() - t0,
+            "seconds": time.perf_counter() - t0, "started_at": started, "ended_at": time.time(),
             "base_loss": logs[-1].base_loss if logs else float("nan"),
             "kd_loss": logs[-1].kd_loss if logs else float("nan"),
         }
 
-    def _rrd_targets(self, k: Knowledge, distill: DistillSpec, known: UserItemSet) -> RRDTargets:
-        cfg = RRDConfig(weight=distill.weight, k=distill.k, pool=distill.pool, uninteresting=distill.uninteresting,
-                        mode=distill.mode, temperature=distill.temperature, score_clamp=distill.score_clamp)
-        return RRDTargets(cfg, torch.as_tensor(k.users, device=self.device), torch.as_tensor(k.items, device=self.device),
-                          known, self.model.num_users, self.model.num_items)
+    def _checkpoint_hook(self, seen, block, epochs, checkpoints, size, known):
+        users = self._block_users(seen, block)
+        at = {max(1, round(epochs * (c + 1) / checkpoints)) for c in range(checkpoints)}
+
+        def record(epoch: int) -> None:
+            if epoch in at:
+                items, _ = top_k_items(self.model, users, min(size, self.model.num_items), known)
+                self._trajectory.append(items.cpu().numpy())
+
+        return record
+
+    def _kd_terms(self, knowledge: list[Knowledge], distill: DistillSpec, weights: list[float] | None,
+                  known: UserItemSet):
+        """(kd terms, weight of the student's own loss, per-epoch hooks) from the teachers' knowledge."""
+        dev, nu, ni = self.device, self.model.num_users, self.model.num_items
+        users = torch.as_tensor(knowledge[0].users, device=dev)
+        terms, base_weight, hooks = [], 1.0, []
+        if distill.method == "rrd" and distill.weight > 0:
+            lists = [torch.as_tensor(k.items, device=dev) for k in knowledge]
+            fused = lists[0] if len(lists) == 1 else fuse_rankings(
+                lists, max(distill.pool, distill.k), distill.fusion, weights, num_items=ni)[0]
+            cfg = RRDConfig(weight=distill.weight, k=distill.k, pool=distill.pool, uninteresting=distill.uninteresting,
+                            mode=distill.mode, temperature=distill.temperature, score_clamp=distill.score_clamp)
+            terms.append((RRDTargets(cfg, users, fused, known, nu, ni), distill.weight))
+        elif distill.method == "hetcomp":
+            h = distill.hetcomp
+            cfg = HetCompConfig(k=h.k, observed=h.observed, early_weight=h.early_weight, late_weight=h.late_weight,
+                                dkc_every=h.dkc_every)
+            trajectories = [[torch.as_tensor(c, device=dev) for c in (k.trajectory or (k.items,))] for k in knowledge]
+            target = HetCompTargets(cfg, users, trajectories, known, nu, ni)
+            terms.append((target, 1.0))
+            hooks.append(lambda epoch: target.update(epoch, self.model))
+            base_weight = 1.0 if h.with_bpr else 0.0
+        if distill.unkd.weight > 0 and all(k.group_items is not None for k in knowledge):
+            un = distill.unkd
+            groups = [torch.as_tensor(k.group_items, device=dev) for k in knowledge]
+            fused = groups[0] if len(groups) == 1 else fuse_group_rankings(
+                groups, un.per_group, distill.fusion, weights, num_items=ni)
+            cfg = UnKDConfig(weight=un.weight, groups=fused.shape[1], pairs=un.pairs, per_group=un.per_group,
+                             temperature=un.temperature)
+            terms.append((UnKDTargets(cfg, users, fused), un.weight))
+        return terms, base_weight, hooks
 
     @torch.no_grad()
-    def knowledge(self, seen: Interactions, block: int, size: int) -> Knowledge:
-        """Top-``size`` unobserved items for every user with training data in ``block``."""
-        users = torch.as_tensor(np.unique(seen.part(TRAIN, block).users), dtype=torch.int64, device=self.device)
+    def knowledge(self, seen: Interactions, block: int, size: int, unkd_groups: int = 0,
+                  per_group: int = 0) -> Knowledge:
+        """Top-``size`` unobserved items for every user with training data in ``block``; with
+        ``unkd_groups`` also the top-``per_group`` items inside each popularity group."""
+        users = self._block_users(seen, block)
         known = self.observe(seen)
         items, scores = top_k_items(self.model, users, min(size, self.model.num_items), known)
+        group_items = None
+        if unkd_groups:
+            item_group = popularity_groups(item_counts(seen, self.device), unkd_groups)
+            group_items = teacher_group_rankings(self.model, users, item_group, per_group, known).cpu().numpy()
         return Knowledge(self.spec.name, block, users.cpu().numpy(), items.cpu().numpy(),
-                         scores.float().cpu().numpy())
+                         scores.float().cpu().numpy(), group_items, tuple(self._trajectory))
 
     @torch.no_grad()
     def evaluate(self, seen: Interactions, blocks: list[int], spec: EvalSpec, split: int = TEST) -> dict[int, dict]:
         """Full-ranking metrics on ``split`` of each of ``blocks`` (everything else seen is masked)."""
         out = {}
         self.observe(seen)
+        popularity = item_counts(seen, self.device)
+        groups = item_popularity_groups(popularity)
         for b in blocks:
             relevant, exclude = eval_sets(seen, b, split, self.device)
-            out[b] = evaluate_ranking(self.model, relevant, exclude, spec.ks, spec.chunk_size, self.device)
+            out[b] = evaluate_ranking(self.model, relevant, exclude, spec.ks, spec.chunk_size, self.device,
+                                      item_popularity=popularity, item_group=groups)
         return out
 
     def validate(self, seen: Interactions, block: int, spec: EvalSpec) -> dict:

@@ -31,7 +31,30 @@ def model_key(role: str, name: str) -> str:
 
 def knowledge_size(job: JobSpec) -> int:
     d = job.distill
-    return max(d.k, d.pool) if d.method != "none" else 0
+    if d.method == "hetcomp":
+        return d.hetcomp.k
+    return max(d.k, d.pool)
+
+
+def teacher_update_options(job: JobSpec) -> dict:
+    """Extra arguments of a teacher's update: HetComp needs its trajectory (checkpoints' top lists)."""
+    d = job.distill
+    return {"trajectory": (d.hetcomp.checkpoints, d.hetcomp.k)} if d.method == "hetcomp" else {}
+
+
+def teacher_knowledge_options(job: JobSpec) -> dict:
+    """Arguments of a teacher's knowledge call: list size, and UnKD's per-group rankings if on."""
+    u = job.distill.unkd
+    return {"size": knowledge_size(job), "unkd_groups": u.groups if u.weight > 0 else 0, "per_group": u.per_group}
+
+
+def teacher_weights(job: JobSpec, previous_valid: dict[str, dict] | None, names: list[str]) -> list[float] | None:
+    """Per-teacher fusion weights: uniform, or each teacher's validation NDCG@20 on the previous block."""
+    if job.distill.teacher_weights != "valid_ndcg" or not previous_valid:
+        return None
+    from ..distill import teacher_weights_from_ndcg
+
+    return teacher_weights_from_ndcg([previous_valid.get(n, {}).get("ndcg@20", float("nan")) for n in names])
 
 
 def make_learners(job: JobSpec, device: str = "cpu") -> tuple[dict[str, Learner], Learner]:
@@ -40,7 +63,8 @@ def make_learners(job: JobSpec, device: str = "cpu") -> tuple[dict[str, Learner]
 
 
 def run_block_local(job: JobSpec, seen: Interactions, block: int, teachers: dict[str, Learner],
-                    student: Learner, on_stage: Callable[[str], None] | None = None) -> BlockResult:
+                    student: Learner, on_stage: Callable[[str], None] | None = None,
+                    previous_valid: dict[str, dict] | None = None) -> BlockResult:
     import time
 
     t0 = time.perf_counter()
@@ -48,13 +72,14 @@ def run_block_local(job: JobSpec, seen: Interactions, block: int, teachers: dict
     updates = {}
     for name, t in teachers.items():
         stage(f"update {name}")
-        updates[name] = t.update(seen, block)
+        updates[name] = t.update(seen, block, **teacher_update_options(job))
     knowledge = []
-    if job.distill.method != "none" and teachers:
+    if job.distill.needs_teachers and teachers:
         stage("teacher knowledge")
-        knowledge = [t.knowledge(seen, block, knowledge_size(job)) for t in teachers.values()]
+        knowledge = [t.knowledge(seen, block, **teacher_knowledge_options(job)) for t in teachers.values()]
     stage("update student")
-    updates["student"] = student.update(seen, block, knowledge, job.distill)
+    weights = teacher_weights(job, previous_valid, list(teachers))
+    updates["student"] = student.update(seen, block, knowledge, job.distill, weights)
     stage("evaluate")
     metrics, valid = {}, {}
     for name, learner in [*teachers.items(), ("student", student)]:
@@ -70,7 +95,8 @@ def run_stream_local(job: JobSpec, read_upto: Callable[[int], Interactions], num
     teachers, student = make_learners(job, device)
     results = []
     for k in range(num_blocks):
-        res = run_block_local(job, read_upto(k), k, teachers, student)
+        res = run_block_local(job, read_upto(k), k, teachers, student,
+                              previous_valid=results[-1].valid if results else None)
         results.append(res)
         if on_block:
             on_block(res)

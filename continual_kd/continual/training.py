@@ -6,6 +6,7 @@ One visible loop over epochs and mini-batches; sampling is a tensor operation pe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -21,12 +22,16 @@ class EpochLog:
 
 
 def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserItemSet, epochs: int,
-                 spec: TrainSpec, generator: torch.Generator, kd=None, kd_weight: float = 0.0) -> list[EpochLog]:
+                 spec: TrainSpec, generator: torch.Generator, kd_terms: list | None = None,
+                 base_weight: float = 1.0, on_epoch_end: Callable[[int], None] | None = None) -> list[EpochLog]:
     """Train ``model`` for ``epochs`` on the (users, items) positives; negatives avoid ``known``.
 
-    ``kd`` (optional) has ``resample(generator)`` (called once per epoch) and ``loss(model, batch_users)``;
-    the batch loss is ``base_loss + kd_weight · kd.loss`` (both summed over the batch).
+    ``kd_terms``: (targets, weight) pairs; targets have ``resample(generator)`` (called once per epoch)
+    and ``loss(model, batch_users)``. The batch loss is ``base_weight · base_loss + Σ weight · loss``
+    (all summed over the batch). ``on_epoch_end(epoch)`` runs after each epoch (1-based), e.g. to
+    record a teacher checkpoint or to advance a HetComp schedule.
     """
+    kd_terms = [(t, w) for t, w in (kd_terms or []) if w > 0]
     logs: list[EpochLog] = []
     n = len(users)
     if n == 0 or epochs == 0:
@@ -35,8 +40,8 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
     opt = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     model.train()
     for epoch in range(epochs):
-        if kd is not None:
-            kd.resample(generator)
+        for target, _ in kd_terms:
+            target.resample(generator)
         perm = torch.randperm(n, generator=generator).to(device)
         u_all, p_all = users[perm], items[perm]
         n_all = sample_excluding(u_all, 1, model.num_items, [known], generator).squeeze(1)  # (n,)
@@ -45,13 +50,18 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
             u = u_all[start : start + spec.batch_size]
             loss = model.base_loss(u, p_all[start : start + spec.batch_size], n_all[start : start + spec.batch_size])
             base_sum += float(loss.detach())
-            if kd is not None and kd_weight > 0:
-                kd_loss = kd.loss(model, u)
+            loss = base_weight * loss
+            for target, weight in kd_terms:
+                kd_loss = target.loss(model, u)
                 kd_sum += float(kd_loss.detach())
-                loss = loss + kd_weight * kd_loss
+                loss = loss + weight * kd_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         logs.append(EpochLog(epoch, base_sum / n, kd_sum / n))
+        if on_epoch_end is not None:
+            model.eval()
+            on_epoch_end(epoch + 1)
+            model.train()
     model.eval()
     return logs

@@ -8,11 +8,11 @@ teachers' current checkpoints, importance(pos) = exp(-pos / T) for an item at po
 teacher's top-N list (0 outside it), plus the first ``observed`` observed items ranked the same way
 over the teachers' last checkpoints (ties: ascending item id).
 
-Loss, on the clamped full scores s of the batch's unique users; O = observed, U = unobserved,
-τ = the unobserved targets (top-k), o = the first observed targets:
-  early  Σ_{j ∈ τ ∪ o} -log( e^{s_j} / (e^{s_j} + Σ_{n ∈ U \\ τ} e^{s_n}) )
+Loss, on the scores s (clamped to ±score_clamp) of the batch's unique users; 𝒩 = the user's
+unobserved items, τ = the unobserved targets (top-k, best first), o = the first observed targets:
+  early  Σ_{j ∈ τ ∪ o} -log( e^{s_j} / (e^{s_j} + Σ_{n ∈ 𝒩 \\ τ} e^{s_n}) )
          (each target beats every unobserved non-target item; the other observed items are ignored)
-  late   PL(o | U \\ τ[:50]) + ½·[ PL(τ[:50] | U \\ τ[:50]) + PL(τ[:10] | U \\ τ[:10]) ]
+  late   PL(o | 𝒩 \\ τ[:50]) + ½·[ PL(τ[:50] | 𝒩 \\ τ[:50]) + PL(τ[:10] | 𝒩 \\ τ[:10]) ]
          with PL(π | R) = Σ_k -[ s_{π_k} - log( Σ_{l ≥ k} e^{s_{π_l}} + Σ_{r ∈ R} e^{s_r} ) ]
 The late phase starts once every user reached every teacher's last checkpoint.
 
@@ -22,6 +22,13 @@ The first step only records d₀; later steps advance to the next checkpoint whe
 close enough to it since d₀ was recorded, d₀ > θ·d with θ = threshold · decay^(epoch // dkc_every),
 or (as the authors' code does) when it moved away from it, d₀ < d. An advanced pair records d₀ of
 its new next checkpoint. θ falls below 1 after ~10 steps, so every pair eventually advances.
+
+Versus the authors' code (SeongKu-Kang/HetComp_WWW23): it loads precomputed dense importance
+matrices per checkpoint; here importance comes from the top-N lists. Its DKC relevance is graded by
+the student's position (``distance_relevance="student"``); the default here grades by the
+checkpoint's position (a true NDCG against its order). Its late switch tests a 2-decimal rounded mean
+position; here it is exact. Its logs are floored at 1e-5 and its sums of exps unshifted; here
+everything is in log space.
 """
 
 from __future__ import annotations

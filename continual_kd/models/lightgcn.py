@@ -95,6 +95,10 @@ class LightGCN(nn.Module):
         self._edges = (users, items)
         self._graph_changed()
 
+    def __getstate__(self) -> dict:
+        # deepcopy / pickle: a CSR tensor has no storage to copy; it is rebuilt lazily from _edges
+        return {**super().__getstate__(), "_adj": None, "_cache": None}
+
     def _graph_changed(self) -> None:
         self._adj, self._cache = None, None
         self._graph_version += 1

@@ -47,12 +47,15 @@ class LearnerActor:
         return {"device": self.learner.device, "block": self.learner.block, "name": self.learner.spec.name}
 
     def update(self, block: int, block_refs: list, knowledge_refs: list | None = None,
-               distill: DistillSpec | None = None) -> dict:
+               distill: DistillSpec | None = None, teacher_weights: list[float] | None = None,
+               trajectory: tuple[int, int] | None = None) -> dict:
         knowledge: list[Knowledge] = ray.get(knowledge_refs) if knowledge_refs else []
-        return self.learner.update(self._interactions(block_refs), block, knowledge, distill)
+        return self.learner.update(self._interactions(block_refs), block, knowledge, distill, teacher_weights,
+                                   trajectory)
 
-    def knowledge(self, block: int, block_refs: list, size: int) -> Knowledge:
-        return self.learner.knowledge(self._interactions(block_refs), block, size)
+    def knowledge(self, block: int, block_refs: list, size: int, unkd_groups: int = 0,
+                  per_group: int = 0) -> Knowledge:
+        return self.learner.knowledge(self._interactions(block_refs), block, size, unkd_groups, per_group)
 
     def evaluate(self, block: int, block_refs: list, spec: EvalSpec) -> dict:
         seen = self._interactions(block_refs)

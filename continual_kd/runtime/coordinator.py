@@ -27,7 +27,8 @@ import ray
 from ray.exceptions import RayActorError
 
 from ..config import JobSpec
-from ..continual import BlockResult, knowledge_size, model_key
+from ..continual import (BlockResult, model_key, teacher_knowledge_options, teacher_update_options,
+                         teacher_weights)
 from ..continual.snapshot_eval import learner_states
 from ..data.sources import open_source
 from ..errors import CkdError
@@ -166,7 +167,8 @@ def run_job(job: JobSpec, address: str | None = None, restart: bool = False, pro
             states = rec.states
             for k in range(rec.start, end):
                 block_refs.append(ray.put(store.read_block(plan.plan_id, k)))
-                res, states = _run_block_with_retries(job, k, block_refs, actors, states, emit, result)
+                previous_valid = result.history[-1]["valid"] if result.history else None
+                res, states = _run_block_with_retries(job, k, block_refs, actors, states, emit, result, previous_valid)
                 entry = {"block": k, "metrics": res.metrics, "valid": res.valid, "seconds": res.seconds,
                          "updates": {n: u.get("seconds") for n, u in res.updates.items()}}
                 history = [*result.history, entry]
@@ -188,11 +190,11 @@ def run_job(job: JobSpec, address: str | None = None, restart: bool = False, pro
 
 
 def _run_block_with_retries(job: JobSpec, k: int, block_refs: list, actors: dict, states: dict | None,
-                            emit: Progress, result: JobResult) -> tuple[BlockResult, dict]:
+                            emit: Progress, result: JobResult, previous_valid: dict | None) -> tuple[BlockResult, dict]:
     """Run block k; if an actor dies, restore every actor to the last committed state and retry."""
     for attempt in range(1, job.runtime.block_attempts + 1):
         try:
-            res = _run_block(job, k, block_refs, actors, emit)
+            res = _run_block(job, k, block_refs, actors, emit, previous_valid)
             new_states = dict(zip(actors, ray.get([a.state.remote() for a in actors.values()])))
             return res, new_states
         except RayActorError as e:
@@ -222,7 +224,8 @@ def _restore(actors: dict, states: dict | None, timeout_s: float = 120.0) -> Non
     ray.get([a.restore.remote((states or {}).get(n)) for n, a in actors.items()])
 
 
-def _run_block(job: JobSpec, k: int, block_refs: list, actors: dict, emit: Progress) -> BlockResult:
+def _run_block(job: JobSpec, k: int, block_refs: list, actors: dict, emit: Progress,
+               previous_valid: dict | None = None) -> BlockResult:
     t0 = time.perf_counter()
     teachers = {n: a for n, a in actors.items() if n != "student"}
     student = actors["student"]
@@ -231,14 +234,17 @@ def _run_block(job: JobSpec, k: int, block_refs: list, actors: dict, emit: Progr
         emit({"type": "stage", "block": k, "stage": s})
         failpoint(f"stage:{k}:{s}")
 
-    stage("update teachers")
-    updates = dict(zip(teachers, ray.get([t.update.remote(k, block_refs) for t in teachers.values()])))
+    stage("update teachers")  # in parallel, one actor each
+    options = teacher_update_options(job)
+    updates = dict(zip(teachers, ray.get([t.update.remote(k, block_refs, **options) for t in teachers.values()])))
     knowledge_refs = []
-    if job.distill.method != "none" and teachers:
+    if job.distill.needs_teachers and teachers:
         stage("teacher knowledge")
-        knowledge_refs = [t.knowledge.remote(k, block_refs, knowledge_size(job)) for t in teachers.values()]
+        options = teacher_knowledge_options(job)
+        knowledge_refs = [t.knowledge.remote(k, block_refs, **options) for t in teachers.values()]
     stage("update student")
-    updates["student"] = ray.get(student.update.remote(k, block_refs, knowledge_refs, job.distill))
+    weights = teacher_weights(job, previous_valid, list(teachers))
+    updates["student"] = ray.get(student.update.remote(k, block_refs, knowledge_refs, job.distill, weights))
     stage("evaluate")
     evals = dict(zip(actors, ray.get([a.evaluate.remote(k, block_refs, job.eval) for a in actors.values()])))
     return BlockResult(
