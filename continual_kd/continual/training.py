@@ -29,7 +29,8 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
     ``kd_terms``: (targets, weight) pairs; targets have ``resample(generator)`` (called once per epoch)
     and ``loss(model, batch_users)``. The batch loss is ``base_weight · base_loss + Σ weight · loss``
     (all summed over the batch). ``on_epoch_end(epoch)`` runs after each epoch (1-based), e.g. to
-    record a teacher checkpoint or to advance a HetComp schedule.
+    record a teacher checkpoint or to advance a HetComp schedule. A model with
+    ``batch_unit = "user"`` is trained on batches of ``batch_size`` users (its loss reads their rows).
     """
     kd_terms = [(t, w) for t, w in (kd_terms or []) if w > 0]
     logs: list[EpochLog] = []
@@ -39,12 +40,20 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
     device = users.device
     opt = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     model.train()
+    by_user = getattr(model, "batch_unit", "interaction") == "user"  # e.g. MultVAE: one row per user
+    if by_user:
+        users = torch.unique(users)
+        n = len(users)
     for epoch in range(epochs):
         for target, _ in kd_terms:
             target.resample(generator)
         perm = torch.randperm(n, generator=generator).to(device)
-        u_all, p_all = users[perm], items[perm]
-        n_all = sample_excluding(u_all, 1, model.num_items, [known], generator).squeeze(1)  # (n,)
+        u_all = users[perm]
+        if by_user:  # the model's loss reads the users' whole rows; no positives/negatives to draw
+            p_all = n_all = u_all
+        else:
+            p_all = items[perm]
+            n_all = sample_excluding(u_all, 1, model.num_items, [known], generator).squeeze(1)  # (n,)
         base_sum = kd_sum = 0.0
         for start in range(0, n, spec.batch_size):
             u = u_all[start : start + spec.batch_size]

@@ -35,6 +35,8 @@ INIT_STD = 0.01  # new items' random rows, as the protocol's random init
 
 @register("multvae")
 class MultVAE(nn.Module):
+    batch_unit = "user"  # the training loop batches users (a whole row each), not interactions
+
     def __init__(self, num_users: int, num_items: int, dim: int = 200, hidden: int = 600,
                  dropout: float = 0.5, beta: float = 0.2):
         super().__init__()
