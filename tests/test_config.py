@@ -18,8 +18,12 @@ def test_default_job_is_the_documented_one():
     spec = load_job(ROOT / "jobs" / "stream.yaml")
     assert spec.source.dataset == "movielens-100k"
     assert (spec.blocks.base_fraction, spec.blocks.incremental) == (0.5, 5)
-    assert [(t.backbone, t.dim) for t in spec.teachers] == [("mf", 128)]
-    assert (spec.student.backbone, spec.student.dim, spec.distill.method) == ("mf", 16, "rrd")
+    assert sorted(t.backbone for t in spec.teachers) == ["lightgcn", "mf", "multvae"]
+    assert spec.student.backbone == "mf" and spec.student.dim <= max(t.dim for t in spec.teachers) // 8
+    assert (spec.distill.method, spec.distill.fusion) == ("rrd", "rank") and spec.distill.unkd.weight > 0
+    single = load_job(ROOT / "jobs" / "rrd-mf.yaml")  # the single-teacher RRD job of the skeleton
+    assert [(t.backbone, t.dim) for t in single.teachers] == [("mf", 128)]
+    assert (single.student.dim, single.distill.method) == (16, "rrd")
 
 
 @pytest.mark.parametrize("data, needle", [
