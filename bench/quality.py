@@ -45,39 +45,35 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     job = load_job(args.job)
-    print(f"job {args.job}: KD run (teacher + student with {job.distill.method})", flush=True)
+    print(f"job {args.job}: KD run ({len(job.teachers)} teacher(s) + student with {job.distill.method})", flush=True)
     kd_results, kd_secs = run(job, args.blocks)
     no_kd = dataclasses.replace(job, teachers=(), distill=DistillSpec(method="none"))
     print("same student without distillation", flush=True)
     base_results, base_secs = run(no_kd, args.blocks)
 
+    teachers = [n for n in kd_results[0].metrics if n.startswith("teacher:")]
+    cols = [*teachers, "student+KD", "student"]
     rows = []
-    teacher = next((n for n in kd_results[0].metrics if n.startswith("teacher:")), None)
-    header = f"{'block':>5} | {'teacher':>8} | {'student+KD':>10} | {'student':>8} | {'KD s/block':>10} | {'noKD s/block':>12}"
     print("\nNDCG@20 (full ranking, test part of each block)")
+    header = f"{'block':>8} | " + " | ".join(f"{c:>16}" for c in cols) + " | KD s/block | noKD s/block"
     print(header)
     print("-" * len(header))
     for kd, base in zip(kd_results, base_results):
-        row = {
-            "block": kd.block,
-            "teacher_ndcg20": kd.metrics[teacher]["ndcg@20"] if teacher else None,
-            "student_kd_ndcg20": kd.metrics["student"]["ndcg@20"],
-            "student_nokd_ndcg20": base.metrics["student"]["ndcg@20"],
-            "teacher_recall20": kd.metrics[teacher]["recall@20"] if teacher else None,
-            "student_kd_recall20": kd.metrics["student"]["recall@20"],
-            "student_nokd_recall20": base.metrics["student"]["recall@20"],
-            "kd_seconds": kd.seconds, "nokd_seconds": base.seconds,
-        }
+        row = {"block": kd.block, "kd_seconds": kd.seconds, "nokd_seconds": base.seconds}
+        for metric in ("ndcg@20", "recall@20"):
+            for t in teachers:
+                row[f"{t} {metric}"] = kd.metrics[t][metric]
+            row[f"student+KD {metric}"] = kd.metrics["student"][metric]
+            row[f"student {metric}"] = base.metrics["student"][metric]
         rows.append(row)
-        print(f"{kd.block:>5} | {row['teacher_ndcg20'] or float('nan'):>8.4f} | {row['student_kd_ndcg20']:>10.4f} | "
-              f"{row['student_nokd_ndcg20']:>8.4f} | {kd.seconds:>10.1f} | {base.seconds:>12.1f}")
+        print(f"{kd.block:>8} | " + " | ".join(f"{row[c + ' ndcg@20']:>16.4f}" for c in cols)
+              + f" | {kd.seconds:>10.1f} | {base.seconds:>12.1f}")
     incr = [r for r in rows if r["block"] > 0] or rows
-    mean = {k: sum(r[k] for r in incr) / len(incr) for k in rows[0] if k != "block" and rows[0][k] is not None}
-    print(f"{'mean':>5} | {mean.get('teacher_ndcg20', float('nan')):>8.4f} | {mean['student_kd_ndcg20']:>10.4f} | "
-          f"{mean['student_nokd_ndcg20']:>8.4f} | {mean['kd_seconds']:>10.1f} | {mean['nokd_seconds']:>12.1f}"
-          "   (mean over incremental blocks)")
-    print(f"Recall@20 mean over incremental blocks: teacher {mean.get('teacher_recall20', float('nan')):.4f}, "
-          f"student+KD {mean['student_kd_recall20']:.4f}, student {mean['student_nokd_recall20']:.4f}")
+    mean = {k: sum(r[k] for r in incr) / len(incr) for k in rows[0] if k != "block"}
+    print(f"{'mean 1..':>8} | " + " | ".join(f"{mean[c + ' ndcg@20']:>16.4f}" for c in cols)
+          + f" | {mean['kd_seconds']:>10.1f} | {mean['nokd_seconds']:>12.1f}   (mean over incremental blocks)")
+    print("Recall@20, mean over incremental blocks: "
+          + ", ".join(f"{c} {mean[c + ' recall@20']:.4f}" for c in cols))
     print(f"total: KD run {kd_secs:.1f}s, no-KD run {base_secs:.1f}s; torch threads {args.threads}")
     print(f"reproduce: python bench/quality.py {args.job}" + (f" --blocks {args.blocks}" if args.blocks else ""))
     if args.json:

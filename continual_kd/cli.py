@@ -48,8 +48,8 @@ def _guard(fn):
     return wrapper
 
 
-def _fmt(v: float | None) -> str:
-    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+def _fmt(v: float | None, digits: int = 4) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
 def _write_json(path: Optional[Path], payload) -> None:
@@ -166,29 +166,21 @@ class _BlockProgress:
         self.bar.stop()
 
 
-def _history_table(history: list[dict], ks=(20,)) -> Table:
+def _history_table(history: list[dict], k: int = 20) -> Table:
+    """NDCG@k of every model per block (all metrics are in --json and in the snapshots)."""
     models = list(history[0]["metrics"]) if history else []
-    t = Table(title="test metrics per block (full ranking)")
+    t = Table(title=f"NDCG@{k} on each block's test part (full ranking)")
     t.add_column("block", justify="right")
     for m in models:
-        for k in ks:
-            t.add_column(f"{m}\nNDCG@{k}", justify="right")
-            t.add_column(f"{m}\nRecall@{k}", justify="right")
+        t.add_column(m, justify="right")
     t.add_column("seconds", justify="right")
     for h in history:
-        row = [str(h["block"])]
-        for m in models:
-            for k in ks:
-                row += [_fmt(h["metrics"][m].get(f"ndcg@{k}")), _fmt(h["metrics"][m].get(f"recall@{k}"))]
-        t.add_row(*row, f"{h.get('seconds', float('nan')):.1f}")
+        t.add_row(str(h["block"]), *[_fmt(h["metrics"][m].get(f"ndcg@{k}")) for m in models],
+                  f"{h.get('seconds', float('nan')):.1f}")
     incr = [h for h in history if h["block"] > 0]
     if incr:
-        row = ["mean 1.."]
-        for m in models:
-            for k in ks:
-                for metric in ("ndcg", "recall"):
-                    row.append(_fmt(sum(h["metrics"][m][f"{metric}@{k}"] for h in incr) / len(incr)))
-        t.add_row(*row, "", style="bold")
+        t.add_row("mean 1..", *[_fmt(sum(h["metrics"][m][f"ndcg@{k}"] for h in incr) / len(incr)) for m in models],
+                  "", style="bold")
     return t
 
 
@@ -297,6 +289,16 @@ def evaluate(
         mean = res["models"][name]["mean"]
         t.add_row(name, *[_fmt(mean[f"{metric}@{k}"]) for k in ks for metric in ("recall", "ndcg")])
     out.print(t)
+    t = Table(title=f"popularity bias at {k_main} (mean over blocks; groups by training popularity)")
+    t.add_column("model")
+    bias_keys = [f"recall@{k_main}/head", f"recall@{k_main}/mid", f"recall@{k_main}/tail", f"avgpop@{k_main}",
+                 f"coverage@{k_main}"]
+    for key, label in zip(bias_keys, ["Recall head", "Recall mid", "Recall tail", "avg popularity", "coverage"]):
+        t.add_column(label, justify="right")
+    for name in models:
+        mean = res["models"][name]["mean"]
+        t.add_row(name, *[_fmt(mean.get(key), digits=1 if key.startswith("avgpop") else 4) for key in bias_keys])
+    out.print(t)
     _write_json(json_path, {"snapshot": str(snap.path), "warnings": warnings, **res})
 
 
@@ -326,6 +328,11 @@ def status(
     out.print("quarantine: " + (", ".join(f"{n:,} × {r}" for r, n in q.items()) if q else "empty"))
     for plan in s.get("plans", []):
         out.print(f"plan {plan['plan_id']}: " + ", ".join(f"b{b['index']}={b['rows']:,}" for b in plan["blocks"]))
+    commits = st.commit_summary()
+    for c in commits:
+        out.print(f"job {c['job']} (lineage {c['lineage']}): committed blocks {', '.join(map(str, c['blocks'])) or 'none'}"
+                  + (f"; {c['revoked']} revoked" if c["revoked"] else ""))
+    s["commits"] = commits
     snaps = {}
     if runs.is_dir():
         for d in sorted(runs.iterdir()):

@@ -126,6 +126,16 @@ class StreamStore:
                 "committed_at", "revoked_at", "revoked_reason")
         return [dict(zip(keys, r)) for r in rows]
 
+    def commit_summary(self) -> list[dict]:
+        """Per job and lineage: active committed blocks (in order) and how many commits were revoked."""
+        self._upgrade_schema()
+        with self._connect(write=False) as con:
+            rows = con.sql("SELECT job, lineage, list(block ORDER BY block) FILTER (WHERE revoked_at IS NULL), "
+                           "count(*) FILTER (WHERE revoked_at IS NOT NULL), max(committed_at) FROM commits "
+                           "GROUP BY job, lineage ORDER BY max(committed_at)").fetchall()
+        return [{"job": j, "lineage": lin, "blocks": list(b or []), "revoked": int(r), "last_commit": str(t)}
+                for j, lin, b, r, t in rows]
+
     def revoke_commits(self, job: str, lineage: str | None, from_block: int, reason: str) -> int:
         """Mark the job's active commits of blocks ≥ from_block as revoked (kept for the record)."""
         self._upgrade_schema()
