@@ -23,7 +23,7 @@ class RaySession:
     dashboard_url: str | None
 
 
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
+def check_address(address: str, timeout: float = 5.0) -> None:
     """Fail fast on an unreachable ``host:port`` instead of letting Ray retry for minutes."""
     m = re.fullmatch(r"(?:ray://)?\[?([^\]\s/]+?)\]?:(\d+)", address.strip())
     if not m:
@@ -46,7 +46,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, namespa
                 dashboard_host: str = "127.0.0.1", runtime_env: dict | None = None):
     """Yield a RaySession; shut Ray down at the end only if this call started it."""
     if address:
-        _check_reachable(address)
+        check_address(address)
     if ray.is_initialized():  # e.g. a test session's shared Ray, or a driver inside `ray job submit`
         ctx = ray.get_runtime_context()
         yield RaySession(False, ctx.gcs_address, None)

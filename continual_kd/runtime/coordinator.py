@@ -35,7 +35,7 @@ from ..errors import CkdError
 from ..snapshots import MANIFEST, list_snapshots, prune_snapshots, resolve_snapshot, write_snapshot
 from ..stream import BlockPlan, StreamStore
 from .actors import spawn_learner
-from .cluster import check_resources, ray_session
+from .cluster import check_address, check_resources, ray_session
 
 Progress = Callable[[dict], None]
 
@@ -132,17 +132,21 @@ def _recover(job: JobSpec, store: StreamStore, runs: Path, restart: bool, emit: 
 def run_job(job: JobSpec, address: str | None = None, restart: bool = False, progress: Progress | None = None,
             max_blocks: int | None = None, dashboard_host: str = "127.0.0.1") -> JobResult:
     emit = progress or (lambda _e: None)
+    if max_blocks is not None and max_blocks < 1:
+        raise CkdError(f"--max-blocks: must be at least 1, got {max_blocks}")
+    if address:
+        check_address(address)  # before anything is read or written
     store: StreamStore = open_source(job.source)
     runs = job.snapshot_dir
+    if job.distill.needs_teachers and job.distill.k > store.num_items:
+        raise CkdError(f"distill.k: {job.distill.k} is larger than the {store.num_items} items in the store "
+                       f"{store.root}; lower it")
     rec = _recover(job, store, runs, restart, emit)
     b = job.blocks
     if rec.plan_id is not None:  # a lineage keeps its plan; data ingested since goes to a later lineage
         plan = store.get_plan(rec.plan_id)
     else:
         plan = store.ensure_plan(b.base_fraction, b.incremental, b.split, job.seed)
-    if job.distill.method != "none" and job.distill.k > plan.blocks[0].num_items:
-        raise CkdError(f"distill.k: {job.distill.k} is larger than the {plan.blocks[0].num_items} items of the "
-                       f"base block; lower it")
     result = JobResult(job, plan, runs, history=rec.history, resumed_from=rec.start or None)
     end = plan.num_blocks if max_blocks is None else min(plan.num_blocks, rec.start + max_blocks)
     if rec.start >= plan.num_blocks:

@@ -23,13 +23,15 @@ from continual_kd.errors import CkdError
 # Quarantine reasons, in order of precedence (a row gets the first that applies).
 MISSING_USER = "missing user id"
 MISSING_ITEM = "missing item id"
+LONG_ID = "id longer than 256 characters"
 BAD_TIMESTAMP = "unparseable timestamp"
 TIMESTAMP_RANGE = "timestamp out of range"
 BAD_WEIGHT = "non-finite weight"
 DUPLICATE = "duplicate row"
 STORED_DUPLICATE = "duplicate of stored row"
-REASONS = (MISSING_USER, MISSING_ITEM, BAD_TIMESTAMP, TIMESTAMP_RANGE, BAD_WEIGHT, DUPLICATE,
+REASONS = (MISSING_USER, MISSING_ITEM, LONG_ID, BAD_TIMESTAMP, TIMESTAMP_RANGE, BAD_WEIGHT, DUPLICATE,
            STORED_DUPLICATE)
+MAX_ID_CHARS = 256  # longer ids are almost surely a broken file (a whole line in one field)
 OK = -1  # reason code of a valid row
 
 TS_MIN, TS_MAX = 0, 4_102_444_800  # [1970-01-01, 2100-01-01) in epoch seconds
@@ -327,12 +329,21 @@ def validate_rows(table: pa.Table, cols: dict[str, str], source: str) -> Validat
     weight_col = _as_array(table.column(cols["weight"])) if "weight" in cols else None
     weight, bad_weight = _weights(weight_col, n)
 
+    long_id = _too_long(user_codes, user_values) | _too_long(item_codes, item_values)
     reason = np.full(n, OK, dtype=np.int8)
-    for code, mask in enumerate((user_codes < 0, item_codes < 0, bad_ts, ts_range, bad_weight)):
+    for code, mask in enumerate((user_codes < 0, item_codes < 0, long_id, bad_ts, ts_range, bad_weight)):
         reason[(reason == OK) & mask] = code
     rows = ValidatedRows(user_codes, user_values, item_codes, item_values, ts, weight, reason)
     mark_batch_duplicates(rows)
     return rows
+
+
+def _too_long(codes: np.ndarray, values: pa.Array) -> np.ndarray:
+    """(n,) rows whose id has more than MAX_ID_CHARS characters."""
+    if len(values) == 0:
+        return np.zeros(len(codes), dtype=bool)
+    long_value = pc.greater(pc.utf8_length(values), MAX_ID_CHARS).to_numpy(zero_copy_only=False)
+    return (codes >= 0) & long_value[np.maximum(codes, 0)]
 
 
 def mark_batch_duplicates(rows: ValidatedRows) -> None:
