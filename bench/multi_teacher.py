@@ -7,7 +7,8 @@ Teachers train once per block (with HetComp trajectories kept); each student var
 the same initial weights on the same block data:
   no KD | RRD from each single teacher | RRD from the fused teachers | HetComp | fused RRD + UnKD
 Printed per model: NDCG@20, Recall@20, tail-group Recall@20, average popularity of the top-20,
-item coverage@20, parameters, and seconds per block.
+item coverage@20, parameters, seconds per block, and "final@all": the final models' NDCG@20 on
+the test part of every block (mean over blocks 0..last: how much of the old blocks is kept).
 """
 
 from __future__ import annotations
@@ -98,6 +99,11 @@ def main() -> None:
         line = "  ".join(f"{n.split(' + ')[-1]}={per_block[n][-1]['ndcg@20']:.4f}" for n in models)
         print(f"block {k} ({time.perf_counter() - t_block:.0f}s): {line}", flush=True)
 
+    # stability: the final models on the test part of every block (CCD's view of forgetting)
+    final = {}
+    for name, model in models.items():
+        scores = [evaluate_ranking(model, *eval_sets(seen, j), ks=(20,))["ndcg@20"] for j in range(n_blocks)]
+        final[name] = sum(scores) / len(scores)
     incr = slice(1, None) if n_blocks > 1 else slice(None)
     rows = {}
     for name, blocks in per_block.items():
@@ -106,14 +112,17 @@ def main() -> None:
         rows[name]["parameters"] = params[name]
         rows[name]["seconds_per_block"] = (sum(seconds[name][incr]) / len(seconds[name][incr])) if seconds[name] else None
         rows[name]["per_block_ndcg@20"] = [m["ndcg@20"] for m in blocks]
-    head = f"{'model':<34} {'NDCG@20':>8} {'Recall@20':>9} {'tail R@20':>9} {'avg pop':>8} {'cover@20':>8} {'params':>10} {'s/block':>7}"
+        rows[name]["final_all_blocks_ndcg@20"] = final[name]
+    head = (f"{'model':<34} {'NDCG@20':>8} {'Recall@20':>9} {'tail R@20':>9} {'avg pop':>8} {'cover@20':>8} "
+            f"{'params':>10} {'s/block':>7} {'final@all':>9}")
     print(f"\nmean over incremental blocks 1..{n_blocks - 1} (full ranking, test part of each block)")
     print(head)
     print("-" * len(head))
     for name, r in rows.items():
         secs = f"{r['seconds_per_block']:.1f}" if r["seconds_per_block"] is not None else "—"
         print(f"{name:<34} {r['ndcg@20']:>8.4f} {r['recall@20']:>9.4f} {r['recall@20/tail']:>9.4f} "
-              f"{r['avgpop@20']:>8.1f} {r['coverage@20']:>8.3f} {r['parameters']:>10,} {secs:>7}")
+              f"{r['avgpop@20']:>8.1f} {r['coverage@20']:>8.3f} {r['parameters']:>10,} {secs:>7} "
+              f"{r['final_all_blocks_ndcg@20']:>9.4f}")
     print(f"reproduce: python bench/multi_teacher.py {args.job}" + (f" --blocks {args.blocks}" if args.blocks else ""))
     if args.json:
         args.json.write_text(json.dumps({"job": args.job, "rows": rows}, indent=2))

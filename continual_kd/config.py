@@ -78,7 +78,7 @@ class TrainSpec:
     epochs_base: int = 40  # epochs on the base block (from scratch)
     epochs_block: int = 10  # epochs on each incremental block (warm-started)
     lr: float = 0.005
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-4  # L2 on the rows a batch touches (summed), not on absent users/items
     batch_size: int = 1024
 
     def validate(self, where: str) -> None:

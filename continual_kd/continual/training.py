@@ -38,7 +38,9 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
     if n == 0 or epochs == 0:
         return logs
     device = users.device
-    opt = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    # L2 only on what the batch touches (model.regularization), not Adam's weight_decay: that
+    # would shrink every user/item absent from the block by ~lr per step and erase old knowledge
+    opt = torch.optim.Adam(model.parameters(), lr=spec.lr)
     model.train()
     by_user = getattr(model, "batch_unit", "interaction") == "user"  # e.g. MultVAE: one row per user
     if by_user:
@@ -57,9 +59,12 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
         base_sum = kd_sum = 0.0
         for start in range(0, n, spec.batch_size):
             u = u_all[start : start + spec.batch_size]
-            loss = model.base_loss(u, p_all[start : start + spec.batch_size], n_all[start : start + spec.batch_size])
+            p, ng = p_all[start : start + spec.batch_size], n_all[start : start + spec.batch_size]
+            loss = model.base_loss(u, p, ng)
             base_sum += float(loss.detach())
             loss = base_weight * loss
+            if spec.weight_decay > 0:
+                loss = loss + spec.weight_decay * model.regularization(u, p, ng)
             for target, weight in kd_terms:
                 kd_loss = target.loss(model, u)
                 kd_sum += float(kd_loss.detach())

@@ -143,6 +143,11 @@ class LightGCN(nn.Module):
         diff = (u * ie[pos]).sum(-1) - (u * ie[neg]).sum(-1)
         return -F.logsigmoid(diff).sum()
 
+    def regularization(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        """On the base (layer-0) rows of the batch, as in the LightGCN paper."""
+        return (self.user_emb[users].pow(2).sum() + self.item_emb[pos].pow(2).sum()
+                + self.item_emb[neg].pow(2).sum())
+
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The final (propagated) tables, whose dot products are the scores; base tables are
         ``user_emb`` / ``item_emb``."""

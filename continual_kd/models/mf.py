@@ -44,6 +44,10 @@ class BPRMF(nn.Module):
         diff = self.score(users, pos) - self.score(users, neg)
         return -F.logsigmoid(diff).sum()
 
+    def regularization(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        return (self.user_emb[users].pow(2).sum() + self.item_emb[pos].pow(2).sum()
+                + self.item_emb[neg].pow(2).sum())
+
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.user_emb, self.item_emb
 

@@ -145,6 +145,10 @@ class MultVAE(nn.Module):
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum()
         return nll + self.beta * kl
 
+    def regularization(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        """Every weight is used by every user's row: plain L2 over all parameters."""
+        return sum(p.pow(2).sum() for p in self.parameters())
+
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables whose dot products are the scores: users (U, hidden+1) = [tanh(μ_u W_dec + b), 1]
         for every user's observed row (computed now), items (I, hidden+1) = [W_out, b_out]."""
