@@ -304,6 +304,50 @@ def evaluate(
 
 @app.command()
 @_guard
+def recommend(
+    user: Annotated[list[str], typer.Option("--user", help="External user id (repeat for several users).")],
+    snapshot: Annotated[str, typer.Option(help="'latest' or a block number.")] = "latest",
+    runs: RunsOpt = Path("runs"),
+    job: Annotated[Optional[str], typer.Option(help="Job name when --runs holds several jobs.")] = None,
+    k: Annotated[int, typer.Option("-k", help="How many items per user.")] = 10,
+    model: Annotated[str, typer.Option(help="Which model serves: student (default) or teacher:<name>.")] = "student",
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the lists as JSON ('-' for stdout).")] = None,
+):
+    """Serve a snapshot's student: the top-k unseen items for each --user (external ids in and out)."""
+    from .continual.snapshot_eval import recommend_from_snapshot
+    from .snapshots import resolve_snapshot
+    from .stream import StreamStore
+
+    if k < 1:
+        raise CkdError(f"-k: must be at least 1, got {k}")
+    which: str | int = int(snapshot) if snapshot.isdigit() else snapshot
+    if which != "latest" and not isinstance(which, int):
+        raise CkdError(f"--snapshot {snapshot!r}: use 'latest' or a block number such as 3")
+    snap, warnings = resolve_snapshot(_find_job_runs(runs, job), which)
+    for w in warnings:
+        err.print(f"[yellow]warning:[/] {escape(w)}")
+    store = StreamStore.open(snap.manifest["store"])
+    dense = store.dense_ids("user", user)
+    seen = store.read_blocks(snap.manifest["plan_id"], snap.block)
+    if (dense >= seen.num_users).any():
+        raise CkdError(f"--user: {user[int((dense >= seen.num_users).argmax())]!r} first appears after block "
+                       f"{snap.block}; use a later snapshot")
+    items, scores = recommend_from_snapshot(snap, seen, dense, k, model)
+    names = store.external_ids("item", items.flatten().numpy())
+    payload = {}
+    t = Table(title=f"{model} @ block-{snap.block:04d}: top-{k}")
+    t.add_column("user")
+    t.add_column("items (best first)")
+    for row, u in enumerate(user):
+        ids = names[row * items.shape[1] : (row + 1) * items.shape[1]]
+        payload[u] = [{"item": i, "score": float(sc)} for i, sc in zip(ids, scores[row].tolist())]
+        t.add_row(u, ", ".join(ids))
+    out.print(t)
+    _write_json(json_path, {"snapshot": str(snap.path), "model": model, "recommendations": payload})
+
+
+@app.command()
+@_guard
 def status(
     store: StoreOpt = Path("stores/ml-100k"),
     runs: RunsOpt = Path("runs"),

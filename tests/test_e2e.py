@@ -64,6 +64,21 @@ def test_submit_snapshots_and_evaluate(ray_cluster, cli, tiny_job, tmp_path):
     r = cli("status", "--store", "stores/tiny")
     assert r.exit_code == 0 and "3,000 interactions" in r.output and "blocks 0, 1, 2" in r.output
 
+    # serving: the student's top-k unseen items for an external user id, and a clean error for an unknown one
+    from continual_kd.stream import StreamStore
+
+    store = StreamStore.open(tmp_path / "stores" / "tiny")
+    user = store.external_ids("user", [0])[0]
+    r = cli("recommend", "--user", user, "-k", "5", "--json", "rec.json")
+    assert r.exit_code == 0, r.output
+    recs = json.loads((tmp_path / "rec.json").read_text())["recommendations"][user]
+    seen = store.read_blocks(m["plan_id"], 2)
+    mine = set(store.external_ids("item", seen.items[seen.users == 0]))
+    assert len(recs) == 5 and not {x["item"] for x in recs} & mine
+    assert [x["score"] for x in recs] == sorted((x["score"] for x in recs), reverse=True)
+    r = cli("recommend", "--user", "nobody")
+    assert r.exit_code == 2 and "'nobody'" in r.output
+
     # the actors were named as the dashboard shows them
     from ray.util.state import list_actors
 

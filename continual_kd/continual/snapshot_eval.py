@@ -42,3 +42,22 @@ def evaluate_snapshot(snapshot, seen: Interactions, device: str = "cpu") -> dict
         mean = {k: nan_mean(m[k] for m in per_block.values()) for k in keys}
         out["models"][name] = {"blocks": per_block, "mean": mean, "parameters": learner.num_parameters()}
     return out
+
+
+def recommend_from_snapshot(snapshot, seen: Interactions, users, k: int, model_name: str = "student",
+                            device: str = "cpu"):
+    """Top-k items (dense ids, scores) of ``model_name`` for dense ``users``, excluding every item
+    they have interacted with so far (all splits: when serving, everything seen is known)."""
+    import torch
+
+    from ..eval import known_pairs, top_k_items
+
+    learners = learners_from_snapshot(snapshot, device)
+    if model_name not in learners:
+        from ..errors import CkdError
+
+        raise CkdError(f"--model {model_name!r}: not in snapshot {snapshot.path.name}; it has {', '.join(learners)}")
+    model = learners[model_name].model
+    known = known_pairs(seen, device)
+    model.observe(known.users, known.items)
+    return top_k_items(model, torch.as_tensor(users, dtype=torch.int64, device=device), k, known)
