@@ -102,7 +102,12 @@ def main() -> None:
     # stability: the final models on the test part of every block (CCD's view of forgetting)
     final = {}
     for name, model in models.items():
-        scores = [evaluate_ranking(model, *eval_sets(seen, j), ks=(20,))["ndcg@20"] for j in range(n_blocks)]
+        scores = []
+        for j in range(n_blocks):
+            relevant, exclude = eval_sets(seen, j)
+            if isinstance(model, RankFusionEnsemble):  # its members rank with this block's mask
+                model = RankFusionEnsemble(model.members, exclude=exclude)
+            scores.append(evaluate_ranking(model, relevant, exclude, ks=(20,))["ndcg@20"])
         final[name] = sum(scores) / len(scores)
     incr = slice(1, None) if n_blocks > 1 else slice(None)
     rows = {}

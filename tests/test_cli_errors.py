@@ -71,6 +71,8 @@ CASES = [
     ("restart-and-resume", lambda: ["submit", _job(JOB_HEAD), "--restart", "--resume"], "contradict"),
     ("unreachable-cluster", lambda: ["submit", _job(JOB_HEAD), "--address", "127.0.0.1:1"], "ray start --head"),
     ("bad-address-syntax", lambda: ["submit", _job(JOB_HEAD), "--address", "not an address"], "host:port"),
+    ("dashboard-host-with-address", lambda: ["submit", _job(JOB_HEAD), "--address", "127.0.0.1:1",
+                                             "--dashboard-host", "0.0.0.0"], "only applies to the embedded Ray"),
     ("no-snapshots", lambda: ["evaluate", "--snapshot", "latest"], "no snapshots"),
     ("snapshot-not-a-number", lambda: ["evaluate", "--snapshot", "abc"], "'abc'"),
     ("snapshot-runs-missing", lambda: ["evaluate", "--runs", "elsewhere"], "elsewhere"),
