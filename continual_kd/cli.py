@@ -160,7 +160,7 @@ class _BlockProgress:
             self.bar.advance(self.task)
         elif kind in ("info", "warning"):
             style = "yellow" if kind == "warning" else "dim"
-            self.console.print(f"[{style}]{e['message']}[/]")
+            self.console.print(f"[{style}]{escape(e['message'])}[/]")
 
     def stop(self) -> None:
         self.bar.stop()

@@ -62,3 +62,11 @@ def test_top_k_items_skips_known_pairs():
     ids, scores = top_k_items(model, torch.tensor([0, 1]), 2, UserItemSet([0, 1], [0, 4], 2, 5))
     assert ids.tolist() == [[2, 4], [3, 2]]
     assert torch.allclose(scores, torch.tensor([[0.8, 0.5], [0.8, 0.6]]))
+
+
+def test_top_k_items_can_rank_only_the_known_items():
+    model = FixedScores(SCORES)
+    known = UserItemSet([0, 0, 0, 1], [1, 3, 4, 2], 2, 5)
+    ids, scores = top_k_items(model, torch.tensor([0, 1]), 3, only=known)
+    assert ids.tolist() == [[4, 3, 1], [2, -1, -1]]  # user 0 by score .5 > .3 > .1; user 1 has one item
+    assert scores[1, 1:].isinf().all()

@@ -52,6 +52,7 @@ class Knowledge:
     scores: np.ndarray  # (U, N) float32
     group_items: np.ndarray | None = None  # (U, G, M) top items inside each popularity group (UnKD), -1 padded
     trajectory: tuple[np.ndarray, ...] = ()  # (U, N) top lists at checkpoints of the block's training (HetComp)
+    observed_items: np.ndarray | None = None  # (U, P) the users' known items, best first by this teacher, -1 padded
 
 
 def item_counts(seen: Interactions, device="cpu") -> torch.Tensor:
@@ -179,7 +180,11 @@ class Learner:
             cfg = HetCompConfig(k=h.k, observed=h.observed, early_weight=h.early_weight, late_weight=h.late_weight,
                                 dkc_every=h.dkc_every)
             trajectories = [[torch.as_tensor(c, device=dev) for c in (k.trajectory or (k.items,))] for k in knowledge]
-            target = HetCompTargets(cfg, users, trajectories, known, nu, ni)
+            observed_ranked = None
+            if all(k.observed_items is not None for k in knowledge):  # teachers' order of the known items
+                lists = [torch.as_tensor(k.observed_items, device=dev) for k in knowledge]
+                observed_ranked = fuse_rankings(lists, h.observed, "importance", weights, num_items=ni)[0]
+            target = HetCompTargets(cfg, users, trajectories, known, nu, ni, observed_ranked=observed_ranked)
             terms.append((target, 1.0))
             hooks.append(lambda epoch: target.update(epoch, self.model))
             base_weight = 1.0 if h.with_bpr else 0.0
@@ -195,9 +200,11 @@ class Learner:
 
     @torch.no_grad()
     def knowledge(self, seen: Interactions, block: int, size: int, unkd_groups: int = 0,
-                  per_group: int = 0) -> Knowledge:
+                  per_group: int = 0, observed: int = 0) -> Knowledge:
         """Top-``size`` unobserved items for every user with training data in ``block``; with
-        ``unkd_groups`` also the top-``per_group`` items inside each popularity group."""
+        ``unkd_groups`` also the top-``per_group`` items inside each popularity group; with
+        ``observed`` the teacher's ranking of the user's own known items (HetComp's ordered
+        observed targets)."""
         users = self._block_users(seen, block)
         known = self.observe(seen)
         items, scores = top_k_items(self.model, users, min(size, self.model.num_items), known)
@@ -205,8 +212,11 @@ class Learner:
         if unkd_groups:
             item_group = popularity_groups(item_counts(seen, self.device), unkd_groups)
             group_items = teacher_group_rankings(self.model, users, item_group, per_group, known).cpu().numpy()
+        observed_items = None
+        if observed:
+            observed_items = top_k_items(self.model, users, observed, only=known)[0].cpu().numpy()
         return Knowledge(self.spec.name, block, users.cpu().numpy(), items.cpu().numpy(),
-                         scores.float().cpu().numpy(), group_items, tuple(self._trajectory))
+                         scores.float().cpu().numpy(), group_items, tuple(self._trajectory), observed_items)
 
     @torch.no_grad()
     def evaluate(self, seen: Interactions, blocks: list[int], spec: EvalSpec, split: int = TEST) -> dict[int, dict]:

@@ -43,9 +43,11 @@ def teacher_update_options(job: JobSpec) -> dict:
 
 
 def teacher_knowledge_options(job: JobSpec) -> dict:
-    """Arguments of a teacher's knowledge call: list size, and UnKD's per-group rankings if on."""
-    u = job.distill.unkd
-    return {"size": knowledge_size(job), "unkd_groups": u.groups if u.weight > 0 else 0, "per_group": u.per_group}
+    """Arguments of a teacher's knowledge call: list size, UnKD's per-group rankings if on, and
+    HetComp's ranking of the users' known items."""
+    d, u = job.distill, job.distill.unkd
+    return {"size": knowledge_size(job), "unkd_groups": u.groups if u.weight > 0 else 0, "per_group": u.per_group,
+            "observed": d.hetcomp.observed if d.method == "hetcomp" else 0}
 
 
 def teacher_weights(job: JobSpec, previous_valid: dict[str, dict] | None, names: list[str]) -> list[float] | None:

@@ -31,16 +31,22 @@ METRICS = {"recall": recall_at_k, "ndcg": ndcg_at_k}
 
 @torch.no_grad()
 def top_k_items(model, users: torch.Tensor, k: int, exclude: UserItemSet | None = None,
-                chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, k) best items of each user by the model's full scores, excluding known pairs; and their scores."""
+                chunk_size: int = 1024, only: UserItemSet | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, k) best items of each user by the model's full scores, excluding known pairs; and their scores.
+
+    With ``only``, just the user's pairs in that set are ranked (slots past them: item -1, score -inf).
+    """
     ids, scores = [], []
     for start in range(0, len(users), chunk_size):
         cu = users[start : start + chunk_size]
         s = model.full_scores(cu)  # (B, I)
         if exclude is not None:
             exclude.mask_(s, cu)
+        if only is not None:
+            s = s.masked_fill(~only.dense(cu, s.shape[1]), float("-inf"))
         top = torch.topk(s, min(k, s.shape[1]), dim=1)
-        ids.append(top.indices)
+        ids.append(torch.where(torch.isinf(top.values) & (top.values < 0), -1, top.indices) if only is not None
+                   else top.indices)
         scores.append(top.values)
     if not ids:
         return torch.zeros(0, k, dtype=torch.int64), torch.zeros(0, k)

@@ -54,8 +54,8 @@ class LearnerActor:
                                    trajectory)
 
     def knowledge(self, block: int, block_refs: list, size: int, unkd_groups: int = 0,
-                  per_group: int = 0) -> Knowledge:
-        return self.learner.knowledge(self._interactions(block_refs), block, size, unkd_groups, per_group)
+                  per_group: int = 0, observed: int = 0) -> Knowledge:
+        return self.learner.knowledge(self._interactions(block_refs), block, size, unkd_groups, per_group, observed)
 
     def evaluate(self, block: int, block_refs: list, spec: EvalSpec) -> dict:
         seen = self._interactions(block_refs)
