@@ -36,16 +36,19 @@ from continual_kd.continual.learner import item_counts  # noqa: E402
 KEYS = ("ndcg@20", "recall@20", "recall@20/tail", "avgpop@20", "coverage@20")
 
 
-def variants(job) -> dict[str, tuple[DistillSpec, list[str] | None]]:
-    """name → (distill spec, teachers it learns from; None = all)."""
+def variants(job, hetcomp_job=None) -> dict[str, tuple[DistillSpec, list[str] | None]]:
+    """name → (distill spec, teachers it learns from; None = all). HetComp's settings come from
+    ``hetcomp_job`` (jobs/hetcomp.yaml) when given, else from the job's own distill.hetcomp."""
     d = job.distill
+    hetcomp = hetcomp_job.distill if hetcomp_job is not None else d
     rrd = dataclasses.replace(d, method="rrd", unkd=UnKDSpec(weight=0.0))
     unkd_w = d.unkd.weight if d.unkd.weight > 0 else 0.1
     out = {"student (no KD)": (DistillSpec(method="none"), [])}
     for t in job.teachers:
         out[f"student + RRD({t.name})"] = (rrd, [model_key("teacher", t.name)])
     out["student + RRD(fused)"] = (rrd, None)
-    out["student + HetComp"] = (dataclasses.replace(d, method="hetcomp", unkd=UnKDSpec(weight=0.0)), None)
+    out["student + HetComp"] = (dataclasses.replace(d, method="hetcomp", fusion=hetcomp.fusion,
+                                                    hetcomp=hetcomp.hetcomp, unkd=UnKDSpec(weight=0.0)), None)
     out["student + RRD(fused) + UnKD"] = (dataclasses.replace(rrd, unkd=dataclasses.replace(d.unkd, weight=unkd_w)), None)
     return out
 
@@ -56,17 +59,20 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--hetcomp-job", default="jobs/hetcomp.yaml", help="job file whose distill.hetcomp to use")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     job = load_job(args.job)
+    hetcomp_job = load_job(args.hetcomp_job) if Path(args.hetcomp_job).is_file() else None
     store = open_source(job.source)
     b = job.blocks
     plan = store.ensure_plan(b.base_fraction, b.incremental, b.split, job.seed)
     n_blocks = plan.num_blocks if args.blocks is None else min(args.blocks, plan.num_blocks)
 
     teachers = {model_key("teacher", t.name): Learner(t, job.seed) for t in job.teachers}
-    students = {name: (Learner(job.student, job.seed), spec, names) for name, (spec, names) in variants(job).items()}
-    h, u = job.distill.hetcomp, job.distill.unkd
+    students = {name: (Learner(job.student, job.seed), spec, names)
+                for name, (spec, names) in variants(job, hetcomp_job).items()}
+    h, u = (hetcomp_job or job).distill.hetcomp, job.distill.unkd
     size = max(job.distill.k, job.distill.pool, h.k)
     per_block: dict[str, list[dict]] = defaultdict(list)
     seconds: dict[str, list[float]] = defaultdict(list)
@@ -78,8 +84,8 @@ def main() -> None:
         for name, t in teachers.items():
             log = t.update(seen, k, trajectory=(h.checkpoints, h.k))
             seconds[name].append(log["seconds"])
-        knowledge = {n: t.knowledge(seen, k, size, unkd_groups=u.groups, per_group=u.per_group)
-                     for n, t in teachers.items()}
+        knowledge = {n: t.knowledge(seen, k, size, unkd_groups=u.groups, per_group=u.per_group,
+                                    observed=h.observed) for n, t in teachers.items()}
         for name, (learner, spec, names) in students.items():
             chosen = [knowledge[n] for n in (names if names is not None else teachers)]
             log = learner.update(seen, k, chosen, spec)
