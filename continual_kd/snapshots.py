@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .checksums import file_sha256
 from .errors import CkdError
 
 FORMAT_VERSION = 1
@@ -198,7 +199,7 @@ def _damage(path: Path) -> tuple[str, str] | None:
             return filename, "missing"
         if size != entry["bytes"]:
             return filename, f"size {size} bytes, manifest says {entry['bytes']}"
-        if _sha256(file) != entry["sha256"]:
+        if file_sha256(file) != entry["sha256"]:
             return filename, "checksum mismatch"
     return None
 
@@ -272,14 +273,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _parse_which(which: str | int) -> int:

@@ -74,3 +74,30 @@ def neighbor_mean(table: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, siz
     counts = torch.zeros(size, dtype=table.dtype, device=table.device)
     counts.index_add_(0, src, torch.ones_like(src, dtype=table.dtype))
     return sums / counts.clamp(min=1).unsqueeze(1), counts
+
+
+@torch.no_grad()
+def grow_tables(user_emb: torch.Tensor, item_emb: torch.Tensor, num_users: int, num_items: int,
+                users: torch.Tensor | None, items: torch.Tensor | None, init: str,
+                generator: torch.Generator | None, std: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """User and item tables extended to the new sizes; old rows unchanged (the one growth rule of
+    the table backbones). New rows: "neighbor" — mean of their 1-hop neighbours among the given
+    (users, items) pairs (new users from old items, new items from old users), N(0, std) where a
+    row has none; "random" — N(0, std) drawn from ``generator``."""
+    if init not in ("neighbor", "random"):
+        raise ValueError(f"unknown init {init!r}")
+    old_u, old_i, dim = user_emb.shape[0], item_emb.shape[0], user_emb.shape[1]
+    device, dtype = user_emb.device, user_emb.dtype
+    new_u = (torch.randn(max(num_users - old_u, 0), dim, generator=generator) * std).to(device, dtype)
+    new_i = (torch.randn(max(num_items - old_i, 0), dim, generator=generator) * std).to(device, dtype)
+    if init == "neighbor" and users is not None and items is not None:
+        users, items = users.to(device), items.to(device)
+        if len(new_u):
+            sel = (users >= old_u) & (items < old_i)
+            mean, cnt = neighbor_mean(item_emb, users[sel] - old_u, items[sel], len(new_u))
+            new_u = torch.where(cnt.unsqueeze(1) > 0, mean, new_u)
+        if len(new_i):
+            sel = (items >= old_i) & (users < old_u)
+            mean, cnt = neighbor_mean(user_emb, items[sel] - old_i, users[sel], len(new_i))
+            new_i = torch.where(cnt.unsqueeze(1) > 0, mean, new_i)
+    return torch.cat([user_emb, new_u]), torch.cat([item_emb, new_i])

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import neighbor_mean, register
+from .base import grow_tables, register
 
 INIT_STD = 0.01  # N(0, 0.01) as BPR-MF, and as the protocol's random init for new rows
 
@@ -159,26 +159,11 @@ class LightGCN(nn.Module):
              generator: torch.Generator | None = None) -> None:
         """New base rows: mean of 1-hop neighbours' base rows ("neighbor", new users from old items
         and new items from old users in the given pairs; random when a row has none) or N(0, 0.01)."""
-        if init not in ("neighbor", "random"):
-            raise ValueError(f"unknown init {init!r}")
-        old_u, old_i = self.num_users, self.num_items
-        if num_users <= old_u and num_items <= old_i:
+        if num_users <= self.num_users and num_items <= self.num_items:
             return
-        device, dtype = self.user_emb.device, self.user_emb.dtype
-        new_u = (torch.randn(max(num_users - old_u, 0), self.dim, generator=generator) * INIT_STD).to(device, dtype)
-        new_i = (torch.randn(max(num_items - old_i, 0), self.dim, generator=generator) * INIT_STD).to(device, dtype)
-        if init == "neighbor" and users is not None and items is not None:
-            users, items = users.to(device), items.to(device)
-            if len(new_u):
-                sel = (users >= old_u) & (items < old_i)
-                mean, cnt = neighbor_mean(self.item_emb.data, users[sel] - old_u, items[sel], len(new_u))
-                new_u = torch.where(cnt.unsqueeze(1) > 0, mean, new_u)
-            if len(new_i):
-                sel = (items >= old_i) & (users < old_u)
-                mean, cnt = neighbor_mean(self.user_emb.data, items[sel] - old_i, users[sel], len(new_i))
-                new_i = torch.where(cnt.unsqueeze(1) > 0, mean, new_i)
-        self.user_emb = nn.Parameter(torch.cat([self.user_emb.data, new_u]))
-        self.item_emb = nn.Parameter(torch.cat([self.item_emb.data, new_i]))
+        u, i = grow_tables(self.user_emb.data, self.item_emb.data, num_users, num_items, users, items, init,
+                           generator, INIT_STD)
+        self.user_emb, self.item_emb = nn.Parameter(u), nn.Parameter(i)
         self._graph_changed()  # same edges, larger id spaces: rebuilt on next use
 
 

@@ -14,7 +14,6 @@ result equals an uninterrupted run.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
@@ -26,6 +25,7 @@ from typing import Callable
 import ray
 from ray.exceptions import RayActorError
 
+from ..checksums import file_sha256
 from ..config import JobSpec
 from ..continual import (BlockResult, model_key, teacher_knowledge_options, teacher_update_options,
                          teacher_weights)
@@ -70,7 +70,7 @@ def failpoint(point: str) -> None:
 
 def manifest_digest(snapshot_path: Path) -> str:
     """The manifest's sha256: it lists every file's checksum, so it identifies the whole snapshot."""
-    return hashlib.sha256((Path(snapshot_path) / MANIFEST).read_bytes()).hexdigest()
+    return file_sha256(Path(snapshot_path) / MANIFEST)
 
 
 def _recover(job: JobSpec, store: StreamStore, runs: Path, restart: bool, emit: Progress) -> _Recovery:

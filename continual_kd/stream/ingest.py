@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from continual_kd.checksums import file_sha256
 from continual_kd.errors import CkdError
 
 # Quarantine reasons, in order of precedence (a row gets the first that applies).
@@ -88,11 +89,7 @@ class ValidatedRows:
 # --- reading -------------------------------------------------------------------------------
 
 def file_content_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def table_content_hash(table: pa.Table) -> str:
