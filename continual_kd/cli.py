@@ -9,6 +9,7 @@ import functools
 import json
 import math
 import os
+import string
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -25,8 +26,23 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Build a stream store from a dataset.")
 app.add_typer(data_app, name="data")
 
-out = Console()
-err = Console(stderr=True)
+out = Console(emoji=False)  # no :name: → emoji replacement in ids and paths either
+err = Console(stderr=True, emoji=False)
+
+
+def _e(value) -> str:
+    """Any user-supplied value (id, path, source, name, message) as Rich text that prints as-is."""
+    return escape(str(value))
+
+
+class _EscapingFormatter(string.Formatter):
+    def format_field(self, value, format_spec: str) -> str:
+        return _e(format(value, format_spec))
+
+
+def _m(template: str, *values) -> str:
+    """Rich markup from a trusted ``template`` whose ``{}`` fields are filled with escaped ``values``."""
+    return _EscapingFormatter().format(template, *values)
 
 StoreOpt = Annotated[Path, typer.Option("--store", help="Stream store directory.", envvar="CKD_STORE")]
 RunsOpt = Annotated[Path, typer.Option("--runs", help="Directory holding the jobs' snapshot folders.", envvar="CKD_RUNS")]
@@ -42,7 +58,7 @@ def _guard(fn):
         except CkdError as e:
             if os.environ.get("CKD_DEBUG"):
                 raise
-            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            err.print(_m("[bold red]error:[/] {}", e), highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
 
     return wrapper
@@ -69,13 +85,13 @@ def _write_json(path: Optional[Path], payload) -> None:
 
 def _print_report(r) -> None:
     if r.already_ingested:
-        out.print(f"[yellow]{r.source}[/]: already ingested (content {r.content_hash[:12]}); store unchanged")
+        out.print(_m("[yellow]{}[/]: already ingested (content {}); store unchanged", r.source, r.content_hash[:12]))
         return
-    out.print(f"[bold]{r.source}[/]: {r.rows_taken:,} rows taken, {r.rows_quarantined:,} quarantined "
-              f"({r.new_users:,} new users, {r.new_items:,} new items)"
-              + (f", segment {r.segment_id}" if r.segment_id is not None else ""))
+    out.print(_m("[bold]{}[/]: {:,} rows taken, {:,} quarantined ({:,} new users, {:,} new items){}", r.source,
+                 r.rows_taken, r.rows_quarantined, r.new_users, r.new_items,
+                 f", segment {r.segment_id}" if r.segment_id is not None else ""))
     for reason, n in sorted(r.reasons.items()):
-        out.print(f"  quarantined: {n:,} × {reason}")
+        out.print(_m("  quarantined: {:,} × {}", n, reason))
 
 
 @app.command()
@@ -116,12 +132,13 @@ def data_synthetic(
     new_item_fraction: float = 0.3, seed: int = 0,
 ):
     """A seeded stream with power-law item popularity, taste drift and users/items arriving later."""
-    from .config import SyntheticSpec
+    from .config import SyntheticSpec, parse_spec
     from .data.sources import build_store
 
-    spec = SyntheticSpec(users=users, items=items, interactions=interactions, periods=periods,
-                         popularity_exponent=popularity_exponent, drift=drift,
-                         new_user_fraction=new_user_fraction, new_item_fraction=new_item_fraction, seed=seed)
+    spec = parse_spec(SyntheticSpec, dict(users=users, items=items, interactions=interactions, periods=periods,
+                                          popularity_exponent=popularity_exponent, drift=drift,
+                                          new_user_fraction=new_user_fraction, new_item_fraction=new_item_fraction,
+                                          seed=seed), "ckd data synthetic")
     _, report = build_store("synthetic", store, spec)
     _print_report(report)
 
@@ -144,23 +161,23 @@ class _BlockProgress:
         kind = e["type"]
         if kind == "plan":
             plan = e["plan"]
-            self.console.print(f"block plan {plan.plan_id}: {plan.num_blocks} blocks "
-                               f"({', '.join(f'{b.rows:,}' for b in plan.blocks)} rows), running {e['start']}..{e['end'] - 1}")
+            self.console.print(_m("block plan {}: {} blocks ({} rows), running {}..{}", plan.plan_id, plan.num_blocks,
+                                  ", ".join(f"{b.rows:,}" for b in plan.blocks), e["start"], e["end"] - 1))
             self.bar.start()
             self.task = self.bar.add_task("starting", total=e["end"] - e["start"])
         elif kind == "ray":
             dash = f", dashboard http://{e['dashboard']}" if e.get("dashboard") else ""
-            self.console.print(f"Ray at {e['address']}{dash}")
+            self.console.print(_m("Ray at {}{}", e["address"], dash))
         elif kind == "stage" and self.task is not None:
             self.bar.update(self.task, description=f"block {e['block']}: {e['stage']}")
         elif kind == "block" and self.task is not None:
             r = e["result"]
             cells = "  ".join(f"{n} {m['ndcg@20']:.4f}" for n, m in r.metrics.items())
-            self.bar.console.print(f"block {r.block} ({r.seconds:.1f}s) NDCG@20: {cells}")
+            self.bar.console.print(_m("block {} ({:.1f}s) NDCG@20: {}", r.block, r.seconds, cells))
             self.bar.advance(self.task)
         elif kind in ("info", "warning"):
             style = "yellow" if kind == "warning" else "dim"
-            self.console.print(f"[{style}]{escape(e['message'])}[/]")
+            self.console.print(_m(f"[{style}]{{}}[/]", e["message"]))
 
     def stop(self) -> None:
         self.bar.stop()
@@ -172,7 +189,7 @@ def _history_table(history: list[dict], k: int = 20) -> Table:
     t = Table(title=f"NDCG@{k} on each block's test part (full ranking)")
     t.add_column("block", justify="right")
     for m in models:
-        t.add_column(m, justify="right")
+        t.add_column(_e(m), justify="right")
     t.add_column("seconds", justify="right")
     for h in history:
         t.add_row(str(h["block"]), *[_fmt(h["metrics"][m].get(f"ndcg@{k}")) for m in models],
@@ -205,7 +222,7 @@ def submit(
     if dashboard_host not in ("127.0.0.1", "localhost", "::1"):
         if address:
             raise CkdError("--dashboard-host only applies to the embedded Ray; drop it when using --address")
-        err.print(f"[yellow]warning:[/] the Ray dashboard will listen on {escape(dashboard_host)}:8265: anyone who can "
+        err.print(_m("[yellow]warning:[/] the Ray dashboard will listen on {}:8265: anyone who can ", dashboard_host) +
                   "reach it and holds the token in ~/.ray/auth_token can see this job and submit code to run here")
     progress = _BlockProgress(out)
     try:
@@ -215,7 +232,7 @@ def submit(
         progress.stop()
     if result.history:
         out.print(_history_table(result.history))
-    out.print(f"snapshots: {result.runs_dir}  (evaluate with `ckd evaluate --snapshot latest`)")
+    out.print(_m("snapshots: {}  (evaluate with `ckd evaluate --snapshot latest`)", result.runs_dir))
     _write_json(json_path, {"job": job.name, "plan_id": result.plan.plan_id, "history": result.history})
 
 
@@ -226,7 +243,10 @@ def _find_job_runs(runs: Path, job: Optional[str]) -> Path:
     """The snapshot folder of ``job`` under ``runs`` (or the only / most recently written one)."""
     from .snapshots import list_snapshots
 
-    if job:
+    if job is not None:
+        if job in ("", ".", "..") or "/" in job or "\\" in job or job.startswith("."):
+            raise CkdError(f"--job {job!r}: give a job name (the name: in its job file), not a path; "
+                           f"it is looked up under --runs {runs}")
         d = runs / job
         if not list_snapshots(d):
             raise CkdError(f"{d}: no snapshots of job {job!r}; run `ckd submit` for it first")
@@ -260,7 +280,7 @@ def evaluate(
     job_dir = _find_job_runs(runs, job)
     snap, warnings = resolve_snapshot(job_dir, which)
     for w in warnings:
-        err.print(f"[yellow]warning:[/] {w}")
+        err.print(_m("[yellow]warning:[/] {}", w))
     m = snap.manifest
     store = StreamStore.open(m["store"])
     seen = store.read_blocks(m["plan_id"], snap.block)
@@ -269,7 +289,7 @@ def evaluate(
     k_main = 20 if 20 in ks else ks[0]
     models = sorted(res["models"], key=lambda n: (n == "student", n))  # teachers first
     blocks = sorted(res["models"][models[0]]["blocks"]) if models else []
-    t = Table(title=f"{m['job']} snapshot block-{snap.block:04d}: NDCG@{k_main} on the test part of each block")
+    t = Table(title=_m("{} snapshot block-{:04d}: NDCG@{} on the test part of each block", m["job"], snap.block, k_main))
     t.add_column("model")
     t.add_column("params", justify="right")
     for b in blocks:
@@ -277,7 +297,7 @@ def evaluate(
     t.add_column("mean", justify="right", style="bold")
     for name in models:
         r = res["models"][name]
-        t.add_row(name, f"{r['parameters']:,}", *[_fmt(r["blocks"][b][f"ndcg@{k_main}"]) for b in blocks],
+        t.add_row(_e(name), f"{r['parameters']:,}", *[_fmt(r["blocks"][b][f"ndcg@{k_main}"]) for b in blocks],
                   _fmt(r["mean"][f"ndcg@{k_main}"]))
     out.print(t)
     t = Table(title=f"mean over blocks 0..{snap.block}")
@@ -287,7 +307,7 @@ def evaluate(
         t.add_column(f"NDCG@{k}", justify="right")
     for name in models:
         mean = res["models"][name]["mean"]
-        t.add_row(name, *[_fmt(mean[f"{metric}@{k}"]) for k in ks for metric in ("recall", "ndcg")])
+        t.add_row(_e(name), *[_fmt(mean[f"{metric}@{k}"]) for k in ks for metric in ("recall", "ndcg")])
     out.print(t)
     t = Table(title=f"popularity bias at {k_main} (mean over blocks; groups by training popularity)")
     t.add_column("model")
@@ -297,7 +317,7 @@ def evaluate(
         t.add_column(label, justify="right")
     for name in models:
         mean = res["models"][name]["mean"]
-        t.add_row(name, *[_fmt(mean.get(key), digits=1 if key.startswith("avgpop") else 4) for key in bias_keys])
+        t.add_row(_e(name), *[_fmt(mean.get(key), digits=1 if key.startswith("avgpop") else 4) for key in bias_keys])
     out.print(t)
     _write_json(json_path, {"snapshot": str(snap.path), "warnings": warnings, **res})
 
@@ -325,7 +345,7 @@ def recommend(
         raise CkdError(f"--snapshot {snapshot!r}: use 'latest' or a block number such as 3")
     snap, warnings = resolve_snapshot(_find_job_runs(runs, job), which)
     for w in warnings:
-        err.print(f"[yellow]warning:[/] {escape(w)}")
+        err.print(_m("[yellow]warning:[/] {}", w))
     store = StreamStore.open(snap.manifest["store"])
     dense = store.dense_ids("user", user)
     seen = store.read_blocks(snap.manifest["plan_id"], snap.block)
@@ -335,13 +355,13 @@ def recommend(
     items, scores = recommend_from_snapshot(snap, seen, dense, k, model)
     names = store.external_ids("item", items.flatten().numpy())
     payload = {}
-    t = Table(title=f"{model} @ block-{snap.block:04d}: top-{k}")
+    t = Table(title=_m("{} @ block-{:04d}: top-{}", model, snap.block, k))
     t.add_column("user")
     t.add_column("items (best first)")
     for row, u in enumerate(user):
         ids = names[row * items.shape[1] : (row + 1) * items.shape[1]]
         payload[u] = [{"item": i, "score": float(sc)} for i, sc in zip(ids, scores[row].tolist())]
-        t.add_row(u, ", ".join(ids))
+        t.add_row(_e(u), _e(", ".join(ids)))
     out.print(t)
     _write_json(json_path, {"snapshot": str(snap.path), "model": model, "recommendations": payload})
 
@@ -359,23 +379,23 @@ def status(
 
     st = StreamStore.open(store)
     s = st.status()
-    out.print(f"[bold]store {store}[/]: {s['rows']:,} interactions, {s['users']:,} users, {s['items']:,} items, "
-              f"{len(s['segments'])} segments")
+    out.print(_m("[bold]store {}[/]: {:,} interactions, {:,} users, {:,} items, {} segments", store, s["rows"],
+                 s["users"], s["items"], len(s["segments"])))
     t = Table(title="segments")
     for c in ("id", "source", "rows", "first ts", "last ts", "content"):
         t.add_column(c)
     for seg in s["segments"]:
-        t.add_row(str(seg["id"]), str(seg["source"]), f"{seg['rows']:,}", str(seg["ts_min"]), str(seg["ts_max"]),
-                  str(seg["content_hash"])[:12])
+        t.add_row(str(seg["id"]), _e(seg["source"]), f"{seg['rows']:,}", str(seg["ts_min"]), str(seg["ts_max"]),
+                  _e(str(seg["content_hash"])[:12]))
     out.print(t)
     q = s.get("quarantine", {})
-    out.print("quarantine: " + (", ".join(f"{n:,} × {r}" for r, n in q.items()) if q else "empty"))
+    out.print(_m("quarantine: {}", ", ".join(f"{n:,} × {r}" for r, n in q.items()) if q else "empty"))
     for plan in s.get("plans", []):
-        out.print(f"plan {plan['plan_id']}: " + ", ".join(f"b{b['index']}={b['rows']:,}" for b in plan["blocks"]))
+        out.print(_m("plan {}: {}", plan["plan_id"], ", ".join(f"b{b['index']}={b['rows']:,}" for b in plan["blocks"])))
     commits = st.commit_summary()
     for c in commits:
-        out.print(f"job {c['job']} (lineage {c['lineage']}): committed blocks {', '.join(map(str, c['blocks'])) or 'none'}"
-                  + (f"; {c['revoked']} revoked" if c["revoked"] else ""))
+        out.print(_m("job {} (lineage {}): committed blocks {}{}", c["job"], c["lineage"],
+                     ", ".join(map(str, c["blocks"])) or "none", f"; {c['revoked']} revoked" if c["revoked"] else ""))
     s["commits"] = commits
     snaps = {}
     if runs.is_dir():
@@ -383,7 +403,7 @@ def status(
             blocks = list_snapshots(d) if d.is_dir() else []
             if blocks:
                 snaps[d.name] = blocks
-                out.print(f"snapshots {d}: blocks {', '.join(map(str, blocks))}")
+                out.print(_m("snapshots {}: blocks {}", d, ", ".join(map(str, blocks))))
     _write_json(json_path, {**s, "snapshots": snaps})
 
 

@@ -1,20 +1,26 @@
-"""The job spec: YAML → typed, validated, frozen dataclasses, with errors that name file and field.
+"""The job spec: YAML → strict, frozen pydantic models, with errors that name file and field.
 
-Only ``yaml.safe_load`` is used; a job file is data, never code. Every key is checked: an unknown
-key, a wrong type or an impossible value ends in one ``CkdError`` sentence with the fix.
+Only ``yaml.safe_load`` is used; a job file is data, never code. Every key is checked (unknown keys
+are refused), types are strict (no "3" → 3; an integer is accepted where a number is expected),
+values are constrained, and the first problem ends in one ``CkdError`` sentence:
+``<file>: <field.path>: <problem> (got <value>); <fix>``.
+
+Distillation is a stack of KD terms: ``distill.terms`` (teachers → student) and ``distill.feedback``
+(student → every teacher), each a list of term specs told apart by their ``name``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal, Union
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import CkdError
 
@@ -27,254 +33,375 @@ BACKBONE_PARAMS = {
     "multvae": ("dim", "hidden", "dropout", "beta"),
 }
 BACKBONE_NAMES = tuple(BACKBONE_PARAMS)
-DISTILL_METHODS = ("rrd", "hetcomp", "none")
 FUSIONS = ("rank", "importance")
 TEACHER_WEIGHTS = ("uniform", "valid_ndcg")
+# keys of the replaced one-method distill form (distill: {method: rrd, weight: ..., unkd: {...}})
+OLD_DISTILL_KEYS = ("method", "weight", "k", "pool", "uninteresting", "mode", "temperature", "score_clamp",
+                    "unkd", "hetcomp")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-@dataclass(frozen=True)
-class SyntheticSpec:
-    users: int = 2000
-    items: int = 1000
-    interactions: int = 60000
-    periods: int = 6
-    popularity_exponent: float = 1.0
-    drift: float = 0.3
-    new_user_fraction: float = 0.3
-    new_item_fraction: float = 0.3
-    latent_dim: int = 8
-    temperature: float = 0.5
-    seed: int = 0
+class _Bad(ValueError):
+    """A failed cross-field check: ``field`` is relative to the model that raised it ("" = itself)."""
+
+    def __init__(self, field: str, problem: str, got, fix: str):
+        super().__init__(problem)
+        self.field, self.problem, self.got, self.fix = field, problem, got, fix
 
 
-@dataclass(frozen=True)
-class SourceSpec:
-    dataset: str = "movielens-100k"  # movielens-100k | synthetic | store (an existing store, filled by `ckd ingest`)
-    store: str = "stores/ml-100k"  # the stream store directory (built from the dataset when missing)
-    synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
-
-    def validate(self, where: str) -> None:
-        if self.dataset not in DATASETS:
-            raise ValueError(f"{where}.dataset: unknown dataset {self.dataset!r}; use one of {', '.join(DATASETS)}")
+def _as_tuple(value):
+    return tuple(value) if isinstance(value, list) else value  # YAML/JSON lists → the tuples of the spec
 
 
-@dataclass(frozen=True)
-class BlockSpec:
-    base_fraction: float = 0.5
-    incremental: int = 5
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
-
-    def validate(self, where: str) -> None:
-        if not 0 < self.base_fraction < 1:
-            raise ValueError(f"{where}.base_fraction: must be between 0 and 1 (exclusive), got {self.base_fraction}")
-        if self.incremental < 1:
-            raise ValueError(f"{where}.incremental: needs at least 1 incremental block, got {self.incremental}")
-        if any(f < 0 for f in self.split) or abs(sum(self.split) - 1) > 1e-6 or self.split[0] <= 0:
-            raise ValueError(f"{where}.split: three non-negative fractions (train, valid, test) summing to 1, got {list(self.split)}")
+def _safe_name(value: str) -> str:
+    if not SAFE_NAME.match(value) or ".." in value:
+        raise _Bad("", "not a safe name", value,
+                   "use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit, without '..'")
+    return value
 
 
-@dataclass(frozen=True)
-class TrainSpec:
-    epochs_base: int = 40  # epochs on the base block (from scratch)
-    epochs_block: int = 10  # epochs on each incremental block (warm-started)
-    lr: float = 0.005
-    weight_decay: float = 1e-4  # L2 on the rows a batch touches (summed), not on absent users/items
-    batch_size: int = 1024
-
-    def validate(self, where: str) -> None:
-        for name in ("epochs_base", "epochs_block"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{where}.{name}: must be ≥ 0, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"{where}.lr: must be positive, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"{where}.weight_decay: must be ≥ 0, got {self.weight_decay}")
-        if self.batch_size < 1:
-            raise ValueError(f"{where}.batch_size: must be ≥ 1, got {self.batch_size}")
+def _tuple(item):
+    return Annotated[tuple[item, ...], BeforeValidator(_as_tuple)]
 
 
-@dataclass(frozen=True)
-class ResourceSpec:
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-
-    def validate(self, where: str) -> None:
-        if self.num_cpus < 0 or self.num_gpus < 0:
-            raise ValueError(f"{where}: num_cpus and num_gpus must be ≥ 0")
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
-@dataclass(frozen=True)
-class ModelSpec:
+def _check_name(name: str, field: str = "name") -> None:
+    try:
+        _safe_name(name)
+    except _Bad as e:
+        e.field = field
+        raise
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+class SyntheticSpec(_Spec):
+    """The generated stream (data/synthetic.py's SyntheticConfig accepts every spec this admits)."""
+
+    users: int = Field(2000, ge=2)
+    items: int = Field(1000, ge=2)
+    interactions: int = Field(60000, ge=1)
+    periods: int = Field(6, ge=1)
+    popularity_exponent: float = Field(1.0, ge=0)  # power-law (Zipf) item popularity
+    drift: float = Field(0.3, ge=0, le=1)  # how far user tastes move per period (0 = static)
+    new_user_fraction: float = Field(0.3, ge=0, lt=1)  # share of users first active after period 0
+    new_item_fraction: float = Field(0.3, ge=0, lt=1)  # share of items first available after period 0
+    latent_dim: int = Field(8, ge=1)
+    temperature: float = Field(0.5, gt=0)
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _fits(self):
+        if self.interactions < self.users:
+            raise _Bad("interactions", f"every user interacts at least once, so it must be ≥ users ({self.users})",
+                       self.interactions, "raise interactions or lower users")
+        if self.interactions > self.users * self.items // 2:
+            raise _Bad("interactions", f"must be ≤ users·items/2 ({self.users * self.items // 2})",
+                       self.interactions, "lower interactions or add users/items")
+        for name in ("new_user_fraction", "new_item_fraction"):
+            if getattr(self, name) > 0 and self.periods == 1:
+                raise _Bad(name, "must be 0 when periods is 1 (nothing can arrive later)", getattr(self, name),
+                           "set periods ≥ 2 or the fraction to 0")
+        return self
+
+
+class SourceSpec(_Spec):
+    # movielens-100k | synthetic | store (an existing store, filled by `ckd ingest`)
+    dataset: Literal[DATASETS] = "movielens-100k"
+    store: str = Field("stores/ml-100k", min_length=1)  # the stream store directory (built when missing)
+    synthetic: SyntheticSpec = SyntheticSpec()
+
+
+class BlockSpec(_Spec):
+    base_fraction: float = Field(0.5, gt=0, lt=1)  # the base block's share of interactions (by time)
+    incremental: int = Field(5, ge=1)  # incremental blocks of equal size after the base block
+    # per user inside each block: train / valid / test
+    split: Annotated[tuple[Annotated[float, Field(ge=0)], Annotated[float, Field(ge=0)],
+                           Annotated[float, Field(ge=0)]], BeforeValidator(_as_tuple)] = (0.8, 0.1, 0.1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self):
+        if abs(sum(self.split) - 1) > 1e-6 or self.split[0] <= 0:
+            raise _Bad("split", "three non-negative fractions (train, valid, test) summing to 1, train > 0",
+                       list(self.split), "e.g. [0.8, 0.1, 0.1]")
+        return self
+
+
+# -------------------------------------------------------------------------------------- models
+
+
+class TrainSpec(_Spec):
+    epochs_base: int = Field(40, ge=0)  # epochs on the base block (from scratch)
+    epochs_block: int = Field(10, ge=0)  # epochs on each incremental block (warm-started)
+    lr: float = Field(0.005, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)  # L2 on the rows a batch touches (summed), not on absent users/items
+    batch_size: int = Field(1024, ge=1)
+
+
+class ResourceSpec(_Spec):
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class ModelSpec(_Spec):
     name: str = "student"
-    backbone: str = "mf"
-    dim: int = 16  # embedding size (MultVAE: latent size)
-    layers: int = 2  # LightGCN propagation layers
-    hidden: int = 600  # MultVAE hidden width
-    dropout: float = 0.5  # MultVAE input dropout
-    beta: float = 0.2  # MultVAE KL weight
-    init: str = "neighbor"  # how rows for new users/items start: neighbor (1-hop mean) | random
-    train: TrainSpec = field(default_factory=TrainSpec)
-    resources: ResourceSpec = field(default_factory=ResourceSpec)
+    backbone: Literal[BACKBONE_NAMES] = "mf"
+    dim: int = Field(16, ge=1)  # embedding size (MultVAE: latent size)
+    layers: int = Field(2, ge=1)  # LightGCN propagation layers
+    hidden: int = Field(600, ge=1)  # MultVAE hidden width
+    dropout: float = Field(0.5, ge=0, lt=1)  # MultVAE input dropout
+    beta: float = Field(0.2, ge=0)  # MultVAE KL weight
+    init: Literal["neighbor", "random"] = "neighbor"  # new users/items start: neighbor (1-hop mean) | random
+    train: TrainSpec = TrainSpec()
+    resources: ResourceSpec = ResourceSpec()
+
+    @model_validator(mode="after")
+    def _name(self):
+        _check_name(self.name)
+        return self
 
     def backbone_params(self) -> dict:
         return {p: getattr(self, p) for p in BACKBONE_PARAMS[self.backbone]}
 
-    def validate(self, where: str) -> None:
-        if not self.name or any(c in self.name for c in "/\\ \t"):
-            raise ValueError(f"{where}.name: a non-empty name without spaces or slashes, got {self.name!r}")
-        if self.backbone not in BACKBONE_NAMES:
-            raise ValueError(f"{where}.backbone: unknown backbone {self.backbone!r}; use one of {', '.join(BACKBONE_NAMES)}")
-        if self.dim < 1:
-            raise ValueError(f"{where}.dim: must be a positive integer, got {self.dim}")
-        if self.layers < 1 or self.hidden < 1:
-            raise ValueError(f"{where}: layers and hidden must be positive integers")
-        if not 0 <= self.dropout < 1 or self.beta < 0:
-            raise ValueError(f"{where}: dropout must be in [0, 1) and beta ≥ 0")
-        if self.init not in ("neighbor", "random"):
-            raise ValueError(f"{where}.init: use neighbor or random, got {self.init!r}")
+
+# ------------------------------------------------------------------------------------ KD terms
+# Every term: ``name`` (its key in distill.base.TERMS) and ``weight`` (λ on its summed loss).
 
 
-@dataclass(frozen=True)
-class UnKDSpec:
-    """UnKD's popularity-stratified pairs (added to the student's loss when weight > 0)."""
+class RRDTermSpec(_Spec):
+    """RRD: the other side's top-k in order (Plackett-Luce) above sampled uninteresting items."""
 
-    weight: float = 0.0  # w in ... + w·L_UnKD (summed); 0 switches it off
-    groups: int = 4  # popularity groups of equal interaction mass
-    pairs: int = 32  # pairs per user and epoch, pairs // groups per group
-    per_group: int = 200  # teacher's top items kept per group
-    temperature: float = 20.0  # p(rank r) ∝ exp(-(r+1)/T)
+    name: Literal["rrd"] = "rrd"
+    weight: float = Field(0.01, ge=0)
+    k: int = Field(40, ge=1)  # interesting items per user
+    pool: int = Field(500, ge=1)  # top-N that uninteresting items avoid (and, mode sample, K are drawn from)
+    uninteresting: int = Field(40, ge=1)
+    mode: Literal["direct", "sample"] = "direct"  # direct: top-k as is | sample: k of the pool, p ∝ exp(-rank/T)
+    temperature: float = Field(10.0, gt=0)
+    score_clamp: float | None = Field(None, gt=0)  # scores clamped to ≤ this in the loss (CCD: 10)
 
-    def validate(self, where: str) -> None:
-        if self.weight < 0 or self.groups < 1 or self.per_group < 2 or self.temperature <= 0:
-            raise ValueError(f"{where}: weight ≥ 0, groups ≥ 1, per_group ≥ 2 and temperature > 0 are required")
-        if self.weight > 0 and self.pairs < self.groups:
-            raise ValueError(f"{where}.pairs: at least one pair per group is needed ({self.groups}), got {self.pairs}")
+    @model_validator(mode="after")
+    def _pool(self):
+        if self.pool < self.k:
+            raise _Bad("pool", f"must be ≥ k ({self.k})", self.pool, "raise pool or lower k")
+        return self
 
 
-@dataclass(frozen=True)
-class HetCompSpec:
-    """HetComp: teacher trajectories, dynamic knowledge construction, two-phase loss."""
+class IRRRDTermSpec(_Spec):
+    """IR-RRD: the same listwise loss item-side (each item's top users against uninteresting users)."""
 
-    checkpoints: int = 4  # checkpoints per teacher and block (its trajectory), evenly spaced in epochs
-    k: int = 100  # target size: top-k of the summed importance
-    observed: int = 10  # observed items added to the target
-    early_weight: float = 0.01
-    late_weight: float = 0.005
-    dkc_every: int = 10  # epochs between dynamic knowledge construction steps
+    name: Literal["ir_rrd"] = "ir_rrd"
+    weight: float = Field(0.01, ge=0)
+    k: int = Field(40, ge=1)  # interesting users per item
+    pool: int = Field(500, ge=1)
+    uninteresting: int = Field(40, ge=1)
+    score_clamp: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _pool(self):
+        if self.pool < self.k:
+            raise _Bad("pool", f"must be ≥ k ({self.k})", self.pool, "raise pool or lower k")
+        return self
+
+
+class UnKDTermSpec(_Spec):
+    """UnKD: pairs sampled inside popularity groups of equal interaction mass."""
+
+    name: Literal["unkd"] = "unkd"
+    weight: float = Field(0.05, ge=0)
+    groups: int = Field(4, ge=1)  # popularity groups of equal interaction mass
+    pairs: int = Field(32, ge=1)  # pairs per user and epoch, pairs // groups per group
+    per_group: int = Field(200, ge=2)  # top items kept per group
+    temperature: float = Field(20.0, gt=0)  # p(rank r) ∝ exp(-(r+1)/T)
+
+    @model_validator(mode="after")
+    def _pairs(self):
+        if self.pairs < self.groups:
+            raise _Bad("pairs", f"at least one pair per group is needed, so it must be ≥ groups ({self.groups})",
+                       self.pairs, "raise pairs or lower groups")
+        return self
+
+
+class HetCompTermSpec(_Spec):
+    """HetComp: trajectories, dynamic knowledge construction, the two-phase loss."""
+
+    name: Literal["hetcomp"] = "hetcomp"
+    weight: float = Field(1.0, ge=0)
+    checkpoints: int = Field(4, ge=1)  # checkpoints per model and block (its trajectory), evenly spaced
+    k: int = Field(100, ge=1)  # target size: top-k of the summed importance
+    observed: int = Field(10, ge=0)  # observed items added to the target
+    early_weight: float = Field(0.01, gt=0)
+    late_weight: float = Field(0.005, gt=0)
+    dkc_every: int = Field(10, ge=1)  # epochs between dynamic knowledge construction steps
     with_bpr: bool = False  # the authors' student learns from the KD loss only
 
-    def validate(self, where: str) -> None:
-        if self.checkpoints < 1 or self.k < 1 or self.observed < 0 or self.dkc_every < 1:
-            raise ValueError(f"{where}: checkpoints, k and dkc_every must be ≥ 1, observed ≥ 0")
+
+class BDTermSpec(_Spec):
+    """BD: BCE towards σ(other/τ) on items drawn by the rank gap between the two models."""
+
+    name: Literal["bd"] = "bd"
+    weight: float = Field(0.5, ge=0)
+    temperature: float = Field(5.0, gt=0)  # τ of the soft label σ(other/τ)
+    eps_teacher: float = Field(1e-4, gt=0)
+    eps_student: float = Field(1e-2, gt=0)
+    sign: Literal["code", "paper"] = "code"  # code: train on items the model ranks higher than the other
+    refresh: int = Field(10, ge=1)  # epochs between refreshing the own ranks
 
 
-@dataclass(frozen=True)
-class DistillSpec:
-    method: str = "rrd"  # rrd | hetcomp | none
-    weight: float = 0.01  # λ in BPR + λ·RRD, both summed over the batch
-    k: int = 40  # teacher's interesting items per user
-    pool: int = 500  # teacher top-N that uninteresting items avoid
-    uninteresting: int = 40
-    mode: str = "direct"  # direct (teacher top-K as is) | sample (K of the pool, p ∝ exp(-rank/T))
-    temperature: float = 10.0
-    score_clamp: float | None = None
-    fusion: str = "rank"  # several teachers → one ranking: rank (CCD, mean (1/rank)^0.05) | importance (HetComp)
-    teacher_weights: str = "uniform"  # uniform | valid_ndcg (each teacher's validation NDCG@20 on the last block)
-    unkd: UnKDSpec = field(default_factory=UnKDSpec)
-    hetcomp: HetCompSpec = field(default_factory=HetCompSpec)
+class ReplayTermSpec(_Spec):
+    """CCD's replay: items the knowledge ranks in its top and above the model, label σ(score)."""
 
-    def validate(self, where: str) -> None:
-        if self.method not in DISTILL_METHODS:
-            raise ValueError(f"{where}.method: unknown method {self.method!r}; use one of {', '.join(DISTILL_METHODS)}")
-        if self.weight < 0:
-            raise ValueError(f"{where}.weight: must be ≥ 0, got {self.weight}")
-        if self.k < 1 or self.uninteresting < 1:
-            raise ValueError(f"{where}: k and uninteresting must be ≥ 1")
-        if self.pool < self.k:
-            raise ValueError(f"{where}.pool: must be ≥ k ({self.k}), got {self.pool}")
-        if self.mode not in ("direct", "sample"):
-            raise ValueError(f"{where}.mode: use direct or sample, got {self.mode!r}")
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"{where}.fusion: use one of {', '.join(FUSIONS)}, got {self.fusion!r}")
-        if self.teacher_weights not in TEACHER_WEIGHTS:
-            raise ValueError(f"{where}.teacher_weights: use one of {', '.join(TEACHER_WEIGHTS)}, got {self.teacher_weights!r}")
+    name: Literal["replay"] = "replay"
+    weight: float = Field(0.5, ge=0)  # λ_e = weight · exp(-epoch / decay)
+    decay: float = Field(10.0, gt=0)
+    top: int = Field(50, ge=1)  # the proxy's top-ab
+    eps: float = Field(1e-4, gt=0)  # p ∝ exp(eps · (rank_model - rank_other))
+    every: int = Field(5, ge=1)  # epochs between re-draws
+    per_user: int = Field(10, ge=1)  # replayed items per user and draw
+    source: Literal["proxies", "peers"] = "proxies"  # peers: the knowledge handed over (e.g. the student's)
+
+
+class KeepTermSpec(_Spec):
+    """A model keeps its own pre-block top-k order (RRD against its knowledge from before the update)."""
+
+    name: Literal["keep"] = "keep"
+    weight: float = Field(0.01, ge=0)
+    k: int = Field(40, ge=1)
+    uninteresting: int = Field(40, ge=1)
+
+
+TERM_SPECS = {c.model_fields["name"].default: c for c in (
+    RRDTermSpec, IRRRDTermSpec, UnKDTermSpec, HetCompTermSpec, BDTermSpec, ReplayTermSpec, KeepTermSpec)}
+TERM_NAMES = tuple(TERM_SPECS)
+TermSpec = Annotated[Union[RRDTermSpec, IRRRDTermSpec, UnKDTermSpec, HetCompTermSpec, BDTermSpec,
+                           ReplayTermSpec, KeepTermSpec], Field(discriminator="name")]
+
+
+class DistillSpec(_Spec):
+    terms: _tuple(TermSpec) = ()  # teachers → student, stacked: BPR + Σ weight · term
+    feedback: _tuple(TermSpec) = ()  # student → every teacher (the collaborative direction)
+    # several teachers → one ranking: rank (CCD, mean (1/rank)^0.05) | importance (HetComp)
+    fusion: Literal[FUSIONS] = "rank"
+    # uniform | valid_ndcg (each teacher's validation NDCG@20 on the last block)
+    teacher_weights: Literal[TEACHER_WEIGHTS] = "uniform"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_form(cls, data):
+        if isinstance(data, dict):
+            old = [k for k in OLD_DISTILL_KEYS if k in data]
+            if old:
+                raise _Bad(old[0], "the one-method form was replaced by a list of terms",
+                           _Raw(f"{old[0]}: {_show(data[old[0]])}"),
+                           "write e.g. distill: {terms: [{name: rrd, weight: 0.01, k: 40}, {name: unkd, weight: 0.05}]}")
+        return data
 
     @property
     def needs_teachers(self) -> bool:
-        return self.method != "none" or self.unkd.weight > 0
+        return bool(self.terms)
+
+    def term(self, name: str):
+        """The first term spec of that name in ``terms``, or None."""
+        return next((t for t in self.terms if t.name == name), None)
 
 
-@dataclass(frozen=True)
-class EvalSpec:
-    ks: tuple[int, ...] = (10, 20, 50)
-    chunk_size: int = 1024
+class ProxySpec(_Spec):
+    """CCD's EMA proxies of the student: P ← w·P + (1-w)·student after each block."""
 
-    def validate(self, where: str) -> None:
-        if not self.ks or any(k < 1 for k in self.ks):
-            raise ValueError(f"{where}.ks: a non-empty list of positive cut-offs, got {list(self.ks)}")
-        if self.chunk_size < 1:
-            raise ValueError(f"{where}.chunk_size: must be ≥ 1")
+    stability: float = Field(0.9, ge=0, le=1)
+    plasticity: float = Field(0.1, ge=0, le=1)
 
 
-@dataclass(frozen=True)
-class SnapshotSpec:
+class ContinualSpec(_Spec):
+    # warm: every model continues from the last block | scratch: rebuilt and trained on all data so far
+    strategy: Literal["warm", "scratch"] = "warm"
+    # teachers_first | student_first (CCD: the student learns from the teachers of block k-1, then the
+    # teachers update with its feedback)
+    order: Literal["teachers_first", "student_first"] = "teachers_first"
+    proxies: ProxySpec | None = None
+
+
+# ------------------------------------------------------------------------------ eval, runtime
+
+
+class EvalSpec(_Spec):
+    ks: Annotated[tuple[Annotated[int, Field(ge=1)], ...], BeforeValidator(_as_tuple),
+                  Field(min_length=1)] = (10, 20, 50)
+    chunk_size: int = Field(1024, ge=1)
+
+
+class SnapshotSpec(_Spec):
     dir: str = ""  # default: runs/<job name>
-    keep_last: int = 0  # 0 keeps every snapshot
-    keep: tuple[int, ...] = ()  # blocks whose snapshots are never pruned
-
-    def validate(self, where: str) -> None:
-        if self.keep_last < 0:
-            raise ValueError(f"{where}.keep_last: must be ≥ 0 (0 keeps all), got {self.keep_last}")
-        if any(b < 0 for b in self.keep):
-            raise ValueError(f"{where}.keep: block numbers are ≥ 0, got {list(self.keep)}")
+    keep_last: int = Field(0, ge=0)  # 0 keeps every snapshot
+    keep: _tuple(Annotated[int, Field(ge=0)]) = ()  # blocks whose snapshots are never pruned
 
 
-@dataclass(frozen=True)
-class RuntimeSpec:
-    num_cpus: int | None = None  # CPUs of the embedded local Ray (default: all)
-    device: str = "auto"  # auto (CUDA when an actor has a GPU) | cpu | cuda
-    max_restarts: int = 3  # Ray restarts of a dead model actor (it then reloads the last committed state)
-    block_attempts: int = 3  # tries of one block before the job gives up (each from the last commit)
-
-    def validate(self, where: str) -> None:
-        if self.max_restarts < 0 or self.block_attempts < 1:
-            raise ValueError(f"{where}: max_restarts must be ≥ 0 and block_attempts ≥ 1")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"{where}.device: use auto, cpu or cuda, got {self.device!r}")
-        if self.num_cpus is not None and self.num_cpus < 1:
-            raise ValueError(f"{where}.num_cpus: must be ≥ 1, got {self.num_cpus}")
+class RuntimeSpec(_Spec):
+    num_cpus: int | None = Field(None, ge=1)  # CPUs of the embedded local Ray (default: all)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when an actor has a GPU
+    max_restarts: int = Field(3, ge=0)  # Ray restarts of a dead model actor (it reloads the last commit)
+    block_attempts: int = Field(3, ge=1)  # tries of one block before the job gives up (each from the last commit)
 
 
-@dataclass(frozen=True)
-class JobSpec:
-    name: str = "stream"
-    seed: int = 0
-    source: SourceSpec = field(default_factory=SourceSpec)
-    blocks: BlockSpec = field(default_factory=BlockSpec)
-    teachers: tuple[ModelSpec, ...] = ()
-    student: ModelSpec = field(default_factory=ModelSpec)
-    distill: DistillSpec = field(default_factory=DistillSpec)
-    eval: EvalSpec = field(default_factory=EvalSpec)
-    snapshots: SnapshotSpec = field(default_factory=SnapshotSpec)
-    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+class JobSpec(_Spec):
+    name: str = "stream"  # a safe path component: runs/<name>, catalog lineage
+    seed: int = Field(0, ge=0)
+    source: SourceSpec = SourceSpec()
+    blocks: BlockSpec = BlockSpec()
+    teachers: _tuple(ModelSpec) = ()
+    student: ModelSpec = ModelSpec()
+    distill: DistillSpec = DistillSpec()
+    continual: ContinualSpec = ContinualSpec()
+    eval: EvalSpec = EvalSpec()
+    snapshots: SnapshotSpec = SnapshotSpec()
+    runtime: RuntimeSpec = RuntimeSpec()
 
-    def validate(self, where: str) -> None:
-        if not self.name or any(c in self.name for c in "/\\ \t"):
-            raise ValueError(f"{where}.name: a non-empty name without spaces or slashes, got {self.name!r}")
-        if self.distill.needs_teachers and not self.teachers:
-            raise ValueError(f"{where}.teachers: distillation ({self.distill.method}"
-                             f"{', unkd' if self.distill.unkd.weight > 0 else ''}) needs at least one teacher")
-        names = [t.name for t in self.teachers] + [self.student.name]
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise ValueError(f"{where}: model names must be unique, {sorted(dup)} used twice")
+    @model_validator(mode="after")
+    def _consistent(self):
+        _check_name(self.name)
+        seen = {}
+        for path, m in [*((f"teachers[{i}]", t) for i, t in enumerate(self.teachers)), ("student", self.student)]:
+            if m.name in seen:
+                raise _Bad(f"{path}.name", f"model names must be unique, {seen[m.name]} has it too", m.name,
+                           "rename one of them")
+            seen[m.name] = path
+        d = self.distill
+        if (d.terms or d.feedback) and not self.teachers:
+            which = "terms" if d.terms else "feedback"
+            names = ", ".join(t.name for t in getattr(d, which))
+            raise _Bad("teachers", f"distill.{which} ({names}) needs at least one teacher", _Raw("no teachers"),
+                       f"add a teacher or remove distill.{which}")
+        for which, models, label in (("terms", self.teachers, "teachers"), ("feedback", (self.student,), "student")):
+            for i, t in enumerate(getattr(d, which)):
+                if t.name == "hetcomp":
+                    self._checkpoints_fit(f"distill.{which}[{i}]", t.checkpoints, models, label)
+                if t.name == "replay" and t.source == "proxies" and self.continual.proxies is None:
+                    raise _Bad(f"distill.{which}[{i}].source", "replays the student's proxies, which are off",
+                               t.source, "set continual.proxies (e.g. {stability: 0.9, plasticity: 0.1}) "
+                                         "or use source: peers")
+        return self
+
+    def _checkpoints_fit(self, where: str, checkpoints: int, models, label: str) -> None:
+        """A trajectory of `checkpoints` needs at least as many epochs in every update that trains."""
+        runs = [(getattr(m.train, e), f"{label}[{i}]" if label == "teachers" else label, e)
+                for i, m in enumerate(models) for e in ("epochs_base", "epochs_block") if getattr(m.train, e) > 0]
+        if runs:
+            epochs, who, e = min(runs)
+            if checkpoints > epochs:
+                raise _Bad(f"{where}.checkpoints", f"must be ≤ the epochs of every update ({who}.train.{e} is "
+                           f"{epochs})", checkpoints, f"lower checkpoints to {epochs} or raise {who}.train.{e}")
 
     @property
     def snapshot_dir(self) -> Path:
         return Path(self.snapshots.dir or f"runs/{self.name}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain data (tuples stay tuples; JSON turns them into lists); ``parse_job`` reads it back."""
+        return self.model_dump()
 
     def config_hash(self) -> str:
         """Identity of the lineage: everything that changes results (not where or how fast it runs)."""
@@ -286,76 +413,147 @@ class JobSpec:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# ---------------------------------------------------------------- generic typed parsing
+# ------------------------------------------------------------------------- errors → one sentence
 
 
-def _type_name(tp) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+class _Raw(str):
+    """A `got` value already written out (shown as is, not quoted)."""
 
 
-def _coerce(value, tp, where: str):
+def _show(value) -> str:
+    if isinstance(value, _Raw):
+        return str(value)
+    if isinstance(value, tuple):
+        value = list(value)
+    text = {None: "null", True: "true", False: "false"}.get(value, None) if isinstance(value, (bool, type(None))) \
+        else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _num(x) -> str:
+    return str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
+
+
+def _models_in(tp) -> list:
+    """The model classes an annotation holds (through Annotated, Optional, unions and tuples)."""
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return [tp]
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
+    if origin in (Annotated, tuple, Union, types.UnionType):
+        args = typing.get_args(tp)[:1] if origin is Annotated else typing.get_args(tp)
+        return [m for a in args if a is not Ellipsis for m in _models_in(a)]
+    return []
+
+
+def _model_at(loc) -> type[BaseModel] | None:
+    """The model class at a pydantic error location (None when it is not one model)."""
+    current = [JobSpec]
+    for part in loc:
+        if isinstance(part, int):
+            continue  # an element of a tuple: its models are already `current`
+        if len(current) > 1 and part in TERM_SPECS:
+            current = [TERM_SPECS[part]]  # the tag pydantic puts in the location of a union member
+            continue
+        owner = next((m for m in current if part in m.model_fields), None)
+        if owner is None:
             return None
-        return _coerce(value, args[0], where)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}, got {value!r}")
-        return _build(tp, value, where)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ValueError(f"{where}: expected a list of {len(args)} values, got {len(value)}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {tp}")
+        current = _models_in(owner.model_fields[part].annotation)
+    return current[0] if len(current) == 1 else None
 
 
-def _build(cls, data: dict, where: str):
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        at = f"{where}: unknown key" if where else "unknown top-level key"
-        raise ValueError(f"{at} {unknown[0]!r}; allowed keys are {', '.join(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        sub = f"{where}.{name}" if where else name
-        kwargs[name] = _coerce(value, hints[name], sub)
-    obj = cls(**kwargs)
-    if hasattr(obj, "validate"):
-        obj.validate(where or "job")
-    return obj
+def _path(loc) -> str:
+    out = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in TERM_SPECS and i >= 2 and isinstance(loc[i - 1], int) and loc[i - 2] in ("terms", "feedback"):
+            continue  # the union tag: the path names the list element, not the member class
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _keys(loc) -> str:
+    model = _model_at(loc)
+    return ", ".join(model.model_fields) if model else "see docs/ARCHITECTURE.md"
+
+
+def _describe(err: dict) -> str:
+    """One pydantic error → '<field.path>: <problem> (got <value>); <fix>'."""
+    kind, loc, got, ctx = err["type"], tuple(err["loc"]), err.get("input"), err.get("ctx") or {}
+    path = _path(loc)
+    terms = ", ".join(TERM_NAMES)
+    if kind == "value_error" and isinstance(ctx.get("error"), _Bad):
+        bad = ctx["error"]
+        path = ".".join(p for p in (path, bad.field) if p).replace(".[", "[")
+        problem, got, fix = bad.problem, bad.got, bad.fix
+    elif kind == "extra_forbidden":
+        parent = _path(loc[:-1])
+        problem = "unknown key" if parent else "unknown top-level key"
+        fix = f"the keys of {parent} are {_keys(loc[:-1])}" if parent else f"the top-level keys are {_keys(())}"
+    elif kind == "union_tag_not_found":
+        if isinstance(got, dict):
+            path, problem, got, fix = f"{path}.name", "a term needs a name", _Raw("no name"), f"use one of {terms}"
+        else:
+            problem, fix = "a term is a mapping", "write e.g. {name: rrd, weight: 0.01}"
+    elif kind == "union_tag_invalid":
+        path, problem, got, fix = f"{path}.name", "unknown term", ctx.get("tag"), f"use one of {terms}"
+    elif kind in ("model_type", "model_attributes_type", "dict_type"):
+        if len(loc) >= 2 and isinstance(loc[-1], int) and loc[-2] in ("terms", "feedback"):
+            problem, fix = "a term is a mapping with a name", "write e.g. {name: rrd, weight: 0.01}"
+        else:
+            problem, fix = "must be a mapping", f"write key: value pairs ({_keys(loc)})"
+    elif kind in ("tuple_type", "list_type"):
+        problem, fix = "must be a list", "write a YAML list: [a, b] or one '- ' line per element"
+    elif kind == "missing" and loc and isinstance(loc[-1], int):  # a fixed-size list that is too short
+        path, problem, fix = _path(loc[:-1]), "has too few values", "write one value per position"
+        if path.endswith("split"):
+            problem, fix = "needs 3 values (train, valid, test)", "write e.g. [0.8, 0.1, 0.1]"
+    elif kind == "too_short":
+        problem, fix = f"needs at least {ctx.get('min_length')} value(s)", "add values"
+        if ctx.get("field_type") == "Tuple" and path.endswith("split"):
+            problem, fix = "needs 3 values (train, valid, test)", "write e.g. [0.8, 0.1, 0.1]"
+    elif kind == "too_long":
+        problem, fix = f"takes at most {ctx.get('max_length')} value(s)", "remove values"
+        if path.endswith("split"):
+            problem, fix = "needs 3 values (train, valid, test)", "write e.g. [0.8, 0.1, 0.1]"
+    elif kind == "literal_error":
+        problem, fix = "not one of the choices", f"use one of {ctx.get('expected')}"
+    elif kind in ("int_type", "int_from_float"):
+        problem, fix = "must be an integer", "write a whole number without quotes"
+    elif kind == "float_type":
+        problem, fix = "must be a number", "write a number without quotes, e.g. 0.5"
+        if isinstance(got, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", got.strip()):
+            fix = "write the exponent with a decimal point, e.g. 1.0e-4 (YAML reads 1e-4 as text)"
+    elif kind == "finite_number":
+        problem, fix = "must be a finite number", "write an ordinary number"
+    elif kind == "bool_type":
+        problem, fix = "must be true or false", "write true or false"
+    elif kind == "string_type":
+        problem, fix = "must be a string", "quote it"
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op, bound = {"greater_than": (">", "gt"), "greater_than_equal": ("≥", "ge"),
+                     "less_than": ("<", "lt"), "less_than_equal": ("≤", "le")}[kind]
+        limit = _num(ctx.get(bound))
+        problem, fix = f"must be {op} {limit}", f"use a value {op} {limit}"
+    else:
+        problem, fix = err.get("msg", "invalid value"), "fix this value"
+    return f"{path or 'job'}: {problem} (got {_show(got)}); {fix}"
+
+
+def parse_spec(cls: type[BaseModel], data, source: str):
+    """Validate `data` as `cls`; a problem becomes one ``CkdError`` naming `source` and the field."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise CkdError(f"{source}: {_describe(e.errors()[0])}") from None
 
 
 def parse_job(data, source: str = "<job>") -> JobSpec:
     if not isinstance(data, dict):
-        raise CkdError(f"{source}: a job file must be a YAML mapping (name, source, blocks, teachers, student, ...), got {type(data).__name__}")
-    try:
-        return _build(JobSpec, data, "")
-    except ValueError as e:
-        raise CkdError(f"{source}: {e}") from None
+        raise CkdError(f"{source}: a job file must be a YAML mapping (name, source, blocks, teachers, student, ...), "
+                       f"got {type(data).__name__}")
+    return parse_spec(JobSpec, data, source)
 
 
 def load_job(path: str | Path) -> JobSpec:

@@ -183,6 +183,68 @@ def prune_snapshots(runs_dir: Path, keep_last: int, keep: set[int] = frozenset()
     return deleted
 
 
+def remove_job_snapshots(runs_dir: Path, job: str) -> list[int]:
+    """Delete the snapshot folders job ``job`` wrote in ``runs_dir`` (for ``submit --restart``); → blocks.
+
+    Only what this module wrote for that job goes: ``block-NNNN`` folders whose manifest names the job
+    and that hold nothing but the manifest's files, plus temp folders of interrupted writes. Anything
+    else in ``runs_dir`` (another job's snapshots, any other file), or a ``runs_dir`` that is the
+    working directory or one of its parents, makes it refuse before deleting anything.
+    """
+    from .locks import LOCK_FILE
+
+    runs_dir = Path(runs_dir)
+    if not runs_dir.exists():
+        return []
+    where = Path.cwd().resolve()
+    target = runs_dir.resolve()
+    if runs_dir.is_symlink() or not runs_dir.is_dir():
+        raise CkdError(f"--restart: {runs_dir} is not a plain snapshot folder (a file or a link); refusing to "
+                       f"delete it, point snapshots.dir at a folder of its own")
+    if target == where or target in where.parents:
+        raise CkdError(f"--restart: the snapshot folder {runs_dir} is the working directory or one of its parents; "
+                       f"refusing to delete it, set snapshots.dir to a folder of the job's own (e.g. runs/{job})")
+    blocks, leftovers = [], []
+    for entry in sorted(runs_dir.iterdir()):
+        if entry.name == LOCK_FILE and entry.is_file() and not entry.is_symlink():
+            continue
+        if _LEFTOVER.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+            leftovers.append(entry)
+            continue
+        m = _BLOCK_DIR.fullmatch(entry.name)
+        owner = _snapshot_job(entry) if m and entry.is_dir() and not entry.is_symlink() else None
+        if owner != job:
+            what = (f"a snapshot of job {owner!r}" if isinstance(owner, str) else
+                    "not a snapshot this job wrote")
+            raise CkdError(f"--restart: {entry} is {what}; refusing to delete {runs_dir}, "
+                           f"move that out or give this job its own snapshots.dir")
+        blocks.append(int(m.group(1)))
+    for entry in leftovers:
+        shutil.rmtree(entry, ignore_errors=True)
+    for block in blocks:  # rename first so a half-deleted folder never looks like a snapshot
+        aside = runs_dir / f".old-{block_dir_name(block)}-{uuid.uuid4().hex}"
+        os.replace(runs_dir / block_dir_name(block), aside)
+        shutil.rmtree(aside)
+    if blocks or leftovers:
+        _fsync_dir(runs_dir)
+    return blocks
+
+
+def _snapshot_job(path: Path) -> str | None:
+    """The job named by the manifest of snapshot folder ``path``, if the folder holds only its files."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return None
+    own = {MANIFEST, *manifest["files"]}
+    if any(e.name not in own or not e.is_file() or e.is_symlink() for e in path.iterdir()):
+        return None
+    job = manifest.get("job")
+    return job if isinstance(job, str) else None
+
+
 def _damage(path: Path) -> tuple[str, str] | None:
     """(file name, what is wrong) for the first problem found in a snapshot folder, or None if intact."""
     try:

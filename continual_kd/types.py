@@ -80,3 +80,20 @@ class Interactions:
             max(p.num_users for p in parts),
             max(p.num_items for p in parts),
         )
+
+
+@dataclass(frozen=True)
+class Knowledge:
+    """What one model hands another for one block, in either direction (numpy: small, crosses
+    processes): a teacher's lists for the student, or the student's (and its proxies') for the teachers."""
+
+    source: str
+    block: int
+    users: np.ndarray  # (U,) int64: the users of the block
+    items: np.ndarray  # (U, N) int64: top-N unobserved items, best first
+    scores: np.ndarray  # (U, N) float32
+    group_items: np.ndarray | None = None  # (U, G, M) top items inside each popularity group (UnKD), -1 padded
+    trajectory: tuple[np.ndarray, ...] = ()  # (U, N) top lists at checkpoints of the block's training (HetComp)
+    observed_items: np.ndarray | None = None  # (U, P) the users' known items, best first by this teacher, -1 padded
+    item_ids: np.ndarray | None = None  # (J,) items with per-item lists (IR-RRD)
+    item_users: np.ndarray | None = None  # (J, M) top-M users of each of item_ids, best first

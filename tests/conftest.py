@@ -57,7 +57,7 @@ teachers:
 student:
   dim: 8
   train: {{epochs_base: 8, epochs_block: 4, batch_size: 512}}
-distill: {{method: rrd, weight: 0.01, k: 10, pool: 30, uninteresting: 10}}
+distill: {{terms: [{{name: rrd, weight: 0.01, k: 10, pool: 30, uninteresting: 10}}]}}
 eval: {{ks: [10, 20]}}
 """
 

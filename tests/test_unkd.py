@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from continual_kd.distill import (DISTILLERS, UnKDConfig, UnKDTargets, fuse_group_rankings, group_rankings,
+from continual_kd.distill import (TERMS, UnKDConfig, UnKDTargets, fuse_group_rankings, group_rankings,
                                   popularity_groups, teacher_group_rankings)
 from continual_kd.distill.unkd import truncated_geometric
 from continual_kd.models import build_backbone
@@ -190,6 +190,6 @@ def test_kd_alone_teaches_the_in_group_order(one_thread):
 
 
 def test_registry_and_validation():
-    assert DISTILLERS["unkd"] == (UnKDConfig, UnKDTargets)
+    assert TERMS["unkd"].name == "unkd" and set(TERMS) >= {"rrd", "unkd", "hetcomp"}
     with pytest.raises(ValueError, match="padding"):
         UnKDTargets(UnKDConfig(), torch.tensor([0]), torch.tensor([[[1, -1, 2]]]))

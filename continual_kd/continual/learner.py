@@ -3,27 +3,33 @@
 ``Learner`` is plain Python and runs in one process; ``runtime/`` wraps one per Ray actor. Every call
 takes the interactions seen so far and the block index, so a call can be repeated (idempotent given
 the model state it starts from) and the same code gives the same numbers in-process and under Ray.
+Knowledge flows both ways through the same calls: ``knowledge`` / ``feedback`` produce lists for the
+other side, ``update`` consumes them through the job's KD terms (``distill.TERMS``).
+
+What a model may see (``eval.protocol.model_pairs``): while block k is trained, validated or
+tested, the training pairs of blocks ≤ k and the validation pairs of blocks < k — never block k's
+validation pairs nor any test pair (not as positives, graph edges or input rows).
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 
 import numpy as np
 import torch
 
-from ..config import DistillSpec, EvalSpec, ModelSpec
-from ..distill import (RRDConfig, RRDTargets, UnKDConfig, UnKDTargets, fuse_group_rankings, fuse_rankings,
-                       popularity_groups, teacher_group_rankings)
-from ..distill.hetcomp import HetCompConfig, HetCompTargets
-from ..eval import eval_sets, evaluate_ranking, top_k_items
+from ..config import EvalSpec, ModelSpec
+from ..distill import TERMS, TermContext, popularity_groups, teacher_group_rankings
+from ..eval import eval_sets, evaluate_ranking, model_pairs, model_pairs_mask, plasticity_stability, top_k_items
 from ..eval.bias import item_popularity_groups
 from ..models import build_backbone, num_parameters
 from ..sparse import UserItemSet
-from ..types import TEST, TRAIN, VALID, Interactions
+from ..types import TEST, TRAIN, VALID, Interactions, Knowledge
 from .training import train_epochs
+
+AUX = "aux."  # prefix of non-model tensors (proxies, KD term state) inside a saved state's weights
 
 
 def derive_seed(*parts) -> int:
@@ -41,35 +47,33 @@ def resolve_device(requested: str = "auto", has_gpu: bool | None = None) -> str:
     return "cuda" if cuda else "cpu"
 
 
-@dataclass(frozen=True)
-class Knowledge:
-    """What a teacher hands the student for one block (numpy: small, crosses processes)."""
-
-    source: str
-    block: int
-    users: np.ndarray  # (U,) int64: the users of the block
-    items: np.ndarray  # (U, N) int64: top-N unobserved items, best first
-    scores: np.ndarray  # (U, N) float32
-    group_items: np.ndarray | None = None  # (U, G, M) top items inside each popularity group (UnKD), -1 padded
-    trajectory: tuple[np.ndarray, ...] = ()  # (U, N) top lists at checkpoints of the block's training (HetComp)
-    observed_items: np.ndarray | None = None  # (U, P) the users' known items, best first by this teacher, -1 padded
-
-
 def item_counts(seen: Interactions, device="cpu") -> torch.Tensor:
-    """(I,) training popularity: interactions per item over every non-test pair seen so far."""
-    ok = seen.split != TEST
-    counts = np.bincount(seen.items[ok], minlength=seen.num_items)
+    """(I,) training popularity: interactions per item over the pairs a model may see now."""
+    counts = np.bincount(seen.items[model_pairs_mask(seen)], minlength=seen.num_items)
     return torch.as_tensor(counts, dtype=torch.float32, device=device)
 
 
+def flatten_knowledge(knowledge) -> list[Knowledge]:
+    """Knowledge as handed over: one list per model, and a model may hand several (the student and its
+    proxies); in the order given."""
+    out = []
+    for k in knowledge or ():
+        out.extend(flatten_knowledge(k) if isinstance(k, (list, tuple)) else [k])
+    return out
+
+
 class Learner:
-    def __init__(self, spec: ModelSpec, seed: int, device: str = "cpu"):
+    def __init__(self, spec: ModelSpec, seed: int, device: str = "cpu", role: str = "student"):
         self.spec = spec
         self.seed = seed
         self.device = device
+        self.role = role  # "student" or "teacher": the side it is on (some KD terms differ by side)
         self.model = None
         self.block = -1  # last block this model was updated on
+        self.proxies = None  # CCD's stability / plasticity proxies of this model (continual.proxies)
+        self.term_state: dict[str, dict] = {}  # what KD terms carry from block to block
         self._trajectory: list[np.ndarray] = []  # checkpoints' top lists of the last update (teachers)
+        self._trajectory_of: tuple | None = None  # (block, scope) the trajectory was recorded for
 
     # ------------------------------------------------------------------ state
     def _build(self, num_users: int, num_items: int):
@@ -78,19 +82,41 @@ class Learner:
             return build_backbone(self.spec.backbone, num_users, num_items, **self.spec.backbone_params()).to(self.device)
 
     def state(self) -> dict:
-        """Everything needed to rebuild the model: weights (CPU tensors) and id-space sizes."""
-        return {
-            "block": self.block, "num_users": self.model.num_users, "num_items": self.model.num_items,
-            "weights": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-        }
+        """Everything needed to rebuild the model: weights (CPU tensors) and id-space sizes; proxies and
+        KD-term state ride along in the weights under ``aux.`` keys (never part of the served model)."""
+        weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        if self.proxies is not None:
+            weights.update({f"{AUX}proxies.{k}": v for k, v in self.proxies.state().items()})
+        for term, st in self.term_state.items():
+            weights.update({f"{AUX}term.{term}.{k}": v.detach().cpu() for k, v in st.items()})
+        return {"block": self.block, "num_users": self.model.num_users, "num_items": self.model.num_items,
+                "weights": weights}
 
     def load(self, state: dict) -> None:
+        weights = state["weights"]
         self.model = self._build(int(state["num_users"]), int(state["num_items"]))
-        self.model.load_state_dict(state["weights"])
+        self.model.load_state_dict({k: v for k, v in weights.items() if not k.startswith(AUX)})
         self.model.eval()
         self.block = int(state["block"])
+        aux = {k[len(AUX):]: v for k, v in weights.items() if k.startswith(AUX)}
+        proxies = {k[len("proxies."):]: v for k, v in aux.items() if k.startswith("proxies.")}
+        self.proxies = None
+        if proxies:
+            from .proxies import Proxies
+
+            self.proxies = Proxies.from_state(proxies)
+        self.term_state = {}
+        for k, v in aux.items():
+            if k.startswith("term."):
+                term, key = k[len("term."):].split(".", 1)
+                self.term_state.setdefault(term, {})[key] = v
+
+    def reset(self) -> None:
+        """No model yet (a restored actor before block 0)."""
+        self.model, self.block, self.proxies, self.term_state = None, -1, None, {}
 
     def num_parameters(self) -> int:
+        """Parameters of the served model only (not proxies, not KD terms' own parameters)."""
         return num_parameters(self.model) if self.model is not None else 0
 
     # ------------------------------------------------------------------ per-block stages
@@ -99,60 +125,108 @@ class Learner:
         i = torch.as_tensor(part.items, dtype=torch.int64, device=self.device)
         return u, i
 
-    def _known(self, seen: Interactions) -> UserItemSet:
-        """Pairs a model may know while training: every non-test pair seen so far."""
-        ok = seen.split != TEST
-        return UserItemSet(seen.users[ok], seen.items[ok], seen.num_users, seen.num_items, self.device)
-
-    def observe(self, seen: Interactions) -> UserItemSet:
-        """Hand the model the interactions it may use at scoring time (graph / input rows)."""
-        known = self._known(seen)
+    def observe(self, seen: Interactions, block: int | None = None) -> UserItemSet:
+        """Hand the model the pairs it may use while block ``block`` (default: the newest seen) is
+        trained, taught or scored (graph / input rows); returns them (they are also what is known)."""
+        known = model_pairs(seen, block, self.device)
         self.model.observe(known.users, known.items)
         return known
 
-    def _block_users(self, seen: Interactions, block: int) -> torch.Tensor:
-        return torch.as_tensor(np.unique(seen.part(TRAIN, block).users), dtype=torch.int64, device=self.device)
+    def _users(self, seen: Interactions, block: int, scope: str = "block") -> torch.Tensor:
+        """Users with training data in ``block`` (scope "block") or in any block ≤ it ("all")."""
+        part = seen.part(TRAIN, block) if scope == "block" else seen.select(model_pairs_mask(seen, block))
+        return torch.as_tensor(np.unique(part.users), dtype=torch.int64, device=self.device)
 
-    def update(self, seen: Interactions, block: int, knowledge: list[Knowledge] | None = None,
-               distill: DistillSpec | None = None, teacher_weights: list[float] | None = None,
-               trajectory: tuple[int, int] | None = None) -> dict:
-        """Grow to the block's id spaces, then train on the block's train part (warm start).
-
-        With ``knowledge`` (one per teacher) and a ``distill`` spec the student's loss gets the KD
-        terms (RRD or HetComp on the fused teachers, plus UnKD when its weight is > 0).
-        ``trajectory=(checkpoints, size)`` makes a teacher keep its top-``size`` lists for the block's
-        users at ``checkpoints`` evenly spaced epochs (HetComp's trajectories).
-        """
-        t0, started = time.perf_counter(), time.time()
-        train = seen.part(TRAIN, block)
-        u, i = self._tensors(train)
+    def grow(self, seen: Interactions, block: int) -> None:
+        """Build the model (first block) or extend it to the block's id spaces (new rows from their
+        neighbours in the block's training pairs); idempotent."""
         if self.model is None:
             self.model = self._build(seen.num_users, seen.num_items)
+            return
+        u, i = self._tensors(seen.part(TRAIN, block))
+        grow_gen = torch.Generator().manual_seed(derive_seed(self.seed, self.spec.name, "grow", block))
+        self.model.grow(seen.num_users, seen.num_items, u, i, init=self.spec.init, generator=grow_gen)
+
+    def update(self, seen: Interactions, block: int, knowledge=(), terms=(), fusion: str = "rank",
+               weights: list[float] | None = None, trajectory: tuple[int, int] | None = None,
+               strategy: str = "warm", proxies=None) -> dict:
+        """Grow to the block's id spaces, then train (warm start; ``strategy="scratch"``: a new model on
+        every pair it may see, for the base block's epochs).
+
+        ``terms`` (KD term specs) are built from ``knowledge`` (the other side's lists, nested lists
+        allowed) and added to the model's own loss; a term that needs knowledge is skipped when none
+        came (e.g. no feedback before the student's first block). ``trajectory=(checkpoints, size)``
+        makes a teacher keep its top-``size`` lists for the block's users at ``checkpoints`` evenly
+        spaced epochs (HetComp's trajectories). ``proxies`` (a ProxySpec) keeps CCD's EMA proxies of
+        this model, updated after training and handed to replay terms as ``own`` lists.
+        """
+        t0, started = time.perf_counter(), time.time()
+        if strategy == "scratch":
+            self.reset()
+        self.grow(seen, block)
+        if strategy == "scratch":
+            positives = seen.select(model_pairs_mask(seen, block))
+            epochs = self.spec.train.epochs_base
         else:
-            grow_gen = torch.Generator().manual_seed(derive_seed(self.seed, self.spec.name, "grow", block))
-            self.model.grow(seen.num_users, seen.num_items, u, i, init=self.spec.init, generator=grow_gen)
+            positives = seen.part(TRAIN, block)
+            epochs = self.spec.train.epochs_base if block == 0 else self.spec.train.epochs_block
+        u, i = self._tensors(positives)
         gen = torch.Generator().manual_seed(derive_seed(self.seed, self.spec.name, "train", block))
-        known = self._known(seen)
-        self.model.observe(known.users, known.items)
-        epochs = self.spec.train.epochs_base if block == 0 else self.spec.train.epochs_block
-        kd_terms, base_weight, hooks = [], 1.0, []
-        if knowledge and distill is not None:
-            kd_terms, base_weight, hooks = self._kd_terms(knowledge, distill, teacher_weights, known)
-        self._trajectory = []
+        known = self.observe(seen, block)
+        scope = "all" if strategy == "scratch" else "block"
+        built = self._build_terms(seen, block, flatten_knowledge(knowledge), terms, fusion, weights, known, epochs,
+                                  scope)
+        self._trajectory, self._trajectory_of = [], (block, scope)
+        hook = None
         if trajectory is not None and epochs > 0:
-            hooks.append(self._checkpoint_hook(seen, block, epochs, *trajectory, known))
-        on_epoch_end = (lambda e: [h(e) for h in hooks]) if hooks else None
-        logs = train_epochs(self.model, u, i, known, epochs, self.spec.train, gen, kd_terms, base_weight, on_epoch_end)
+            hook = self._checkpoint_hook(seen, block, epochs, *trajectory, known, scope)
+        logs = train_epochs(self.model, u, i, known, epochs, self.spec.train, gen, built, hook)
+        for term in built:
+            carried = term.carry()
+            if carried is not None:
+                self.term_state[term.name] = carried
+        if proxies is not None:
+            from .proxies import Proxies
+
+            if self.proxies is None:
+                self.proxies = Proxies(proxies.stability, proxies.plasticity)
+            self.proxies.update(self.model)
         self.block = block
         return {
-            "model": self.spec.name, "block": block, "epochs": epochs, "train_rows": len(train),
+            "model": self.spec.name, "block": block, "epochs": epochs, "train_rows": len(positives),
+            "terms": [t.name for t in built],
             "seconds": time.perf_counter() - t0, "started_at": started, "ended_at": time.time(),
             "base_loss": logs[-1].base_loss if logs else float("nan"),
             "kd_loss": logs[-1].kd_loss if logs else float("nan"),
         }
 
-    def _checkpoint_hook(self, seen, block, epochs, checkpoints, size, known):
-        users = self._block_users(seen, block)
+    def _build_terms(self, seen, block, knowledge: list[Knowledge], specs, fusion, weights, known, epochs, scope):
+        if not specs:
+            return []
+        own: list[Knowledge] = []
+        names = {s.name for s in specs}
+        size = max([getattr(s, "k", 0) for s in specs] + [getattr(s, "top", 0) for s in specs] + [1])
+        if self.proxies is not None and "replay" in names:  # the proxies' lists for the block's users
+            own = self.proxies.knowledge(self, seen, block, size, scope)
+        elif "keep" in names:  # the model's own order before this block's update
+            own = [self.knowledge(seen, block, size, scope=scope)]
+        ctx = TermContext(model=self.model, knowledge=knowledge, known=known, num_users=self.model.num_users,
+                          num_items=self.model.num_items, block=block, epochs=epochs, device=self.device,
+                          role=self.role, fusion=fusion,
+                          weights=weights if weights is not None and len(weights) == len(knowledge) else None,
+                          item_popularity=item_counts(seen, self.device), own=own)
+        built = []
+        for s in specs:
+            cls = TERMS[s.name]
+            if getattr(cls, "needs_knowledge", True) and not knowledge:
+                continue
+            if s.name == "replay" and getattr(s, "source", "proxies") == "proxies" and not own:
+                continue  # no proxies yet (the first block)
+            built.append(cls(s, replace(ctx, state=self.term_state.get(s.name))))
+        return built
+
+    def _checkpoint_hook(self, seen, block, epochs, checkpoints, size, known, scope="block"):
+        users = self._users(seen, block, scope)
         at = {max(1, round(epochs * (c + 1) / checkpoints)) for c in range(checkpoints)}
 
         def record(epoch: int) -> None:
@@ -162,51 +236,17 @@ class Learner:
 
         return record
 
-    def _kd_terms(self, knowledge: list[Knowledge], distill: DistillSpec, weights: list[float] | None,
-                  known: UserItemSet):
-        """(kd terms, weight of the student's own loss, per-epoch hooks) from the teachers' knowledge."""
-        dev, nu, ni = self.device, self.model.num_users, self.model.num_items
-        users = torch.as_tensor(knowledge[0].users, device=dev)
-        terms, base_weight, hooks = [], 1.0, []
-        if distill.method == "rrd" and distill.weight > 0:
-            lists = [torch.as_tensor(k.items, device=dev) for k in knowledge]
-            fused = lists[0] if len(lists) == 1 else fuse_rankings(
-                lists, max(distill.pool, distill.k), distill.fusion, weights, num_items=ni)[0]
-            cfg = RRDConfig(weight=distill.weight, k=distill.k, pool=distill.pool, uninteresting=distill.uninteresting,
-                            mode=distill.mode, temperature=distill.temperature, score_clamp=distill.score_clamp)
-            terms.append((RRDTargets(cfg, users, fused, known, nu, ni), distill.weight))
-        elif distill.method == "hetcomp":
-            h = distill.hetcomp
-            cfg = HetCompConfig(k=h.k, observed=h.observed, early_weight=h.early_weight, late_weight=h.late_weight,
-                                dkc_every=h.dkc_every)
-            trajectories = [[torch.as_tensor(c, device=dev) for c in (k.trajectory or (k.items,))] for k in knowledge]
-            observed_ranked = None
-            if all(k.observed_items is not None for k in knowledge):  # teachers' order of the known items
-                lists = [torch.as_tensor(k.observed_items, device=dev) for k in knowledge]
-                observed_ranked = fuse_rankings(lists, h.observed, "importance", weights, num_items=ni)[0]
-            target = HetCompTargets(cfg, users, trajectories, known, nu, ni, observed_ranked=observed_ranked)
-            terms.append((target, 1.0))
-            hooks.append(lambda epoch: target.update(epoch, self.model))
-            base_weight = 1.0 if h.with_bpr else 0.0
-        if distill.unkd.weight > 0 and all(k.group_items is not None for k in knowledge):
-            un = distill.unkd
-            groups = [torch.as_tensor(k.group_items, device=dev) for k in knowledge]
-            fused = groups[0] if len(groups) == 1 else fuse_group_rankings(
-                groups, un.per_group, distill.fusion, weights, num_items=ni)
-            cfg = UnKDConfig(weight=un.weight, groups=fused.shape[1], pairs=un.pairs, per_group=un.per_group,
-                             temperature=un.temperature)
-            terms.append((UnKDTargets(cfg, users, fused), un.weight))
-        return terms, base_weight, hooks
-
     @torch.no_grad()
-    def knowledge(self, seen: Interactions, block: int, size: int, unkd_groups: int = 0,
-                  per_group: int = 0, observed: int = 0) -> Knowledge:
-        """Top-``size`` unobserved items for every user with training data in ``block``; with
-        ``unkd_groups`` also the top-``per_group`` items inside each popularity group; with
-        ``observed`` the teacher's ranking of the user's own known items (HetComp's ordered
-        observed targets)."""
-        users = self._block_users(seen, block)
-        known = self.observe(seen)
+    def knowledge(self, seen: Interactions, block: int, size: int, unkd_groups: int = 0, per_group: int = 0,
+                  observed: int = 0, item_users: int = 0, scope: str = "block") -> Knowledge:
+        """Top-``size`` unobserved items for every user with training data in ``block`` (``scope="all"``:
+        in any block so far); with ``unkd_groups`` also the top-``per_group`` items inside each
+        popularity group; with ``observed`` the model's ranking of the user's own known items
+        (HetComp's ordered observed targets); with ``item_users`` the top users of every item (IR-RRD).
+        The model is grown to the block's id spaces first (a teacher asked before its update)."""
+        self.grow(seen, block)
+        users = self._users(seen, block, scope)
+        known = self.observe(seen, block)
         items, scores = top_k_items(self.model, users, min(size, self.model.num_items), known)
         group_items = None
         if unkd_groups:
@@ -215,8 +255,27 @@ class Learner:
         observed_items = None
         if observed:
             observed_items = top_k_items(self.model, users, observed, only=known)[0].cpu().numpy()
+        item_ids = item_lists = None
+        if item_users:
+            from ..eval.metrics import top_k_users
+
+            all_items = torch.arange(self.model.num_items, device=self.device)
+            item_lists = top_k_users(self.model, all_items, min(item_users, self.model.num_users), known)[0]
+            item_ids, item_lists = all_items.cpu().numpy(), item_lists.cpu().numpy()
+        # a trajectory only describes the users of the update that recorded it (asked before this
+        # block's update, e.g. CCD's order, the teacher has none for these users)
+        trajectory = tuple(self._trajectory) if self._trajectory_of == (block, scope) else ()
         return Knowledge(self.spec.name, block, users.cpu().numpy(), items.cpu().numpy(),
-                         scores.float().cpu().numpy(), group_items, tuple(self._trajectory), observed_items)
+                         scores.float().cpu().numpy(), group_items, trajectory, observed_items,
+                         item_ids, item_lists)
+
+    @torch.no_grad()
+    def feedback(self, seen: Interactions, block: int, size: int, scope: str = "block") -> list[Knowledge]:
+        """What this model hands the other side as feedback: its own lists, then its proxies' (if any)."""
+        out = [self.knowledge(seen, block, size, scope=scope)]
+        if self.proxies is not None:
+            out += self.proxies.knowledge(self, seen, block, size, scope)
+        return out
 
     @torch.no_grad()
     def evaluate(self, seen: Interactions, blocks: list[int], spec: EvalSpec, split: int = TEST) -> dict[int, dict]:
@@ -233,3 +292,11 @@ class Learner:
 
     def validate(self, seen: Interactions, block: int, spec: EvalSpec) -> dict:
         return self.evaluate(seen, [block], spec, VALID)[block]
+
+    def evaluate_block(self, seen: Interactions, block: int, spec: EvalSpec) -> dict:
+        """After block k: test metrics of every block ≤ k (k's own = plasticity, the earlier ones =
+        stability), their plasticity/stability/H-mean summary, validation metrics of block k."""
+        per_block = self.evaluate(seen, list(range(block + 1)), spec)
+        return {"test": per_block[block], "earlier": {b: m for b, m in per_block.items() if b < block},
+                "continual": plasticity_stability(per_block, block), "valid": self.validate(seen, block, spec),
+                "parameters": self.num_parameters()}

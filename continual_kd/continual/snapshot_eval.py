@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from ..config import parse_job
+from ..eval import plasticity_stability
 from ..eval.metrics import nan_mean
 from ..types import Interactions
 from .learner import Learner
-from .loop import model_key
+from .stages import model_key
 
 
 def learner_states(snapshot) -> dict[str, dict]:
@@ -32,7 +33,8 @@ def learners_from_snapshot(snapshot, device: str = "cpu") -> dict[str, Learner]:
 
 
 def evaluate_snapshot(snapshot, seen: Interactions, device: str = "cpu") -> dict:
-    """{"block": k, "ks": [...], "models": {name: {"blocks": {j: metrics}, "mean": metrics}}} for j ≤ k."""
+    """{"block": k, "ks": [...], "models": {name: {"blocks": {j: metrics}, "mean": metrics, "continual":
+    plasticity (block k) / stability (blocks < k) / H-mean}}} for j ≤ k."""
     job = parse_job(snapshot.manifest["job_spec"], f"{snapshot.path}/manifest.json")
     blocks = sorted(int(b) for b in set(seen.block.tolist()))
     out = {"block": snapshot.block, "ks": list(job.eval.ks), "models": {}}
@@ -40,7 +42,8 @@ def evaluate_snapshot(snapshot, seen: Interactions, device: str = "cpu") -> dict
         per_block = learner.evaluate(seen, blocks, job.eval)
         keys = [k for k in next(iter(per_block.values())) if k != "users"] if per_block else []
         mean = {k: nan_mean(m[k] for m in per_block.values()) for k in keys}
-        out["models"][name] = {"blocks": per_block, "mean": mean, "parameters": learner.num_parameters()}
+        out["models"][name] = {"blocks": per_block, "mean": mean, "parameters": learner.num_parameters(),
+                               "continual": plasticity_stability(per_block, snapshot.block)}
     return out
 
 

@@ -1,38 +1,103 @@
-"""A job's source: open its stream store, building it from the named dataset the first time."""
+"""A job's source: open its stream store, building it from the named dataset the first time.
+
+A new store is built whole in a hidden sibling folder (``stores/.tiny.building-<uuid>/``) and renamed
+into place only when its data are in, so a build that fails (a bad generator setting, MovieLens
+unreachable offline, Ctrl-C) leaves no store behind and the next command simply builds it again.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
 from ..config import SourceSpec
 from ..errors import CkdError
-from ..stream import StreamStore
+from ..stream import IngestReport, StreamStore
+from ..stream.catalog import CATALOG_FILE
+
+DATASETS = ("movielens-100k", "synthetic")
 
 
-def build_store(dataset: str, root: str | Path, synthetic=None):
-    """Create (or top up) the store at ``root`` from ``dataset``; returns (store, report)."""
-    store = StreamStore.open(root, create=True)
-    if dataset == "movielens-100k":
-        from .movielens import load_movielens_100k
-
-        report = store.ingest_table(load_movielens_100k(), source="movielens-100k")
-    elif dataset == "synthetic":
-        from .synthetic import SyntheticConfig, generate_stream
-
-        cfg = SyntheticConfig(**(asdict(synthetic) if synthetic is not None else {}))
-        report = store.ingest_table(generate_stream(cfg), source=f"synthetic(seed={cfg.seed})")
-    else:
+def build_store(dataset: str, root: str | Path, synthetic=None) -> tuple[StreamStore, IngestReport]:
+    """Create the store at ``root`` from ``dataset`` (or top up the store already there); → (store, report)."""
+    if dataset not in DATASETS:
         raise CkdError(f"unknown dataset {dataset!r}; use movielens-100k or synthetic")
-    return store, report
+    root = Path(root)
+    if _is_store(root):  # topping up: an ingest is one transaction, a failed one changes nothing
+        store = StreamStore.open(root)
+        return store, _fill(store, dataset, synthetic)
+    if root.exists() and not root.is_dir():
+        raise CkdError(f"{root} is a file, not a stream store directory; choose another path.")
+    if root.is_dir() and any(root.iterdir()):
+        raise CkdError(f"{root} is a folder with other files in it, not a stream store; choose a new or empty "
+                       f"folder for the store")
+    parent = root.parent
+    made = [p for p in (parent, *parent.parents) if not p.exists()]  # deepest first
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f".{root.name}.building-{uuid.uuid4().hex}"
+    try:
+        report = _fill(StreamStore.open(tmp, create=True), dataset, synthetic)
+        try:
+            os.rename(tmp, root)  # atomic; also replaces an empty folder at root
+        except OSError:
+            if not _is_store(root):
+                raise
+            shutil.rmtree(tmp)  # another process built it first: top up theirs (a no-op for the same data)
+            return build_store(dataset, root, synthetic)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in made:
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
+    _fsync_dir(parent)
+    return StreamStore.open(root), report
 
 
 def open_source(source: SourceSpec) -> StreamStore:
     root = Path(source.store)
-    if (root / "catalog.duckdb").exists():
-        return StreamStore.open(root)
-    if source.dataset == "store":
+    if _is_store(root):
+        store = StreamStore.open(root)
+        if source.dataset == "store" or store.num_users > 0:
+            return store
+        # an empty store of a dataset source (left by a failed build of an older version): fill it now
+    elif source.dataset == "store":
         raise CkdError(f"source.store {root}: no stream store there; fill one with `ckd ingest FILE --store {root}` "
                        f"or set source.dataset to movielens-100k or synthetic")
     store, _ = build_store(source.dataset, root, source.synthetic)
     return store
+
+
+def _fill(store: StreamStore, dataset: str, synthetic) -> IngestReport:
+    if dataset == "movielens-100k":
+        from .movielens import load_movielens_100k
+
+        return store.ingest_table(load_movielens_100k(), source="movielens-100k")
+    from .synthetic import SyntheticConfig, generate_stream
+
+    fields = {} if synthetic is None else (synthetic.model_dump() if hasattr(synthetic, "model_dump")
+                                           else asdict(synthetic))  # a dataclass or a pydantic spec
+    cfg = SyntheticConfig(**fields)
+    return store.ingest_table(generate_stream(cfg), source=f"synthetic(seed={cfg.seed})")
+
+
+def _is_store(root: Path) -> bool:
+    return (root / CATALOG_FILE).is_file()
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from ..sparse import UserItemSet
+from .base import Batch, KDTerm, TermContext, register_term
+from .fusion import fuse_rankings
 
 NEG = -1e4  # a finite "-inf": masked entries vanish under exp yet keep gradients finite
 RELEVANCE_TEMPERATURE = 10.0  # graded relevance 2^{exp(-pos/10)} - 1 of the DKC distance
@@ -387,6 +389,32 @@ class HetCompTargets:
             return cfg.weight * cfg.early_weight * raw
         raw = ranking_loss(scores, obs, top, unobserved, cfg.rank_top)
         return cfg.weight * cfg.late_weight * raw
+
+
+@register_term("hetcomp")
+class HetCompTerm(KDTerm):
+    """HetComp on the teachers' trajectories (one per knowledge list); DKC after the due epochs.
+    The student learns from this loss alone unless ``with_bpr`` (the authors' set-up)."""
+
+    def __init__(self, spec, ctx: TermContext):
+        super().__init__(spec, ctx)
+        cfg = HetCompConfig(weight=spec.weight, k=spec.k, observed=spec.observed, early_weight=spec.early_weight,
+                            late_weight=spec.late_weight, dkc_every=spec.dkc_every)
+        trajectories = [[ctx.tensor(c) for c in (k.trajectory or (k.items,))] for k in ctx.knowledge]
+        observed_ranked = None
+        if all(k.observed_items is not None for k in ctx.knowledge):  # the teachers' order of the known items
+            lists = [ctx.tensor(k.observed_items) for k in ctx.knowledge]
+            observed_ranked = fuse_rankings(lists, spec.observed, "importance", ctx.weights, num_items=ctx.num_items)[0]
+        self.targets = HetCompTargets(cfg, ctx.users, trajectories, ctx.known, ctx.num_users, ctx.num_items,
+                                      observed_ranked=observed_ranked)
+        self.weight = 1.0  # spec.weight is inside the loss (with the phase weights)
+        self.base_weight = 1.0 if spec.with_bpr else 0.0
+
+    def loss(self, model, batch: Batch, epoch: int) -> torch.Tensor:
+        return self.targets.loss(model, batch.users)
+
+    def on_epoch_end(self, model, epoch: int) -> None:
+        self.targets.update(epoch, model)
 
 
 __all__ = ["HetCompConfig", "HetCompTargets", "checkpoint_distance", "plackett_luce_loss", "ranking_loss",

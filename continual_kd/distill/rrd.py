@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..sparse import UserItemSet, sample_excluding
+from .base import Batch, KDTerm, TermContext, register_term
 
 
 def relaxed_ranking_loss(interesting: torch.Tensor, uninteresting: torch.Tensor) -> torch.Tensor:
@@ -82,3 +83,21 @@ class RRDTargets:
         if self.cfg.score_clamp is not None:
             s1, s2 = s1.clamp(max=self.cfg.score_clamp), s2.clamp(max=self.cfg.score_clamp)
         return relaxed_ranking_loss(s1, s2)
+
+
+@register_term("rrd")
+class RRDTerm(KDTerm):
+    """RRD on the (fused) lists handed over: the other side's top-k in order, above L uninteresting items."""
+
+    def __init__(self, spec, ctx: TermContext):
+        super().__init__(spec, ctx)
+        cfg = RRDConfig(weight=spec.weight, k=spec.k, pool=spec.pool, uninteresting=spec.uninteresting,
+                        mode=spec.mode, temperature=spec.temperature, score_clamp=spec.score_clamp)
+        self.targets = RRDTargets(cfg, ctx.users, ctx.fused_items(max(spec.pool, spec.k)), ctx.known,
+                                  ctx.num_users, ctx.num_items)
+
+    def resample(self, generator: torch.Generator, epoch: int) -> None:
+        self.targets.resample(generator)
+
+    def loss(self, model, batch: Batch, epoch: int) -> torch.Tensor:
+        return self.targets.loss(model, batch.users)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .base import Batch, KDTerm, TermContext, register_term
 from .fusion import fuse_rankings
 
 
@@ -214,3 +215,25 @@ class UnKDTargets:
         diff = model.score(users, pos.clamp(min=0)) - model.score(users, neg.clamp(min=0))
         terms = -torch.log(torch.sigmoid(diff) + 1e-10)
         return torch.where(valid, terms, torch.zeros_like(terms)).sum()
+
+
+@register_term("unkd")
+class UnKDTerm(KDTerm):
+    """UnKD's in-group pairs from the (fused) per-popularity-group rankings handed over."""
+
+    def __init__(self, spec, ctx: TermContext):
+        super().__init__(spec, ctx)
+        groups = [ctx.tensor(k.group_items) for k in ctx.knowledge if k.group_items is not None]
+        if len(groups) != len(ctx.knowledge):
+            raise ValueError("unkd: every knowledge list needs per-group rankings (knowledge(unkd_groups=...))")
+        fused = groups[0] if len(groups) == 1 else fuse_group_rankings(groups, spec.per_group, ctx.fusion, ctx.weights,
+                                                                      num_items=ctx.num_items)
+        cfg = UnKDConfig(weight=spec.weight, groups=fused.shape[1], pairs=spec.pairs, per_group=spec.per_group,
+                         temperature=spec.temperature)
+        self.targets = UnKDTargets(cfg, ctx.users, fused)
+
+    def resample(self, generator: torch.Generator, epoch: int) -> None:
+        self.targets.resample(generator)
+
+    def loss(self, model, batch: Batch, epoch: int) -> torch.Tensor:
+        return self.targets.loss(model, batch.users)

@@ -140,3 +140,27 @@ def _fit(values: torch.Tensor, n: int, fill) -> torch.Tensor:
 def nan_mean(values) -> float:
     vals = [v for v in values if v is not None and not math.isnan(v)]
     return sum(vals) / len(vals) if vals else float("nan")
+
+
+@torch.no_grad()
+def top_k_users(model, items: torch.Tensor, k: int, exclude: UserItemSet | None = None,
+                chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(J, k) best users of each of ``items`` by the model's full scores, best first, and their scores
+    (item-side knowledge, IR-RRD). A running top-k over chunks of users: never all users × items at
+    once. Pairs in ``exclude`` are not ranked; slots past an item's rankable users hold user -1, -inf."""
+    items = items.long()
+    num_users = int(model.num_users)
+    k = min(k, num_users)
+    best = torch.full((len(items), 0), float("-inf"), device=items.device)
+    best_ids = torch.zeros(len(items), 0, dtype=torch.int64, device=items.device)
+    for start in range(0, num_users, chunk_size):
+        cu = torch.arange(start, min(start + chunk_size, num_users), device=items.device)
+        s = model.full_scores(cu)  # (B, I)
+        if exclude is not None:
+            exclude.mask_(s, cu)
+        cand = torch.cat([best, s[:, items].T.to(best.dtype)], dim=1)  # (J, k + B)
+        cand_ids = torch.cat([best_ids, cu.unsqueeze(0).expand(len(items), -1)], dim=1)
+        top = torch.topk(cand, min(k, cand.shape[1]), dim=1)
+        best, best_ids = top.values, torch.gather(cand_ids, 1, top.indices)
+    best_ids = torch.where(torch.isinf(best) & (best < 0), -1, best_ids)
+    return best_ids, best

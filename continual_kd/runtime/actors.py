@@ -11,16 +11,16 @@ import time
 import ray
 import torch
 
-from ..config import DistillSpec, EvalSpec, ModelSpec
-from ..continual import Knowledge, Learner, resolve_device
+from ..config import ModelSpec
+from ..continual import Learner, resolve_device
 from ..types import Interactions
 
 
 class LearnerActor:
-    def __init__(self, spec: ModelSpec, seed: int, device: str, state: dict | None = None):
+    def __init__(self, spec: ModelSpec, seed: int, device: str, state: dict | None = None, role: str = "student"):
         torch.set_num_threads(max(1, int(spec.resources.num_cpus)))
         device = resolve_device(device, has_gpu=spec.resources.num_gpus > 0)
-        self.learner = Learner(spec, seed, device)
+        self.learner = Learner(spec, seed, device, role)
         if state is not None:
             self.learner.load(state)
         self._seen_key: tuple | None = None
@@ -38,7 +38,7 @@ class LearnerActor:
     def restore(self, state: dict | None) -> None:
         """Go back to a committed state (None: no model yet), e.g. after this or another actor died."""
         if state is None:
-            self.learner.model, self.learner.block = None, -1
+            self.learner.reset()
         else:
             self.learner.load(state)
         self._seen_key = self._seen = None
@@ -46,23 +46,15 @@ class LearnerActor:
     def ping(self) -> dict:
         return {"device": self.learner.device, "block": self.learner.block, "name": self.learner.spec.name}
 
-    def update(self, block: int, block_refs: list, knowledge_refs: list | None = None,
-               distill: DistillSpec | None = None, teacher_weights: list[float] | None = None,
-               trajectory: tuple[int, int] | None = None) -> dict:
-        knowledge: list[Knowledge] = ray.get(knowledge_refs) if knowledge_refs else []
-        return self.learner.update(self._interactions(block_refs), block, knowledge, distill, teacher_weights,
-                                   trajectory)
-
-    def knowledge(self, block: int, block_refs: list, size: int, unkd_groups: int = 0,
-                  per_group: int = 0, observed: int = 0) -> Knowledge:
-        return self.learner.knowledge(self._interactions(block_refs), block, size, unkd_groups, per_group, observed)
-
-    def evaluate(self, block: int, block_refs: list, spec: EvalSpec) -> dict:
-        seen = self._interactions(block_refs)
-        test = self.learner.evaluate(seen, [block], spec)[block]
-        valid = self.learner.validate(seen, block, spec)
-        self._report(block, test)
-        return {"test": test, "valid": valid, "parameters": self.learner.num_parameters()}
+    def run(self, method: str, block: int, block_refs: list, kwargs: dict):
+        """Call ``Learner.<method>(seen, block, **kwargs)``; ``kwargs["knowledge"]`` may hold object
+        references from other actors (fetched here: knowledge goes actor→actor, not via the driver)."""
+        if kwargs.get("knowledge"):
+            kwargs = {**kwargs, "knowledge": ray.get(list(kwargs["knowledge"]))}
+        out = getattr(self.learner, method)(self._interactions(block_refs), block, **kwargs)
+        if method == "evaluate_block":
+            self._report(block, {**out["test"], **{k: v for k, v in out["continual"].items() if v is not None}})
+        return out
 
     def state(self) -> dict:
         return self.learner.state()
@@ -100,7 +92,7 @@ def spawn_learner(role_name: str, spec: ModelSpec, seed: int, device: str, state
     deadline = time.monotonic() + 60
     while True:
         try:
-            return cls.remote(spec, seed, device, state)
+            return cls.remote(spec, seed, device, state, "student" if role_name == "student" else "teacher")
         except ValueError as e:  # the name is still held by the actor of a driver that just died
             if "already taken" not in str(e) or time.monotonic() > deadline:
                 raise

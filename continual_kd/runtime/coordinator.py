@@ -15,7 +15,6 @@ result equals an uninterrupted run.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -27,14 +26,16 @@ from ray.exceptions import RayActorError
 
 from ..checksums import file_sha256
 from ..config import JobSpec
-from ..continual import (BlockResult, model_key, teacher_knowledge_options, teacher_update_options,
-                         teacher_weights)
+from ..continual import BlockResult, model_key, run_block
 from ..continual.snapshot_eval import learner_states
 from ..data.sources import open_source
 from ..errors import CkdError
-from ..snapshots import MANIFEST, list_snapshots, prune_snapshots, resolve_snapshot, write_snapshot
+from ..locks import single_driver
+from ..snapshots import (MANIFEST, list_snapshots, prune_snapshots, remove_job_snapshots, resolve_snapshot,
+                         write_snapshot)
 from ..stream import BlockPlan, StreamStore
 from .actors import spawn_learner
+from .executor import RayExecutor
 from .cluster import check_address, check_resources, ray_session
 
 Progress = Callable[[dict], None]
@@ -75,11 +76,11 @@ def manifest_digest(snapshot_path: Path) -> str:
 
 def _recover(job: JobSpec, store: StreamStore, runs: Path, restart: bool, emit: Progress) -> _Recovery:
     lineage = job.config_hash()
-    if restart:
+    if restart:  # refuses (before revoking anything) unless runs/ holds only this job's snapshots
+        removed = remove_job_snapshots(runs, job.name)
         n = store.revoke_commits(job.name, None, 0, "restart requested")
-        if runs.exists():
-            shutil.rmtree(runs)
-        emit({"type": "info", "message": f"--restart: revoked {n} committed blocks, removed {runs}"})
+        emit({"type": "info", "message": f"--restart: revoked {n} committed blocks, removed {len(removed)} "
+                                         f"snapshot(s) from {runs}"})
     others = [c for c in store.committed_blocks(job.name) if c["lineage"] != lineage]
     if others:
         raise CkdError(
@@ -129,6 +130,7 @@ def _recover(job: JobSpec, store: StreamStore, runs: Path, restart: bool, emit: 
     return _Recovery(last + 1, good.manifest["plan_id"], learner_states(good), list(good.manifest.get("history", [])))
 
 
+@single_driver  # one running driver per job: a second submit fails at once, naming this one
 def run_job(job: JobSpec, address: str | None = None, restart: bool = False, progress: Progress | None = None,
             max_blocks: int | None = None, dashboard_host: str = "127.0.0.1") -> JobResult:
     emit = progress or (lambda _e: None)
@@ -138,9 +140,11 @@ def run_job(job: JobSpec, address: str | None = None, restart: bool = False, pro
         check_address(address)  # before anything is read or written
     store: StreamStore = open_source(job.source)
     runs = job.snapshot_dir
-    if job.distill.needs_teachers and job.distill.k > store.num_items:
-        raise CkdError(f"distill.k: {job.distill.k} is larger than the {store.num_items} items in the store "
-                       f"{store.root}; lower it")
+    for side in ("terms", "feedback"):
+        for i, term in enumerate(getattr(job.distill, side)):
+            if getattr(term, "k", 0) > store.num_items:
+                raise CkdError(f"distill.{side}[{i}].k: {term.k} is larger than the {store.num_items} items in the "
+                               f"store {store.root}; lower it")
     rec = _recover(job, store, runs, restart, emit)
     b = job.blocks
     if rec.plan_id is not None:  # a lineage keeps its plan; data ingested since goes to a later lineage
@@ -173,7 +177,8 @@ def run_job(job: JobSpec, address: str | None = None, restart: bool = False, pro
                 block_refs.append(ray.put(store.read_block(plan.plan_id, k)))
                 previous_valid = result.history[-1]["valid"] if result.history else None
                 res, states = _run_block_with_retries(job, k, block_refs, actors, states, emit, result, previous_valid)
-                entry = {"block": k, "metrics": res.metrics, "valid": res.valid, "seconds": res.seconds,
+                entry = {"block": k, "metrics": res.metrics, "valid": res.valid, "continual": res.continual,
+                         "seconds": res.seconds,
                          "updates": {n: u.get("seconds") for n, u in res.updates.items()}}
                 history = [*result.history, entry]
                 manifest = _manifest(job, plan, store, k, states, res, history)
@@ -230,34 +235,13 @@ def _restore(actors: dict, states: dict | None, timeout_s: float = 120.0) -> Non
 
 def _run_block(job: JobSpec, k: int, block_refs: list, actors: dict, emit: Progress,
                previous_valid: dict | None = None) -> BlockResult:
-    t0 = time.perf_counter()
-    teachers = {n: a for n, a in actors.items() if n != "student"}
-    student = actors["student"]
+    """The stages of ``continual.stages`` on the actors (the same stages ``run_stream_local`` runs)."""
 
-    def stage(s: str) -> None:
+    def on_stage(s: str) -> None:
         emit({"type": "stage", "block": k, "stage": s})
         failpoint(f"stage:{k}:{s}")
 
-    stage("update teachers")  # in parallel, one actor each
-    options = teacher_update_options(job)
-    updates = dict(zip(teachers, ray.get([t.update.remote(k, block_refs, **options) for t in teachers.values()])))
-    knowledge_refs = []
-    if job.distill.needs_teachers and teachers:
-        stage("teacher knowledge")
-        options = teacher_knowledge_options(job)
-        knowledge_refs = [t.knowledge.remote(k, block_refs, **options) for t in teachers.values()]
-    stage("update student")
-    weights = teacher_weights(job, previous_valid, list(teachers))
-    updates["student"] = ray.get(student.update.remote(k, block_refs, knowledge_refs, job.distill, weights))
-    stage("evaluate")
-    evals = dict(zip(actors, ray.get([a.evaluate.remote(k, block_refs, job.eval) for a in actors.values()])))
-    return BlockResult(
-        block=k,
-        metrics={n: e["test"] for n, e in evals.items()},
-        valid={n: e["valid"] for n, e in evals.items()},
-        updates={n: {**u, "parameters": evals[n]["parameters"]} for n, u in updates.items()},
-        seconds=time.perf_counter() - t0,
-    )
+    return run_block(job, k, RayExecutor(actors, block_refs, k), previous_valid, on_stage)
 
 
 def _manifest(job: JobSpec, plan: BlockPlan, store: StreamStore, k: int, states: dict, res: BlockResult,
@@ -282,6 +266,7 @@ def _manifest(job: JobSpec, plan: BlockPlan, store: StreamStore, k: int, states:
             for n, (role, spec) in specs.items()
         },
         "metrics": res.metrics,
+        "continual": res.continual,
         "valid": res.valid,
         "history": history,
     }

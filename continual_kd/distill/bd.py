@@ -1,0 +1,166 @@
+"""BD: bidirectional distillation (WWW'21), one direction per term: the model being trained learns
+from the *other* side's lists (the teachers' for the student, the student's for a teacher).
+
+Candidates per user are the other side's top-N list (one per block; with several lists, their
+fusion). Ranks follow METHODS.md: ascending order of score over all items with the model's known
+pairs at -inf, so a higher rank is preferred. The other side's rank of the item at 0-based list
+position p is ``I - 1 - p`` (items outside its list would rank below it; they have no score to
+learn from, so they are never candidates). The trained model's own ranks of the candidates are
+recomputed from its full scores every ``refresh`` epochs. Per user, KD items are drawn with
+
+    teacher: exp(ε_T · d)             student: tanh(max(ε_S · d, 0))
+    d = own_rank - other_rank  (sign "code": train on items it ranks above the other)
+    d = other_rank - own_rank  (sign "paper")
+
+one per training pair of the batch, and the loss is Σ BCE(σ(s(u,j)), σ(other(u,j)/τ)), label detached.
+
+Several lists (e.g. teachers for the student, or the student and its proxies for a teacher) become
+one: items and order from ``fuse_rankings`` (``ctx.fusion``, ``ctx.weights``), kept to the longest
+input list; the score of a fused item is the weighted mean of the raw scores of the lists that hold
+it (a list that misses the item does not count), so the label stays on the models' score scale.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Batch, KDTerm, TermContext, register_term
+from .fusion import fuse_rankings
+
+SIGNS = ("code", "paper")
+ROLES = ("student", "teacher")
+
+
+def bd_sampling_weights(own_rank: torch.Tensor, other_rank: torch.Tensor, role: str, eps: float,
+                        sign: str = "code") -> torch.Tensor:
+    """BD's unnormalised sampling weights of candidate items (any equal shapes; ascending ranks).
+
+    role "teacher": exp(eps · d); role "student": tanh(max(eps · d, 0)); d = own - other under
+    sign "code", other - own under sign "paper"."""
+    if role not in ROLES:
+        raise ValueError(f"unknown BD role {role!r}; expected one of {ROLES}")
+    if sign not in SIGNS:
+        raise ValueError(f"unknown BD sign {sign!r}; expected one of {SIGNS}")
+    d = (own_rank - other_rank).double()
+    if sign == "paper":
+        d = -d
+    w = torch.exp(eps * d) if role == "teacher" else torch.tanh(torch.clamp(eps * d, min=0.0))
+    return w.float()
+
+
+def fuse_scored_lists(items: list[torch.Tensor], scores: list[torch.Tensor], size: int, method: str,
+                      weights: list[float] | None, num_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One (U, size) list from several (U, N_t) scored lists over the same users, and the weighted
+    mean score of each fused item over the lists that hold it (0 for padding, item -1)."""
+    if len(items) == 1:
+        return items[0][:, :size], scores[0][:, :size].float()
+    fused, _ = fuse_rankings(items, size, method, weights, num_items=num_items)
+    w = weights if weights is not None else [1.0] * len(items)
+    n_users = fused.shape[0]
+    row = torch.arange(n_users, device=fused.device).unsqueeze(1)
+    query = row * num_items + fused.clamp(min=0)  # (U, size) keys of the fused pairs
+    total = torch.zeros(fused.shape, dtype=torch.float64, device=fused.device)
+    mass = torch.zeros_like(total)
+    for lst, sc, wt in zip(items, scores, w):
+        lst = lst.long()
+        valid = lst >= 0
+        keys = (row * num_items + lst)[valid]
+        vals = sc.to(torch.float64)[valid]
+        keys, order = torch.sort(keys)
+        vals = vals[order]
+        if len(keys) == 0:
+            continue
+        pos = torch.searchsorted(keys, query).clamp(max=len(keys) - 1)
+        hit = (keys[pos] == query) & (fused >= 0)
+        total += torch.where(hit, wt * vals[pos], 0.0)
+        mass += torch.where(hit, float(wt), 0.0)
+    return fused, (total / mass.clamp(min=1e-12)).float()
+
+
+@register_term("bd")
+class BDTerm(KDTerm):
+    """BD for the model of ``ctx`` (student or teacher, ``ctx.role``) from the other side's lists."""
+
+    chunk_size = 1024  # users whose full scores are ranked at once
+
+    def __init__(self, spec, ctx: TermContext):
+        super().__init__(spec, ctx)
+        if not ctx.knowledge:
+            raise ValueError("bd needs the other side's knowledge (ctx.knowledge is empty)")
+        users = ctx.users
+        if any(len(k.users) != len(users) or not torch.equal(ctx.tensor(k.users), users) for k in ctx.knowledge):
+            raise ValueError("bd: every knowledge list must cover the same users in the same order")
+        self.role = getattr(ctx, "role", "student")
+        if self.role not in ROLES:
+            raise ValueError(f"unknown BD role {self.role!r}; expected one of {ROLES}")
+        if spec.sign not in SIGNS:
+            raise ValueError(f"unknown BD sign {spec.sign!r}; expected one of {SIGNS}")
+        self.sign, self.temperature, self.refresh = spec.sign, float(spec.temperature), int(spec.refresh)
+        self.eps = float(spec.eps_teacher if self.role == "teacher" else spec.eps_student)
+        size = max(k.items.shape[1] for k in ctx.knowledge)
+        self.users = users.long()
+        self.items, self.other_score = fuse_scored_lists(
+            [ctx.tensor(k.items) for k in ctx.knowledge],
+            [ctx.tensor(k.scores, torch.float32) for k in ctx.knowledge], size, ctx.fusion, ctx.weights,
+            ctx.num_items)  # (U, N) each, best first
+        self.other_pos = torch.arange(self.items.shape[1], device=self.items.device)  # (N,) 0-based list positions
+        # a candidate is usable if it is a real item the trained model does not already know
+        self.valid = (self.items >= 0) & ~ctx.known.contains(self.users.unsqueeze(1).expand_as(self.items),
+                                                             self.items.clamp(min=0))
+        self.known = ctx.known
+        self.row = torch.full((ctx.num_users,), -1, dtype=torch.int64, device=self.users.device)
+        self.row[self.users] = torch.arange(len(self.users), device=self.users.device)
+        self.own_rank: torch.Tensor | None = None  # (U, N) ascending ranks by the trained model
+        self.sample_weights: torch.Tensor | None = None  # (U, N)
+        self._has_weight: torch.Tensor | None = None  # (U,) rows with something to draw
+        self.__dict__["_model"] = ctx.model  # read, never owned: not a submodule (no shared parameters)
+        self._generator: torch.Generator | None = None
+
+    @torch.no_grad()
+    def refresh_ranks(self, model) -> None:
+        """Own ascending ranks of the candidates from the model's full scores (known pairs at -inf)."""
+        ranks, num_items = [], 0
+        for start in range(0, len(self.users), self.chunk_size):
+            cu = self.users[start : start + self.chunk_size]
+            s = model.full_scores(cu).float()  # (B, I)
+            num_items = s.shape[1]
+            self.known.mask_(s, cu)
+            cand = torch.gather(s, 1, self.items[start : start + self.chunk_size].clamp(min=0))  # (B, N)
+            # rank = items scored strictly lower (searchsorted, left side, over the sorted row)
+            ranks.append(torch.searchsorted(torch.sort(s, dim=1).values, cand.contiguous()))
+        self.own_rank = torch.cat(ranks) if ranks else torch.zeros_like(self.items)
+        other_rank = (num_items - 1 - self.other_pos).expand_as(self.items)  # the other's list on top, in order
+        w = bd_sampling_weights(self.own_rank, other_rank, self.role, self.eps, self.sign)
+        self.sample_weights = torch.where(self.valid, w, torch.zeros_like(w))
+        self._has_weight = self.sample_weights.sum(1) > 0
+
+    def resample(self, generator: torch.Generator, epoch: int) -> None:
+        if self.sample_weights is None or epoch % self.refresh == 0:
+            self.refresh_ranks(self._model)
+        # the batch draws use a generator on the candidates' device, seeded from the epoch's generator
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        self._generator = torch.Generator(device=self.items.device).manual_seed(seed)
+
+    def loss(self, model, batch: Batch, epoch: int) -> torch.Tensor:
+        if self.sample_weights is None:
+            self.refresh_ranks(model)
+        if self._generator is None:
+            self._generator = torch.Generator(device=self.items.device).manual_seed(0)
+        users = batch.users
+        if len(self.users) == 0:
+            return torch.zeros((), device=users.device)
+        inside = users < len(self.row)
+        rows = torch.where(inside, self.row[users.clamp(max=len(self.row) - 1)], -1)
+        keep = (rows >= 0) & self._has_weight[rows.clamp(min=0)]
+        users, rows = users[keep], rows[keep]
+        if len(users) == 0:
+            return torch.zeros((), device=batch.users.device)
+        pick = torch.multinomial(self.sample_weights[rows], 1, generator=self._generator)  # (B', 1)
+        items = torch.gather(self.items[rows], 1, pick).squeeze(1)
+        label = torch.sigmoid(torch.gather(self.other_score[rows], 1, pick).squeeze(1) / self.temperature)
+        s = model.score(users, items)
+        return F.binary_cross_entropy_with_logits(s, label.detach().to(s.dtype), reduction="sum")
+
+
+__all__ = ["BDTerm", "bd_sampling_weights", "fuse_scored_lists"]
