@@ -211,6 +211,7 @@ def submit(
     max_blocks: Annotated[Optional[int], typer.Option(help="Run at most this many blocks now (resume later).")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the per-block metrics as JSON ('-' for stdout).")] = None,
     dashboard_host: Annotated[str, typer.Option(help="Interface of the embedded Ray dashboard. Anything but 127.0.0.1 exposes it (and job submission) to the network; token auth stays on.")] = "127.0.0.1",
+    node_ip_address: Annotated[Optional[str], typer.Option(help="Address of this machine the embedded Ray binds all its ports to (GCS, raylet, object manager, metrics); default 127.0.0.1, this machine only. Another address exposes the cluster to that network; token auth stays on.")] = None,
 ):
     """Run the stream: every block updates the teachers, distils into the student, evaluates, snapshots."""
     from .config import load_job
@@ -224,10 +225,22 @@ def submit(
             raise CkdError("--dashboard-host only applies to the embedded Ray; drop it when using --address")
         err.print(_m("[yellow]warning:[/] the Ray dashboard will listen on {}:8265: anyone who can ", dashboard_host) +
                   "reach it and holds the token in ~/.ray/auth_token can see this job and submit code to run here")
+    exposed = {}
+    if node_ip_address:
+        from .runtime.cluster import check_node_ip_address, is_loopback
+
+        if address:
+            raise CkdError("--node-ip-address only applies to the embedded Ray; drop it when using --address")
+        node_ip_address = check_node_ip_address(node_ip_address)
+        exposed = {"node_ip_address": node_ip_address}  # TODO(lead): run_job(node_ip_address=...) → ray_session
+        if not is_loopback(node_ip_address):
+            err.print(_m("[yellow]warning:[/] the embedded Ray will listen on {} (GCS, raylet, object store, metrics): "
+                         "anyone on that network who holds the token in ~/.ray/auth_token can run code here",
+                         node_ip_address))
     progress = _BlockProgress(out)
     try:
         result = run_job(job, address=address, restart=restart, progress=progress, max_blocks=max_blocks,
-                         dashboard_host=dashboard_host)
+                         dashboard_host=dashboard_host, **exposed)
     finally:
         progress.stop()
     if result.history:

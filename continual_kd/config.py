@@ -53,13 +53,6 @@ def _as_tuple(value):
     return tuple(value) if isinstance(value, list) else value  # YAML/JSON lists → the tuples of the spec
 
 
-def _safe_name(value: str) -> str:
-    if not SAFE_NAME.match(value) or ".." in value:
-        raise _Bad("", "not a safe name", value,
-                   "use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit, without '..'")
-    return value
-
-
 def _tuple(item):
     return Annotated[tuple[item, ...], BeforeValidator(_as_tuple)]
 
@@ -69,11 +62,10 @@ class _Spec(BaseModel):
 
 
 def _check_name(name: str, field: str = "name") -> None:
-    try:
-        _safe_name(name)
-    except _Bad as e:
-        e.field = field
-        raise
+    """Names become path components (runs/<job>, <model>.pt) and actor names."""
+    if not SAFE_NAME.fullmatch(name) or ".." in name:
+        raise _Bad(field, "not a safe name", name,
+                   "use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit, without '..'")
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -536,6 +528,8 @@ def _describe(err: dict) -> str:
                      "less_than": ("<", "lt"), "less_than_equal": ("≤", "le")}[kind]
         limit = _num(ctx.get(bound))
         problem, fix = f"must be {op} {limit}", f"use a value {op} {limit}"
+        if kind == "greater_than_equal" and type(ctx.get("ge")) is int and ctx["ge"] == 1:  # an integer field
+            problem = "must be a positive integer"
     else:
         problem, fix = err.get("msg", "invalid value"), "fix this value"
     return f"{path or 'job'}: {problem} (got {_show(got)}); {fix}"

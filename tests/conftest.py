@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("COLUMNS", "200")  # Rich tables at a fixed width under CliRunner
+
+NETWORK_HOSTS = (("files.grouplens.org", 443), ("pypi.org", 443))  # MovieLens-100K's two download sources
+
+
+@functools.cache
+def _online() -> bool:
+    import socket
+
+    for host in NETWORK_HOSTS:
+        try:
+            socket.create_connection(host, timeout=3).close()
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def pytest_runtest_setup(item):
+    """Tests marked ``network`` are skipped (with the reason) when no download source is reachable."""
+    if item.get_closest_marker("network") is not None and not _online():
+        pytest.skip(f"needs the network: none of {', '.join(h for h, _ in NETWORK_HOSTS)} is reachable")
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +46,18 @@ def ray_cluster():
              namespace="ckd-tests", log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread for the test (tiny tensors: a second thread only adds contention on a
+    loaded 2-core box; the actors run with num_cpus 1 too), restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from continual_kd.stream import StreamStore
 
 GOOD_CSV = "user,item,timestamp\nu1,i1,1600000000\nu2,i2,1600000100\nu1,i3,1600000200\n"
 JOB_HEAD = ("name: bad\nsource: {dataset: store, store: store}\nblocks: {incremental: 1}\nteachers: [{name: t}]\n"
-            "distill: {method: none}\n")
+            "distill: {terms: []}\n")
 
 
 @pytest.fixture
@@ -59,13 +59,13 @@ CASES = [
     ("store-is-a-file", lambda: ["ingest", "good.csv", "--store", "good.csv"], "is a file"),
     ("yaml-syntax", lambda: ["submit", _job("name: x\nteachers: [\n")], "not valid YAML at line"),
     ("yaml-not-a-mapping", lambda: ["submit", _job("- a\n- b\n")], "must be a YAML mapping"),
-    ("yaml-unknown-key", lambda: ["submit", _job(JOB_HEAD + "colour: red\n")], "unknown top-level key 'colour'"),
+    ("yaml-unknown-key", lambda: ["submit", _job(JOB_HEAD + "colour: red\n")], "colour: unknown top-level key"),
     ("yaml-wrong-type", lambda: ["submit", _job(JOB_HEAD + "student: {train: {epochs_base: many}}\n")],
      "student.train.epochs_base"),
     ("negative-dim", lambda: ["submit", _job(JOB_HEAD.replace("{name: t}", "{name: t, dim: -3}"))],
      "teachers[0].dim: must be a positive integer"),
-    ("k-larger-than-items", lambda: ["submit", _job(JOB_HEAD.replace("method: none", "method: rrd, k: 10, pool: 10"))],
-     "distill.k: 10 is larger than the 3 items"),
+    ("k-larger-than-items", lambda: ["submit", _job(JOB_HEAD.replace("terms: []", "terms: [{name: rrd, k: 10, pool: 10}]"))],
+     "distill.terms[0].k: 10 is larger than the 3 items"),
     ("job-file-missing", lambda: ["submit", "nope.yaml"], "nope.yaml: job file not found"),
     ("max-blocks-zero", lambda: ["submit", _job(JOB_HEAD), "--max-blocks", "0"], "--max-blocks"),
     ("restart-and-resume", lambda: ["submit", _job(JOB_HEAD), "--restart", "--resume"], "contradict"),
@@ -90,10 +90,6 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(cli, store, make_ar
     assert [line for line in r.output.splitlines() if line.startswith("error:")].__len__() == 1
     assert StreamStore.open(store).fingerprint() == before
     assert not Path("not-a-store").exists() and not Path("runs").exists()
-
-
-def test_there_are_at_least_twenty_kinds():
-    assert len(CASES) >= 20 and len({c[0] for c in CASES}) == len(CASES)
 
 
 def test_bad_rows_are_quarantined_and_counted(cli, store):

@@ -13,6 +13,7 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("ckd-cache")
 
 
+@pytest.mark.network
 def test_load_and_cache(cache_dir):
     table = load_movielens_100k(cache_dir)
     assert table.schema == pa.schema([("user", pa.string()), ("item", pa.string()),
@@ -28,6 +29,7 @@ def test_load_and_cache(cache_dir):
     assert load_movielens_100k(cache_dir).equals(table)
 
 
+@pytest.mark.network
 def test_damaged_cache_is_rebuilt_from_u_data(cache_dir, tmp_path):
     # a user-provided u.data in the cache folder is a source; a damaged cache is ignored
     full = load_movielens_100k(cache_dir)

@@ -154,15 +154,6 @@ def test_loss_sums_over_pairs_and_users():
     assert math.isclose(float(t.loss(model, torch.tensor([3, 0])).detach()), float(manual.detach()), rel_tol=1e-5)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention (seconds on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_kd_alone_teaches_the_in_group_order(one_thread):
     torch.manual_seed(0)
     n_users, n_items = 8, 40

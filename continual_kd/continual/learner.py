@@ -62,6 +62,31 @@ def flatten_knowledge(knowledge) -> list[Knowledge]:
     return out
 
 
+def _flat_proxies(state: dict) -> dict[str, torch.Tensor]:
+    """Proxies' state as flat tensors (snapshot files hold one flat tensor dict per model)."""
+    meta = [state["stability_weight"], state["plasticity_weight"], state["num_users"], state["num_items"],
+            state["updates"]]
+    out = {f"{AUX}proxies.meta": torch.tensor(meta, dtype=torch.float64)}
+    for name, params in state["params"].items():
+        out.update({f"{AUX}proxies.{name}.{k}": v for k, v in params.items()})
+    return out
+
+
+def _proxies_from_flat(aux: dict[str, torch.Tensor]):
+    if "proxies.meta" not in aux:
+        return None
+    from .proxies import Proxies
+
+    sw, pw, nu, ni, updates = aux["proxies.meta"].tolist()
+    params: dict[str, dict] = {}
+    for key, v in aux.items():
+        if key.startswith("proxies.") and key != "proxies.meta":
+            name, param = key[len("proxies."):].split(".", 1)
+            params.setdefault(name, {})[param] = v
+    return Proxies.from_state({"stability_weight": sw, "plasticity_weight": pw, "num_users": int(nu),
+                               "num_items": int(ni), "updates": int(updates), "params": params})
+
+
 class Learner:
     def __init__(self, spec: ModelSpec, seed: int, device: str = "cpu", role: str = "student"):
         self.spec = spec
@@ -86,7 +111,7 @@ class Learner:
         KD-term state ride along in the weights under ``aux.`` keys (never part of the served model)."""
         weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         if self.proxies is not None:
-            weights.update({f"{AUX}proxies.{k}": v for k, v in self.proxies.state().items()})
+            weights.update(_flat_proxies(self.proxies.state()))
         for term, st in self.term_state.items():
             weights.update({f"{AUX}term.{term}.{k}": v.detach().cpu() for k, v in st.items()})
         return {"block": self.block, "num_users": self.model.num_users, "num_items": self.model.num_items,
@@ -99,12 +124,7 @@ class Learner:
         self.model.eval()
         self.block = int(state["block"])
         aux = {k[len(AUX):]: v for k, v in weights.items() if k.startswith(AUX)}
-        proxies = {k[len("proxies."):]: v for k, v in aux.items() if k.startswith("proxies.")}
-        self.proxies = None
-        if proxies:
-            from .proxies import Proxies
-
-            self.proxies = Proxies.from_state(proxies)
+        self.proxies = _proxies_from_flat(aux)
         self.term_state = {}
         for k, v in aux.items():
             if k.startswith("term."):
@@ -189,7 +209,7 @@ class Learner:
             from .proxies import Proxies
 
             if self.proxies is None:
-                self.proxies = Proxies(proxies.stability, proxies.plasticity)
+                self.proxies = Proxies.from_spec(proxies)
             self.proxies.update(self.model)
         self.block = block
         return {
@@ -207,7 +227,7 @@ class Learner:
         names = {s.name for s in specs}
         size = max([getattr(s, "k", 0) for s in specs] + [getattr(s, "top", 0) for s in specs] + [1])
         if self.proxies is not None and "replay" in names:  # the proxies' lists for the block's users
-            own = self.proxies.knowledge(self, seen, block, size, scope)
+            own = self._proxy_lists(seen, block, size, scope)
         elif "keep" in names:  # the model's own order before this block's update
             own = [self.knowledge(seen, block, size, scope=scope)]
         ctx = TermContext(model=self.model, knowledge=knowledge, known=known, num_users=self.model.num_users,
@@ -218,9 +238,9 @@ class Learner:
         built = []
         for s in specs:
             cls = TERMS[s.name]
-            if getattr(cls, "needs_knowledge", True) and not knowledge:
+            if cls.needs_knowledge(s) and not knowledge:
                 continue
-            if s.name == "replay" and getattr(s, "source", "proxies") == "proxies" and not own:
+            if s.name == "replay" and s.source == "proxies" and not own:
                 continue  # no proxies yet (the first block)
             built.append(cls(s, replace(ctx, state=self.term_state.get(s.name))))
         return built
@@ -274,8 +294,23 @@ class Learner:
         """What this model hands the other side as feedback: its own lists, then its proxies' (if any)."""
         out = [self.knowledge(seen, block, size, scope=scope)]
         if self.proxies is not None:
-            out += self.proxies.knowledge(self, seen, block, size, scope)
+            out += self._proxy_lists(seen, block, size, scope)
         return out
+
+    def _proxy_lists(self, seen: Interactions, block: int, size: int, scope: str) -> list[Knowledge]:
+        """The stability and plasticity proxies' top lists for the block's users. The proxies are first
+        grown like the model (new rows = the model's rows, as ``Proxies.update`` does)."""
+        from .proxies import Proxies, proxy_knowledge
+
+        grown = Proxies.from_state(self.proxies.state())
+        grown.weights = {name: 1.0 for name in grown.weights}  # w = 1: keep the proxy, take only new rows
+        grown.update(self.model)
+        models = grown.models(lambda nu, ni: build_backbone(self.spec.backbone, nu, ni, **self.spec.backbone_params()))
+        known = model_pairs(seen, block, self.device)
+        models = tuple(m.to(self.device) for m in models)
+        for m in models:
+            m.observe(known.users, known.items)
+        return proxy_knowledge(models, self._users(seen, block, scope), size, known, block)
 
     @torch.no_grad()
     def evaluate(self, seen: Interactions, blocks: list[int], spec: EvalSpec, split: int = TEST) -> dict[int, dict]:

@@ -78,6 +78,12 @@ class KDTerm(nn.Module):
         self.spec = spec
         self.weight = float(getattr(spec, "weight", 1.0))
 
+    @classmethod
+    def needs_knowledge(cls, spec) -> bool:
+        """Whether the term reads the other side's lists (it is skipped when none came, e.g. no
+        feedback before the student's first block)."""
+        return True
+
     def resample(self, generator: torch.Generator, epoch: int) -> None:
         """Draw this epoch's targets (called before every epoch, 0-based)."""
 

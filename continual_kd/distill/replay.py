@@ -69,6 +69,10 @@ def model_ranks(model, users: torch.Tensor, items: torch.Tensor, known, chunk_si
 
 @register_term("replay")
 class ReplayTerm(KDTerm):
+    @classmethod
+    def needs_knowledge(cls, spec) -> bool:
+        return spec.source == "peers"
+
     def __init__(self, spec, ctx: TermContext):
         super().__init__(spec, ctx)
         self.top, self.eps, self.every = int(spec.top), float(spec.eps), int(spec.every)

@@ -6,6 +6,8 @@ teacher actors to the student actor by reference too, never through the driver.
 
 from __future__ import annotations
 
+import math
+import re
 import time
 
 import ray
@@ -60,22 +62,58 @@ class LearnerActor:
         return self.learner.state()
 
     def _report(self, block: int, metrics: dict) -> None:
-        """Export the block's test metrics to the Ray dashboard (Metrics tab / Prometheus)."""
+        """Export the block's metrics to the Ray dashboard (Metrics tab / Prometheus), see ``gauge_name``."""
+        if self._gauges is None:
+            self._gauges = MetricGauges()
+        self._gauges.report(self.learner.spec.name, metrics)
+
+
+def gauge_name(key: str) -> tuple[str, str]:
+    """A metric key → (valid Prometheus gauge name, ``group`` tag).
+
+    The part with ``@`` and the parts before it name the gauge; parts after it are the group:
+    ``"recall@20/head"`` → ``("ckd_recall_at_20", "head")``, ``"ndcg@20"`` → ``("ckd_ndcg_at_20", "all")``,
+    ``"plasticity/ndcg@20"`` → ``("ckd_plasticity_ndcg_at_20", "all")``.
+    """
+    parts = [p for p in key.split("/") if p]
+    at = next((i for i, p in enumerate(parts) if "@" in p), len(parts) - 1)
+    metric = "_".join(parts[: at + 1]).replace("@", "_at_")
+    name = re.sub(r"[^a-z0-9_]+", "_", metric.lower()).strip("_")
+    group = "/".join(parts[at + 1:]) or "all"
+    return f"ckd_{name}", group
+
+
+class MetricGauges:
+    """One Ray gauge per metric name (tags ``model`` and ``group``), created on first use."""
+
+    def __init__(self):
+        self._gauges: dict = {}
+
+    def report(self, model: str, metrics: dict) -> list[tuple[str, str, float]]:
+        """Set every finite numeric metric; returns the (name, group, value) set (NaN/None are skipped)."""
         from ray.util.metrics import Gauge
 
-        if self._gauges is None:
-            self._gauges = {
-                key: Gauge(f"ckd_{key.replace('@', '_at_')}", description=f"test {key} of the last block",
-                           tag_keys=("model",))
-                for key in metrics if "@" in key
-            }
-        for key, gauge in self._gauges.items():
-            gauge.set(metrics[key], tags={"model": self.learner.spec.name})
+        done = []
+        for key, value in metrics.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue
+            name, group = gauge_name(key)
+            gauge = self._gauges.get(name)
+            if gauge is None:
+                metric = key if group == "all" else key[: -len(group) - 1]
+                gauge = self._gauges[name] = Gauge(name, description=f"{metric} of the last block, per model and group",
+                                                   tag_keys=("model", "group"))
+            gauge.set(float(value), tags={"model": model, "group": group})
+            done.append((name, group, float(value)))
+        return done
 
 
 def spawn_learner(role_name: str, spec: ModelSpec, seed: int, device: str, state: dict | None = None,
-                  max_restarts: int = 3):
+                  max_restarts: int = 3, scheduling_strategy=None):
     """Start the named actor ``role_name`` with the resources its spec asks for.
+
+    ``scheduling_strategy``: where it goes, e.g. ``reserve_actors(...).strategies[role_name]`` (its
+    bundle of the job's placement group); None: Ray's default placement.
 
     Ray restarts it up to ``max_restarts`` times if its process dies (re-running ``__init__`` with
     the state it started the job with); the coordinator then calls ``restore`` with the last
@@ -88,6 +126,7 @@ def spawn_learner(role_name: str, spec: ModelSpec, seed: int, device: str, state
         max_concurrency=1,
         max_restarts=max_restarts,
         max_task_retries=0,
+        **({"scheduling_strategy": scheduling_strategy} if scheduling_strategy is not None else {}),
     )
     deadline = time.monotonic() + 60
     while True:

@@ -1,0 +1,157 @@
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from continual_kd.distill import TERMS
+from continual_kd.distill.base import Batch, TermContext, build_terms
+from continual_kd.distill.bd import BDTerm, bd_sampling_weights, fuse_scored_lists
+from continual_kd.models import build_backbone
+from continual_kd.sparse import UserItemSet
+from continual_kd.types import Knowledge
+
+
+def bd_spec(**kw):
+    base = dict(name="bd", weight=0.5, temperature=5.0, eps_teacher=1e-4, eps_student=1e-2, sign="code", refresh=10)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def bce(logit: float, label: float) -> float:
+    return -(label * math.log(1 / (1 + math.exp(-logit))) + (1 - label) * math.log(1 - 1 / (1 + math.exp(-logit))))
+
+
+def sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+@pytest.mark.parametrize("role, sign, expected", [
+    ("teacher", "code", [math.e, 1 / math.e]),  # exp(0.5 · (own - other)) = exp(±1)
+    ("student", "code", [math.tanh(1.0), 0.0]),  # tanh(max(0.5 · (own - other), 0))
+    ("teacher", "paper", [1 / math.e, math.e]),  # exp(0.5 · (other - own))
+    ("student", "paper", [0.0, math.tanh(1.0)]),
+])
+def test_sampling_weights_by_hand(role, sign, expected):
+    own, other = torch.tensor([5.0, 2.0]), torch.tensor([3.0, 4.0])  # own - other = [2, -2]
+    w = bd_sampling_weights(own, other, role, 0.5, sign)
+    assert w.tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_sampling_weights_refuse_unknown_role_and_sign():
+    with pytest.raises(ValueError, match="role"):
+        bd_sampling_weights(torch.zeros(1), torch.zeros(1), "critic", 0.1)
+    with pytest.raises(ValueError, match="sign"):
+        bd_sampling_weights(torch.zeros(1), torch.zeros(1), "student", 0.1, "both")
+
+
+def one_user_case(role: str, sign: str):
+    """1 user, 3 items; scores item0 = 1, item1 = 2, item2 = 5 but (0, 2) is known (masked).
+    The other side lists [item0, item1] with scores [3, 1]."""
+    model = build_backbone("mf", num_users=1, num_items=3, dim=1)
+    with torch.no_grad():
+        model.user_emb.copy_(torch.tensor([[1.0]]))
+        model.item_emb.copy_(torch.tensor([[1.0], [2.0], [5.0]]))
+    known = UserItemSet([0], [2], 1, 3)
+    other = Knowledge("other", 1, np.array([0]), np.array([[0, 1]]), np.array([[3.0, 1.0]], np.float32))
+    ctx = TermContext(model, [other], known, num_users=1, num_items=3, block=1, epochs=1, role=role)
+    term = build_terms([bd_spec(sign=sign)], ctx)[0]
+    term.resample(torch.Generator().manual_seed(0), 0)
+    return model, term
+
+
+def test_own_ranks_mask_known_pairs_and_weights_follow_the_role():
+    _, term = one_user_case("student", "code")
+    assert isinstance(term, BDTerm) and TERMS["bd"] is BDTerm
+    # ascending over [1, 2, -inf]: item0 → 1, item1 → 2; the other's ranks (I = 3): position 0 → 2, 1 → 1
+    assert term.own_rank.tolist() == [[1, 2]]
+    assert term.sample_weights[0].tolist() == pytest.approx([0.0, math.tanh(0.01)])
+    _, teacher = one_user_case("teacher", "code")
+    assert teacher.sample_weights[0].tolist() == pytest.approx([math.exp(-1e-4), math.exp(1e-4)])
+
+
+def test_bd_loss_by_hand_with_fixed_sampling():
+    batch = Batch(torch.tensor([0, 0]), torch.tensor([0, 1]), torch.tensor([1, 0]))
+    # student, code sign: only item1 (own rank 2 > other rank 1) can be drawn: 2 pairs × BCE(σ(2), σ(1/5))
+    model, term = one_user_case("student", "code")
+    loss = term.loss(model, batch, 0).detach()
+    assert float(loss) == pytest.approx(2 * bce(2.0, sig(1.0 / 5.0)), rel=1e-5)
+    assert float(loss) == pytest.approx(2.054520, abs=1e-5)
+    # student, paper sign: only item0 (the other ranks it higher): label σ(3/5), score 1
+    model, term = one_user_case("student", "paper")
+    assert float(term.loss(model, batch, 0).detach()) == pytest.approx(2 * bce(1.0, sig(3.0 / 5.0)), rel=1e-5)
+    # the label is detached: the gradient reaches the model's item only through its own score
+    loss = term.loss(model, batch, 0)
+    loss.backward()
+    assert float(model.item_emb.grad[0, 0]) == pytest.approx(2 * (sig(1.0) - sig(0.6)) * 1.0, rel=1e-5)
+    assert float(model.item_emb.grad[1, 0]) == 0.0 and float(model.item_emb.grad[2, 0]) == 0.0
+
+
+def test_users_without_lists_or_weight_are_skipped():
+    model, term = one_user_case("student", "code")
+    with torch.no_grad():
+        model.item_emb.copy_(torch.tensor([[2.0], [1.0], [5.0]]))  # now agrees with the other: all weights 0
+    term.resample(torch.Generator().manual_seed(0), 0)
+    assert term.sample_weights.sum() == 0
+    assert float(term.loss(model, Batch(torch.tensor([0]), torch.tensor([0]), torch.tensor([1])), 0)) == 0.0
+
+
+def test_fused_lists_take_the_weighted_mean_of_the_scores_that_exist():
+    a_items, a_scores = torch.tensor([[0, 1]]), torch.tensor([[4.0, 2.0]])
+    b_items, b_scores = torch.tensor([[1, 2]]), torch.tensor([[8.0, 3.0]])
+    # rank fusion, weights 3:1: item1 = .75·(1/2)^.05 + .25 = .974, item0 = .75, item2 = .25·(1/2)^.05 = .24
+    items, scores = fuse_scored_lists([a_items, b_items], [a_scores, b_scores], 3, "rank", [3.0, 1.0], 5)
+    assert items.tolist() == [[1, 0, 2]]
+    assert scores[0].tolist() == pytest.approx([(3 * 2.0 + 1 * 8.0) / 4, 4.0, 3.0])
+
+
+def test_refresh_recomputes_own_ranks_every_refresh_epochs():
+    model = build_backbone("mf", num_users=4, num_items=12, dim=3)
+    scores = np.tile(np.linspace(5, 0, 6, dtype=np.float32), (4, 1))
+    other = Knowledge("t", 1, np.arange(4), np.tile(np.arange(6), (4, 1)), scores)
+    ctx = TermContext(model, [other], UserItemSet([], [], 4, 12), 4, 12, 1, 4)
+    term = build_terms([bd_spec(refresh=2)], ctx)[0]
+    g = torch.Generator().manual_seed(0)
+    term.resample(g, 0)
+    first = term.own_rank
+    term.resample(g, 1)
+    assert term.own_rank is first
+    term.resample(g, 2)
+    assert term.own_rank is not first
+
+
+def concordance(scores: torch.Tensor) -> float:
+    """Fraction of pairs (a before b in the list) with score[a] > score[b], over all rows."""
+    diff = scores.unsqueeze(2) - scores.unsqueeze(1)  # (U, N, N): [u, a, b] = s_a - s_b
+    upper = torch.triu(torch.ones(scores.shape[1], scores.shape[1], dtype=torch.bool), 1)
+    return float((diff[:, upper] > 0).float().mean())
+
+
+@pytest.mark.parametrize("role, sign", [("teacher", "code"), ("student", "paper")])
+def test_training_moves_the_ranking_toward_the_other_list(role, sign):
+    torch.manual_seed(0)
+    nu, ni, n = 12, 40, 8
+    model = build_backbone("mf", num_users=nu, num_items=ni, dim=8)
+    gen = torch.Generator().manual_seed(1)
+    lists = torch.stack([torch.randperm(ni, generator=gen)[:n] for _ in range(nu)])  # (U, N)
+    scores = torch.linspace(10.0, -10.0, n).expand(nu, -1)  # labels σ(score/5) all distinct
+    other = Knowledge("t", 1, np.arange(nu), lists.numpy(), scores.numpy().astype(np.float32))
+    ctx = TermContext(model, [other], UserItemSet([], [], nu, ni), nu, ni, 1, 60, role=role)
+    term = build_terms([bd_spec(sign=sign, refresh=5, eps_student=0.5)], ctx)[0]
+
+    def agreement():
+        with torch.no_grad():
+            return concordance(model.score(torch.arange(nu), lists))
+
+    before = agreement()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    users = torch.arange(nu).repeat_interleave(n)
+    batch = Batch(users, lists.reshape(-1), lists.reshape(-1))
+    for epoch in range(60):
+        term.resample(gen, epoch)
+        opt.zero_grad()
+        term.loss(model, batch, epoch).backward()
+        opt.step()
+    after = agreement()
+    assert before < 0.7 and after > 0.9, (before, after)
