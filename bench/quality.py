@@ -9,7 +9,6 @@ once with distillation off, and prints per-block NDCG@20 / Recall@20 with the se
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -19,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from continual_kd.config import DistillSpec, load_job  # noqa: E402
+from continual_kd.config import load_job, parse_job  # noqa: E402
 from continual_kd.continual import run_stream_local  # noqa: E402
 from continual_kd.data.sources import open_source  # noqa: E402
 
@@ -45,9 +44,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     job = load_job(args.job)
-    print(f"job {args.job}: KD run ({len(job.teachers)} teacher(s) + student with {job.distill.method})", flush=True)
+    terms = "+".join(t.name for t in job.distill.terms) or "no KD"
+    print(f"job {args.job}: KD run ({len(job.teachers)} teacher(s) + student with {terms})", flush=True)
     kd_results, kd_secs = run(job, args.blocks)
-    no_kd = dataclasses.replace(job, teachers=(), distill=DistillSpec(method="none"))
+    no_kd = parse_job({**job.to_dict(), "teachers": [], "distill": {"terms": [], "feedback": []},
+                       "continual": {**job.to_dict()["continual"], "proxies": None}}, args.job)
     print("same student without distillation", flush=True)
     base_results, base_secs = run(no_kd, args.blocks)
 

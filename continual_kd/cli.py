@@ -225,14 +225,12 @@ def submit(
             raise CkdError("--dashboard-host only applies to the embedded Ray; drop it when using --address")
         err.print(_m("[yellow]warning:[/] the Ray dashboard will listen on {}:8265: anyone who can ", dashboard_host) +
                   "reach it and holds the token in ~/.ray/auth_token can see this job and submit code to run here")
-    exposed = {}
     if node_ip_address:
         from .runtime.cluster import check_node_ip_address, is_loopback
 
         if address:
             raise CkdError("--node-ip-address only applies to the embedded Ray; drop it when using --address")
         node_ip_address = check_node_ip_address(node_ip_address)
-        exposed = {"node_ip_address": node_ip_address}  # TODO(lead): run_job(node_ip_address=...) → ray_session
         if not is_loopback(node_ip_address):
             err.print(_m("[yellow]warning:[/] the embedded Ray will listen on {} (GCS, raylet, object store, metrics): "
                          "anyone on that network who holds the token in ~/.ray/auth_token can run code here",
@@ -240,7 +238,7 @@ def submit(
     progress = _BlockProgress(out)
     try:
         result = run_job(job, address=address, restart=restart, progress=progress, max_blocks=max_blocks,
-                         dashboard_host=dashboard_host, **exposed)
+                         dashboard_host=dashboard_host, node_ip_address=node_ip_address)
     finally:
         progress.stop()
     if result.history:
@@ -331,6 +329,17 @@ def evaluate(
     for name in models:
         mean = res["models"][name]["mean"]
         t.add_row(_e(name), *[_fmt(mean.get(key), digits=1 if key.startswith("avgpop") else 4) for key in bias_keys])
+    out.print(t)
+    t = Table(title=f"plasticity (block {snap.block}) and stability (blocks < {snap.block}), test part")
+    t.add_column("model")
+    cont_keys = [f"{part}/{metric}@20" for metric in ("ndcg", "recall") for part in ("plasticity", "stability", "hmean")]
+    for key in cont_keys:
+        part, metric = key.split("/")
+        t.add_column(f"{metric.split('@')[0].upper() if metric.startswith('ndcg') else 'Recall'} {part}",
+                     justify="right")
+    for name in models:
+        cont = res["models"][name]["continual"]
+        t.add_row(_e(name), *[_fmt(cont.get(key)) for key in cont_keys])
     out.print(t)
     _write_json(json_path, {"snapshot": str(snap.path), "warnings": warnings, **res})
 

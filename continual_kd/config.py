@@ -337,6 +337,7 @@ class RuntimeSpec(_Spec):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when an actor has a GPU
     max_restarts: int = Field(3, ge=0)  # Ray restarts of a dead model actor (it reloads the last commit)
     block_attempts: int = Field(3, ge=1)  # tries of one block before the job gives up (each from the last commit)
+    placement_timeout_s: float = Field(60.0, gt=0)  # wait this long for the actors' placement group, then refuse
 
 
 class JobSpec(_Spec):

@@ -17,6 +17,10 @@ from .rrd import RRDConfig, RRDTargets
 class KeepTerm(KDTerm):
     """RRD against the model's own pre-update top-k (``ctx.own[0]``)."""
 
+    @classmethod
+    def needs_knowledge(cls, spec) -> bool:
+        return False  # it reads the model's own lists (ctx.own)
+
     def __init__(self, spec, ctx: TermContext):
         super().__init__(spec, ctx)
         if not ctx.own:

@@ -36,7 +36,7 @@ from ..snapshots import (MANIFEST, list_snapshots, prune_snapshots, remove_job_s
 from ..stream import BlockPlan, StreamStore
 from .actors import spawn_learner
 from .executor import RayExecutor
-from .cluster import check_address, check_resources, ray_session
+from .cluster import check_address, ray_session, reserve_actors
 
 Progress = Callable[[dict], None]
 
@@ -132,7 +132,8 @@ def _recover(job: JobSpec, store: StreamStore, runs: Path, restart: bool, emit: 
 
 @single_driver  # one running driver per job: a second submit fails at once, naming this one
 def run_job(job: JobSpec, address: str | None = None, restart: bool = False, progress: Progress | None = None,
-            max_blocks: int | None = None, dashboard_host: str = "127.0.0.1") -> JobResult:
+            max_blocks: int | None = None, dashboard_host: str = "127.0.0.1",
+            node_ip_address: str | None = None) -> JobResult:
     emit = progress or (lambda _e: None)
     if max_blocks is not None and max_blocks < 1:
         raise CkdError(f"--max-blocks: must be at least 1, got {max_blocks}")
@@ -161,12 +162,13 @@ def run_job(job: JobSpec, address: str | None = None, restart: bool = False, pro
     specs = {model_key("teacher", t.name): t for t in job.teachers}
     specs["student"] = job.student
     with ray_session(address, job.runtime.num_cpus, namespace=f"ckd-{job.name}",
-                     dashboard_host=dashboard_host) as session:
+                     dashboard_host=dashboard_host, node_ip_address=node_ip_address) as session:
         result.dashboard_url = session.dashboard_url
         emit({"type": "ray", "address": session.address, "dashboard": session.dashboard_url})
-        check_resources({n: {"CPU": s.resources.num_cpus, "GPU": s.resources.num_gpus} for n, s in specs.items()})
+        demands = {n: {"CPU": s.resources.num_cpus, "GPU": s.resources.num_gpus} for n, s in specs.items()}
+        reservation = reserve_actors(demands, timeout_s=job.runtime.placement_timeout_s)  # fails here, in one line
         actors = {n: spawn_learner(n, s, job.seed, job.runtime.device, (rec.states or {}).get(n),
-                                   max_restarts=job.runtime.max_restarts)
+                                   max_restarts=job.runtime.max_restarts, scheduling_strategy=reservation.strategies[n])
                   for n, s in specs.items()}
         try:
             ray.get([a.ping.remote() for a in actors.values()])
@@ -195,6 +197,7 @@ def run_job(job: JobSpec, address: str | None = None, restart: bool = False, pro
         finally:
             for a in actors.values():
                 ray.kill(a, no_restart=True)
+            reservation.release()
     return result
 
 
