@@ -14,6 +14,8 @@ Methods (their distill / continual settings; the job's teachers and student are 
   scratch   every model retrained from scratch on all data so far each block, student with the job's terms
   kd        the job's teacher→student terms, teachers updated alone (KD without proxies or replay)
   bd        BD both ways: every teacher learns from the student, the student from the fused teachers
+            (the reference code's sign: each model trains on items it ranks above the other)
+  bd-paper  the same with the paper's sign (each model trains on items the other ranks above it)
   ccd       CCD: student first (RRD + IR-RRD from the previous block's teachers + proxy-guided replay,
             EMA proxies), then the teachers update with replay from the student and its proxies + keep
   ccd-1way  CCD's student side alone (teachers updated alone): isolates the collaborative direction
@@ -64,6 +66,8 @@ def method_specs(job_dict: dict) -> dict[str, dict]:
         "scratch": {"distill": {**base, "terms": own, "feedback": []}, "continual": {**warm, "strategy": "scratch"}},
         "kd": {"distill": {**base, "terms": own, "feedback": []}, "continual": warm},
         "bd": {"distill": {**base, "terms": [{"name": "bd"}], "feedback": [{"name": "bd"}]}, "continual": warm},
+        "bd-paper": {"distill": {**base, "terms": [{"name": "bd", "sign": "paper"}],
+                                 "feedback": [{"name": "bd", "sign": "paper"}]}, "continual": warm},
         "ccd": {"distill": {**base, "terms": [RRD, IR_RRD, REPLAY_STUDENT], "feedback": [REPLAY_TEACHER, KEEP]},
                 "continual": ccd},
         "ccd-1way": {"distill": {**base, "terms": [RRD, IR_RRD, REPLAY_STUDENT], "feedback": []}, "continual": ccd},

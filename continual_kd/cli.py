@@ -5,6 +5,7 @@ Set ``CKD_DEBUG=1`` to see the traceback behind an error message.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import math
@@ -48,6 +49,9 @@ StoreOpt = Annotated[Path, typer.Option("--store", help="Stream store directory.
 RunsOpt = Annotated[Path, typer.Option("--runs", help="Directory holding the jobs' snapshot folders.", envvar="CKD_RUNS")]
 
 
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def _guard(fn):
     """Turn a CkdError into one red line on stderr and exit code 2 (CKD_DEBUG=1 keeps the traceback)."""
 
@@ -60,24 +64,68 @@ def _guard(fn):
                 raise
             err.print(_m("[bold red]error:[/] {}", e), highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
+        except OSError as e:  # the environment, not a bug: a full disk, a read-only folder, no permission
+            if os.environ.get("CKD_DEBUG") or e.errno not in _ENVIRONMENT_ERRNOS:
+                raise
+            err.print(_m("[bold red]error:[/] {} ({}); free space or fix the permissions, then run the command "
+                         "again (`ckd submit` resumes after the last committed block).",
+                         e.strerror or e, e.filename or "a file it writes"), highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
 
     return wrapper
 
 
 def _fmt(v: float | None, digits: int = 4) -> str:
-    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+    """A metric; an undefined one (None / NaN) shows as "–"."""
+    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
 
 
 def _write_json(path: Optional[Path], payload) -> None:
+    """``--json``: strict JSON (an undefined metric is null, never NaN), to stdout for '-'."""
+    from .eval.metrics import undefined_as_none
+
     if path is None:
         return
+    text = json.dumps(undefined_as_none(payload), indent=2, default=str, allow_nan=False)
     if str(path) == "-":
-        sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+        sys.stdout.write(text + "\n")
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise CkdError(f"--json {path}: cannot write it ({e.strerror or e}); choose a writable path "
+                       f"with free space") from None
+
+
+WideOpt = Annotated[bool, typer.Option("--wide", help="More metrics; each table whole at its natural width "
+                                                        "(a narrow terminal wraps it).")]
+
+
+def _human(json_path: Optional[Path]) -> Console:
+    """Where the tables and messages go: stderr when ``--json -`` keeps stdout for the JSON alone."""
+    return err if json_path is not None and str(json_path) == "-" else out
+
+
+def _print_tables(console: Console, tables: list, legend: str | None, wide: bool) -> None:
+    """Tables built by ``tables.py`` (they fit ``console.width`` unless ``wide``), then the legend."""
+    from .tables import natural_width
+
+    for t in tables:
+        need = natural_width(t)
+        if wide and need > console.width:  # print whole; the terminal wraps the lines, nothing is cut
+            Console(file=console.file, width=need, emoji=False, force_terminal=console.is_terminal,
+                    no_color=console.no_color).print(t)
+        else:
+            console.print(t)
+    if legend:
+        console.print(_m("[dim]{}[/]", legend))
 
 
 # ---------------------------------------------------------------------------------------- ingest / data
@@ -86,6 +134,10 @@ def _write_json(path: Optional[Path], payload) -> None:
 def _print_report(r) -> None:
     if r.already_ingested:
         out.print(_m("[yellow]{}[/]: already ingested (content {}); store unchanged", r.source, r.content_hash[:12]))
+        return
+    if r.repaired:
+        out.print(_m("[bold]{}[/]: already ingested; its damaged segment {} was rewritten from it ({:,} rows, "
+                     "matching the size and checksum recorded at commit)", r.source, r.segment_id, r.rows_taken))
         return
     out.print(_m("[bold]{}[/]: {:,} rows taken, {:,} quarantined ({:,} new users, {:,} new items){}", r.source,
                  r.rows_taken, r.rows_quarantined, r.new_users, r.new_items,
@@ -172,8 +224,14 @@ class _BlockProgress:
             self.bar.update(self.task, description=f"block {e['block']}: {e['stage']}")
         elif kind == "block" and self.task is not None:
             r = e["result"]
-            cells = "  ".join(f"{n} {m['ndcg@20']:.4f}" for n, m in r.metrics.items())
-            self.bar.console.print(_m("block {} ({:.1f}s) NDCG@20: {}", r.block, r.seconds, cells))
+            ndcg = [k for m in r.metrics.values() for k in m if k.startswith("ndcg@") and "/" not in k]
+            key = "ndcg@20" if "ndcg@20" in ndcg or not ndcg else ndcg[0]  # the job's eval.ks may lack 20
+            from .tables import model_labels
+
+            labels = model_labels(r.metrics)  # teacher:<name> → <name>: a block's line fits 80 columns
+            cells = "  ".join(f"{labels[n]} {_fmt(m.get(key))}" for n, m in r.metrics.items())
+            self.bar.console.print(_m("block {} ({:.1f}s) {}: {}", r.block, r.seconds, key.replace("ndcg", "NDCG"),
+                                      cells))
             self.bar.advance(self.task)
         elif kind in ("info", "warning"):
             style = "yellow" if kind == "warning" else "dim"
@@ -181,24 +239,6 @@ class _BlockProgress:
 
     def stop(self) -> None:
         self.bar.stop()
-
-
-def _history_table(history: list[dict], k: int = 20) -> Table:
-    """NDCG@k of every model per block (all metrics are in --json and in the snapshots)."""
-    models = list(history[0]["metrics"]) if history else []
-    t = Table(title=f"NDCG@{k} on each block's test part (full ranking)")
-    t.add_column("block", justify="right")
-    for m in models:
-        t.add_column(_e(m), justify="right")
-    t.add_column("seconds", justify="right")
-    for h in history:
-        t.add_row(str(h["block"]), *[_fmt(h["metrics"][m].get(f"ndcg@{k}")) for m in models],
-                  f"{h.get('seconds', float('nan')):.1f}")
-    incr = [h for h in history if h["block"] > 0]
-    if incr:
-        t.add_row("mean 1..", *[_fmt(sum(h["metrics"][m][f"ndcg@{k}"] for h in incr) / len(incr)) for m in models],
-                  "", style="bold")
-    return t
 
 
 @app.command()
@@ -210,6 +250,7 @@ def submit(
     resume: Annotated[bool, typer.Option("--resume", help="Continue after the last snapshot (also the default when one exists).")] = False,
     max_blocks: Annotated[Optional[int], typer.Option(help="Run at most this many blocks now (resume later).")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the per-block metrics as JSON ('-' for stdout).")] = None,
+    wide: WideOpt = False,
     dashboard_host: Annotated[str, typer.Option(help="Interface of the embedded Ray dashboard. Anything but 127.0.0.1 exposes it (and job submission) to the network; token auth stays on.")] = "127.0.0.1",
     node_ip_address: Annotated[Optional[str], typer.Option(help="Address of this machine the embedded Ray binds all its ports to (GCS, raylet, object manager, metrics); default 127.0.0.1, this machine only. Another address exposes the cluster to that network; token auth stays on.")] = None,
 ):
@@ -235,15 +276,18 @@ def submit(
             err.print(_m("[yellow]warning:[/] the embedded Ray will listen on {} (GCS, raylet, object store, metrics): "
                          "anyone on that network who holds the token in ~/.ray/auth_token can run code here",
                          node_ip_address))
-    progress = _BlockProgress(out)
+    console = _human(json_path)
+    progress = _BlockProgress(console)
     try:
         result = run_job(job, address=address, restart=restart, progress=progress, max_blocks=max_blocks,
                          dashboard_host=dashboard_host, node_ip_address=node_ip_address)
     finally:
         progress.stop()
     if result.history:
-        out.print(_history_table(result.history))
-    out.print(_m("snapshots: {}  (evaluate with `ckd evaluate --snapshot latest`)", result.runs_dir))
+        from .tables import history_tables
+
+        _print_tables(console, *history_tables(result.history, console.width, wide), wide)
+    console.print(_m("snapshots: {}  (evaluate with `ckd evaluate --snapshot latest`)", result.runs_dir))
     _write_json(json_path, {"job": job.name, "plan_id": result.plan.plan_id, "history": result.history})
 
 
@@ -277,6 +321,7 @@ def evaluate(
     runs: RunsOpt = Path("runs"),
     job: Annotated[Optional[str], typer.Option(help="Job name when --runs holds several jobs.")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics as JSON ('-' for stdout).")] = None,
+    wide: WideOpt = False,
 ):
     """Full-ranking metrics of every model in a snapshot, on the test part of every block seen so far."""
     from .continual.snapshot_eval import evaluate_snapshot
@@ -296,51 +341,10 @@ def evaluate(
     store = StreamStore.open(m["store"])
     seen = store.read_blocks(m["plan_id"], snap.block)
     res = evaluate_snapshot(snap, seen)
-    ks = res["ks"]
-    k_main = 20 if 20 in ks else ks[0]
-    models = sorted(res["models"], key=lambda n: (n == "student", n))  # teachers first
-    blocks = sorted(res["models"][models[0]]["blocks"]) if models else []
-    t = Table(title=_m("{} snapshot block-{:04d}: NDCG@{} on the test part of each block", m["job"], snap.block, k_main))
-    t.add_column("model")
-    t.add_column("params", justify="right")
-    for b in blocks:
-        t.add_column(f"b{b}", justify="right")
-    t.add_column("mean", justify="right", style="bold")
-    for name in models:
-        r = res["models"][name]
-        t.add_row(_e(name), f"{r['parameters']:,}", *[_fmt(r["blocks"][b][f"ndcg@{k_main}"]) for b in blocks],
-                  _fmt(r["mean"][f"ndcg@{k_main}"]))
-    out.print(t)
-    t = Table(title=f"mean over blocks 0..{snap.block}")
-    t.add_column("model")
-    for k in ks:
-        t.add_column(f"Recall@{k}", justify="right")
-        t.add_column(f"NDCG@{k}", justify="right")
-    for name in models:
-        mean = res["models"][name]["mean"]
-        t.add_row(_e(name), *[_fmt(mean[f"{metric}@{k}"]) for k in ks for metric in ("recall", "ndcg")])
-    out.print(t)
-    t = Table(title=f"popularity bias at {k_main} (mean over blocks; groups by training popularity)")
-    t.add_column("model")
-    bias_keys = [f"recall@{k_main}/head", f"recall@{k_main}/mid", f"recall@{k_main}/tail", f"avgpop@{k_main}",
-                 f"coverage@{k_main}"]
-    for key, label in zip(bias_keys, ["Recall head", "Recall mid", "Recall tail", "avg popularity", "coverage"]):
-        t.add_column(label, justify="right")
-    for name in models:
-        mean = res["models"][name]["mean"]
-        t.add_row(_e(name), *[_fmt(mean.get(key), digits=1 if key.startswith("avgpop") else 4) for key in bias_keys])
-    out.print(t)
-    t = Table(title=f"plasticity (block {snap.block}) and stability (blocks < {snap.block}), test part")
-    t.add_column("model")
-    cont_keys = [f"{part}/{metric}@20" for metric in ("ndcg", "recall") for part in ("plasticity", "stability", "hmean")]
-    for key in cont_keys:
-        part, metric = key.split("/")
-        t.add_column(f"{metric.split('@')[0].upper() if metric.startswith('ndcg') else 'Recall'} {part}",
-                     justify="right")
-    for name in models:
-        cont = res["models"][name]["continual"]
-        t.add_row(_e(name), *[_fmt(cont.get(key)) for key in cont_keys])
-    out.print(t)
+    from .tables import evaluate_tables
+
+    console = _human(json_path)
+    _print_tables(console, *evaluate_tables(res, m["job"], snap.block, console.width, wide), wide)
     _write_json(json_path, {"snapshot": str(snap.path), "warnings": warnings, **res})
 
 
@@ -378,13 +382,13 @@ def recommend(
     names = store.external_ids("item", items.flatten().numpy())
     payload = {}
     t = Table(title=_m("{} @ block-{:04d}: top-{}", model, snap.block, k))
-    t.add_column("user")
-    t.add_column("items (best first)")
+    t.add_column("user", overflow="fold")
+    t.add_column("items (best first)", overflow="fold")
     for row, u in enumerate(user):
         ids = names[row * items.shape[1] : (row + 1) * items.shape[1]]
         payload[u] = [{"item": i, "score": float(sc)} for i, sc in zip(ids, scores[row].tolist())]
         t.add_row(_e(u), _e(", ".join(ids)))
-    out.print(t)
+    _human(json_path).print(t)
     _write_json(json_path, {"snapshot": str(snap.path), "model": model, "recommendations": payload})
 
 
@@ -394,22 +398,27 @@ def status(
     store: StoreOpt = Path("stores/ml-100k"),
     runs: RunsOpt = Path("runs"),
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the status as JSON ('-' for stdout).")] = None,
+    wide: WideOpt = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Also check every segment's sha256 checksum against the "
+                                                          "catalog (reads every segment; size and row count are "
+                                                          "always checked).")] = False,
 ):
-    """Segments, blocks, quarantine counts of a store, and the snapshots under --runs."""
+    """Segments, blocks, quarantine counts of a store, and the snapshots under --runs; exit code 2 when a
+    segment does not match what the catalog recorded."""
     from .snapshots import list_snapshots
     from .stream import StreamStore
+    from .tables import segment_tables
 
+    out = _human(json_path)  # this command's human output (stderr under --json -)
     st = StreamStore.open(store)
     s = st.status()
+    if verify:
+        checked = {seg["id"]: seg["problem"] for seg in st.segment_problems(checksum=True)}
+        for seg in s["segments"]:
+            seg["problem"] = checked.get(seg["id"], seg.get("problem"))
     out.print(_m("[bold]store {}[/]: {:,} interactions, {:,} users, {:,} items, {} segments", store, s["rows"],
                  s["users"], s["items"], len(s["segments"])))
-    t = Table(title="segments")
-    for c in ("id", "source", "rows", "first ts", "last ts", "content"):
-        t.add_column(c)
-    for seg in s["segments"]:
-        t.add_row(str(seg["id"]), _e(seg["source"]), f"{seg['rows']:,}", str(seg["ts_min"]), str(seg["ts_max"]),
-                  _e(str(seg["content_hash"])[:12]))
-    out.print(t)
+    _print_tables(out, segment_tables(s["segments"], out.width, wide), None, wide)
     q = s.get("quarantine", {})
     out.print(_m("quarantine: {}", ", ".join(f"{n:,} × {r}" for r, n in q.items()) if q else "empty"))
     for plan in s.get("plans", []):
@@ -426,7 +435,43 @@ def status(
             if blocks:
                 snaps[d.name] = blocks
                 out.print(_m("snapshots {}: blocks {}", d, ", ".join(map(str, blocks))))
-    _write_json(json_path, {**s, "snapshots": snaps})
+    _write_json(json_path, {**s, "snapshots": snaps, "verified": verify})
+    damaged = [seg for seg in s["segments"] if seg.get("problem")]
+    if damaged:  # named after the overview, in one line, exit code 2
+        from .stream.segments import damaged_error
+
+        first = damaged[0]
+        raise damaged_error(st.root, first["path"], first["source"], first["problem"], len(damaged) - 1)
+    if verify:
+        out.print(_m("verified {} segments: size, rows and sha256 checksum match the catalog", len(s["segments"])))
+
+
+@app.command()
+@_guard
+def report(
+    runs: RunsOpt = Path("runs"),
+    job: Annotated[Optional[str], typer.Option(help="Job name when --runs holds several jobs.")] = None,
+    out_path: Annotated[Optional[Path], typer.Option("--out", help="report.html (PNGs beside it as "
+                                                     "report-<plot>.png) or a folder; default reports/<job>/.")] = None,
+    ensemble: Annotated[bool, typer.Option(help="Score the teachers' rank-fusion ensemble from each block's "
+                                                "snapshot still on disk.")] = True,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the plotted numbers and file paths as "
+                                                                     "JSON ('-' for stdout).")] = None,
+):
+    """Plots of a job's stream (accuracy, plasticity/stability, popularity bias, seconds per stage) as PNGs
+    and one self-contained HTML page, from the newest snapshot's history."""
+    from .report import write_report
+
+    job_dir = _find_job_runs(runs, job)
+    console = _human(json_path)
+    rep = write_report(job_dir, out_path if out_path is not None else Path("reports") / job_dir.name, ensemble)
+    for note in rep.notes:
+        err.print(_m("[yellow]note:[/] {}", note), soft_wrap=True)
+    console.print(_m("report: {}", rep.html), soft_wrap=True)
+    for name, path in rep.pngs.items():
+        console.print(_m("  {}: {}", name, path), soft_wrap=True)
+    _write_json(json_path, {"job": job_dir.name, "html": str(rep.html), "pngs": {n: str(p) for n, p in rep.pngs.items()},
+                            "notes": rep.notes, "series": rep.series})
 
 
 def main() -> None:

@@ -49,9 +49,27 @@ class Snapshot:
     manifest: dict
 
     def load_states(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Every model's state dict, on the CPU, keyed by model name."""
-        return {name: torch.load(self.path / filename, map_location="cpu", weights_only=True)
-                for name, filename in self.manifest["models"].items()}
+        """Every model's state dict, on the CPU, keyed by model name.
+
+        Weights-only loading (no code from a snapshot ever runs); a file it refuses, or one that holds
+        anything but named tensors, is a CkdError naming the file."""
+        return {name: load_state_file(self.path / filename) for name, filename in self.manifest["models"].items()}
+
+
+def load_state_file(path: Path) -> dict[str, torch.Tensor]:
+    """One model file of a snapshot: a dict of tensor names to tensors, loaded with ``weights_only=True``."""
+    fix = "use another snapshot (--snapshot N) or rewrite this job's snapshots with `ckd submit --restart`"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError (not a zip / torch file), EOFError, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CkdError(f"Snapshot file {path} cannot be loaded as plain tensors ({type(exc).__name__}: {first}); "
+                       f"it was not written by ckd, so {fix}.") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CkdError(f"Snapshot file {path} does not hold a state dict (names → tensors) but a "
+                       f"{type(state).__name__}; {fix}.")
+    return state
 
 
 def write_snapshot(runs_dir: Path, block: int, states: dict[str, dict[str, torch.Tensor]],
@@ -61,11 +79,11 @@ def write_snapshot(runs_dir: Path, block: int, states: dict[str, dict[str, torch
     if isinstance(block, bool) or not isinstance(block, int) or block < 0:
         raise ValueError(f"block must be a non-negative int, got {block!r}")
     filenames = _model_filenames(list(states))
-    runs_dir.mkdir(parents=True, exist_ok=True)
     final = runs_dir / block_dir_name(block)
     tmp = runs_dir / f".tmp-{final.name}-{uuid.uuid4().hex}"
-    tmp.mkdir()
     try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
         files = {}
         for name, state in states.items():
             buf = io.BytesIO()
@@ -91,6 +109,11 @@ def write_snapshot(runs_dir: Path, block: int, states: dict[str, dict[str, torch
         else:
             os.replace(tmp, final)
             _fsync_dir(runs_dir)
+    except OSError as exc:  # a full disk, a read-only folder: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CkdError(f"Cannot write the snapshot {final}: {exc.strerror or exc} ({exc.filename or tmp}); free "
+                       f"space or make {runs_dir} writable, then run `ckd submit` again: it resumes after the "
+                       f"last committed block.") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -97,3 +97,5 @@ class Knowledge:
     observed_items: np.ndarray | None = None  # (U, P) the users' known items, best first by this teacher, -1 padded
     item_ids: np.ndarray | None = None  # (J,) items with per-item lists (IR-RRD)
     item_users: np.ndarray | None = None  # (J, M) top-M users of each of item_ids, best first
+    user_vectors: np.ndarray | None = None  # (U, d) for ``users``: with item_vectors, score = u · v (BD)
+    item_vectors: np.ndarray | None = None  # (I, d) every item's vector of the same factorisation

@@ -42,7 +42,7 @@ def ray_cluster():
     with socket.socket() as sock:  # a free port, so a test's own embedded Ray can take the default 8265
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
              namespace="ckd-tests", log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

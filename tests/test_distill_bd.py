@@ -155,3 +155,61 @@ def test_training_moves_the_ranking_toward_the_other_list(role, sign):
         opt.step()
     after = agreement()
     assert before < 0.7 and after > 0.9, (before, after)
+
+
+def test_ascending_ranks_count_strictly_lower_entries():
+    from continual_kd.distill.bd import ascending_ranks
+
+    s = torch.tensor([[0.5, 2.0, -1.0, float("-inf")], [1.0, 1.0, 3.0, 0.0]])
+    assert ascending_ranks(s).tolist() == [[2, 3, 1, 0], [1, 1, 3, 0]]
+
+
+def _mf(num_users, num_items, user_rows, item_rows):
+    m = build_backbone("mf", num_users, num_items, dim=len(user_rows[0]))
+    with torch.no_grad():
+        m.user_emb.copy_(torch.tensor(user_rows, dtype=torch.float32))
+        m.item_emb.copy_(torch.tensor(item_rows, dtype=torch.float32))
+    return m
+
+
+def test_full_mode_ranks_every_item_and_labels_from_the_other_vectors():
+    """With the other side's user/item vectors every item is a candidate (the reference's BD): weights
+    by hand from both full rankings, known pairs never drawn, labels σ(u·v / τ) of the other side."""
+    own = _mf(1, 4, [[1.0]], [[4.0], [3.0], [2.0], [1.0]])  # own order 0 > 1 > 2 > 3
+    other_u, other_i = np.array([[1.0]], np.float32), np.array([[1.0], [2.0], [3.0], [4.0]], np.float32)  # 3 > 2 > 1 > 0
+    k = Knowledge("t", 1, np.array([0]), np.array([[3, 2]]), np.array([[4.0, 3.0]], np.float32),
+                  user_vectors=other_u, item_vectors=other_i)
+    known = UserItemSet([0], [1], 1, 4)  # item 1 is known: rank 0 (at -inf) on both sides, never drawn
+    ctx = TermContext(model=own, knowledge=[k], known=known, num_users=1, num_items=4, block=1, epochs=1,
+                      role="teacher")
+    term = BDTerm(bd_spec(eps_teacher=0.5), ctx)
+    assert term.full
+    term.resample(torch.Generator().manual_seed(0), 0)
+    # ascending ranks with item 1 at -inf: own scores [4, -inf, 2, 1] → [3, 0, 2, 1];
+    # other scores [1, -inf, 3, 4] → [1, 0, 2, 3]; teacher/code weight exp(0.5 · (own - other))
+    assert term.own_rank.tolist() == [[3, 0, 2, 1]]
+    assert term.other_rank.tolist() == [[1, 0, 2, 3]]
+    expected = [math.exp(0.5 * 2), 0.0, 1.0, math.exp(0.5 * -2)]
+    assert term.sample_weights[0].tolist() == pytest.approx(expected, rel=1e-6)
+    # the loss of one pair equals BCE(own score, σ(other score / τ)) of whichever item was drawn
+    draws = set()
+    for seed in range(40):
+        term._generator = torch.Generator().manual_seed(seed)
+        value = float(term.loss(own, Batch(torch.tensor([0]), torch.tensor([0]), torch.tensor([2])), 1).detach())
+        item = min(range(4), key=lambda i: abs(bce(float(own.item_emb[i]), sig(float(other_i[i, 0]) / 5.0)) - value))
+        assert value == pytest.approx(bce(float(own.item_emb[item]), sig(float(other_i[item, 0]) / 5.0)), rel=1e-5)
+        draws.add(item)
+    assert 1 not in draws and 0 in draws  # the known item never; the heaviest one surely
+
+
+@pytest.mark.parametrize("backbone, params", [("mf", {"dim": 8}), ("lightgcn", {"dim": 8, "layers": 2}),
+                                              ("multvae", {"dim": 8, "hidden": 16})])
+def test_knowledge_vectors_factorise_the_scores(backbone, params):
+    """What BD receives as vectors reproduces the model's own scores for every backbone."""
+    torch.manual_seed(0)
+    model = build_backbone(backbone, 6, 9, **params).eval()
+    users, items = torch.tensor([0, 0, 1, 2, 3, 4, 5, 5]), torch.tensor([1, 2, 3, 4, 5, 6, 7, 8])
+    model.observe(users, items)
+    with torch.no_grad():
+        u, v = model.embeddings()
+        assert torch.allclose(u @ v.T, model.full_scores(torch.arange(6)), atol=1e-5)

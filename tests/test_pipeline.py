@@ -117,6 +117,12 @@ def test_in_process_and_ray_give_the_same_metrics(ray_cluster, tiny_job, tmp_pat
 
         weights = resolve_snapshot(ray_result.runs_dir, "latest")[0].load_states()["student"]
         assert "aux.proxies.meta" in weights and any(k.startswith("aux.proxies.stability.") for k in weights)
+        # stopped after block 1 and resumed: the proxies come back from the snapshot, same numbers
+        resumed = job.model_copy(update={"name": "ccd-resumed"})
+        assert [r.block for r in run_job(resumed, max_blocks=2).results] == [0, 1]
+        last = run_job(resumed).results
+        assert [r.block for r in last] == [2]
+        assert last[0].metrics["student"] == ray_result.results[2].metrics["student"]
 
 
 def test_held_out_pairs_never_reach_a_model(tiny_job):

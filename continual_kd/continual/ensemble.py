@@ -43,3 +43,27 @@ class RankFusionEnsemble(torch.nn.Module):
         if items.dim() == 1:
             return full.gather(1, items.unsqueeze(1)).squeeze(1)
         return full.gather(1, items)
+
+
+def evaluate_ensemble(teachers: list, seen, block: int, spec) -> dict:
+    """The teachers' rank-fusion ensemble (uniform weights) evaluated like a model after ``block``:
+    {"test": block's test metrics, "earlier": {j: metrics} for j < block, "continual": plasticity /
+    stability / H-mean}. ``teachers`` are ``Learner``s holding the block's weights; the masks are the
+    ones ``Learner.evaluate`` uses (everything seen but the held-out pairs)."""
+    from ..eval import eval_sets, evaluate_ranking, plasticity_stability
+    from ..eval.bias import item_popularity_groups
+    from .learner import item_counts
+
+    device = teachers[0].device
+    for t in teachers:
+        t.observe(seen)
+    popularity = item_counts(seen, device)
+    groups = item_popularity_groups(popularity)
+    per_block = {}
+    for b in range(block + 1):
+        relevant, exclude = eval_sets(seen, b, device=device)
+        model = RankFusionEnsemble([t.model for t in teachers], exclude=exclude)
+        per_block[b] = evaluate_ranking(model, relevant, exclude, spec.ks, spec.chunk_size, device,
+                                        item_popularity=popularity, item_group=groups)
+    return {"test": per_block[block], "earlier": {b: m for b, m in per_block.items() if b < block},
+            "continual": plasticity_stability(per_block, block)}

@@ -258,11 +258,13 @@ class Learner:
 
     @torch.no_grad()
     def knowledge(self, seen: Interactions, block: int, size: int, unkd_groups: int = 0, per_group: int = 0,
-                  observed: int = 0, item_users: int = 0, scope: str = "block") -> Knowledge:
+                  observed: int = 0, item_users: int = 0, vectors: bool = False, scope: str = "block") -> Knowledge:
         """Top-``size`` unobserved items for every user with training data in ``block`` (``scope="all"``:
         in any block so far); with ``unkd_groups`` also the top-``per_group`` items inside each
         popularity group; with ``observed`` the model's ranking of the user's own known items
-        (HetComp's ordered observed targets); with ``item_users`` the top users of every item (IR-RRD).
+        (HetComp's ordered observed targets); with ``item_users`` the top users of every item (IR-RRD);
+        with ``vectors`` the user and item tables whose dot products are the model's scores (BD ranks
+        every item by them: (U + I) × d floats, never U × I).
         The model is grown to the block's id spaces first (a teacher asked before its update)."""
         self.grow(seen, block)
         users = self._users(seen, block, scope)
@@ -282,17 +284,22 @@ class Learner:
             all_items = torch.arange(self.model.num_items, device=self.device)
             item_lists = top_k_users(self.model, all_items, min(item_users, self.model.num_users), known)[0]
             item_ids, item_lists = all_items.cpu().numpy(), item_lists.cpu().numpy()
+        user_vectors = item_vectors = None
+        if vectors:
+            u_all, i_all = self.model.embeddings()
+            user_vectors, item_vectors = u_all[users].float().cpu().numpy(), i_all.float().cpu().numpy()
         # a trajectory only describes the users of the update that recorded it (asked before this
         # block's update, e.g. CCD's order, the teacher has none for these users)
         trajectory = tuple(self._trajectory) if self._trajectory_of == (block, scope) else ()
         return Knowledge(self.spec.name, block, users.cpu().numpy(), items.cpu().numpy(),
                          scores.float().cpu().numpy(), group_items, trajectory, observed_items,
-                         item_ids, item_lists)
+                         item_ids, item_lists, user_vectors, item_vectors)
 
     @torch.no_grad()
-    def feedback(self, seen: Interactions, block: int, size: int, scope: str = "block") -> list[Knowledge]:
+    def feedback(self, seen: Interactions, block: int, size: int, vectors: bool = False,
+                 scope: str = "block") -> list[Knowledge]:
         """What this model hands the other side as feedback: its own lists, then its proxies' (if any)."""
-        out = [self.knowledge(seen, block, size, scope=scope)]
+        out = [self.knowledge(seen, block, size, vectors=vectors, scope=scope)]
         if self.proxies is not None:
             out += self._proxy_lists(seen, block, size, scope)
         return out

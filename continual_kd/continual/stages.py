@@ -46,6 +46,7 @@ class BlockResult:
     seconds: float = 0.0
     earlier: dict[str, dict[int, dict]] = field(default_factory=dict)  # model → block j < k → test metrics
     continual: dict[str, dict] = field(default_factory=dict)  # model → plasticity / stability / hmean
+    stages: dict[str, float] = field(default_factory=dict)  # stage name → seconds, in the order run
 
 
 class Executor(Protocol):
@@ -91,6 +92,7 @@ def knowledge_request(terms) -> dict:
             req["item_users"] = max(t.k, t.pool)
         elif t.name == "bd":
             size = max(size, BD_LIST)
+            req["vectors"] = True
         elif t.name in ("replay", "keep"):
             size = max(size, getattr(t, "top", 0), getattr(t, "k", 0))
     return {"size": size, **req}
@@ -134,7 +136,8 @@ class BlockRun:
 
 def student_feedback(run: BlockRun, ex: Executor) -> None:
     req = knowledge_request(run.job.distill.feedback)
-    run.knowledge["student"] = ex.call([STUDENT], "feedback", size=req["size"], scope=scope(run.job))
+    run.knowledge["student"] = ex.call([STUDENT], "feedback", size=req["size"], vectors=req.get("vectors", False),
+                                       scope=scope(run.job))
 
 
 def update_teachers(run: BlockRun, ex: Executor) -> None:
@@ -190,10 +193,13 @@ def run_block(job: JobSpec, block: int, ex: Executor, previous_valid: dict | Non
     """Run every stage of ``block`` on ``ex``; ``on_stage(name)`` is called as each starts."""
     t0 = time.perf_counter()
     run = BlockRun(job, block, [model_key("teacher", t.name) for t in job.teachers], previous_valid)
+    stage_seconds: dict[str, float] = {}
     for name, stage in block_stages(job, block):
         if on_stage is not None:
             on_stage(name)
+        started = time.perf_counter()
         stage(run, ex)
+        stage_seconds[name] = time.perf_counter() - started
     ev = run.evals
     return BlockResult(
         block=block,
@@ -203,4 +209,5 @@ def run_block(job: JobSpec, block: int, ex: Executor, previous_valid: dict | Non
         seconds=time.perf_counter() - t0,
         earlier={n: e["earlier"] for n, e in ev.items()},
         continual={n: e["continual"] for n, e in ev.items()},
+        stages=stage_seconds,
     )

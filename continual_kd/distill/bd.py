@@ -1,8 +1,9 @@
 """BD: bidirectional distillation (WWW'21), one direction per term: the model being trained learns
 from the *other* side's lists (the teachers' for the student, the student's for a teacher).
 
-Candidates per user are the other side's top-N list (one per block; with several lists, their
-fusion). Ranks follow METHODS.md: ascending order of score over all items with the model's known
+Candidates per user: every item (full mode: the other side hands over the user/item tables whose
+dot products are its scores, ``Knowledge.user_vectors`` / ``item_vectors``, fixed for the block) or,
+without them, the other side's top-N list (list mode; with several lists, their fusion). Ranks follow METHODS.md: ascending order of score over all items with the model's known
 pairs at -inf, so a higher rank is preferred. The other side's rank of the item at 0-based list
 position p is ``I - 1 - p`` (items outside its list would rank below it; they have no score to
 learn from, so they are never candidates). The trained model's own ranks of the candidates are
@@ -78,9 +79,21 @@ def fuse_scored_lists(items: list[torch.Tensor], scores: list[torch.Tensor], siz
     return fused, (total / mass.clamp(min=1e-12)).float()
 
 
+def ascending_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """(B, I) rank of every entry in its row by ascending score: how many entries are strictly lower
+    (so the best item has rank I-1 when there is no tie; -inf entries share rank 0)."""
+    return torch.searchsorted(torch.sort(scores, dim=1).values, scores.contiguous())
+
+
 @register_term("bd")
 class BDTerm(KDTerm):
-    """BD for the model of ``ctx`` (student or teacher, ``ctx.role``) from the other side's lists."""
+    """BD for the model of ``ctx`` (student or teacher, ``ctx.role``) from the other side's knowledge.
+
+    Full mode (the knowledge carries ``user_vectors`` / ``item_vectors``, as ``stages`` asks for BD):
+    as the reference, every item is a candidate; the other side's ranks and labels come from its
+    factorised scores (several lists: mean of their ascending ranks, mean of their labels, weighted).
+    List mode (no vectors): only the other side's (fused) top list is a candidate set.
+    """
 
     chunk_size = 1024  # users whose full scores are ranked at once
 
@@ -98,41 +111,90 @@ class BDTerm(KDTerm):
             raise ValueError(f"unknown BD sign {spec.sign!r}; expected one of {SIGNS}")
         self.sign, self.temperature, self.refresh = spec.sign, float(spec.temperature), int(spec.refresh)
         self.eps = float(spec.eps_teacher if self.role == "teacher" else spec.eps_student)
-        size = max(k.items.shape[1] for k in ctx.knowledge)
         self.users = users.long()
-        self.items, self.other_score = fuse_scored_lists(
-            [ctx.tensor(k.items) for k in ctx.knowledge],
-            [ctx.tensor(k.scores, torch.float32) for k in ctx.knowledge], size, ctx.fusion, ctx.weights,
-            ctx.num_items)  # (U, N) each, best first
-        self.other_pos = torch.arange(self.items.shape[1], device=self.items.device)  # (N,) 0-based list positions
-        # a candidate is usable if it is a real item the trained model does not already know
-        self.valid = (self.items >= 0) & ~ctx.known.contains(self.users.unsqueeze(1).expand_as(self.items),
-                                                             self.items.clamp(min=0))
         self.known = ctx.known
+        self.num_items = ctx.num_items
         self.row = torch.full((ctx.num_users,), -1, dtype=torch.int64, device=self.users.device)
         self.row[self.users] = torch.arange(len(self.users), device=self.users.device)
-        self.own_rank: torch.Tensor | None = None  # (U, N) ascending ranks by the trained model
-        self.sample_weights: torch.Tensor | None = None  # (U, N)
+        self.full = all(k.user_vectors is not None and k.item_vectors is not None for k in ctx.knowledge)
+        if self.full:
+            w = ctx.weights if ctx.weights is not None else [1.0] * len(ctx.knowledge)
+            self.list_weights = [x / sum(w) for x in w]
+            self.vectors = [(ctx.tensor(k.user_vectors, torch.float32), ctx.tensor(k.item_vectors, torch.float32))
+                            for k in ctx.knowledge]
+            self.other_rank = self._other_ranks()  # (U, I): the other side is fixed for the block
+        else:
+            size = max(k.items.shape[1] for k in ctx.knowledge)
+            self.items, self.other_score = fuse_scored_lists(
+                [ctx.tensor(k.items) for k in ctx.knowledge],
+                [ctx.tensor(k.scores, torch.float32) for k in ctx.knowledge], size, ctx.fusion, ctx.weights,
+                ctx.num_items)  # (U, N) each, best first
+            self.other_pos = torch.arange(self.items.shape[1], device=self.items.device)  # (N,) list positions
+            # a candidate is usable if it is a real item the trained model does not already know
+            self.valid = (self.items >= 0) & ~ctx.known.contains(self.users.unsqueeze(1).expand_as(self.items),
+                                                                 self.items.clamp(min=0))
+        self.own_rank: torch.Tensor | None = None  # (U, N | I) ascending ranks by the trained model
+        self.sample_weights: torch.Tensor | None = None  # (U, N | I)
         self._has_weight: torch.Tensor | None = None  # (U,) rows with something to draw
         self.__dict__["_model"] = ctx.model  # read, never owned: not a submodule (no shared parameters)
         self._generator: torch.Generator | None = None
 
+    # -- the other side, from its factorised scores (full mode) ----------------------------------
+
+    def _other_scores(self, rows: torch.Tensor, items: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Each list's scores of the users at ``rows``: all items (B, I), or ``items`` (B,) one each."""
+        out = []
+        for u_vec, i_vec in self.vectors:
+            if items is None:
+                s = u_vec[rows] @ i_vec.T  # (B, I_t)
+                if s.shape[1] < self.num_items:  # items the other model does not know yet: last
+                    s = torch.cat([s, s.new_full((len(rows), self.num_items - s.shape[1]), float("-inf"))], 1)
+                out.append(s[:, : self.num_items])
+            else:
+                inside = items < i_vec.shape[0]
+                s = (u_vec[rows] * i_vec[items.clamp(max=i_vec.shape[0] - 1)]).sum(-1)
+                out.append(torch.where(inside, s, torch.zeros_like(s)))
+        return out
+
+    @torch.no_grad()
+    def _other_ranks(self) -> torch.Tensor:
+        ranks = []
+        for start in range(0, len(self.users), self.chunk_size):
+            rows = torch.arange(start, min(start + self.chunk_size, len(self.users)), device=self.users.device)
+            fused = torch.zeros(len(rows), self.num_items, device=self.users.device)
+            for w, s in zip(self.list_weights, self._other_scores(rows)):
+                self.known.mask_(s, self.users[rows])
+                fused += w * ascending_ranks(s).float()
+            ranks.append(fused)
+        return torch.cat(ranks)
+
+    # -- the trained model's own ranks, every `refresh` epochs ------------------------------------
+
     @torch.no_grad()
     def refresh_ranks(self, model) -> None:
-        """Own ascending ranks of the candidates from the model's full scores (known pairs at -inf)."""
-        ranks, num_items = [], 0
+        """Own ascending ranks (known pairs at -inf) → sampling weights of the candidates."""
+        ranks = []
         for start in range(0, len(self.users), self.chunk_size):
             cu = self.users[start : start + self.chunk_size]
-            s = model.full_scores(cu).float()  # (B, I)
-            num_items = s.shape[1]
+            s = model.full_scores(cu).float()[:, : self.num_items]  # (B, I)
             self.known.mask_(s, cu)
-            cand = torch.gather(s, 1, self.items[start : start + self.chunk_size].clamp(min=0))  # (B, N)
-            # rank = items scored strictly lower (searchsorted, left side, over the sorted row)
-            ranks.append(torch.searchsorted(torch.sort(s, dim=1).values, cand.contiguous()))
-        self.own_rank = torch.cat(ranks) if ranks else torch.zeros_like(self.items)
-        other_rank = (num_items - 1 - self.other_pos).expand_as(self.items)  # the other's list on top, in order
-        w = bd_sampling_weights(self.own_rank, other_rank, self.role, self.eps, self.sign)
-        self.sample_weights = torch.where(self.valid, w, torch.zeros_like(w))
+            if self.full:
+                ranks.append(ascending_ranks(s).float())
+            else:
+                cand = torch.gather(s, 1, self.items[start : start + self.chunk_size].clamp(min=0))  # (B, N)
+                ranks.append(torch.searchsorted(torch.sort(s, dim=1).values, cand.contiguous()))
+        self.own_rank = torch.cat(ranks) if ranks else None
+        if self.own_rank is None:
+            self._has_weight = torch.zeros(0, dtype=torch.bool)
+            return
+        if self.full:
+            w = bd_sampling_weights(self.own_rank, self.other_rank, self.role, self.eps, self.sign)
+            valid = ~self.known.dense(self.users, self.num_items)
+        else:
+            other_rank = (self.num_items - 1 - self.other_pos).expand_as(self.items)  # its list on top, in order
+            w = bd_sampling_weights(self.own_rank, other_rank, self.role, self.eps, self.sign)
+            valid = self.valid
+        self.sample_weights = torch.where(valid, w, torch.zeros_like(w))
         self._has_weight = self.sample_weights.sum(1) > 0
 
     def resample(self, generator: torch.Generator, epoch: int) -> None:
@@ -140,13 +202,14 @@ class BDTerm(KDTerm):
             self.refresh_ranks(self._model)
         # the batch draws use a generator on the candidates' device, seeded from the epoch's generator
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        self._generator = torch.Generator(device=self.items.device).manual_seed(seed)
+        self._generator = torch.Generator(device=self.users.device).manual_seed(seed)
 
     def loss(self, model, batch: Batch, epoch: int) -> torch.Tensor:
+        """One KD item per training pair of the batch (its user's weights), Σ BCE to the other's label."""
         if self.sample_weights is None:
             self.refresh_ranks(model)
         if self._generator is None:
-            self._generator = torch.Generator(device=self.items.device).manual_seed(0)
+            self._generator = torch.Generator(device=self.users.device).manual_seed(0)
         users = batch.users
         if len(self.users) == 0:
             return torch.zeros((), device=users.device)
@@ -156,11 +219,16 @@ class BDTerm(KDTerm):
         users, rows = users[keep], rows[keep]
         if len(users) == 0:
             return torch.zeros((), device=batch.users.device)
-        pick = torch.multinomial(self.sample_weights[rows], 1, generator=self._generator)  # (B', 1)
-        items = torch.gather(self.items[rows], 1, pick).squeeze(1)
-        label = torch.sigmoid(torch.gather(self.other_score[rows], 1, pick).squeeze(1) / self.temperature)
+        pick = torch.multinomial(self.sample_weights[rows], 1, generator=self._generator).squeeze(1)  # (B',)
+        if self.full:
+            items = pick
+            label = sum(w * torch.sigmoid(s / self.temperature)
+                        for w, s in zip(self.list_weights, self._other_scores(rows, items)))
+        else:
+            items = self.items[rows, pick]
+            label = torch.sigmoid(self.other_score[rows, pick] / self.temperature)
         s = model.score(users, items)
         return F.binary_cross_entropy_with_logits(s, label.detach().to(s.dtype), reduction="sum")
 
 
-__all__ = ["BDTerm", "bd_sampling_weights", "fuse_scored_lists"]
+__all__ = ["BDTerm", "ascending_ranks", "bd_sampling_weights", "fuse_scored_lists"]

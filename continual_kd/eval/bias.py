@@ -69,6 +69,6 @@ def covered_items(top_items: torch.Tensor, num_items: int) -> torch.Tensor:
     return out
 
 
-def coverage(covered: torch.Tensor) -> float:
-    """Fraction of the catalogue recommended to at least one user."""
-    return int(covered.sum()) / covered.numel() if covered.numel() else float("nan")
+def coverage(covered: torch.Tensor) -> float | None:
+    """Fraction of the catalogue recommended to at least one user (None for an empty catalogue)."""
+    return int(covered.sum()) / covered.numel() if covered.numel() else None

@@ -67,10 +67,11 @@ def evaluate_ranking(model, relevant: UserItemSet, exclude: UserItemSet | None, 
     ``item_group`` (I,) popularity groups are given (groups default to ``item_popularity_groups``
     of the popularity; items past either tensor's end count as popularity 0 / the last group):
     ``recall@K/<group>`` (head, mid, tail for 3 groups): hits on relevant items of the group over the
-    user's relevant items of the group, averaged over users with ≥1 relevant item in it (NaN if none);
+    user's relevant items of the group, averaged over users with ≥1 relevant item in it;
     ``avgpop@K`` (needs ``item_popularity``): mean popularity of the top-K items, averaged over users;
     ``coverage@K``: fraction of all items recommended to at least one evaluated user.
-    All come from the same top-K tensor as Recall/NDCG.
+    All come from the same top-K tensor as Recall/NDCG. A metric that is undefined here (no user with
+    a relevant item: no users at all, or none in a group) is None, never NaN: JSON null, shown as "–".
     """
     users = torch.nonzero(relevant.degree > 0).flatten().to(device)
     max_k = max(ks)
@@ -115,18 +116,17 @@ def evaluate_ranking(model, relevant: UserItemSet, exclude: UserItemSet | None, 
         for k in ks:
             chunk_cov = covered_items(top[:, :k], n_items)
             covered[k] = chunk_cov if k not in covered else covered[k] | chunk_cov
-    n = max(len(users), 1)
-    out = {key: v / n for key, v in sums.items()}
+    out = {key: v / len(users) if len(users) else None for key, v in sums.items()}
     out["users"] = float(len(users))
     if bias:
         for k in ks:
             if item_group is not None:
                 for g, name in enumerate(names):
                     cnt = float(group_users[g])
-                    out[f"recall@{k}/{name}"] = float(group_sums[k][g]) / cnt if cnt > 0 else float("nan")
+                    out[f"recall@{k}/{name}"] = float(group_sums[k][g]) / cnt if cnt > 0 else None
             if item_popularity is not None:
-                out[f"avgpop@{k}"] = pop_sums[k] / len(users) if len(users) else float("nan")
-            out[f"coverage@{k}"] = coverage(covered[k]) if k in covered else float("nan")
+                out[f"avgpop@{k}"] = pop_sums[k] / len(users) if len(users) else None
+            out[f"coverage@{k}"] = coverage(covered[k]) if k in covered else None
     return out
 
 
@@ -137,9 +137,27 @@ def _fit(values: torch.Tensor, n: int, fill) -> torch.Tensor:
     return torch.cat([values, torch.full((n - len(values),), fill, dtype=values.dtype, device=values.device)])
 
 
-def nan_mean(values) -> float:
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(vals) / len(vals) if vals else float("nan")
+def is_defined(value) -> bool:
+    """A metric value that counts: a finite number (None / NaN / inf mean undefined for that block)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def defined_mean(values) -> tuple[float | None, int]:
+    """(mean of the defined values, how many there were); (None, 0) when none is defined."""
+    vals = [float(v) for v in values if is_defined(v)]
+    return (sum(vals) / len(vals) if vals else None), len(vals)
+
+
+def undefined_as_none(value):
+    """``value`` with every NaN / inf float (at any depth of dicts, lists, tuples) replaced by None, so that
+    JSON holds null for an undefined metric, never NaN (which strict JSON parsers refuse)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: undefined_as_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [undefined_as_none(v) for v in value]
+    return value
 
 
 @torch.no_grad()

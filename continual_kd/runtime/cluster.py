@@ -150,7 +150,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, namespa
     else:
         node_ip = check_node_ip_address(node_ip_address) if node_ip_address else LOOPBACK
         _require_token_auth()
-        kwargs = dict(num_cpus=num_cpus, include_dashboard=True, dashboard_host=dashboard_host,
+        # address "local": always a new embedded cluster, never one found on this machine (RAY_ADDRESS,
+        # a `ray start` head): joining a cluster is what --address is for
+        kwargs = dict(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host=dashboard_host,
                       namespace=namespace, log_to_driver=False, configure_logging=False, _node_ip_address=node_ip)
         if dashboard_port is not None:
             kwargs["dashboard_port"] = dashboard_port

@@ -30,6 +30,7 @@ from ..continual import BlockResult, model_key, run_block
 from ..continual.snapshot_eval import learner_states
 from ..data.sources import open_source
 from ..errors import CkdError
+from ..eval.metrics import undefined_as_none
 from ..locks import single_driver
 from ..snapshots import (MANIFEST, list_snapshots, prune_snapshots, remove_job_snapshots, resolve_snapshot,
                          write_snapshot)
@@ -72,6 +73,20 @@ def failpoint(point: str) -> None:
 def manifest_digest(snapshot_path: Path) -> str:
     """The manifest's sha256: it lists every file's checksum, so it identifies the whole snapshot."""
     return file_sha256(Path(snapshot_path) / MANIFEST)
+
+
+def block_results(entry: dict) -> dict[str, dict[str, float | None]]:
+    """A history entry's numbers per model, as the catalog's ``block_results`` rows take them: the test
+    metrics of the block, plasticity / stability / H-mean, ``valid/<metric>`` and ``seconds/update``."""
+    rows: dict[str, dict[str, float | None]] = {}
+    for model, metrics in (entry.get("metrics") or {}).items():
+        rows[model] = dict(metrics)
+        rows[model].update((entry.get("continual") or {}).get(model) or {})
+        rows[model].update({f"valid/{k}": v for k, v in ((entry.get("valid") or {}).get(model) or {}).items()})
+        seconds = (entry.get("updates") or {}).get(model)
+        if seconds is not None:
+            rows[model]["seconds/update"] = seconds
+    return rows
 
 
 def _recover(job: JobSpec, store: StreamStore, runs: Path, restart: bool, emit: Progress) -> _Recovery:
@@ -122,7 +137,7 @@ def _recover(job: JobSpec, store: StreamStore, runs: Path, restart: bool, emit: 
         if good is not None and m.get("plan_id") != good.manifest.get("plan_id"):
             break
         store.commit_block(job.name, lineage, m["plan_id"], snap.block, m["rows_covered"], str(snap.path),
-                           manifest_digest(snap.path))
+                           manifest_digest(snap.path), results=block_results((m.get("history") or [{}])[-1]))
         emit({"type": "info", "message": f"block {snap.block}: snapshot complete but not committed; committed it now"})
         good, last = snap, snap.block
     if good is None:
@@ -140,6 +155,7 @@ def run_job(job: JobSpec, address: str | None = None, restart: bool = False, pro
     if address:
         check_address(address)  # before anything is read or written
     store: StreamStore = open_source(job.source)
+    store.verify_segments(checksum=False)  # a damaged segment is named and refused before Ray starts
     runs = job.snapshot_dir
     for side in ("terms", "feedback"):
         for i, term in enumerate(getattr(job.distill, side)):
@@ -179,15 +195,16 @@ def run_job(job: JobSpec, address: str | None = None, restart: bool = False, pro
                 block_refs.append(ray.put(store.read_block(plan.plan_id, k)))
                 previous_valid = result.history[-1]["valid"] if result.history else None
                 res, states = _run_block_with_retries(job, k, block_refs, actors, states, emit, result, previous_valid)
-                entry = {"block": k, "metrics": res.metrics, "valid": res.valid, "continual": res.continual,
-                         "seconds": res.seconds,
-                         "updates": {n: u.get("seconds") for n, u in res.updates.items()}}
+                entry = undefined_as_none({  # an undefined metric (no test user in a group, …) is null, never NaN
+                    "block": k, "metrics": res.metrics, "valid": res.valid, "continual": res.continual,
+                    "seconds": res.seconds, "stages": res.stages,
+                    "updates": {n: u.get("seconds") for n, u in res.updates.items()}})
                 history = [*result.history, entry]
                 manifest = _manifest(job, plan, store, k, states, res, history)
                 snap = write_snapshot(runs, k, {n: s["weights"] for n, s in states.items()}, manifest)
                 failpoint(f"snapshot:{k}")
                 store.commit_block(job.name, job.config_hash(), plan.plan_id, k, manifest["rows_covered"],
-                                   str(snap.path), manifest_digest(snap.path))
+                                   str(snap.path), manifest_digest(snap.path), results=block_results(entry))
                 failpoint(f"commit:{k}")
                 result.history = history
                 if job.snapshots.keep_last:
@@ -268,8 +285,8 @@ def _manifest(job: JobSpec, plan: BlockPlan, store: StreamStore, k: int, states:
                 "parameters": res.updates[n]["parameters"]}
             for n, (role, spec) in specs.items()
         },
-        "metrics": res.metrics,
-        "continual": res.continual,
-        "valid": res.valid,
+        "metrics": undefined_as_none(res.metrics),
+        "continual": undefined_as_none(res.continual),
+        "valid": undefined_as_none(res.valid),
         "history": history,
     }

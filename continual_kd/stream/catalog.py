@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from continual_kd.errors import CkdError
+from continual_kd.stream.segments import SegmentRecord
 
 CATALOG_FILE = "catalog.duckdb"
 SCHEMA_VERSION = "1"
@@ -30,7 +31,10 @@ CREATE TABLE IF NOT EXISTS items (dense_id INTEGER PRIMARY KEY, external_id VARC
 CREATE TABLE IF NOT EXISTS segments (
     segment_id INTEGER PRIMARY KEY, path VARCHAR NOT NULL, content_hash VARCHAR NOT NULL,
     source VARCHAR NOT NULL, rows BIGINT NOT NULL, first_offset BIGINT NOT NULL,
-    ts_min BIGINT NOT NULL, ts_max BIGINT NOT NULL, created_at TIMESTAMP NOT NULL);
+    ts_min BIGINT NOT NULL, ts_max BIGINT NOT NULL, created_at TIMESTAMP NOT NULL,
+    file_bytes BIGINT, file_sha256 VARCHAR);
+ALTER TABLE segments ADD COLUMN IF NOT EXISTS file_bytes BIGINT;
+ALTER TABLE segments ADD COLUMN IF NOT EXISTS file_sha256 VARCHAR;
 CREATE TABLE IF NOT EXISTS ingests (
     ingest_id INTEGER PRIMARY KEY, content_hash VARCHAR NOT NULL UNIQUE, source VARCHAR NOT NULL,
     rows_read BIGINT NOT NULL, rows_taken BIGINT NOT NULL, rows_quarantined BIGINT NOT NULL,
@@ -56,10 +60,18 @@ CREATE TABLE IF NOT EXISTS commits (
     plan_id VARCHAR NOT NULL, block SMALLINT NOT NULL, rows_covered BIGINT NOT NULL,
     snapshot VARCHAR NOT NULL, snapshot_digest VARCHAR NOT NULL, committed_at TIMESTAMP NOT NULL,
     revoked_at TIMESTAMP, revoked_reason VARCHAR);
+CREATE TABLE IF NOT EXISTS block_results (
+    commit_id INTEGER NOT NULL, job VARCHAR NOT NULL, lineage VARCHAR NOT NULL, block SMALLINT NOT NULL,
+    model VARCHAR NOT NULL, metric VARCHAR NOT NULL, value DOUBLE, PRIMARY KEY (commit_id, model, metric));
+CREATE VIEW IF NOT EXISTS results AS
+    SELECT r.job, r.lineage, r.block, r.model, r.metric, r.value FROM block_results r
+    JOIN commits c ON c.commit_id = r.commit_id WHERE c.revoked_at IS NULL;
 """
+# block_results: every committed block's numbers per model (a NaN / undefined metric is NULL), kept
+# with revoked commits for the record; the view `results` shows those of active commits only.
 # Fixed order, used by the fingerprint.
 TABLES = ("meta", "users", "items", "segments", "ingests", "quarantine", "plans", "plan_blocks", "plan_rows",
-          "commits")
+          "commits", "block_results")
 
 LOCK_WAIT_S = 5.0
 
@@ -89,6 +101,10 @@ def connect(root: Path, write: bool, lock_wait_s: float = LOCK_WAIT_S) -> Iterat
             time.sleep(0.1)
     try:
         yield con
+    except (duckdb.IOException, duckdb.OutOfMemoryException) as e:  # a full disk, a read-only folder
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CkdError(f"Reading or writing the stream store {root} failed ({reason}); free space or make it "
+                       f"writable, then run the command again (a write that failed changed nothing).") from None
     finally:
         con.close()
 
@@ -145,9 +161,18 @@ def lookup_dense(con: duckdb.DuckDBPyConnection, kind: str, values: pa.Array) ->
     return dense
 
 
-def segment_paths(con: duckdb.DuckDBPyConnection, root: Path) -> list[str]:
-    rows = con.sql("SELECT path FROM segments ORDER BY segment_id").fetchall()
-    return [str(root / p) for (p,) in rows]
+def segment_records(con: duckdb.DuckDBPyConnection, below: int | None = None) -> list[SegmentRecord]:
+    """What the catalog recorded for each segment (those with id < ``below`` if given), in id order."""
+    query = "SELECT segment_id, path, source, rows, file_bytes, file_sha256 FROM segments"
+    rows = con.sql(query + (" WHERE segment_id < ?" if below is not None else "") + " ORDER BY segment_id",
+                   params=[below] if below is not None else []).fetchall()
+    return [SegmentRecord(int(i), p, src, int(n), None if b is None else int(b), h) for i, p, src, n, b, h in rows]
+
+
+def has_segment_checksums(con: duckdb.DuckDBPyConnection) -> bool:
+    """False for a catalog made before segments recorded their size and checksum (it needs the ALTERs)."""
+    return bool(scalar(con, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'segments' "
+                            "AND column_name = 'file_sha256'"))
 
 
 def find_ingest(con: duckdb.DuckDBPyConnection, content_hash: str) -> dict | None:
@@ -180,9 +205,11 @@ def insert_ids(con: duckdb.DuckDBPyConnection, kind: str, first_dense: int, exte
 
 def insert_segment(con: duckdb.DuckDBPyConnection, segment: dict) -> None:
     con.execute(
-        "INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO segments (segment_id, path, content_hash, source, rows, first_offset, ts_min, ts_max, "
+        "created_at, file_bytes, file_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [segment["segment_id"], segment["path"], segment["content_hash"], segment["source"], segment["rows"],
-         segment["first_offset"], segment["ts_min"], segment["ts_max"], segment["created_at"]],
+         segment["first_offset"], segment["ts_min"], segment["ts_max"], segment["created_at"],
+         segment["file_bytes"], segment["file_sha256"]],
     )
 
 
@@ -197,16 +224,36 @@ def insert_ingest(con: duckdb.DuckDBPyConnection, ingest: dict) -> int:
     return ingest_id
 
 
-def insert_quarantine(con: duckdb.DuckDBPyConnection, ingest_id: int, source: str, row_number: np.ndarray,
-                      reason: pa.Array, raw: pa.Array) -> None:
-    if len(row_number) == 0:
-        return
-    table = pa.table({"row_number": pa.array(row_number, pa.int64()), "reason": reason, "raw": raw})
-    with registered(con, "_ckd_quarantine", table):
+def insert_quarantine(con: duckdb.DuckDBPyConnection, ingest_id: int, source: str, classified: str, staging: str,
+                      reasons: tuple[str, ...]) -> None:
+    """The quarantined rows of one ingest, from its Parquet files of classified (row, reason code) and staged
+    rows (raw text); row numbers are 1-based. Runs in DuckDB, out of core."""
+    table = pa.table({"code": pa.array(range(len(reasons)), pa.int8()), "reason": pa.array(reasons, pa.string())})
+    with registered(con, "_ckd_reasons", table):
         con.execute(
-            "INSERT INTO quarantine SELECT ?, ?, row_number, reason, raw FROM _ckd_quarantine",
-            [ingest_id, source],
+            "INSERT INTO quarantine SELECT ?, ?, c.rn + 1, r.reason, s.raw FROM read_parquet(?) c "
+            "JOIN read_parquet(?) s ON s.rn = c.rn JOIN _ckd_reasons r ON r.code = c.reason WHERE c.reason >= 0",
+            [ingest_id, source, classified, staging],
         )
+
+
+def insert_results(con: duckdb.DuckDBPyConnection, commit_id: int, job: str, lineage: str, block: int,
+                   results: dict[str, dict[str, float | None]]) -> None:
+    """One row per (model, metric) of a committed block; NaN, None and non-numbers become NULL."""
+    models, metrics, values = [], [], []
+    for model, row in results.items():
+        for metric, value in row.items():
+            number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+            models.append(str(model))
+            metrics.append(str(metric))
+            values.append(None if number is None or number != number else number)
+    if not models:
+        return
+    table = pa.table({"model": pa.array(models, pa.string()), "metric": pa.array(metrics, pa.string()),
+                      "value": pa.array(values, pa.float64())})
+    with registered(con, "_ckd_results", table):
+        con.execute("INSERT INTO block_results SELECT ?, ?, ?, ?, model, metric, value FROM _ckd_results",
+                    [commit_id, job, lineage, block])
 
 
 def insert_plan(con: duckdb.DuckDBPyConnection, plan: dict, blocks: pa.Table, rows: pa.Table) -> None:

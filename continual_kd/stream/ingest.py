@@ -1,7 +1,13 @@
-"""Reading one input (CSV / Parquet file or an Arrow table) and validating every row, vectorised.
+"""Reading one input (CSV / Parquet file or an Arrow table) in record batches and validating every row.
 
-Nothing here touches the catalog: ``read_input_file`` and ``validate_rows`` are pure, so a file
-that cannot be read fails before the store is opened for writing.
+Memory is bounded by the batch, not the file: ``input_file_batches`` streams a CSV (Arrow's streaming
+reader, ``CSV_BLOCK_BYTES`` at a time) or a Parquet file (``BATCH_ROWS`` rows at a time, row group by row
+group); ``validate_batch`` checks each row of one batch (vectorised) and gives the row-local reason it is
+quarantined; ``stage_batches`` writes the validated batches to a staging Parquet file. What needs the
+whole input or the store (duplicates within the file, duplicates of stored rows, new ids in order of
+first appearance) is decided afterwards, out of core, by DuckDB in ``store.py``.
+
+Nothing here touches the catalog, so a file that cannot be read fails before the store is locked.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import csv
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +41,14 @@ REASONS = (MISSING_USER, MISSING_ITEM, LONG_ID, BAD_TIMESTAMP, TIMESTAMP_RANGE, 
            STORED_DUPLICATE)
 MAX_ID_CHARS = 256  # longer ids are almost surely a broken file (a whole line in one field)
 OK = -1  # reason code of a valid row
+ROW_LOCAL_REASONS = 6  # REASONS[:6] are decided per row; DUPLICATE / STORED_DUPLICATE need the whole input
+
+BATCH_ROWS = 1 << 18  # rows per validated batch (Parquet files and Arrow tables)
+CSV_BLOCK_BYTES = 8 << 20  # bytes of CSV text per streamed batch
+# One row per input row: its 0-based position, normalised ids (null where missing), parsed timestamp and
+# weight, the row-local reason (OK = valid so far) and the raw text kept for the quarantine.
+STAGING_SCHEMA = pa.schema([("rn", pa.int64()), ("user", pa.string()), ("item", pa.string()), ("ts", pa.int64()),
+                            ("weight", pa.float32()), ("reason", pa.int8()), ("raw", pa.string())])
 
 TS_MIN, TS_MAX = 0, 4_102_444_800  # [1970-01-01, 2100-01-01) in epoch seconds
 MS_THRESHOLD = 1e11  # larger epoch values are milliseconds
@@ -61,29 +76,6 @@ class ColumnMap:
     item: str = "item"
     timestamp: str = "timestamp"
     weight: str | None = None  # None: a column named "weight" or "rating" if present, else 1.0
-
-
-@dataclass
-class ValidatedRows:
-    """Every input row, normalised, with the reason it is quarantined (``OK`` if it is not).
-
-    Ids are dictionary codes (-1 where missing) into ``user_values`` / ``item_values``.
-    """
-
-    user_codes: np.ndarray  # (n,) int64
-    user_values: pa.Array  # string, distinct normalised external ids
-    item_codes: np.ndarray  # (n,) int64
-    item_values: pa.Array
-    ts: np.ndarray  # (n,) int64 epoch seconds (0 where invalid)
-    weight: np.ndarray  # (n,) float32 (0 where invalid)
-    reason: np.ndarray  # (n,) int8 index into REASONS, OK = valid
-
-    def __len__(self) -> int:
-        return len(self.reason)
-
-    def reason_counts(self) -> dict[str, int]:
-        counts = np.bincount(self.reason[self.reason != OK], minlength=len(REASONS))
-        return {REASONS[i]: int(c) for i, c in enumerate(counts) if c}
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -116,17 +108,33 @@ def check_input_file(path: Path) -> str:
     return "csv"
 
 
-def read_input_file(path: Path, fmt: str) -> pa.Table:
+def input_file_batches(path: Path, fmt: str, columns: ColumnMap) -> tuple[dict[str, str], Iterator[pa.RecordBatch]]:
+    """(role → column name, record batches of the mapped columns); the file is read as it is consumed."""
     if fmt == "parquet":
         try:
-            table = pq.read_table(path)
+            parquet = pq.ParquetFile(path)
         except (pa.ArrowException, OSError) as e:
             raise CkdError(f"Cannot ingest {path}: it is not a readable Parquet file ({_first_line(e)}).") from None
-    else:
-        table = _read_csv(path)
-    if table.num_rows == 0:
-        raise CkdError(f"Cannot ingest {path}: the file has a header but no data rows.")
-    return table
+        cols = resolve_columns(parquet.schema_arrow.names, columns, str(path))
+        if parquet.metadata.num_rows == 0:
+            raise CkdError(f"Cannot ingest {path}: the file has a header but no data rows.")
+        batches = parquet.iter_batches(batch_size=BATCH_ROWS, columns=list(dict.fromkeys(cols.values())))
+        return cols, _reading(batches, f"Cannot ingest {path}: it is not a readable Parquet file")
+    return _csv_batches(path, columns)
+
+
+def table_batches(table: pa.Table, columns: ColumnMap, source: str) -> tuple[dict[str, str], Iterator[pa.RecordBatch]]:
+    """The same for an Arrow table already in memory (dataset loaders)."""
+    cols = resolve_columns(table.column_names, columns, source)
+    return cols, iter(table.select(list(dict.fromkeys(cols.values()))).to_batches(max_chunksize=BATCH_ROWS))
+
+
+def _reading(batches: Iterator[pa.RecordBatch], what: str) -> Iterator[pa.RecordBatch]:
+    """``batches``, with a read error part-way through the file turned into one CkdError line."""
+    try:
+        yield from batches
+    except (pa.ArrowException, OSError) as e:
+        raise CkdError(f"{what} ({_first_line(e)}).") from None
 
 
 def _decode_head(head: bytes) -> str | None:
@@ -151,22 +159,25 @@ def sniff_delimiter(header: str, path: Path) -> str:
     return best
 
 
-def _read_csv(path: Path) -> pa.Table:
+def _csv_batches(path: Path, columns: ColumnMap) -> tuple[dict[str, str], Iterator[pa.RecordBatch]]:
     with open(path, "rb") as f:
         head = _decode_head(f.read(_SNIFF_BYTES)) or ""
     header = head.lstrip("\ufeff").splitlines()[0] if head.strip() else ""
     delimiter = sniff_delimiter(header, path)
     names = [n.strip() for n in next(csv.reader([header], delimiter=delimiter))]
-    # Every column as text: ids keep leading zeros, timestamps/weights are parsed row by row below.
+    cols = resolve_columns(names, columns, str(path))
+    # Every column as text: ids keep leading zeros, timestamps/weights are parsed row by row later.
     try:
-        return pacsv.read_csv(
+        reader = pacsv.open_csv(
             path,
-            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1),
+            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1, block_size=CSV_BLOCK_BYTES),
             parse_options=pacsv.ParseOptions(delimiter=delimiter),
-            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}),
+            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
+                                                 include_columns=list(dict.fromkeys(cols.values()))),
         )
     except (pa.ArrowException, OSError) as e:
         raise CkdError(f"Cannot ingest {path}: it could not be parsed as delimited text ({_first_line(e)}).") from None
+    return cols, _reading(reader, f"Cannot ingest {path}: it could not be parsed as delimited text")
 
 
 # --- columns -------------------------------------------------------------------------------
@@ -221,8 +232,8 @@ def _as_array(col: pa.ChunkedArray | pa.Array) -> pa.Array:
     return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
 
 
-def _ids(col: pa.Array, source: str, name: str) -> tuple[np.ndarray, pa.Array]:
-    """(codes, distinct values): normalised string ids, code -1 where missing or empty."""
+def _ids(col: pa.Array, source: str, name: str) -> pa.Array:
+    """Normalised string ids (surrounding whitespace trimmed), null where missing or empty."""
     if pa.types.is_dictionary(col.type):
         col = col.cast(col.type.value_type)
     if not pa.types.is_string(col.type):
@@ -232,10 +243,7 @@ def _ids(col: pa.Array, source: str, name: str) -> tuple[np.ndarray, pa.Array]:
             raise CkdError(f"Cannot ingest {source}: id column '{name}' has type {col.type}, "
                            f"which cannot be read as text ids.") from None
     col = pc.utf8_trim_whitespace(col)
-    col = pc.if_else(pc.equal(pc.utf8_length(col), 0), pa.scalar(None, pa.string()), col)
-    encoded = pc.dictionary_encode(col)
-    codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-    return codes, encoded.dictionary
+    return pc.if_else(pc.equal(pc.utf8_length(col), 0), pa.scalar(None, pa.string()), col)
 
 
 def _text_numbers(col: pa.Array) -> pa.Array:
@@ -318,55 +326,52 @@ def _weights(col: pa.Array | None, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 # --- validation ----------------------------------------------------------------------------
 
-def validate_rows(table: pa.Table, cols: dict[str, str], source: str) -> ValidatedRows:
-    n = table.num_rows
-    user_codes, user_values = _ids(_as_array(table.column(cols["user"])), source, cols["user"])
-    item_codes, item_values = _ids(_as_array(table.column(cols["item"])), source, cols["item"])
-    ts, bad_ts, ts_range = _timestamps(_as_array(table.column(cols["timestamp"])))
-    weight_col = _as_array(table.column(cols["weight"])) if "weight" in cols else None
+def validate_batch(batch: pa.RecordBatch | pa.Table, cols: dict[str, str], source: str, first_row: int) -> pa.RecordBatch:
+    """One batch of input rows (``first_row`` = position of its first row in the input) as staging rows
+    (``STAGING_SCHEMA``) with the first row-local reason that applies, in ``REASONS`` order."""
+    n = batch.num_rows
+    user = _ids(_as_array(batch.column(cols["user"])), source, cols["user"])
+    item = _ids(_as_array(batch.column(cols["item"])), source, cols["item"])
+    ts, bad_ts, ts_range = _timestamps(_as_array(batch.column(cols["timestamp"])))
+    weight_col = _as_array(batch.column(cols["weight"])) if "weight" in cols else None
     weight, bad_weight = _weights(weight_col, n)
 
-    long_id = _too_long(user_codes, user_values) | _too_long(item_codes, item_values)
+    missing_user = user.is_null().to_numpy(zero_copy_only=False)
+    missing_item = item.is_null().to_numpy(zero_copy_only=False)
+    long_id = _too_long(user) | _too_long(item)
     reason = np.full(n, OK, dtype=np.int8)
-    for code, mask in enumerate((user_codes < 0, item_codes < 0, long_id, bad_ts, ts_range, bad_weight)):
+    for code, mask in enumerate((missing_user, missing_item, long_id, bad_ts, ts_range, bad_weight)):
         reason[(reason == OK) & mask] = code
-    rows = ValidatedRows(user_codes, user_values, item_codes, item_values, ts, weight, reason)
-    mark_batch_duplicates(rows)
+    return pa.RecordBatch.from_arrays(
+        [pa.array(np.arange(first_row, first_row + n, dtype=np.int64)), user, item, pa.array(ts),
+         pa.array(weight), pa.array(reason), raw_strings(batch, cols)], schema=STAGING_SCHEMA)
+
+
+def stage_batches(batches, cols: dict[str, str], source: str, staging: Path) -> int:
+    """Validate every batch and append it to the staging Parquet file ``staging``; → rows read."""
+    rows = 0
+    with pq.ParquetWriter(staging, STAGING_SCHEMA, compression="lz4") as writer:
+        for batch in batches:
+            if batch.num_rows:
+                writer.write_batch(validate_batch(batch, cols, source, rows))
+                rows += batch.num_rows
     return rows
 
 
-def _too_long(codes: np.ndarray, values: pa.Array) -> np.ndarray:
+def _too_long(ids: pa.Array) -> np.ndarray:
     """(n,) rows whose id has more than MAX_ID_CHARS characters."""
-    if len(values) == 0:
-        return np.zeros(len(codes), dtype=bool)
-    long_value = pc.greater(pc.utf8_length(values), MAX_ID_CHARS).to_numpy(zero_copy_only=False)
-    return (codes >= 0) & long_value[np.maximum(codes, 0)]
+    return pc.fill_null(pc.greater(pc.utf8_length(ids), MAX_ID_CHARS), False).to_numpy(zero_copy_only=False)
 
 
-def mark_batch_duplicates(rows: ValidatedRows) -> None:
-    """Second and later copies of an identical valid (user, item, ts, weight) row -> DUPLICATE."""
-    valid = np.flatnonzero(rows.reason == OK)
-    if len(valid) < 2:
-        return
-    keys = (rows.weight[valid].view(np.int32), rows.ts[valid], rows.item_codes[valid], rows.user_codes[valid])
-    order = np.lexsort(keys)  # stable: within equal keys the earliest row comes first
-    same = np.ones(len(valid) - 1, dtype=bool)
-    for key in keys:
-        k = key[order]
-        same &= k[1:] == k[:-1]
-    rows.reason[valid[order[1:][same]]] = REASONS.index(DUPLICATE)
-
-
-def raw_strings(table: pa.Table, cols: dict[str, str], rows: np.ndarray) -> pa.Array:
-    """'name=value, ...' of the mapped input columns for the given rows, at most RAW_MAX_CHARS."""
+def raw_strings(batch: pa.RecordBatch | pa.Table, cols: dict[str, str]) -> pa.Array:
+    """'name=value, ...' of the mapped input columns of every row, at most RAW_MAX_CHARS."""
     names = list(dict.fromkeys(cols.values()))
-    sub = table.select(names).take(pa.array(rows, pa.int64()))
     parts = []
     for name in names:
         try:
-            values = pc.cast(_as_array(sub.column(name)), pa.string())
+            values = pc.cast(_as_array(batch.column(name)), pa.string())
         except pa.ArrowException:
-            values = pa.array(["?"], pa.string()).take(pa.array(np.zeros(len(rows), np.int64)))
+            values = pa.array(["?"] * batch.num_rows, pa.string())
         parts.append(pc.binary_join_element_wise(pa.scalar(name), pc.fill_null(values, ""), "="))
     joined = pc.binary_join_element_wise(*parts, ", ") if len(parts) > 1 else parts[0]
     return pc.utf8_slice_codeunits(joined, 0, RAW_MAX_CHARS)

@@ -1,40 +1,53 @@
 """The stream store: an append-only directory of immutable Parquet segments plus a DuckDB catalog.
 
     ROOT/segments/seg-<id>-<hash>.parquet   offset int64, user int32, item int32, ts int64, weight float32
-    ROOT/catalog.duckdb                     ids, segments, ingests, quarantine, block plans
+    ROOT/catalog.duckdb                     ids, segments (rows, bytes, sha256), ingests, quarantine, plans
+    ROOT/.staging/<uuid>/                   one running ingest's work files (flock'd; removed when it ends)
 
 A segment becomes visible only when the catalog records it, which happens after the file is
 complete on disk (tmp file, fsync, rename) and in the same transaction as everything else the
 ingest changes; files in segments/ that the catalog does not name are ignored by readers.
+
+An ingest streams its input in record batches (``stream/ingest.py``) into a staging file, then DuckDB
+classifies the rows out of core (duplicates within the input and of stored rows, new ids) under a
+memory limit, so peak memory is bounded by the batch, not the file. Every read checks each segment's
+size and row count against the catalog (``stream/segments.py``); ``verify_segments`` also its checksum.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import os
+import shutil
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from continual_kd.errors import CkdError
 from continual_kd.stream import catalog
 from continual_kd.stream.ingest import (
-    OK, REASONS, STORED_DUPLICATE, ColumnMap, ValidatedRows, check_input_file, file_content_hash,
-    raw_strings, read_input_file, resolve_columns, table_content_hash, validate_rows,
+    DUPLICATE, OK, REASONS, STORED_DUPLICATE, ColumnMap, check_input_file, file_content_hash, input_file_batches,
+    stage_batches, table_batches, table_content_hash,
+)
+from continual_kd.stream.segments import (
+    SEGMENT_SCHEMA, SegmentRecord, check_segments, fsync_dir, segment_problem, write_segment,
 )
 from continual_kd.stream.plan import BlockInfo, BlockPlan, compute_plan, plan_id_for, validate_plan_args
 from continual_kd.types import Interactions
 
 SEGMENTS_DIR = "segments"
-SEGMENT_SCHEMA = pa.schema([("offset", pa.int64()), ("user", pa.int32()), ("item", pa.int32()),
-                            ("ts", pa.int64()), ("weight", pa.float32())])
+STAGING_DIR = ".staging"
+# DuckDB's memory while an ingest classifies its rows; beyond it DuckDB spills to the ingest's work folder.
+INGEST_MEMORY_LIMIT = os.environ.get("CKD_INGEST_MEMORY", "256MB")
 
 
 @dataclass
@@ -49,6 +62,7 @@ class IngestReport:
     already_ingested: bool  # True: same content seen before, store unchanged (no-op)
     new_users: int
     new_items: int
+    repaired: bool = False  # True: the same content was ingested before and its damaged segment was rewritten
 
 
 class StreamStore:
@@ -71,9 +85,15 @@ class StreamStore:
             if not create:
                 raise CkdError(f"{root} is not a stream store (no {catalog.CATALOG_FILE}); "
                                f"run `ckd ingest` or `ckd data ...` first to create it.")
-            (root / SEGMENTS_DIR).mkdir(parents=True, exist_ok=True)
+            try:
+                (root / SEGMENTS_DIR).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CkdError(f"Cannot create the stream store {root}: {e.strerror or e} ({e.filename or root}); "
+                               f"choose a writable folder with free space.") from None
             with store._connect(write=True) as con:
                 catalog.create_schema(con)
+        else:
+            store._upgrade_schema()
         return store
 
     def _connect(self, write: bool):
@@ -83,15 +103,18 @@ class StreamStore:
         """Stores made by an older version lack newer tables (CREATE ... IF NOT EXISTS)."""
         with self._connect(write=False) as con:
             tables = {t for (t,) in con.sql("SELECT table_name FROM information_schema.tables").fetchall()}
-        if not set(catalog.TABLES) <= tables:
+            checksums = "segments" in tables and catalog.has_segment_checksums(con)
+        if not set(catalog.TABLES) <= tables or not checksums:
             with self._connect(write=True) as con:
                 catalog.create_schema(con)
 
     # --- the commit log: which block of which job lineage is consumed -----------------------
 
     def commit_block(self, job: str, lineage: str, plan_id: str, block: int, rows_covered: int,
-                     snapshot: str, snapshot_digest: str) -> None:
-        """Record that ``block`` of the job's lineage is consumed (its snapshot is complete).
+                     snapshot: str, snapshot_digest: str,
+                     results: dict[str, dict[str, float | None]] | None = None) -> None:
+        """Record that ``block`` of the job's lineage is consumed (its snapshot is complete), and its
+        ``results`` (model → metric → value) as rows of ``block_results``, in one transaction.
 
         Blocks are committed in order, exactly once: the block must be the next after the last
         active commit. Anything else would skip or double-count data, so it is refused.
@@ -105,9 +128,28 @@ class StreamStore:
                 raise RuntimeError(f"commit of block {block} for job {job!r} out of order: the next "
                                    f"block to commit is {expected}")
             next_id = int(catalog.scalar(con, "SELECT coalesce(max(commit_id), 0) + 1 FROM commits"))
-            con.execute("INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
-                        [next_id, job, lineage, plan_id, block, rows_covered, snapshot, snapshot_digest,
-                         catalog.now_utc()])
+            con.execute("BEGIN")
+            try:
+                con.execute("INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+                            [next_id, job, lineage, plan_id, block, rows_covered, snapshot, snapshot_digest,
+                             catalog.now_utc()])
+                catalog.insert_results(con, next_id, job, lineage, block, results or {})
+                con.execute("COMMIT")
+            except BaseException:
+                _rollback(con)
+                raise
+
+    def results(self, job: str | None = None) -> list[dict]:
+        """Rows (job, lineage, block, model, metric, value) of the active commits, optionally of one job."""
+        self._upgrade_schema()
+        query = "SELECT job, lineage, block, model, metric, value FROM results"
+        params: list = []
+        if job is not None:
+            query += " WHERE job = ?"
+            params.append(job)
+        with self._connect(write=False) as con:
+            rows = con.sql(query + " ORDER BY job, lineage, block, model, metric", params=params).fetchall()
+        return [dict(zip(("job", "lineage", "block", "model", "metric", "value"), r)) for r in rows]
 
     def committed_blocks(self, job: str, lineage: str | None = None, include_revoked: bool = False) -> list[dict]:
         """The job's commits in order (active ones unless ``include_revoked``)."""
@@ -154,10 +196,7 @@ class StreamStore:
         path = Path(path)
         fmt = check_input_file(path)
         content_hash = file_content_hash(path)
-        prior = self._find_ingest(content_hash)
-        if prior is not None:
-            return _already_ingested(str(path), content_hash, prior)
-        return self._ingest(read_input_file(path, fmt), str(path), content_hash, columns)
+        return self._ingest(str(path), content_hash, lambda: input_file_batches(path, fmt, columns))
 
     def ingest_table(self, table: pa.Table, source: str, columns: ColumnMap = ColumnMap()) -> IngestReport:
         if not isinstance(table, pa.Table):
@@ -165,117 +204,129 @@ class StreamStore:
         if table.num_rows == 0:
             raise CkdError(f"Cannot ingest {source}: the table has no rows.")
         content_hash = table_content_hash(table)
+        return self._ingest(source, content_hash, lambda: table_batches(table, columns, source))
+
+    def _ingest(self, source: str, content_hash: str, open_batches: Callable) -> IngestReport:
+        """Stage the input (no lock held), then classify and commit it under the catalog's write lock.
+
+        The same content again is a no-op, unless its segment is damaged: then it is rewritten from it."""
         prior = self._find_ingest(content_hash)
         if prior is not None:
-            return _already_ingested(source, content_hash, prior)
-        return self._ingest(table, source, content_hash, columns)
+            damaged = self._damaged_segment(prior["segment_id"])
+            if damaged is None:
+                return _already_ingested(source, content_hash, prior)
+            return self._repair(source, content_hash, open_batches, damaged)
+        cols, batches = open_batches()  # a missing column fails here, before anything is written
+        with _work_folder(self.root) as work:
+            staging = work / "rows.parquet"
+            rows_read = _stage(batches, cols, source, staging)
+            with self._connect(write=True) as con:
+                prior = catalog.find_ingest(con, content_hash)  # again, now under the write lock
+                if prior is not None:
+                    return _already_ingested(source, content_hash, prior)
+                self._remove_unrecorded_segments(con)
+                return self._commit_staged(con, work, staging, source, content_hash, rows_read)
+
+    def _commit_staged(self, con: duckdb.DuckDBPyConnection, work: Path, staging: Path, source: str,
+                       content_hash: str, rows_read: int) -> IngestReport:
+        _tune(con, work)
+        stored = check_segments(self.root, catalog.segment_records(con))  # never compare against a damaged one
+        classified = work / "classified.parquet"
+        _classify(con, staging, classified, stored)
+        counts = _reason_counts(con, classified)
+        taken = counts.pop(OK, 0)
+        segment_id, first_offset = catalog.next_segment(con)
+        first_user, first_item = catalog.count_ids(con, "user"), catalog.count_ids(con, "item")
+        final = None
+        try:
+            con.execute("BEGIN")
+            # new ids in order of first appearance in time, so each block's id space is a prefix
+            _insert_new_ids(con, "user", classified, first_user)
+            _insert_new_ids(con, "item", classified, first_item)
+            new_users = catalog.count_ids(con, "user") - first_user
+            new_items = catalog.count_ids(con, "item") - first_item
+            if taken:
+                relative = f"{SEGMENTS_DIR}/seg-{segment_id:06d}-{content_hash[:12]}.parquet"
+                final = self.root / relative
+                written = write_segment(self.root / SEGMENTS_DIR, final, _segment_rows(con, classified), first_offset)
+                catalog.insert_segment(con, {
+                    "segment_id": segment_id, "content_hash": content_hash, "source": source, "rows": written.rows,
+                    "first_offset": first_offset, "ts_min": written.ts_min, "ts_max": written.ts_max,
+                    "created_at": catalog.now_utc(), "path": relative, "file_bytes": written.file_bytes,
+                    "file_sha256": written.file_sha256,
+                })
+            ingest_id = catalog.insert_ingest(con, {
+                "content_hash": content_hash, "source": source, "rows_read": rows_read, "rows_taken": taken,
+                "rows_quarantined": rows_read - taken, "new_users": new_users, "new_items": new_items,
+                "segment_id": segment_id if taken else None, "created_at": catalog.now_utc(),
+            })
+            catalog.insert_quarantine(con, ingest_id, source, str(classified), str(staging), REASONS)
+            con.execute("COMMIT")
+        except BaseException:
+            _rollback(con)
+            if final is not None:
+                final.unlink(missing_ok=True)
+            raise
+        return IngestReport(
+            source=source, content_hash=content_hash, rows_read=rows_read, rows_taken=taken,
+            rows_quarantined=rows_read - taken, reasons={REASONS[c]: n for c, n in sorted(counts.items())},
+            segment_id=segment_id if taken else None, already_ingested=False,
+            new_users=new_users, new_items=new_items,
+        )
+
+    def _damaged_segment(self, segment_id: int | None) -> SegmentRecord | None:
+        """The record of segment ``segment_id`` if its file does not match it (checksum included), else None."""
+        if segment_id is None:
+            return None
+        with self._connect(write=False) as con:
+            seg = next((s for s in catalog.segment_records(con) if s.segment_id == segment_id), None)
+        return seg if seg is not None and segment_problem(self.root, seg, checksum=True) is not None else None
+
+    def _repair(self, source: str, content_hash: str, open_batches: Callable, damaged: SegmentRecord) -> IngestReport:
+        """Rewrite a damaged segment from the input it was made of: the rows must come out byte-identical
+        to what the catalog recorded (rows, size, checksum), else nothing changes."""
+        cols, batches = open_batches()
+        with _work_folder(self.root) as work:
+            staging = work / "rows.parquet"
+            rows_read = _stage(batches, cols, source, staging)
+            with self._connect(write=True) as con:
+                segments = catalog.segment_records(con)
+                seg = next(s for s in segments if s.segment_id == damaged.segment_id)
+                if segment_problem(self.root, seg, checksum=True) is None:  # repaired meanwhile
+                    return _already_ingested(source, content_hash, catalog.find_ingest(con, content_hash))
+                _tune(con, work)
+                # as at its first ingest: duplicates of stored rows are those of the segments before it
+                earlier = check_segments(self.root, [s for s in segments if s.segment_id < seg.segment_id])
+                classified = work / "classified.parquet"
+                _classify(con, staging, classified, earlier)
+                counts = _reason_counts(con, classified)
+                unknown = catalog.scalar(con, "SELECT count(*) FROM read_parquet(?) WHERE reason = ? AND "
+                                              "(ud IS NULL OR iid IS NULL)", [str(classified), OK])
+                first_offset = catalog.scalar(con, "SELECT first_offset FROM segments WHERE segment_id = ?",
+                                              [seg.segment_id])
+                rebuilt = work / "segment.parquet"
+                written = write_segment(work, rebuilt, _segment_rows(con, classified), int(first_offset))
+                recorded = (seg.rows, seg.file_bytes, seg.file_sha256)
+                got = (written.rows, written.file_bytes, written.file_sha256)
+                if unknown or any(r is not None and r != g for r, g in zip(recorded, got)):
+                    raise CkdError(
+                        f"Cannot rewrite segment {seg.path} from {source}: the rows it gives ({written.rows:,} "
+                        f"rows, {written.file_bytes:,} bytes) do not match what the catalog recorded "
+                        f"({seg.rows:,} rows, {seg.file_bytes if seg.file_bytes is not None else '?'} bytes, "
+                        f"checksum); it is not the input that was ingested (or other --user-col/--item-col/"
+                        f"--time-col/--weight-col options were used); restore the store from a backup.")
+                os.replace(rebuilt, self.root / seg.path)
+                fsync_dir(self.root / SEGMENTS_DIR)
+        taken = counts.pop(OK, 0)
+        return IngestReport(
+            source=source, content_hash=content_hash, rows_read=rows_read, rows_taken=taken,
+            rows_quarantined=rows_read - taken, reasons={REASONS[c]: n for c, n in sorted(counts.items())},
+            segment_id=seg.segment_id, already_ingested=False, new_users=0, new_items=0, repaired=True,
+        )
 
     def _find_ingest(self, content_hash: str) -> dict | None:
         with self._connect(write=False) as con:
             return catalog.find_ingest(con, content_hash)
-
-    def _ingest(self, table: pa.Table, source: str, content_hash: str, columns: ColumnMap) -> IngestReport:
-        cols = resolve_columns(table.column_names, columns, source)
-        rows = validate_rows(table, cols, source)
-        with self._connect(write=True) as con:
-            prior = catalog.find_ingest(con, content_hash)  # again, now under the write lock
-            if prior is not None:
-                return _already_ingested(source, content_hash, prior)
-            self._remove_unrecorded_segments(con)
-
-            user_dense = _dense_per_row(rows.user_codes, catalog.lookup_dense(con, "user", rows.user_values))
-            item_dense = _dense_per_row(rows.item_codes, catalog.lookup_dense(con, "item", rows.item_values))
-            self._mark_stored_duplicates(con, rows, user_dense, item_dense)
-            taken = np.flatnonzero(rows.reason == OK)
-            quarantined = np.flatnonzero(rows.reason != OK)
-
-            first_user, first_item = catalog.count_ids(con, "user"), catalog.count_ids(con, "item")
-            # new ids in order of first appearance in time, so each block's id space is a prefix
-            by_time = taken[np.argsort(rows.ts[taken], kind="stable")]
-            new_user_ids, user_dense = _assign_new_ids(rows.user_codes, rows.user_values, user_dense, by_time, first_user)
-            new_item_ids, item_dense = _assign_new_ids(rows.item_codes, rows.item_values, item_dense, by_time, first_item)
-            reasons = pa.array(REASONS, pa.string()).take(pa.array(rows.reason[quarantined].astype(np.int64)))
-            raw = raw_strings(table, cols, quarantined)
-
-            segment_id, first_offset = catalog.next_segment(con)
-            segment = None
-            if len(taken):
-                segment = {
-                    "segment_id": segment_id, "content_hash": content_hash, "source": source,
-                    "rows": len(taken), "first_offset": first_offset,
-                    "ts_min": int(rows.ts[taken].min()), "ts_max": int(rows.ts[taken].max()),
-                    "created_at": catalog.now_utc(),
-                    "path": f"{SEGMENTS_DIR}/seg-{segment_id:06d}-{content_hash[:12]}.parquet",
-                }
-                self._write_segment(segment["path"], pa.table([
-                    pa.array(np.arange(first_offset, first_offset + len(taken), dtype=np.int64)),
-                    pa.array(user_dense[taken].astype(np.int32)),
-                    pa.array(item_dense[taken].astype(np.int32)),
-                    pa.array(rows.ts[taken]),
-                    pa.array(rows.weight[taken]),
-                ], schema=SEGMENT_SCHEMA))
-            try:
-                con.execute("BEGIN")
-                catalog.insert_ids(con, "user", first_user, new_user_ids)
-                catalog.insert_ids(con, "item", first_item, new_item_ids)
-                if segment is not None:
-                    catalog.insert_segment(con, segment)
-                ingest_id = catalog.insert_ingest(con, {
-                    "content_hash": content_hash, "source": source, "rows_read": len(rows),
-                    "rows_taken": len(taken), "rows_quarantined": len(quarantined),
-                    "new_users": len(new_user_ids), "new_items": len(new_item_ids),
-                    "segment_id": segment_id if segment else None, "created_at": catalog.now_utc(),
-                })
-                catalog.insert_quarantine(con, ingest_id, source, quarantined + 1, reasons, raw)
-                con.execute("COMMIT")
-            except BaseException:
-                _rollback(con)
-                if segment is not None:
-                    (self.root / segment["path"]).unlink(missing_ok=True)
-                raise
-        return IngestReport(
-            source=source, content_hash=content_hash, rows_read=len(rows), rows_taken=len(taken),
-            rows_quarantined=len(quarantined), reasons=rows.reason_counts(),
-            segment_id=segment_id if segment else None, already_ingested=False,
-            new_users=len(new_user_ids), new_items=len(new_item_ids),
-        )
-
-    def _mark_stored_duplicates(self, con: duckdb.DuckDBPyConnection, rows: ValidatedRows,
-                                user_dense: np.ndarray, item_dense: np.ndarray) -> None:
-        """Valid rows equal to a stored row -> STORED_DUPLICATE (only rows with known ids can be)."""
-        candidates = np.flatnonzero((rows.reason == OK) & (user_dense >= 0) & (item_dense >= 0))
-        paths = catalog.segment_paths(con, self.root)
-        if len(candidates) == 0 or not paths:
-            return
-        table = pa.table({
-            "pos": pa.array(candidates, pa.int64()),
-            "u": pa.array(user_dense[candidates].astype(np.int32)),
-            "i": pa.array(item_dense[candidates].astype(np.int32)),
-            "ts": pa.array(rows.ts[candidates]),
-            "w": pa.array(rows.weight[candidates]),
-        })
-        with catalog.registered(con, "_ckd_candidates", table):
-            hits = con.sql(
-                'SELECT DISTINCT c.pos FROM _ckd_candidates c JOIN read_parquet(?) s '
-                'ON s."user" = c.u AND s.item = c.i AND s.ts = c.ts AND s.weight = c.w',
-                params=[paths],
-            ).fetchnumpy()["pos"]
-        rows.reason[np.asarray(hits, dtype=np.int64)] = REASONS.index(STORED_DUPLICATE)
-
-    def _write_segment(self, relative: str, table: pa.Table) -> None:
-        """Write to a hidden tmp file, fsync, then rename: the final name never holds a partial file."""
-        directory = self.root / SEGMENTS_DIR
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".tmp-{uuid.uuid4().hex}.parquet"
-        try:
-            pq.write_table(table, tmp, compression="zstd")
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, self.root / relative)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(directory)
 
     def _remove_unrecorded_segments(self, con: duckdb.DuckDBPyConnection) -> None:
         """Leftovers of a writer that died before its commit; safe to delete under the write lock."""
@@ -286,6 +337,26 @@ class StreamStore:
         for f in directory.iterdir():
             if f.is_file() and f.name not in recorded and (f.name.startswith(".tmp-") or f.name.startswith("seg-")):
                 f.unlink(missing_ok=True)
+        _remove_dead_work_folders(self.root)
+
+    # --- segment integrity -----------------------------------------------------------------
+
+    def segment_problems(self, checksum: bool = False) -> list[dict]:
+        """Every segment with what is wrong with its file (``problem``: None when it matches the catalog):
+        size and row count always, the sha256 checksum too with ``checksum``."""
+        with self._connect(write=False) as con:
+            segments = catalog.segment_records(con)
+        return [{"id": s.segment_id, "path": s.path, "source": s.source, "rows": s.rows,
+                 "problem": segment_problem(self.root, s, checksum),
+                 "checksum_recorded": s.file_sha256 is not None} for s in segments]
+
+    def verify_segments(self, checksum: bool = True) -> int:
+        """Check every segment (checksums too unless ``checksum`` is False); the first damaged one raises a
+        CkdError naming it, what differs and how to rewrite it. → number of segments checked."""
+        with self._connect(write=False) as con:
+            segments = catalog.segment_records(con)
+        check_segments(self.root, segments, checksum)
+        return len(segments)
 
     # --- ids -------------------------------------------------------------------------------
 
@@ -346,7 +417,7 @@ class StreamStore:
                 return stored
             data = con.sql(
                 'SELECT "offset", ts, "user", item FROM read_parquet(?) ORDER BY ts, "offset"',
-                params=[catalog.segment_paths(con, self.root)],
+                params=[check_segments(self.root, catalog.segment_records(con))],
             ).fetchnumpy()
             offsets, ts = np.asarray(data["offset"]), np.asarray(data["ts"])
             blocks, block, row_split = compute_plan(ts, np.asarray(data["user"]), np.asarray(data["item"]),
@@ -399,7 +470,7 @@ class StreamStore:
                 'SELECT s."user", s.item, s.ts, s.weight, p.block, p.split '
                 'FROM plan_rows p JOIN read_parquet(?) s ON s."offset" = p."offset" '
                 'WHERE p.plan_id = ? AND p.block BETWEEN ? AND ? ORDER BY s.ts, s."offset"',
-                params=[catalog.segment_paths(con, self.root), plan_id, first, last],
+                params=[check_segments(self.root, catalog.segment_records(con)), plan_id, first, last],
             ).fetchnumpy()
         info = plan.blocks[last]
         return Interactions(
@@ -419,6 +490,9 @@ class StreamStore:
                 for r in con.sql("SELECT segment_id, source, rows, ts_min, ts_max, content_hash "
                                  "FROM segments ORDER BY segment_id").fetchall()
             ]
+            records = catalog.segment_records(con)
+            for seg, rec in zip(segments, records):  # the cheap checks (size, rows) on every status
+                seg["path"], seg["problem"] = rec.path, segment_problem(self.root, rec)
             by_reason = dict(con.sql("SELECT reason, count(*) FROM quarantine GROUP BY reason").fetchall())
             plan_ids = [p for (p,) in con.sql("SELECT plan_id FROM plans ORDER BY created_at, plan_id").fetchall()]
             plans = [_load_plan(con, p) for p in plan_ids]
@@ -464,26 +538,114 @@ def _already_ingested(source: str, content_hash: str, prior: dict) -> IngestRepo
                         already_ingested=True, new_users=0, new_items=0)
 
 
-def _dense_per_row(codes: np.ndarray, dense_of_code: np.ndarray) -> np.ndarray:
-    """(n,) dense id per row, -1 where the id is missing or not yet known."""
-    if len(dense_of_code) == 0:
-        return np.full(len(codes), -1, dtype=np.int64)
-    return np.where(codes >= 0, dense_of_code[np.maximum(codes, 0)], -1)
+@contextmanager
+def _work_folder(root: Path) -> Iterator[Path]:
+    """A private folder for one ingest's work files under ROOT/.staging/, flock'd while it is in use (so
+    another ingest removes only folders whose owner died) and removed when the ingest ends."""
+    folder = root / STAGING_DIR / uuid.uuid4().hex
+    try:
+        folder.mkdir(parents=True)
+        lock = open(folder / "lock", "w")
+    except OSError as e:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise CkdError(f"Cannot ingest into {root}: cannot create the work folder {folder.parent} "
+                       f"({e.strerror or e}); free space or make the store writable.") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield folder
+    finally:
+        lock.close()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-def _assign_new_ids(codes: np.ndarray, values: pa.Array, dense: np.ndarray, taken: np.ndarray,
-                    first_dense: int) -> tuple[pa.Array, np.ndarray]:
-    """New dense ids, in order of first appearance among the taken rows (in the order given), for ids not yet known.
+def _remove_dead_work_folders(root: Path) -> None:
+    """Work folders of ingests that died (their flock is free); called under the catalog's write lock."""
+    base = root / STAGING_DIR
+    for folder in base.iterdir() if base.is_dir() else []:
+        try:
+            with open(folder / "lock", "r") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, FileNotFoundError, NotADirectoryError):
+            continue  # in use, or being created / removed right now
+        shutil.rmtree(folder, ignore_errors=True)
 
-    Returns (external ids to insert, dense id per row)."""
-    unknown_rows = taken[dense[taken] < 0]
-    codes_new, first_row = np.unique(codes[unknown_rows], return_index=True)
-    codes_new = codes_new[np.argsort(first_row, kind="stable")]
-    dense_of_code = np.full(len(values), -1, dtype=np.int64)
-    dense_of_code[codes_new] = first_dense + np.arange(len(codes_new))
-    dense = dense.copy()
-    dense[unknown_rows] = dense_of_code[codes[unknown_rows]]
-    return values.take(pa.array(codes_new, pa.int64())), dense
+
+def _stage(batches, cols: dict[str, str], source: str, staging: Path) -> int:
+    try:
+        rows = stage_batches(batches, cols, source, staging)
+    except OSError as e:
+        raise CkdError(f"Cannot ingest {source}: writing its validated rows to {staging.parent} failed "
+                       f"({e.strerror or e}); free space or make the store writable, then ingest again "
+                       f"(nothing was added to the store).") from None
+    if rows == 0:
+        raise CkdError(f"Cannot ingest {source}: the file has a header but no data rows.")
+    return rows
+
+
+def _sql_path(path: Path | str) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def _tune(con: duckdb.DuckDBPyConnection, work: Path) -> None:
+    """Bound DuckDB's memory for the ingest's joins and sorts; beyond it they spill to the work folder."""
+    con.execute(f"SET memory_limit = '{INGEST_MEMORY_LIMIT}'")
+    con.execute(f"SET temp_directory = {_sql_path(work / 'spill')}")
+    con.execute("SET preserve_insertion_order = false")
+    con.execute("SET enable_progress_bar = false")
+
+
+def _classify(con: duckdb.DuckDBPyConnection, staging: Path, classified: Path, stored: list[str]) -> None:
+    """Write ``classified``: per staged row its final reason (row-local; else the second and later copies
+    of a valid (user, item, ts, weight) are DUPLICATE; else a copy of a row in ``stored`` segments is
+    STORED_DUPLICATE; else OK) and the dense ids already known (``ud`` / ``iid``, NULL for new ids)."""
+    if stored:
+        stored_sql = (f"SELECT DISTINCT k.rn FROM known k JOIN read_parquet([{', '.join(map(_sql_path, stored))}]) g "
+                      f'ON g."user" = k.ud AND g.item = k.iid AND g.ts = k.ts AND g.weight = k.weight '
+                      f"WHERE k.reason = {OK} AND k.rn = k.first_rn")
+    else:
+        stored_sql = "SELECT NULL::BIGINT AS rn WHERE false"
+    con.execute(f"""
+        COPY (
+            WITH s AS (SELECT rn, "user", item, ts, weight, reason FROM read_parquet({_sql_path(staging)})),
+            firsts AS (SELECT "user", item, ts, weight, min(rn) AS first_rn FROM s WHERE reason = {OK}
+                       GROUP BY "user", item, ts, weight),
+            known AS (
+                SELECT s.*, u.dense_id AS ud, i.dense_id AS iid, f.first_rn FROM s
+                LEFT JOIN users u ON u.external_id = s."user"
+                LEFT JOIN items i ON i.external_id = s.item
+                LEFT JOIN firsts f ON s.reason = {OK} AND f."user" = s."user" AND f.item = s.item
+                                      AND f.ts = s.ts AND f.weight = s.weight),
+            stored AS ({stored_sql})
+            SELECT k.rn, k."user", k.item, k.ts, k.weight, k.ud, k.iid,
+                   CAST(CASE WHEN k.reason <> {OK} THEN k.reason
+                             WHEN k.rn <> k.first_rn THEN {REASONS.index(DUPLICATE)}
+                             WHEN st.rn IS NOT NULL THEN {REASONS.index(STORED_DUPLICATE)}
+                             ELSE {OK} END AS TINYINT) AS reason
+            FROM known k LEFT JOIN stored st ON st.rn = k.rn
+        ) TO {_sql_path(classified)} (FORMAT parquet, COMPRESSION lz4)""")
+
+
+def _reason_counts(con: duckdb.DuckDBPyConnection, classified: Path) -> dict[int, int]:
+    rows = con.sql("SELECT reason, count(*) FROM read_parquet(?) GROUP BY reason", params=[str(classified)]).fetchall()
+    return {int(r): int(n) for r, n in rows}
+
+
+def _insert_new_ids(con: duckdb.DuckDBPyConnection, kind: str, classified: Path, first_dense: int) -> None:
+    """Dense ids for the taken rows' unknown ids, in order of first appearance in time (ts, then row)."""
+    column, dense = ("user", "ud") if kind == "user" else ("item", "iid")
+    con.execute(
+        f'INSERT INTO {catalog.id_table(kind)} SELECT ? + row_number() OVER (ORDER BY first) - 1, "{column}" '
+        f'FROM (SELECT "{column}", min((ts, rn)) AS first FROM read_parquet(?) WHERE reason = {OK} AND {dense} IS NULL '
+        f'GROUP BY "{column}")', [first_dense, str(classified)])
+
+
+def _segment_rows(con: duckdb.DuckDBPyConnection, classified: Path) -> Iterator[pa.RecordBatch]:
+    """The taken rows in input order with dense ids (new ones included): what the segment stores."""
+    reader = con.sql(
+        'SELECT u.dense_id AS "user", i.dense_id AS item, c.ts, c.weight FROM read_parquet(?) c '
+        'JOIN users u ON u.external_id = c."user" JOIN items i ON i.external_id = c.item '
+        f'WHERE c.reason = {OK} ORDER BY c.rn', params=[str(classified)]).to_arrow_reader(1 << 16)
+    yield from reader
 
 
 def _rollback(con: duckdb.DuckDBPyConnection) -> None:
@@ -491,17 +653,6 @@ def _rollback(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("ROLLBACK")
     except duckdb.Error:
         pass  # the transaction was never opened or is already gone
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # not supported on this platform
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _load_plan(con: duckdb.DuckDBPyConnection, plan_id: str) -> BlockPlan | None:
