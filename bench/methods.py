@@ -20,6 +20,7 @@ Methods (their distill / continual settings; the job's teachers and student are 
             EMA proxies), then the teachers update with replay from the student and its proxies + keep
   ccd-1way  CCD's student side alone (teachers updated alone): isolates the collaborative direction
   job+fb    the job's terms, plus the teachers learn from the student (replay from student + keep)
+  job+bd    the job's terms, plus the teachers learn from the student by BD
   rrd       RRD alone from the fused teachers;  single:<teacher>  RRD from that one teacher alone
   hetcomp   HetComp with jobs/hetcomp.yaml's term (trajectories, DKC)
   (bench/multi_teacher.py runs: finetune, single:<each teacher>, rrd, hetcomp, job)
@@ -72,6 +73,7 @@ def method_specs(job_dict: dict) -> dict[str, dict]:
                 "continual": ccd},
         "ccd-1way": {"distill": {**base, "terms": [RRD, IR_RRD, REPLAY_STUDENT], "feedback": []}, "continual": ccd},
         "job+fb": {"distill": {**base, "terms": own, "feedback": [REPLAY_TEACHER, KEEP]}, "continual": warm},
+        "job+bd": {"distill": {**base, "terms": own, "feedback": [{"name": "bd"}]}, "continual": warm},
         "rrd": {"distill": {**base, "terms": [t for t in own if t["name"] == "rrd"] or [RRD], "feedback": []},
                 "continual": warm},
         "hetcomp": {"distill": {**base, "terms": [_hetcomp_term()], "feedback": []}, "continual": warm},

@@ -35,9 +35,16 @@ def driver_lock(folder: Path, what: str) -> Iterator[Path]:
     folder = Path(folder)
     created = [p for p in (folder, *folder.parents) if not p.exists()]
     path = folder / LOCK_FILE
-    fd = _acquire(path, what)
     try:
-        _write_owner(fd)
+        fd = _acquire(path, what)
+    except OSError as e:  # a read-only folder, no permission
+        raise CkdError(f"Cannot create the driver lock {path} ({e.strerror or e}); make {folder} writable (it also "
+                       f"holds the snapshots) or set snapshots.dir to a writable folder, then submit again") from None
+    try:
+        try:
+            _write_owner(fd)
+        except OSError:
+            pass  # a full disk: the note on who holds the lock is missing, the flock still holds
         yield path
     finally:
         try:

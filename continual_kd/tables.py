@@ -164,20 +164,20 @@ def evaluate_tables(res: dict, job: str, block: int, width: int | None, wide: bo
         return blocks_of.get(b, blocks_of.get(str(b), {}))
 
     cols = [Column(f"b{b}", [fmt(per_block(m, b).get(key)) for m, key in rows]) for b in blocks]
-    cols.append(Column("mean", [fmt(res["models"][m]["mean"].get(key)) for m, key in rows]))
+    cols.append(Column("mean", [mean_cell(res["models"][m], key, len(blocks)) for m, key in rows]))
     tables += fit_tables(f"test part of each block (full ranking; mean over blocks 0..{block})",
                          [Column("model", [labels[m] for m, _ in rows], "left"),
                           Column("metric", [_metric_label(key) for _, key in rows], "left")], cols, width)
 
-    cols = [Column(_metric_label(f"{name}@{k}"), [fmt(res["models"][m]["mean"].get(f"{name}@{k}")) for m in models])
-            for k in ks for name in ("recall", "ndcg")]
+    cols = [Column(_metric_label(f"{name}@{k}"), [mean_cell(res["models"][m], f"{name}@{k}", len(blocks))
+                                                   for m in models]) for k in ks for name in ("recall", "ndcg")]
     tables += fit_tables(f"mean over blocks 0..{block}", [Column("model", [labels[m] for m in models], "left")],
                          cols, width)
 
     bias = [(f"recall@{k_main}/head", "Recall head"), (f"recall@{k_main}/mid", "Recall mid"),
             (f"recall@{k_main}/tail", "Recall tail"), (f"avgpop@{k_main}", "avg pop"),
             (f"coverage@{k_main}", "coverage")]
-    cols = [Column(label, [fmt(res["models"][m]["mean"].get(key), 1 if key.startswith("avgpop") else 4)
+    cols = [Column(label, [mean_cell(res["models"][m], key, len(blocks), 1 if key.startswith("avgpop") else 4)
                            for m in models]) for key, label in bias]
     tables += fit_tables(f"popularity bias at {k_main} (mean over blocks; groups by training popularity)",
                          [Column("model", [labels[m] for m in models], "left")], cols, width)
@@ -189,6 +189,15 @@ def evaluate_tables(res: dict, job: str, block: int, width: int | None, wide: bo
                          [Column("model", [labels[m] for m, _ in rows], "left"),
                           Column("metric", [_metric_label(key) for _, key in rows], "left")], cols, width)
     return tables, legend(labels)
+
+
+def mean_cell(model: dict, key: str, blocks: int, digits: int = 4) -> str:
+    """A mean over blocks; where the metric is undefined in some blocks (a popularity group without a test
+    user) the mean skips them and says over how many blocks it runs: "0.1234 (2/3)"."""
+    value, over = model["mean"].get(key), (model.get("mean_blocks") or {}).get(key)
+    if value is None or over is None or over >= blocks:
+        return fmt(value, digits)
+    return f"{fmt(value, digits)} ({over}/{blocks})"
 
 
 def _metric_label(key: str) -> str:

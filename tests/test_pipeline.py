@@ -205,3 +205,16 @@ def test_term_parameters_are_stepped_and_survive_snapshot_and_resume(tmp_path, t
         _ScaleProbe.__init__ = orig
     assert torch.equal(captured["state"]["scale"], moved)
     TERMS.pop("scale_probe", None)
+
+
+def test_keep_is_skipped_for_a_model_that_has_learned_nothing_yet(tiny_job):
+    """A new model has no old order to keep: `keep` only joins once the model was trained."""
+    from types import SimpleNamespace
+
+    job = load_job(tiny_job("keep"))
+    store = open_source(job.source)
+    plan = store.ensure_plan(0.5, 2, (0.8, 0.1, 0.1), job.seed)
+    keep = SimpleNamespace(name="keep", weight=0.01, k=5, uninteresting=5)
+    learner = Learner(job.teachers[0], 0, role="teacher")
+    assert learner.update(store.read_blocks(plan.plan_id, 0), 0, terms=[keep])["terms"] == []
+    assert learner.update(store.read_blocks(plan.plan_id, 1), 1, terms=[keep])["terms"] == ["keep"]

@@ -183,6 +183,7 @@ class Learner:
         t0, started = time.perf_counter(), time.time()
         if strategy == "scratch":
             self.reset()
+        trained = self.model is not None and self.block >= 0  # it learned something before this update
         self.grow(seen, block)
         if strategy == "scratch":
             positives = seen.select(model_pairs_mask(seen, block))
@@ -195,7 +196,7 @@ class Learner:
         known = self.observe(seen, block)
         scope = "all" if strategy == "scratch" else "block"
         built = self._build_terms(seen, block, flatten_knowledge(knowledge), terms, fusion, weights, known, epochs,
-                                  scope)
+                                  scope, trained)
         self._trajectory, self._trajectory_of = [], (block, scope)
         hook = None
         if trajectory is not None and epochs > 0:
@@ -220,7 +221,9 @@ class Learner:
             "kd_loss": logs[-1].kd_loss if logs else float("nan"),
         }
 
-    def _build_terms(self, seen, block, knowledge: list[Knowledge], specs, fusion, weights, known, epochs, scope):
+    def _build_terms(self, seen, block, knowledge: list[Knowledge], specs, fusion, weights, known, epochs, scope,
+                     trained: bool = True):
+        specs = [s for s in specs if trained or not TERMS[s.name].needs_trained_model(s)]
         if not specs:
             return []
         own: list[Knowledge] = []

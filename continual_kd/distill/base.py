@@ -84,6 +84,11 @@ class KDTerm(nn.Module):
         feedback before the student's first block)."""
         return True
 
+    @classmethod
+    def needs_trained_model(cls, spec) -> bool:
+        """Whether the term reads what the model knew before this update (skipped for a new model)."""
+        return False
+
     def resample(self, generator: torch.Generator, epoch: int) -> None:
         """Draw this epoch's targets (called before every epoch, 0-based)."""
 

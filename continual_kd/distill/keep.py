@@ -21,6 +21,10 @@ class KeepTerm(KDTerm):
     def needs_knowledge(cls, spec) -> bool:
         return False  # it reads the model's own lists (ctx.own)
 
+    @classmethod
+    def needs_trained_model(cls, spec) -> bool:
+        return True  # a new model has no old order to keep
+
     def __init__(self, spec, ctx: TermContext):
         super().__init__(spec, ctx)
         if not ctx.own:

@@ -101,12 +101,20 @@ def connect(root: Path, write: bool, lock_wait_s: float = LOCK_WAIT_S) -> Iterat
             time.sleep(0.1)
     try:
         yield con
-    except (duckdb.IOException, duckdb.OutOfMemoryException) as e:  # a full disk, a read-only folder
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CkdError(f"Reading or writing the stream store {root} failed ({reason}); free space or make it "
-                       f"writable, then run the command again (a write that failed changed nothing).") from None
+    except duckdb.IOException as e:  # a full disk, a read-only folder
+        raise CkdError(f"Reading or writing the stream store {root} failed ({_first_line(e)}); free space or make "
+                       f"it writable, then run the command again (a write that failed changed nothing).") from None
+    except duckdb.OutOfMemoryException as e:
+        raise CkdError(f"The stream store {root}: DuckDB ran out of the memory it may use ({_first_line(e)}); raise "
+                       f"CKD_INGEST_MEMORY (an ingest's budget, default 256MB) or free memory or disk space for its "
+                       f"spill files, then run the command again (a write that failed changed nothing).") from None
     finally:
         con.close()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def create_schema(con: duckdb.DuckDBPyConnection) -> None:

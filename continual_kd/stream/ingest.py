@@ -43,8 +43,8 @@ MAX_ID_CHARS = 256  # longer ids are almost surely a broken file (a whole line i
 OK = -1  # reason code of a valid row
 ROW_LOCAL_REASONS = 6  # REASONS[:6] are decided per row; DUPLICATE / STORED_DUPLICATE need the whole input
 
-BATCH_ROWS = 1 << 18  # rows per validated batch (Parquet files and Arrow tables)
-CSV_BLOCK_BYTES = 8 << 20  # bytes of CSV text per streamed batch
+BATCH_ROWS = 1 << 16  # rows per validated batch (Parquet files and Arrow tables)
+CSV_BLOCK_BYTES = 1 << 20  # bytes of CSV text per streamed batch (the reader reads a few ahead)
 # One row per input row: its 0-based position, normalised ids (null where missing), parsed timestamp and
 # weight, the row-local reason (OK = valid so far) and the raw text kept for the quarantine.
 STAGING_SCHEMA = pa.schema([("rn", pa.int64()), ("user", pa.string()), ("item", pa.string()), ("ts", pa.int64()),
@@ -118,9 +118,15 @@ def input_file_batches(path: Path, fmt: str, columns: ColumnMap) -> tuple[dict[s
         cols = resolve_columns(parquet.schema_arrow.names, columns, str(path))
         if parquet.metadata.num_rows == 0:
             raise CkdError(f"Cannot ingest {path}: the file has a header but no data rows.")
-        batches = parquet.iter_batches(batch_size=BATCH_ROWS, columns=list(dict.fromkeys(cols.values())))
-        return cols, _reading(batches, f"Cannot ingest {path}: it is not a readable Parquet file")
+        return cols, _reading(_row_group_batches(parquet, list(dict.fromkeys(cols.values()))),
+                              f"Cannot ingest {path}: it is not a readable Parquet file")
     return _csv_batches(path, columns)
+
+
+def _row_group_batches(parquet: pq.ParquetFile, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """One row group at a time (a reader over the whole file reads ahead, so its memory grows with it)."""
+    for group in range(parquet.metadata.num_row_groups):
+        yield from parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=columns)
 
 
 def table_batches(table: pa.Table, columns: ColumnMap, source: str) -> tuple[dict[str, str], Iterator[pa.RecordBatch]]:
