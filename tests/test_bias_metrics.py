@@ -70,10 +70,10 @@ def test_evaluate_ranking_bias_keys_by_hand():
     assert math.isclose(m["recall@2"], (1 / 2 + 1 / 2 + 2 / 3) / 3, rel_tol=1e-6)  # old keys: float32
 
 
-def test_group_without_relevant_items_is_nan_and_groups_default_from_popularity():
+def test_group_without_relevant_items_is_none_and_groups_default_from_popularity():
     relevant = UserItemSet([0, 0, 2, 2, 2], [1, 3, 2, 4, 5], 3, 6)  # no head item is relevant
     m = evaluate_ranking(FixedScores(SCORES), relevant, EXCLUDE, ks=(2,), item_popularity=POP)
-    assert math.isnan(m["recall@2/head"])
+    assert m["recall@2/head"] is None  # undefined: JSON null, never NaN
     assert math.isclose(m["recall@2/mid"], 0.5) and math.isclose(m["recall@2/tail"], 0.5)
     only_groups = evaluate_ranking(FixedScores(SCORES), relevant, EXCLUDE, ks=(2,), item_group=GROUPS)
     assert "avgpop@2" not in only_groups and math.isclose(only_groups["coverage@2"], 4 / 6)
@@ -89,7 +89,7 @@ def test_old_keys_unchanged_and_chunking_invariant():
                                item_group=GROUPS)
     assert chunked.keys() == biased.keys()
     for key, value in biased.items():
-        assert math.isclose(chunked[key], value, rel_tol=1e-6) or (math.isnan(value) and math.isnan(chunked[key]))
+        assert (value is None and chunked[key] is None) or math.isclose(chunked[key], value, rel_tol=1e-6)
 
 
 def test_items_beyond_the_popularity_tensor_count_as_unpopular_tail():

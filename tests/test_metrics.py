@@ -70,3 +70,18 @@ def test_top_k_items_can_rank_only_the_known_items():
     ids, scores = top_k_items(model, torch.tensor([0, 1]), 3, only=known)
     assert ids.tolist() == [[4, 3, 1], [2, -1, -1]]  # user 0 by score .5 > .3 > .1; user 1 has one item
     assert scores[1, 1:].isinf().all()
+
+
+def test_no_user_to_evaluate_gives_none_not_nan_and_means_skip_it():
+    from continual_kd.eval.metrics import defined_mean, undefined_as_none
+
+    empty = evaluate_ranking(FixedScores(SCORES), UserItemSet([], [], 2, 5), None, ks=(2,),
+                             item_popularity=torch.tensor([5, 4, 3, 2, 1]))
+    assert empty["users"] == 0.0
+    assert {k: v for k, v in empty.items() if k != "users"} == {
+        "recall@2": None, "ndcg@2": None, "recall@2/head": None, "recall@2/mid": None, "recall@2/tail": None,
+        "avgpop@2": None, "coverage@2": None}
+    assert defined_mean([0.5, None, float("nan"), 0.25]) == (0.375, 2)  # over the 2 blocks where it is defined
+    assert defined_mean([None, None]) == (None, 0)
+    assert undefined_as_none({"a": [1.0, float("nan")], "b": (float("inf"), "x", None, 2)}) == \
+        {"a": [1.0, None], "b": [None, "x", None, 2]}

@@ -123,7 +123,7 @@ def test_skewed_stream_finishes_with_undefined_metrics_as_null(ray_cluster, tmp_
 @pytest.fixture(scope="module")
 def stored(ray_cluster, tmp_path_factory):
     """A store ingested from two CSV files (the second repeats a row of the first: a stored duplicate),
-    a job run on it to the end (snapshots to evaluate / serve), and the store's fingerprint."""
+    and a job run on it to the end (snapshots to evaluate / serve). Tests that damage it restore it."""
     where = tmp_path_factory.mktemp("stored")
     table = generate_stream(SyntheticConfig(users=150, items=120, interactions=3000, periods=3, seed=1))
     first, second = table.slice(0, 1800), table.slice(1800)
@@ -145,8 +145,7 @@ def stored(ray_cluster, tmp_path_factory):
     finally:
         os.chdir(cwd)
     assert r.exit_code == 0, r.output
-    return {"dir": where, "store": store, "runs": where / "runs" / "served",
-            "fingerprint": StreamStore.open(store).fingerprint(), "user": first.column("user")[0].as_py()}
+    return {"dir": where, "store": store, "runs": where / "runs" / "served", "user": first.column("user")[0].as_py()}
 
 
 def _truncate(f: Path) -> str:
@@ -178,6 +177,7 @@ def test_a_damaged_segment_is_named_refused_and_rewritten_by_re_ingesting_its_so
                                                                                        damage):
     monkeypatch.chdir(tmp_path)
     store, runs = stored["store"], stored["runs"]
+    before = StreamStore.open(store).fingerprint()
     segment = next((store / "segments").glob("seg-000002-*.parquet"))
     what = damage(segment)
     cheap = damage is not _flip_a_byte  # size or rows differ: every read notices
@@ -197,15 +197,16 @@ def test_a_damaged_segment_is_named_refused_and_rewritten_by_re_ingesting_its_so
         r = run("ingest", stored["dir"] / "b.csv", "--store", store)
         assert r.exit_code == 0 and "was rewritten" in r.output, r.output
     finally:
-        if StreamStore.open(store).fingerprint() != stored["fingerprint"]:  # leave the shared store whole
+        if StreamStore.open(store).fingerprint() != before:  # leave the shared store whole
             run("ingest", stored["dir"] / "b.csv", "--store", store)
     r = run("status", "--store", store, "--runs", tmp_path, "--verify")
     assert r.exit_code == 0 and "verified 2 segments" in r.output, r.output
-    assert StreamStore.open(store).fingerprint() == stored["fingerprint"]  # byte for byte what was committed
+    assert StreamStore.open(store).fingerprint() == before  # byte for byte what was committed
 
 
-def test_re_ingesting_another_file_cannot_pass_for_a_damaged_segment(stored, tmp_path):
+def test_a_repair_that_does_not_reproduce_the_segment_changes_nothing(stored):
     store = stored["store"]
+    before = StreamStore.open(store).fingerprint()
     segment = next((store / "segments").glob("seg-000002-*.parquet"))
     original = segment.read_bytes()
     _truncate(segment)
@@ -215,7 +216,7 @@ def test_re_ingesting_another_file_cannot_pass_for_a_damaged_segment(stored, tmp
         assert segment.stat().st_size == len(original) // 2
     finally:
         segment.write_bytes(original)
-    assert StreamStore.open(store).fingerprint() == stored["fingerprint"]
+    assert StreamStore.open(store).fingerprint() == before
 
 
 # ------------------------------------------------------------------ 4. a snapshot file that does not fit
@@ -352,7 +353,7 @@ def _peak_mib(path: Path, store: Path) -> float:
     """Peak RSS of a `ckd ingest` process with small batches and a small DuckDB memory budget."""
     code = ("import resource, sys\n"
             "import continual_kd.stream.ingest as ingest, continual_kd.stream.store as store\n"
-            "ingest.BATCH_ROWS, ingest.CSV_BLOCK_BYTES, store.INGEST_MEMORY_LIMIT = 20_000, 1 << 19, '48MB'\n"
+            "ingest.BATCH_ROWS, ingest.CSV_BLOCK_BYTES, store.INGEST_MEMORY_LIMIT = 20_000, 1 << 19, '64MB'\n"
             "from continual_kd.cli import app\n"
             "try:\n"
             "    app(['ingest', sys.argv[1], '--store', sys.argv[2]])\n"
@@ -366,7 +367,9 @@ def _peak_mib(path: Path, store: Path) -> float:
 
 
 def test_ingest_memory_is_bounded_by_the_batch_not_the_file(tmp_path):
-    """10× the rows, about the same peak memory (before: the whole file in memory, ~16× its size)."""
+    """10× the rows, nearly the same peak memory: 100k rows 281 MiB, 1M rows 327-352 MiB here (the interpreter
+    with pyarrow, DuckDB, Typer is ~250 of it; the catalog's ids grow too). Before, the whole file was in memory
+    (~16× its size): 281 → 451 MiB, 1.61×."""
     def write(n: int) -> Path:
         path = tmp_path / f"{n}.csv"
         with open(path, "w") as f:
@@ -375,10 +378,10 @@ def test_ingest_memory_is_bounded_by_the_batch_not_the_file(tmp_path):
                          for i in range(n))
         return path
 
-    small, large = write(60_000), write(600_000)
+    small, large = write(100_000), write(1_000_000)
     peak_small, peak_large = _peak_mib(small, tmp_path / "s1"), _peak_mib(large, tmp_path / "s2")
-    assert StreamStore.open(tmp_path / "s2").status()["rows"] == 600_000
-    assert peak_large <= 1.5 * peak_small, (peak_small, peak_large)
+    assert StreamStore.open(tmp_path / "s2").status()["rows"] == 1_000_000
+    assert peak_large <= 1.4 * peak_small, (peak_small, peak_large)
 
 
 def test_batches_change_nothing_duplicates_across_batches_and_quarantine_order(tmp_path, monkeypatch):

@@ -106,7 +106,7 @@ def connect(root: Path, write: bool, lock_wait_s: float = LOCK_WAIT_S) -> Iterat
                        f"it writable, then run the command again (a write that failed changed nothing).") from None
     except duckdb.OutOfMemoryException as e:
         raise CkdError(f"The stream store {root}: DuckDB ran out of the memory it may use ({_first_line(e)}); raise "
-                       f"CKD_INGEST_MEMORY (an ingest's budget, default 256MB) or free memory or disk space for its "
+                       f"CKD_INGEST_MEMORY (an ingest's budget, default 128MB) or free memory or disk space for its "
                        f"spill files, then run the command again (a write that failed changed nothing).") from None
     finally:
         con.close()

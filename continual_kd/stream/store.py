@@ -39,7 +39,7 @@ from continual_kd.stream.ingest import (
     stage_batches, table_batches, table_content_hash,
 )
 from continual_kd.stream.segments import (
-    SEGMENT_SCHEMA, SegmentRecord, check_segments, fsync_dir, segment_problem, write_segment,
+    SegmentRecord, check_segments, fsync_dir, segment_problem, write_segment,
 )
 from continual_kd.stream.plan import BlockInfo, BlockPlan, compute_plan, plan_id_for, validate_plan_args
 from continual_kd.types import Interactions
@@ -47,7 +47,7 @@ from continual_kd.types import Interactions
 SEGMENTS_DIR = "segments"
 STAGING_DIR = ".staging"
 # DuckDB's memory while an ingest classifies its rows; beyond it DuckDB spills to the ingest's work folder.
-INGEST_MEMORY_LIMIT = os.environ.get("CKD_INGEST_MEMORY", "256MB")
+INGEST_MEMORY_LIMIT = os.environ.get("CKD_INGEST_MEMORY", "128MB")
 
 
 @dataclass
@@ -601,28 +601,29 @@ def _classify(con: duckdb.DuckDBPyConnection, staging: Path, classified: Path, s
     if stored:
         stored_sql = (f"SELECT DISTINCT k.rn FROM known k JOIN read_parquet([{', '.join(map(_sql_path, stored))}]) g "
                       f'ON g."user" = k.ud AND g.item = k.iid AND g.ts = k.ts AND g.weight = k.weight '
-                      f"WHERE k.reason = {OK} AND k.rn = k.first_rn")
+                      f"WHERE k.reason = {OK} AND k.copy = 1")
     else:
         stored_sql = "SELECT NULL::BIGINT AS rn WHERE false"
+    # copy: 1 for the first of identical valid rows (in input order), 2, 3, … for the later ones
     con.execute(f"""
         COPY (
-            WITH s AS (SELECT rn, "user", item, ts, weight, reason FROM read_parquet({_sql_path(staging)})),
-            firsts AS (SELECT "user", item, ts, weight, min(rn) AS first_rn FROM s WHERE reason = {OK}
-                       GROUP BY "user", item, ts, weight),
+            WITH s AS (
+                SELECT rn, "user", item, ts, weight, reason,
+                       CASE WHEN reason = {OK} THEN row_number() OVER (
+                           PARTITION BY reason, "user", item, ts, weight ORDER BY rn) END AS copy
+                FROM read_parquet({_sql_path(staging)})),
             known AS (
-                SELECT s.*, u.dense_id AS ud, i.dense_id AS iid, f.first_rn FROM s
+                SELECT s.*, u.dense_id AS ud, i.dense_id AS iid FROM s
                 LEFT JOIN users u ON u.external_id = s."user"
-                LEFT JOIN items i ON i.external_id = s.item
-                LEFT JOIN firsts f ON s.reason = {OK} AND f."user" = s."user" AND f.item = s.item
-                                      AND f.ts = s.ts AND f.weight = s.weight),
+                LEFT JOIN items i ON i.external_id = s.item),
             stored AS ({stored_sql})
             SELECT k.rn, k."user", k.item, k.ts, k.weight, k.ud, k.iid,
                    CAST(CASE WHEN k.reason <> {OK} THEN k.reason
-                             WHEN k.rn <> k.first_rn THEN {REASONS.index(DUPLICATE)}
+                             WHEN k.copy > 1 THEN {REASONS.index(DUPLICATE)}
                              WHEN st.rn IS NOT NULL THEN {REASONS.index(STORED_DUPLICATE)}
                              ELSE {OK} END AS TINYINT) AS reason
             FROM known k LEFT JOIN stored st ON st.rn = k.rn
-        ) TO {_sql_path(classified)} (FORMAT parquet, COMPRESSION lz4)""")
+        ) TO {_sql_path(classified)} (FORMAT parquet, COMPRESSION lz4, ROW_GROUP_SIZE 32768)""")
 
 
 def _reason_counts(con: duckdb.DuckDBPyConnection, classified: Path) -> dict[int, int]:
