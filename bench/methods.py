@@ -117,26 +117,12 @@ def summarise(results, key: str = "ndcg@20") -> dict[str, dict]:
 def _add_ensemble(result, learners: dict, seen, job) -> None:
     """Score the teachers' rank-fusion ensemble like a model (block k and every earlier block) and add
     it to ``result`` as "ensemble"."""
-    from continual_kd.continual.ensemble import RankFusionEnsemble
-    from continual_kd.continual.learner import item_counts
-    from continual_kd.eval import eval_sets, evaluate_ranking, plasticity_stability
-    from continual_kd.eval.bias import item_popularity_groups
+    from continual_kd.continual.ensemble import evaluate_ensemble
 
     teachers = [lr for key, lr in learners.items() if key.startswith("teacher:")]
-    for t in teachers:
-        t.observe(seen)
-    popularity = item_counts(seen)
-    per_block = {}
-    for b in range(result.block + 1):
-        relevant, exclude = eval_sets(seen, b)
-        model = RankFusionEnsemble([t.model for t in teachers], exclude=exclude)
-        per_block[b] = evaluate_ranking(model, relevant, exclude, job.eval.ks, job.eval.chunk_size,
-                                        item_popularity=popularity, item_group=item_popularity_groups(popularity))
-    result.metrics["ensemble"] = per_block[result.block]
-    result.continual["ensemble"] = plasticity_stability(per_block, result.block)
-    result.valid["ensemble"] = {}
-    result.updates["ensemble"] = {"seconds": None,
-                                  "parameters": sum(lr.num_parameters() for lr in teachers)}
+    ev = evaluate_ensemble(teachers, seen, result.block, job.eval)
+    result.metrics["ensemble"], result.continual["ensemble"], result.valid["ensemble"] = ev["test"], ev["continual"], {}
+    result.updates["ensemble"] = {"seconds": None, "parameters": sum(lr.num_parameters() for lr in teachers)}
 
 
 def main() -> None:

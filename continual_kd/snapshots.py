@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .checksums import file_sha256
+from .checksums import file_sha256, fsync_dir
 from .errors import CkdError
 
 FORMAT_VERSION = 1
@@ -99,16 +99,16 @@ def write_snapshot(runs_dir: Path, block: int, states: dict[str, dict[str, torch
         except ValueError as exc:  # NaN/inf would make the manifest unreadable by the strict parser
             raise ValueError(f"snapshot manifest must hold only finite numbers: {exc}") from exc
         _write_durable(tmp / MANIFEST, text.encode("utf-8"))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():
             aside = runs_dir / f".old-{final.name}-{uuid.uuid4().hex}"
             os.replace(final, aside)
             os.replace(tmp, final)
-            _fsync_dir(runs_dir)
+            fsync_dir(runs_dir)
             shutil.rmtree(aside, ignore_errors=True)
         else:
             os.replace(tmp, final)
-            _fsync_dir(runs_dir)
+            fsync_dir(runs_dir)
     except OSError as exc:  # a full disk, a read-only folder: nothing half-written stays behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise CkdError(f"Cannot write the snapshot {final}: {exc.strerror or exc} ({exc.filename or tmp}); free "
@@ -202,7 +202,7 @@ def prune_snapshots(runs_dir: Path, keep_last: int, keep: set[int] = frozenset()
         shutil.rmtree(aside, ignore_errors=True)
         deleted.append(block)
     if deleted:
-        _fsync_dir(runs_dir)
+        fsync_dir(runs_dir)
     return deleted
 
 
@@ -249,7 +249,7 @@ def remove_job_snapshots(runs_dir: Path, job: str) -> list[int]:
         os.replace(runs_dir / block_dir_name(block), aside)
         shutil.rmtree(aside)
     if blocks or leftovers:
-        _fsync_dir(runs_dir)
+        fsync_dir(runs_dir)
     return blocks
 
 
@@ -345,19 +345,6 @@ def _write_durable(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory fds (Windows): the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _parse_which(which: str | int) -> int:

@@ -86,7 +86,10 @@ def test_submit_snapshots_and_evaluate(ray_cluster, cli, tiny_job, tmp_path):
     # the actors were named as the dashboard shows them
     from ray.util.state import list_actors
 
-    names = {a.name for a in list_actors(filters=[("class_name", "=", "LearnerActor")], limit=1000)}
+    import ray
+
+    address = ray.get_runtime_context().gcs_address  # this session's cluster, not any other on the machine
+    names = {a.name for a in list_actors(address=address, filters=[("class_name", "=", "LearnerActor")], limit=1000)}
     assert {"teacher:mf32", "student"} <= names
 
 

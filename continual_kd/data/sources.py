@@ -13,6 +13,7 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
+from ..checksums import fsync_dir
 from ..config import SourceSpec
 from ..errors import CkdError
 from ..stream import IngestReport, StreamStore
@@ -55,7 +56,7 @@ def build_store(dataset: str, root: str | Path, synthetic=None) -> tuple[StreamS
             except OSError:
                 break
         raise
-    _fsync_dir(parent)
+    fsync_dir(parent)
     return StreamStore.open(root), report
 
 
@@ -88,16 +89,3 @@ def _fill(store: StreamStore, dataset: str, synthetic) -> IngestReport:
 
 def _is_store(root: Path) -> bool:
     return (root / CATALOG_FILE).is_file()
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from continual_kd.checksums import file_sha256
+from continual_kd.checksums import file_sha256, fsync_dir
 from continual_kd.errors import CkdError
 
 SEGMENT_SCHEMA = pa.schema([("offset", pa.int64()), ("user", pa.int32()), ("item", pa.int32()),
@@ -152,16 +152,3 @@ def _unlink_quietly(path: Path) -> None:
         path.unlink(missing_ok=True)
     except OSError:
         pass
-
-
-def fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # not supported on this platform
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
