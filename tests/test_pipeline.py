@@ -218,3 +218,34 @@ def test_keep_is_skipped_for_a_model_that_has_learned_nothing_yet(tiny_job):
     learner = Learner(job.teachers[0], 0, role="teacher")
     assert learner.update(store.read_blocks(plan.plan_id, 0), 0, terms=[keep])["terms"] == []
     assert learner.update(store.read_blocks(plan.plan_id, 1), 1, terms=[keep])["terms"] == ["keep"]
+
+
+def test_keep_reads_the_models_own_list_and_replay_the_proxies(tiny_job):
+    """With proxies and both terms, `keep` gets the model's own pre-update list (own[0]) and `replay`
+    the proxies' lists; a teacher's `replay` with source proxies reads the student's proxies handed over."""
+    from types import SimpleNamespace
+
+    from continual_kd.distill.replay import PROXY_PREFIX
+
+    job = load_job(tiny_job("own"))
+    store = open_source(job.source)
+    plan = store.ensure_plan(0.5, 2, (0.8, 0.1, 0.1), job.seed)
+    proxies = SimpleNamespace(stability=0.9, plasticity=0.1)
+    keep = SimpleNamespace(name="keep", weight=0.01, k=5, uninteresting=5)
+    replay = SimpleNamespace(name="replay", weight=0.5, decay=10.0, top=5, eps=1e-4, every=5, per_user=2,
+                             source="proxies")
+    student = Learner(job.student, 0)
+    student.update(store.read_blocks(plan.plan_id, 0), 0, proxies=proxies)
+    seen = store.read_blocks(plan.plan_id, 1)
+    student.grow(seen, 1)
+    known = student.observe(seen, 1)
+    built = student._build_terms(seen, 1, [], [keep, replay], "rank", None, known, 1, "block")
+    assert [t.name for t in built] == ["keep", "replay"]
+    assert sorted(built[1].sources) == ["proxy:plasticity", "proxy:stability"]
+    handed = student.feedback(seen, 1, 5)
+    assert [k.source for k in handed][0] == job.student.name and all(k.source.startswith(PROXY_PREFIX)
+                                                                     for k in handed[1:])
+    teacher = Learner(job.teachers[0], 0, role="teacher")
+    teacher.update(store.read_blocks(plan.plan_id, 0), 0)
+    log = teacher.update(seen, 1, knowledge=[handed], terms=[replay])
+    assert log["terms"] == ["replay"]

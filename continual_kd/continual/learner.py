@@ -27,6 +27,7 @@ from ..eval.bias import item_popularity_groups
 from ..models import build_backbone, num_parameters
 from ..sparse import UserItemSet
 from ..types import TEST, TRAIN, VALID, Interactions, Knowledge
+from ..distill.replay import PROXY_PREFIX
 from .training import train_epochs
 
 AUX = "aux."  # prefix of non-model tensors (proxies, KD term state) inside a saved state's weights
@@ -123,6 +124,7 @@ class Learner:
         self.model.load_state_dict({k: v for k, v in weights.items() if not k.startswith(AUX)})
         self.model.eval()
         self.block = int(state["block"])
+        self._trajectory, self._trajectory_of = [], None
         aux = {k[len(AUX):]: v for k, v in weights.items() if k.startswith(AUX)}
         self.proxies = _proxies_from_flat(aux)
         self.term_state = {}
@@ -134,6 +136,7 @@ class Learner:
     def reset(self) -> None:
         """No model yet (a restored actor before block 0)."""
         self.model, self.block, self.proxies, self.term_state = None, -1, None, {}
+        self._trajectory, self._trajectory_of = [], None
 
     def num_parameters(self) -> int:
         """Parameters of the served model only (not proxies, not KD terms' own parameters)."""
@@ -181,8 +184,10 @@ class Learner:
         this model, updated after training and handed to replay terms as ``own`` lists.
         """
         t0, started = time.perf_counter(), time.time()
-        if strategy == "scratch":
+        if strategy == "scratch":  # a new model; the proxies and term state (what it carries) stay
+            proxies_kept, state_kept = self.proxies, self.term_state
             self.reset()
+            self.proxies, self.term_state = proxies_kept, state_kept
         trained = self.model is not None and self.block >= 0  # it learned something before this update
         self.grow(seen, block)
         if strategy == "scratch":
@@ -229,10 +234,10 @@ class Learner:
         own: list[Knowledge] = []
         names = {s.name for s in specs}
         size = max([getattr(s, "k", 0) for s in specs] + [getattr(s, "top", 0) for s in specs] + [1])
+        if "keep" in names:  # the model's own order before this block's update (keep reads own[0])
+            own.append(self.knowledge(seen, block, size, scope=scope))
         if self.proxies is not None and "replay" in names:  # the proxies' lists for the block's users
-            own = self._proxy_lists(seen, block, size, scope)
-        elif "keep" in names:  # the model's own order before this block's update
-            own = [self.knowledge(seen, block, size, scope=scope)]
+            own += self._proxy_lists(seen, block, size, scope)
         ctx = TermContext(model=self.model, knowledge=knowledge, known=known, num_users=self.model.num_users,
                           num_items=self.model.num_items, block=block, epochs=epochs, device=self.device,
                           role=self.role, fusion=fusion,
@@ -243,7 +248,8 @@ class Learner:
             cls = TERMS[s.name]
             if cls.needs_knowledge(s) and not knowledge:
                 continue
-            if s.name == "replay" and s.source == "proxies" and not own:
+            if s.name == "replay" and s.source == "proxies" and not any(
+                    k.source.startswith(PROXY_PREFIX) for k in [*own, *knowledge]):
                 continue  # no proxies yet (the first block)
             built.append(cls(s, replace(ctx, state=self.term_state.get(s.name))))
         return built
@@ -299,10 +305,10 @@ class Learner:
                          item_ids, item_lists, user_vectors, item_vectors)
 
     @torch.no_grad()
-    def feedback(self, seen: Interactions, block: int, size: int, vectors: bool = False,
-                 scope: str = "block") -> list[Knowledge]:
-        """What this model hands the other side as feedback: its own lists, then its proxies' (if any)."""
-        out = [self.knowledge(seen, block, size, vectors=vectors, scope=scope)]
+    def feedback(self, seen: Interactions, block: int, size: int, scope: str = "block", **request) -> list[Knowledge]:
+        """What this model hands the other side as feedback: its own lists (with whatever the other
+        side's terms ask for: ``knowledge``'s options), then its proxies' lists (if any)."""
+        out = [self.knowledge(seen, block, size, scope=scope, **request)]
         if self.proxies is not None:
             out += self._proxy_lists(seen, block, size, scope)
         return out

@@ -135,9 +135,8 @@ class BlockRun:
 
 
 def student_feedback(run: BlockRun, ex: Executor) -> None:
-    req = knowledge_request(run.job.distill.feedback)
-    run.knowledge["student"] = ex.call([STUDENT], "feedback", size=req["size"], vectors=req.get("vectors", False),
-                                       scope=scope(run.job))
+    run.knowledge["student"] = ex.call([STUDENT], "feedback", scope=scope(run.job),
+                                       **knowledge_request(run.job.distill.feedback))
 
 
 def update_teachers(run: BlockRun, ex: Executor) -> None:

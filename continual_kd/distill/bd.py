@@ -116,12 +116,15 @@ class BDTerm(KDTerm):
         self.num_items = ctx.num_items
         self.row = torch.full((ctx.num_users,), -1, dtype=torch.int64, device=self.users.device)
         self.row[self.users] = torch.arange(len(self.users), device=self.users.device)
-        self.full = all(k.user_vectors is not None and k.item_vectors is not None for k in ctx.knowledge)
+        # full mode from the lists that carry vectors (a student's proxies hand over lists only)
+        with_vectors = [i for i, k in enumerate(ctx.knowledge)
+                        if k.user_vectors is not None and k.item_vectors is not None]
+        self.full = bool(with_vectors)
         if self.full:
-            w = ctx.weights if ctx.weights is not None else [1.0] * len(ctx.knowledge)
+            w = [ctx.weights[i] for i in with_vectors] if ctx.weights is not None else [1.0] * len(with_vectors)
             self.list_weights = [x / sum(w) for x in w]
-            self.vectors = [(ctx.tensor(k.user_vectors, torch.float32), ctx.tensor(k.item_vectors, torch.float32))
-                            for k in ctx.knowledge]
+            self.vectors = [(ctx.tensor(ctx.knowledge[i].user_vectors, torch.float32),
+                             ctx.tensor(ctx.knowledge[i].item_vectors, torch.float32)) for i in with_vectors]
             self.other_rank = self._other_ranks()  # (U, I): the other side is fixed for the block
         else:
             size = max(k.items.shape[1] for k in ctx.knowledge)
@@ -166,7 +169,7 @@ class BDTerm(KDTerm):
                 self.known.mask_(s, self.users[rows])
                 fused += w * ascending_ranks(s).float()
             ranks.append(fused)
-        return torch.cat(ranks)
+        return torch.cat(ranks) if ranks else torch.zeros(0, self.num_items, device=self.users.device)
 
     # -- the trained model's own ranks, every `refresh` epochs ------------------------------------
 

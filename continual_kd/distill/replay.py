@@ -80,7 +80,8 @@ class ReplayTerm(KDTerm):
         self._model = (ctx.model,)  # in a tuple: read for ranking, not registered as a submodule
         self.known = ctx.known
         if spec.source == "proxies":
-            lists = [k for k in ctx.own if k.source.startswith(PROXY_PREFIX)]
+            # the student's own proxies, or (for a teacher) the student's proxies handed over
+            lists = [k for k in [*ctx.own, *ctx.knowledge] if k.source.startswith(PROXY_PREFIX)]
         elif spec.source == "peers":
             lists = list(ctx.knowledge)
         else:

@@ -18,6 +18,11 @@ from ..continual import Learner, resolve_device
 from ..types import Interactions
 
 
+class StaleActorError(RuntimeError):
+    """This actor was restarted by Ray (its process died) and holds the state it was started with, not
+    the last committed one: every call but ``ping`` / ``restore`` refuses until the coordinator restores it."""
+
+
 class LearnerActor:
     def __init__(self, spec: ModelSpec, seed: int, device: str, state: dict | None = None, role: str = "student"):
         torch.set_num_threads(max(1, int(spec.resources.num_cpus)))
@@ -28,6 +33,12 @@ class LearnerActor:
         self._seen_key: tuple | None = None
         self._seen: Interactions | None = None
         self._gauges = None
+        # a process that died when no call was pending comes back silently: refuse work until restored
+        self._stale = ray.get_runtime_context().was_current_actor_reconstructed
+
+    def _check_fresh(self) -> None:
+        if self._stale:
+            raise StaleActorError(f"model actor {self.learner.spec.name!r} was restarted and not restored yet")
 
     def _interactions(self, block_refs: list) -> Interactions:
         """Blocks 0..k concatenated (cached for the stages of one block)."""
@@ -44,6 +55,7 @@ class LearnerActor:
         else:
             self.learner.load(state)
         self._seen_key = self._seen = None
+        self._stale = False
 
     def ping(self) -> dict:
         return {"device": self.learner.device, "block": self.learner.block, "name": self.learner.spec.name}
@@ -51,6 +63,7 @@ class LearnerActor:
     def run(self, method: str, block: int, block_refs: list, kwargs: dict):
         """Call ``Learner.<method>(seen, block, **kwargs)``; ``kwargs["knowledge"]`` may hold object
         references from other actors (fetched here: knowledge goes actor→actor, not via the driver)."""
+        self._check_fresh()
         if kwargs.get("knowledge"):
             kwargs = {**kwargs, "knowledge": ray.get(list(kwargs["knowledge"]))}
         out = getattr(self.learner, method)(self._interactions(block_refs), block, **kwargs)
@@ -59,6 +72,7 @@ class LearnerActor:
         return out
 
     def state(self) -> dict:
+        self._check_fresh()
         return self.learner.state()
 
     def _report(self, block: int, metrics: dict) -> None:

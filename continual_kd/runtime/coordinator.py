@@ -35,7 +35,7 @@ from ..locks import single_driver
 from ..snapshots import (MANIFEST, list_snapshots, prune_snapshots, remove_job_snapshots, resolve_snapshot,
                          write_snapshot)
 from ..stream import BlockPlan, StreamStore
-from .actors import spawn_learner
+from .actors import StaleActorError, spawn_learner
 from .executor import RayExecutor
 from .cluster import check_address, ray_session, reserve_actors
 
@@ -226,7 +226,7 @@ def _run_block_with_retries(job: JobSpec, k: int, block_refs: list, actors: dict
             res = _run_block(job, k, block_refs, actors, emit, previous_valid)
             new_states = dict(zip(actors, ray.get([a.state.remote() for a in actors.values()])))
             return res, new_states
-        except RayActorError as e:
+        except (RayActorError, StaleActorError) as e:  # died mid-call, or died idle and came back stale
             who = getattr(e, "actor_id", None)
             emit({"type": "warning", "message": f"block {k}: a model actor died (attempt {attempt}: "
                                                 f"{type(e).__name__}{' ' + str(who) if who else ''}); restoring "
