@@ -26,6 +26,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="continual-kd: continual knowledge distillation for recommenders, on Ray.")
 data_app = typer.Typer(no_args_is_help=True, help="Build a stream store from a dataset.")
 app.add_typer(data_app, name="data")
+cluster_app = typer.Typer(no_args_is_help=True, help="A multi-node Ray cluster on this machine (head + worker raylets).")
+app.add_typer(cluster_app, name="cluster")
 
 out = Console(emoji=False)  # no :name: → emoji replacement in ids and paths either
 err = Console(stderr=True, emoji=False)
@@ -149,30 +151,110 @@ def _print_report(r) -> None:
 @app.command()
 @_guard
 def ingest(
-    files: Annotated[list[Path], typer.Argument(help="CSV/TSV/Parquet files with user, item, timestamp columns.")],
     store: StoreOpt,
+    files: Annotated[Optional[list[Path]], typer.Argument(help="CSV/TSV/Parquet files with user, item, timestamp columns.")] = None,
     user_col: Annotated[str, typer.Option(help="Name of the user id column.")] = "user",
     item_col: Annotated[str, typer.Option(help="Name of the item id column.")] = "item",
     time_col: Annotated[str, typer.Option(help="Name of the timestamp column.")] = "timestamp",
     weight_col: Annotated[Optional[str], typer.Option(help="Name of a rating/weight column (default: 'weight' or 'rating' if present).")] = None,
+    watch: Annotated[Optional[Path], typer.Option("--watch", help="Take each new file that appears in this folder, exactly once (moved to DIR/ingested/, or DIR/refused/ with the reason), until SIGINT/SIGTERM.")] = None,
+    poll: Annotated[str, typer.Option("--poll", help="With --watch: how often to look (2s, 1m, ...).")] = "2s",
+    settle: Annotated[str, typer.Option("--settle", help="With --watch: a file is taken once unchanged this long (a file moved in qualifies at once); 0 takes every file seen.")] = "2s",
+    once: Annotated[bool, typer.Option("--once", help="With --watch: one look, then exit.")] = False,
 ):
     """Validate and append interaction files to a stream store (bad rows are quarantined with a reason)."""
     from .stream import ColumnMap, StreamStore
 
+    if watch is not None and files:
+        raise CkdError("give FILE... or --watch DIR, not both")
+    if watch is None and not files:
+        raise CkdError("nothing to ingest: give FILE... or --watch DIR")
     st = StreamStore.open(store, create=True)
+    st.lock_wait_s = 60.0  # a job following the store holds its catalog for moments (a block cut, a commit)
     cols = ColumnMap(user=user_col, item=item_col, timestamp=time_col, weight=weight_col)
+    if watch is not None:
+        _watch(st, watch, cols, poll, settle, once)
+        return
     for f in files:
         _print_report(st.ingest_file(f, cols))
 
 
+def _watch(st, folder: Path, cols, poll: str, settle: str, once: bool) -> None:
+    import signal
+    import threading
+
+    from .config import parse_duration
+    from .stream.watch import watch_folder
+
+    try:
+        poll_s, settle_s = parse_duration(poll), (0.0 if settle.strip() in ("0", "0s") else parse_duration(settle))
+    except ValueError:
+        raise CkdError(f"--poll {poll!r} / --settle {settle!r}: not a duration; write e.g. 2s or 1m") from None
+    stop = threading.Event()
+    old = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    retries = []
+
+    def on_event(e) -> None:
+        if e.kind == "taken":
+            _print_report(e.report)
+        elif e.kind == "refused":
+            err.print(_m("[yellow]refused[/] {}: {}", e.path, e.reason), soft_wrap=True)
+        else:
+            retries.append(e)
+            err.print(_m("[yellow]left for the next look[/]: {}", e.reason), soft_wrap=True)
+
+    try:
+        if not once:
+            out.print(_m("watching {} (every {:g}s; SIGINT/SIGTERM stops)", folder, poll_s))
+        watch_folder(st, folder, cols, poll_s, settle_s, once, stop, on_event)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if once and retries:
+        raise CkdError(f"{len(retries)} file(s) in {folder} were left for the next look: {retries[0].reason}")
+
+
+def _print_kg_report(r) -> None:
+    if r.already_ingested:
+        out.print(_m("[yellow]{}[/]: already ingested (content {}); store unchanged", r.source, r.content_hash[:12]))
+        return
+    out.print(_m("[bold]{}[/]: {:,} triples taken, {:,} quarantined ({:,} new entities, {:,} new relations)", r.source,
+                 r.rows_taken, r.rows_quarantined, r.new_entities, r.new_relations))
+    for reason, n in sorted(r.reasons.items()):
+        out.print(_m("  quarantined: {:,} × {}", n, reason))
+
+
+@app.command("ingest-kg")
+@_guard
+def ingest_kg(
+    files: Annotated[list[Path], typer.Argument(help="CSV/TSV/Parquet files of triples: item, relation, tail "
+                                                     "(optional tail_name).")],
+    store: StoreOpt,
+):
+    """Add item knowledge (item, relation, tail) triples to a stream store; bad rows are quarantined with a reason."""
+    from .stream import StreamStore
+    from .stream.kg import ingest_triples_file
+
+    st = StreamStore.open(store, create=True)
+    for f in files:
+        _print_kg_report(ingest_triples_file(st, f))
+
+
 @data_app.command("movielens-100k")
 @_guard
-def data_movielens(store: StoreOpt = Path("stores/ml-100k")):
+def data_movielens(store: StoreOpt = Path("stores/ml-100k"),
+                   kg: Annotated[bool, typer.Option("--kg", help="Also the films' titles, years, genres and "
+                                                                  "Freebase knowledge graph (for pathrec / --explain).")] = False):
     """MovieLens-100K (943 users, 1,682 items, 100k rated interactions with timestamps)."""
     from .data.sources import build_store
 
-    _, report = build_store("movielens-100k", store)
+    st, report = build_store("movielens-100k", store)
     _print_report(report)
+    if kg:
+        from .data.movielens_kg import add_movielens_kg
+
+        for r in add_movielens_kg(st):
+            _print_kg_report(r)
 
 
 @data_app.command("synthetic")
@@ -193,6 +275,34 @@ def data_synthetic(
                                           seed=seed), "ckd data synthetic")
     _, report = build_store("synthetic", store, spec)
     _print_report(report)
+
+
+@data_app.command("simulate")
+@_guard
+def data_simulate(
+    out_dir: Annotated[Path, typer.Argument(help="Folder for stream.parquet (or .csv) and truth.npz.")],
+    users: int = 1500, items: int = 2000, clicks: int = 100_000, periods: int = 6, dim: int = 16,
+    drift: float = 0.3, new_user_fraction: float = 0.2, new_item_fraction: float = 0.3,
+    exposure_skew: Annotated[float, typer.Option(help="Zipf exponent of the exposure propensity by popularity rank.")] = 1.0,
+    quality_popularity: Annotated[float, typer.Option(help="Correlation of true item quality with exposure popularity, -1..1.")] = 0.0,
+    taste: float = 4.0, quality: float = 1.0, offset: float = -3.0, seed: int = 0,
+    fmt: Annotated[str, typer.Option("--format", help="parquet or csv.")] = "parquet",
+):
+    """A click stream from a known truth: tastes drift, items are born, exposure follows popularity, clicks
+    follow true preference. Ingest it with `ckd ingest OUT/stream.parquet --store S`; evaluate against
+    the truth with `ckd evaluate --truth OUT/truth.npz`."""
+    import time
+
+    from .data.simulate import SimulationConfig, write_simulation
+
+    cfg = SimulationConfig(users=users, items=items, clicks=clicks, periods=periods, dim=dim, drift=drift,
+                           new_user_fraction=new_user_fraction, new_item_fraction=new_item_fraction,
+                           exposure_skew=exposure_skew, quality_popularity=quality_popularity, taste=taste,
+                           quality=quality, offset=offset, seed=seed)
+    t0 = time.perf_counter()
+    stream, truth_path, n = write_simulation(out_dir, cfg, fmt)
+    out.print(_m("{} clicks of {} users on {} items in {:.1f} s: {} (truth: {})", f"{n:,}", f"{users:,}",
+                 f"{items:,}", time.perf_counter() - t0, stream, truth_path), highlight=False)
 
 
 # ---------------------------------------------------------------------------------------- submit
@@ -222,6 +332,15 @@ class _BlockProgress:
             self.console.print(_m("Ray at {}{}", e["address"], dash))
         elif kind == "stage" and self.task is not None:
             self.bar.update(self.task, description=f"block {e['block']}: {e['stage']}")
+        elif kind == "blocks" and self.task is not None:  # a live plan grew: new complete blocks to run
+            self.bar.update(self.task, total=e["end"] - e["start"])
+            b = e["plan"].blocks[-1]
+            self.bar.console.print(_m("block {} is complete: {:,} rows{}; {} block(s) to run", b.index, b.rows,
+                                      f" ({b.late:,} late)" if b.late else "", e["end"] - e["start"]
+                                      - self.bar.tasks[0].completed))
+        elif kind == "wait" and self.task is not None:
+            self.bar.update(self.task, description=f"{e['done']} blocks done; waiting for {e['needs']} "
+                                                   f"({e['pending_rows']:,} rows pending, next look in {e['poll_s']:g}s)")
         elif kind == "block" and self.task is not None:
             r = e["result"]
             ndcg = [k for m in r.metrics.values() for k in m if k.startswith("ndcg@") and "/" not in k]
@@ -245,14 +364,19 @@ class _BlockProgress:
 @_guard
 def submit(
     job_file: Annotated[Path, typer.Argument(help="Job spec (YAML), e.g. jobs/stream.yaml.")],
-    address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (host:port); default: an embedded local Ray.", envvar="CKD_RAY_ADDRESS")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (host:port), or a head's Jobs API (http://HEAD:8265: the job runs there, see cluster/README.md); default: an embedded local Ray.", envvar="CKD_RAY_ADDRESS")] = None,
     restart: Annotated[bool, typer.Option("--restart", help="Discard this job's snapshots and start from block 0.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue after the last snapshot (also the default when one exists).")] = False,
     max_blocks: Annotated[Optional[int], typer.Option(help="Run at most this many blocks now (resume later).")] = None,
+    follow: Annotated[bool, typer.Option("--follow", help="Live block policy: after the complete blocks, wait for new data and run each new block once it is complete; SIGINT/SIGTERM stop it (a re-submit resumes after the last commit).")] = False,
+    poll: Annotated[str, typer.Option("--poll", help="With --follow: how often to look for new data (30s, 1m, ...).")] = "30s",
+    flush: Annotated[bool, typer.Option("--flush", help="Live block policy, end of a stream: the incomplete last window (or the rows left) becomes a block too.")] = False,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the per-block metrics as JSON ('-' for stdout).")] = None,
     wide: WideOpt = False,
     dashboard_host: Annotated[str, typer.Option(help="Interface of the embedded Ray dashboard. Anything but 127.0.0.1 exposes it (and job submission) to the network; token auth stays on.")] = "127.0.0.1",
     node_ip_address: Annotated[Optional[str], typer.Option(help="Address of this machine the embedded Ray binds all its ports to (GCS, raylet, object manager, metrics); default 127.0.0.1, this machine only. Another address exposes the cluster to that network; token auth stays on.")] = None,
+    working_dir: Annotated[Path, typer.Option(help="With --address http://…: the folder shipped to the cluster as the job's working directory (it must hold the job file).")] = Path("."),
+    detach: Annotated[bool, typer.Option("--detach", help="With --address http://…: print the job id and return instead of following its logs to its exit status.")] = False,
 ):
     """Run the stream: every block updates the teachers, distils into the student, evaluates, snapshots."""
     from .config import load_job
@@ -260,7 +384,20 @@ def submit(
 
     if restart and resume:
         raise CkdError("--restart and --resume contradict each other; pass one")
+    from .config import parse_duration
+
+    try:
+        poll_s = parse_duration(poll)
+    except ValueError:
+        raise CkdError(f"--poll {poll!r}: not a duration; write e.g. 30s, 1m or 5m") from None
     job = load_job(job_file)
+    from .runtime.jobs import is_jobs_address
+
+    if is_jobs_address(address):  # the driver runs on the cluster; the live options go with it
+        live = [*(["--follow", "--poll", poll] if follow else []), *(["--flush"] if flush else [])]
+        _submit_through_jobs_api(address, job_file, job, working_dir, detach, restart, max_blocks, live, json_path,
+                                 dashboard_host, node_ip_address)
+        return
     if dashboard_host not in ("127.0.0.1", "localhost", "::1"):
         if address:
             raise CkdError("--dashboard-host only applies to the embedded Ray; drop it when using --address")
@@ -280,18 +417,102 @@ def submit(
     progress = _BlockProgress(console)
     try:
         result = run_job(job, address=address, restart=restart, progress=progress, max_blocks=max_blocks,
-                         dashboard_host=dashboard_host, node_ip_address=node_ip_address)
+                         dashboard_host=dashboard_host, node_ip_address=node_ip_address, follow=follow,
+                         poll_s=poll_s, flush=flush)
     finally:
         progress.stop()
+    if result.stopped:
+        last = result.history[-1]["block"] if result.history else None
+        console.print(_m("[yellow]stopped[/]: {}; `ckd submit {} --follow` resumes after it",
+                         f"the last committed block is {last}" if last is not None else "no block committed",
+                         job_file))
     if result.history:
         from .tables import history_tables
 
-        _print_tables(console, *history_tables(result.history, console.width, wide), wide)
+        from .config import MASK_LABELS
+
+        _print_tables(console, *history_tables(result.history, console.width, wide,
+                                               masked=MASK_LABELS[job.eval.mask]), wide)
     console.print(_m("snapshots: {}  (evaluate with `ckd evaluate --snapshot latest`)", result.runs_dir))
-    _write_json(json_path, {"job": job.name, "plan_id": result.plan.plan_id, "history": result.history})
+    _write_json(json_path, {"job": job.name, "plan_id": result.plan.plan_id, "mask": job.eval.mask,
+                            "history": result.history})
+
+
+def _submit_through_jobs_api(address: str, job_file: Path, job, working_dir: Path, detach: bool, restart: bool,
+                             max_blocks: Optional[int], live: list[str], json_path: Optional[Path], dashboard_host: str,
+                             node_ip_address: Optional[str]) -> None:
+    """``ckd submit --address http://HEAD:8265``: ship the working folder, run the job there, follow its logs."""
+    from .runtime.jobs import exit_status, follow_job, submit_job
+
+    if json_path is not None or node_ip_address or dashboard_host not in ("127.0.0.1", "localhost", "::1"):
+        raise CkdError("--json, --dashboard-host and --node-ip-address apply to a local driver; with a Jobs API "
+                       "address the driver runs on the cluster (its metrics are in the snapshots' manifests)")
+    extra = [*(["--restart"] if restart else []), *(["--max-blocks", str(max_blocks)] if max_blocks else []), *live]
+    relative = [(f, v) for f, v in (("source.store", job.source.store), ("snapshots.dir", str(job.snapshot_dir)))
+                if not Path(v).is_absolute()]
+    sub = submit_job(address, job_file, working_dir, extra, job.name, relative)
+    for note in sub.notes:
+        err.print(_m("[yellow]note:[/] {}", note), soft_wrap=True)
+    out.print(_m("submitted job {} to {} (working dir {})", sub.job_id, address, sub.working_dir), soft_wrap=True)
+    if detach:
+        out.print(_m("follow it with `ray job logs --follow {}`; list jobs with `ckd status --address {}`",
+                     sub.job_id, address), soft_wrap=True)
+        return
+    try:
+        info = follow_job(address, sub.job_id, lambda text: (out.file.write(text), out.file.flush()))
+    except KeyboardInterrupt:
+        err.print(_m("stopped following; job {} keeps running (`ray job stop {}` stops it)", sub.job_id, sub.job_id))
+        raise typer.Exit(130) from None
+    style = "green" if info["status"] == "SUCCEEDED" else "red"
+    out.print(_m(f"job {{}}: [{style}]{{}}[/]{{}}", sub.job_id, info["status"],
+                 f" ({info['message']})" if info["status"] != "SUCCEEDED" and info.get("message") else ""),
+              soft_wrap=True)
+    code = exit_status(info)
+    if code:
+        raise typer.Exit(code)
+
+
+def _print_jobs(address: str, json_path: Optional[Path]) -> None:
+    """``ckd status --address http://HEAD:8265``: the cluster's running and finished jobs."""
+    import datetime
+
+    from .runtime.jobs import list_jobs
+
+    rows = list_jobs(address)
+    console = _human(json_path)
+
+    def when(ms):
+        return datetime.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "–"
+
+    t = Table(title=_m("jobs on {}", address))
+    for col in ("job id", "status", "ckd job", "started", "ended", "entrypoint / message"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        tail = r["entrypoint"] if r["status"] in ("SUCCEEDED", "RUNNING", "PENDING") else f"{r['entrypoint']} — {r['message']}"
+        t.add_row(_e(r["job_id"]), _e(r["status"]), _e(r["metadata"].get("ckd_job", "")), when(r["start_time"]),
+                  when(r["end_time"]), _e(tail))
+    console.print(t)
+    _write_json(json_path, {"address": address, "jobs": rows})
 
 
 # ---------------------------------------------------------------------------------------- evaluate / status
+
+
+def _set_eval_threads(threads: int | None) -> None:
+    """Evaluation is thousands of small tensor ops: on a small or busy machine more threads compete for
+    the cores and slow it down (measured: 3 s with 1 thread, 4.5-13.6 s with 2 on a busy 2-core box)."""
+    import torch
+
+    if threads is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = 1 if cores <= 2 else min(4, cores // 2)
+    torch.set_num_threads(threads)
+
+
+def _snapshot_eval_spec(snap):
+    from .config import parse_job
+
+    return parse_job(snap.manifest["job_spec"], f"{snap.path}/manifest.json").eval
 
 
 def _find_job_runs(runs: Path, job: Optional[str]) -> Path:
@@ -322,11 +543,25 @@ def evaluate(
     job: Annotated[Optional[str], typer.Option(help="Job name when --runs holds several jobs.")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the metrics as JSON ('-' for stdout).")] = None,
     wide: WideOpt = False,
+    mask: Annotated[Optional[str], typer.Option(help="What a ranking hides: standard (train + valid), train, or all_seen (the old rule); default: the job's eval.mask.")] = None,
+    truth: Annotated[Optional[Path], typer.Option(help="A simulator's truth (truth.npz of `ckd data simulate`, or its folder): true-relevance figures.")] = None,
+    mar_test: Annotated[Optional[Path], typer.Option(help="A missing-at-random test file (user, item, label); default: the job's eval.mar_test.")] = None,
+    ips_exponent: Annotated[Optional[float], typer.Option(help="Inverse-propensity estimates: propensity = (popularity / max)^exponent; default: the job's eval.ips_exponent.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: 1 on a machine with ≤ 2 cores, else half the cores up to 4).")] = None,
 ):
     """Full-ranking metrics of every model in a snapshot, on the test part of every block seen so far."""
     from .continual.snapshot_eval import evaluate_snapshot
     from .snapshots import resolve_snapshot
     from .stream import StreamStore
+
+    from .config import EVAL_MASKS
+    if mask is not None and mask not in EVAL_MASKS:
+        raise CkdError(f"--mask {mask!r}: use one of {', '.join(EVAL_MASKS)}")
+    if ips_exponent is not None and not (math.isfinite(ips_exponent) and ips_exponent >= 0):
+        raise CkdError(f"--ips-exponent {ips_exponent}: use a number ≥ 0 (0 gives the logged metrics back)")
+    if threads is not None and threads < 1:
+        raise CkdError(f"--threads {threads}: use 1 or more")
+    _set_eval_threads(threads)
 
     which: str | int = snapshot
     if snapshot != "latest":
@@ -340,7 +575,30 @@ def evaluate(
     m = snap.manifest
     store = StreamStore.open(m["store"])
     seen = store.read_blocks(m["plan_id"], snap.block)
-    res = evaluate_snapshot(snap, seen)
+    overrides = {} if ips_exponent is None else {"ips_exponent": ips_exponent}
+    truth_in = mar = None
+    if truth is not None:
+        from .continual.snapshot_eval import truth_index
+        from .data.simulate import load_truth
+
+        truth_in = truth_index(load_truth(truth), store.external_ids("user", range(seen.num_users)),
+                               store.external_ids("item", range(seen.num_items)))
+    job_eval = _snapshot_eval_spec(snap)
+    mar_path = mar_test if mar_test is not None else (Path(job_eval.mar_test) if job_eval.mar_test else None)
+    if mar_path is not None:
+        from .eval.estimates import read_labelled_file
+
+        ids = ({x: d for d, x in enumerate(store.external_ids("user", range(seen.num_users)))},
+               {x: d for d, x in enumerate(store.external_ids("item", range(seen.num_items)))})
+        *mar, dropped = read_labelled_file(mar_path, *ids, positive=job_eval.mar_positive)
+        if dropped:
+            err.print(_m("[yellow]warning:[/] {}: {} rows name a user or item this snapshot does not know; left out",
+                         mar_path, f"{dropped:,}"))
+    res = evaluate_snapshot(snap, seen, mask=mask, truth=truth_in, mar=mar, overrides=overrides)
+    if mar_path is not None:
+        res["mar_test"] = str(mar_path)
+    if truth is not None:
+        res.setdefault("truth", {})["file"] = str(truth)
     from .tables import evaluate_tables
 
     console = _human(json_path)
@@ -358,6 +616,9 @@ def recommend(
     k: Annotated[int, typer.Option("-k", help="How many items per user.")] = 10,
     model: Annotated[str, typer.Option(help="Which model serves: student (default) or teacher:<name>.")] = "student",
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the lists as JSON ('-' for stdout).")] = None,
+    explain: Annotated[bool, typer.Option("--explain", help="Say why: the paths behind each item (the snapshot's "
+                                                            "pathrec teacher), with titles and relations in words.")] = False,
+    reasons: Annotated[int, typer.Option("--reasons", help="Reasons shown per item with --explain.")] = 3,
 ):
     """Serve a snapshot's student: the top-k unseen items for each --user (external ids in and out)."""
     from .continual.snapshot_eval import recommend_from_snapshot
@@ -378,6 +639,8 @@ def recommend(
     if (dense >= seen.num_users).any():
         raise CkdError(f"--user: {user[int((dense >= seen.num_users).argmax())]!r} first appears after block "
                        f"{snap.block}; use a later snapshot")
+    if explain:
+        return _explained(snap, store, seen, user, dense, k, model, max(1, reasons), json_path)
     items, scores = recommend_from_snapshot(snap, seen, dense, k, model)
     names = store.external_ids("item", items.flatten().numpy())
     payload = {}
@@ -392,6 +655,40 @@ def recommend(
     _write_json(json_path, {"snapshot": str(snap.path), "model": model, "recommendations": payload})
 
 
+def _explained(snap, store, seen, user: list[str], dense, k: int, model: str, top: int, json_path) -> None:
+    """``recommend --explain``: each item with its reasons in words, and the faithfulness check."""
+    from .continual.snapshot_eval import learners_from_snapshot
+    from .explain.service import explain_recommendations
+
+    learners = learners_from_snapshot(snap)
+    if model not in learners:
+        raise CkdError(f"--model {model!r}: not in snapshot {snap.path.name}; it has {', '.join(learners)}")
+    res = explain_recommendations(learners, store, seen, dense, k, model, top)
+    console = _human(json_path)
+    console.print(_m("[bold]{} @ block-{:04d}[/]: top-{}, explained by {}", model, snap.block, k, res["path_model"]))
+    for u, items in zip(user, res["users"]):
+        console.print(_m("[bold]user {}[/]", u))
+        for rank, it in enumerate(items, 1):
+            console.print(_m("  {}. {}  [dim](score {:.3f}, path score {:.3f})[/]", rank, it["title"], it["score"],
+                             it["path_score"]))
+            for rs in it["reasons"]:
+                share = f"{rs['share']:.0%}" if rs["share"] is not None else "–"
+                console.print(_m("     • {} [dim](weight {:.4f}, {} of the path score)[/]", rs["text"], rs["weight"],
+                                 share))
+            f = it.get("faithfulness")
+            if f:
+                console.print(_m("     [dim]removing the cited rating lowers the path score by {:.4f} (a random rating of "
+                                 "yours, {}: {:.4f})[/]", f["cited_drop"], f["random_title"], f["random_drop"]))
+    f = res["faithfulness"]
+    if f["cases"]:
+        console.print(_m("faithfulness: removing the cited rating lowers the score more than removing a random one in "
+                         "{:.0%} of {} cases (mean drop {:.4f} vs {:.4f})", f["cited_wins"], f["cases"], f["cited_drop"],
+                         f["random_drop"]))
+    _write_json(json_path, {"snapshot": str(snap.path), "model": model, "path_model": res["path_model"],
+                            "recommendations": dict(zip(user, res["users"])), "faithfulness": f,
+                            "seconds": res["seconds"]})
+
+
 @app.command()
 @_guard
 def status(
@@ -402,9 +699,17 @@ def status(
     verify: Annotated[bool, typer.Option("--verify", help="Also check every segment's sha256 checksum against the "
                                                           "catalog (reads every segment; size and row count are "
                                                           "always checked).")] = False,
+    address: Annotated[Optional[str], typer.Option(help="A head's Jobs API (http://HEAD:8265): list its running and finished jobs instead.")] = None,
 ):
     """Segments, blocks, quarantine counts of a store, and the snapshots under --runs; exit code 2 when a
-    segment does not match what the catalog recorded."""
+    segment does not match what the catalog recorded. With --address http://HEAD:8265: the cluster's jobs."""
+    if address is not None:
+        from .runtime.jobs import is_jobs_address
+
+        if not is_jobs_address(address):
+            raise CkdError(f"--address {address}: status lists the jobs of a head's Jobs API; give http://HEAD:8265")
+        _print_jobs(address, json_path)
+        return
     from .snapshots import list_snapshots
     from .stream import StreamStore
     from .tables import segment_tables
@@ -423,6 +728,13 @@ def status(
     out.print(_m("quarantine: {}", ", ".join(f"{n:,} × {r}" for r, n in q.items()) if q else "empty"))
     for plan in s.get("plans", []):
         out.print(_m("plan {}: {}", plan["plan_id"], ", ".join(f"b{b['index']}={b['rows']:,}" for b in plan["blocks"])))
+        if plan.get("policy"):  # a live plan: blocks appended as data arrive
+            from .stream.live import LivePolicy
+
+            policy = LivePolicy.from_json(plan["policy"], plan["split"], plan["seed"])
+            late = [f"b{b['index']}={b['late']:,}" for b in plan["blocks"] if b["late"]]
+            out.print(_m("  live ({}): {:,} late rows{}; {:,} rows not in a block yet", policy.describe(),
+                         plan["late_rows"], f" ({', '.join(late)})" if late else "", plan["pending_rows"]))
     commits = st.commit_summary()
     for c in commits:
         out.print(_m("job {} (lineage {}): committed blocks {}{}", c["job"], c["lineage"],
@@ -472,6 +784,86 @@ def report(
         console.print(_m("  {}: {}", name, path), soft_wrap=True)
     _write_json(json_path, {"job": job_dir.name, "html": str(rep.html), "pngs": {n: str(p) for n, p in rep.pngs.items()},
                             "notes": rep.notes, "series": rep.series})
+
+
+# ---------------------------------------------------------------------------------------- cluster
+
+
+StateDirOpt = Annotated[Optional[Path], typer.Option("--state-dir", help="Where the local cluster is recorded (default ~/.cache/continual-kd/cluster).", envvar="CKD_CLUSTER_DIR")]
+
+
+@cluster_app.command("up")
+@_guard
+def cluster_up_cmd(
+    workers: Annotated[int, typer.Option(help="Worker raylets to start next to the head.")] = 2,
+    cpus_per_worker: Annotated[Optional[float], typer.Option(help="CPUs each worker offers (default: this machine's CPUs / workers).")] = None,
+    gpus_per_worker: Annotated[int, typer.Option(help="GPUs each worker offers (0: none, so several workers do not claim the same GPU).")] = 0,
+    head_cpus: Annotated[float, typer.Option(help="CPUs of the head (0: actors go to the workers; Jobs API drivers run on the head).")] = 0,
+    port: Annotated[int, typer.Option(help="GCS port of the head (ckd submit --address 127.0.0.1:PORT).")] = 6379,
+    dashboard_port: Annotated[int, typer.Option(help="Dashboard / Jobs API port (ckd submit --address http://127.0.0.1:PORT).")] = 8265,
+    object_store_mb: Annotated[int, typer.Option(help="Object store of each node, MB.")] = 256,
+    state_dir: StateDirOpt = None,
+):
+    """Start a Ray head and N worker raylets on this machine (`ray start`), each with a resource naming it
+    (ckd_node_head, ckd_node_w1, …), token auth on."""
+    from .runtime.local_cluster import cluster_up, node_rows
+
+    with err.status(f"starting a head and {workers} worker raylet(s)…"):
+        state = cluster_up(workers, cpus_per_worker, gpus_per_worker, head_cpus, port, dashboard_port, object_store_mb,
+                           state_dir)
+    _print_nodes(state, node_rows(state))
+    out.print(_m("run a job here:      ckd submit JOB.yaml --address {}", state["dashboard_url"]), soft_wrap=True)
+    out.print(_m("or join it directly: RAY_AUTH_MODE=token ckd submit JOB.yaml --address {}", state["address"]),
+              soft_wrap=True)
+    out.print("[dim]the dashboard is on 127.0.0.1 only; Ray's raylets and GCS listen on this machine's address, "
+              "guarded by the token in ~/.ray/auth_token. Stop it with `ckd cluster down`.[/]")
+
+
+def _print_nodes(state: dict, rows: list[dict]) -> None:
+    out.print(_m("[bold]local Ray cluster[/] at {} (dashboard {}), started under {}", state["address"],
+                 state["dashboard_url"], state["temp_dir"]), soft_wrap=True)
+    t = Table()
+    for col in ("node", "resource", "state", "CPUs", "GPUs", "node id"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        t.add_row(_e(r["name"]), _e(f"ckd_node_{r['name']}"), _e(r["state"]), f"{r['cpus']:g}", f"{r['gpus']:g}",
+                  _e((r["node_id"] or "")[:12]))
+    out.print(t)
+
+
+@cluster_app.command("status")
+@_guard
+def cluster_status_cmd(
+    state_dir: StateDirOpt = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the status as JSON ('-' for stdout).")] = None,
+):
+    """The local cluster's nodes as its GCS sees them (exit code 1 when none is up)."""
+    from .runtime.local_cluster import cluster_status
+
+    s = cluster_status(state_dir)
+    console = _human(json_path)
+    if s is None or not s["up"]:
+        gone = "" if s is None else " (its processes are gone; `ckd cluster down` forgets it)"
+        console.print(f"no local cluster is up{gone}; start one with `ckd cluster up`")
+        _write_json(json_path, {"up": False})
+        raise typer.Exit(1)
+    if json_path is None or str(json_path) != "-":
+        _print_nodes(s, s["nodes_now"])
+    _write_json(json_path, s)
+
+
+@cluster_app.command("down")
+@_guard
+def cluster_down_cmd(state_dir: StateDirOpt = None):
+    """Stop the local cluster's processes (only those; other Rays on this machine are left alone)."""
+    from .runtime.local_cluster import cluster_down, read_state
+
+    state = read_state(state_dir)
+    if state is None:
+        out.print("no local cluster is up")
+        return
+    n = cluster_down(state_dir)
+    out.print(_m("stopped the local cluster at {} ({} processes)", state["address"], n))
 
 
 def main() -> None:

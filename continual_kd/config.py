@@ -24,13 +24,15 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from .errors import CkdError
 
-DATASETS = ("movielens-100k", "synthetic", "store")
+DATASETS = ("movielens-100k", "synthetic", "store", "files")
+SPLIT_FILES = ("train", "valid", "test")  # source.dataset files: the fixed split's files
 # backbone name → the ModelSpec fields its constructor takes (kept in step with models.BACKBONES by
 # tests; config must not import torch)
 BACKBONE_PARAMS = {
     "mf": ("dim",),
     "lightgcn": ("dim", "layers"),
     "multvae": ("dim", "hidden", "dropout", "beta"),
+    "pathrec": (),  # weights per path type only; its item graph comes with the blocks (models/pathrec.py)
 }
 BACKBONE_NAMES = tuple(BACKBONE_PARAMS)
 FUSIONS = ("rank", "importance")
@@ -102,36 +104,172 @@ class SyntheticSpec(_Spec):
 
 
 class SourceSpec(_Spec):
-    # movielens-100k | synthetic | store (an existing store, filled by `ckd ingest`)
+    # movielens-100k | synthetic | store (an existing store, filled by `ckd ingest`) | files (a fixed
+    # train/valid/test split: one block whose splits are exactly the three files' rows, no stream)
     dataset: Literal[DATASETS] = "movielens-100k"
-    store: str = Field("stores/ml-100k", min_length=1)  # the stream store directory (built when missing)
+    # the stream store directory (built when missing); files: default stores/files-<hash of the three paths>
+    store: str = Field("stores/ml-100k", min_length=1)
     synthetic: SyntheticSpec = SyntheticSpec()
+    train: str = ""  # dataset files: CSV/TSV/Parquet files with user and item columns
+    valid: str = ""
+    test: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _files_store(cls, data):
+        if isinstance(data, dict) and data.get("dataset") == "files" and "store" not in data:
+            paths = "\0".join(str(data.get(k, "")) for k in SPLIT_FILES)
+            data = {**data, "store": "stores/files-" + hashlib.sha256(paths.encode()).hexdigest()[:12]}
+        return data
+
+    @model_validator(mode="after")
+    def _files(self):
+        for k in SPLIT_FILES:
+            if self.dataset == "files" and not getattr(self, k):
+                raise _Bad(k, "dataset files needs the train, valid and test files", _Raw("no file"),
+                           f"write e.g. source: {{dataset: files, train: train.csv, valid: valid.csv, test: test.csv}}")
+            if self.dataset != "files" and getattr(self, k):
+                raise _Bad(k, f"only dataset files reads split files (dataset is {self.dataset})", getattr(self, k),
+                           "set dataset: files or remove the key")
+        return self
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text) -> float:
+    """``30m``, ``6h``, ``1d``, ``7d``, ``2w``, ``90s`` or a plain number of seconds → seconds (> 0); ValueError."""
+    if isinstance(text, bool):
+        raise ValueError(f"not a duration: {text!r}")
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", str(text))
+    if m is None or not float(m.group(1)) > 0:
+        raise ValueError(f"not a duration: {text!r}")
+    return float(m.group(1)) * DURATION_UNITS[m.group(2) or "s"]
+
+
+def _duration_text(value):
+    """blocks.window: a duration (whole seconds) kept as written; a bare number means seconds."""
+    if value is None:
+        return None
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        raise _Bad("", "not a duration", value, "write e.g. 30m, 6h, 1d or 7d (s, m, h, d, w)") from None
+    if not seconds.is_integer():
+        raise _Bad("", "must be a whole number of seconds", value, "write e.g. 30m, 6h, 1d or 7d")
+    return value if isinstance(value, str) else f"{int(seconds)}s"
+
+
+def _epoch_seconds(value):
+    """blocks.base_until: epoch seconds, or an ISO-8601 time (YAML may hand over a date / datetime); UTC
+    unless the time names its zone."""
+    import datetime as dt
+
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise _Bad("", "not a timestamp", value, "write epoch seconds or an ISO-8601 time such as "
+                                                     "'2024-01-01T00:00:00Z'") from None
+    if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
+        value = dt.datetime(value.year, value.month, value.day)
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.timezone.utc)
+        return int(value.timestamp())
+    raise _Bad("", "not a timestamp", value, "write epoch seconds or an ISO-8601 time such as '2024-01-01T00:00:00Z'")
 
 
 class BlockSpec(_Spec):
-    base_fraction: float = Field(0.5, gt=0, lt=1)  # the base block's share of interactions (by time)
-    incremental: int = Field(5, ge=1)  # incremental blocks of equal size after the base block
+    # The research protocol (a fixed plan, cut from the data present at the first submit) ...
+    base_fraction: float | None = Field(0.5, gt=0, lt=1)  # the base block's share of interactions (by time)
+    incremental: int | None = Field(5, ge=1)  # incremental blocks of equal size after the base block
+    # ... or a live policy: blocks appended to the same lineage as data arrive (stream/live.py): one per
+    # time `window` (30m, 6h, 1d, 7d, ...) or per `rows` new interactions, after an optional base block
+    # (`base_fraction` of the data stored at the first cut, or every row before `base_until`)
+    window: Annotated[str | None, BeforeValidator(_duration_text)] = None
+    rows: int | None = Field(None, ge=1)
+    base_until: Annotated[int | None, BeforeValidator(_epoch_seconds)] = None
     # per user inside each block: train / valid / test
     split: Annotated[tuple[Annotated[float, Field(ge=0)], Annotated[float, Field(ge=0)],
                            Annotated[float, Field(ge=0)]], BeforeValidator(_as_tuple)] = (0.8, 0.1, 0.1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _live_defaults(cls, data):
+        """A live policy has no base block unless one is asked for, and no fixed number of blocks."""
+        if isinstance(data, dict) and (data.get("window") is not None or data.get("rows") is not None):
+            if data.get("incremental") is not None:
+                raise _Bad("incremental", "a live policy (window / rows) appends blocks as data arrive, it has no "
+                           "fixed number", data["incremental"], "drop incremental, or drop window / rows")
+            data = {**data, "incremental": None, "base_fraction": data.get("base_fraction")}
+        return data
 
     @model_validator(mode="after")
     def _sums_to_one(self):
         if abs(sum(self.split) - 1) > 1e-6 or self.split[0] <= 0:
             raise _Bad("split", "three non-negative fractions (train, valid, test) summing to 1, train > 0",
                        list(self.split), "e.g. [0.8, 0.1, 0.1]")
+        if self.window is not None and self.rows is not None:
+            raise _Bad("rows", "window and rows exclude each other", self.rows, "keep one block policy")
+        if self.live and self.base_fraction is not None and self.base_until is not None:
+            raise _Bad("base_until", "base_fraction and base_until exclude each other", self.base_until,
+                       "keep one way to cut the base block")
+        if not self.live:
+            if self.base_until is not None:
+                raise _Bad("base_until", "only a live policy has it", self.base_until,
+                           "add window: 1d (or rows: N), or drop base_until")
+            for name in ("base_fraction", "incremental"):
+                if getattr(self, name) is None:
+                    raise _Bad(name, "the research protocol needs it", None,
+                               "give a value (e.g. base_fraction: 0.5, incremental: 5) or a live policy (window / rows)")
         return self
+
+    @property
+    def live(self) -> bool:
+        """A live policy: blocks are appended as data arrive (``ckd submit --follow``)."""
+        return self.window is not None or self.rows is not None
+
+    @property
+    def window_seconds(self) -> int | None:
+        return None if self.window is None else int(parse_duration(self.window))
 
 
 # -------------------------------------------------------------------------------------- models
 
 
+GRID_FIELDS = ("lr", "weight_decay")  # TrainSpec fields a grid may choose on validation
+
+
 class TrainSpec(_Spec):
-    epochs_base: int = Field(40, ge=0)  # epochs on the base block (from scratch)
-    epochs_block: int = Field(10, ge=0)  # epochs on each incremental block (warm-started)
+    epochs_base: int = Field(40, ge=0)  # epochs on the base block (from scratch): the cap with select best_valid
+    epochs_block: int = Field(10, ge=0)  # epochs on each incremental block (warm-started): the cap likewise
     lr: float = Field(0.005, gt=0)
     weight_decay: float = Field(1e-4, ge=0)  # L2 on the rows a batch touches (summed), not on absent users/items
     batch_size: int = Field(1024, ge=1)
+    # best_valid: every update keeps the epoch with the best NDCG@20 on the block's validation pairs
+    # (stopping after `patience` epochs without a gain; 0 = run to the cap) | last: the last epoch
+    select: Literal["best_valid", "last"] = "best_valid"
+    # BPR negatives: uniform over unknown items | popularity: p ∝ (training count + 1)^negative_exponent
+    # (popular items are drawn more often as negatives, which pushes against popularity bias)
+    negatives: Literal["uniform", "popularity"] = "uniform"
+    negative_exponent: float = Field(0.5, ge=0)
+    patience: int = Field(5, ge=0)
+    valid_every: int = Field(1, ge=1)  # epochs between validations
+    # settings chosen on the base block's validation (e.g. {weight_decay: [0.0001, 0.001, 0.01]}): one
+    # model trained per combination, the best kept; the choice is recorded in the snapshot and used after
+    grid: dict[Literal[GRID_FIELDS], _tuple(Annotated[float, Field(gt=0)])] = {}
+
+    @model_validator(mode="after")
+    def _grid(self):
+        for name, values in self.grid.items():
+            if not values:
+                raise _Bad(f"grid.{name}", "an empty list of candidates", [], "give at least one value or drop the key")
+            if name == "weight_decay" and any(v < 0 for v in values):
+                raise _Bad(f"grid.{name}", "a negative candidate", list(values), "use values ≥ 0")
+        return self
 
 
 class ResourceSpec(_Spec):
@@ -266,11 +404,80 @@ class KeepTermSpec(_Spec):
     uninteresting: int = Field(40, ge=1)
 
 
+class RDTermSpec(_Spec):
+    """RD: the other side's top-k as extra positives, weighted by position and rank discrepancy."""
+
+    name: Literal["rd"] = "rd"
+    weight: float = Field(1.0, ge=0)  # α in BPR + α·RD (summed over the batch's training pairs)
+    k: int = Field(10, ge=1)  # top items per user
+    lam: float = Field(1.0, gt=0)  # static weight ∝ exp(-rank/lam)
+    mu: float = Field(0.1, gt=0)  # dynamic weight max(tanh(mu·(estimated rank - rank)), 0)
+    dynamic_samples: int = Field(100, ge=1)  # unobserved items per user for the rank estimate (per epoch)
+    dynamic_start: int = Field(10, ge=0)  # epoch (0-based, of each update) the dynamic weight starts
+    renormalize: bool = True  # static·dynamic renormalised to sum 1 per user (the reference)
+
+
+class CDTermSpec(_Spec):
+    """CD: items drawn from the other side's ranking by rank, BCE to its soft label σ(score/T)."""
+
+    name: Literal["cd"] = "cd"
+    weight: float = Field(0.5, ge=0)  # λ in BPR + λ·CD (summed over the batch's training pairs)
+    pool: int = Field(3000, ge=1)  # top-N list the items are drawn from
+    samples: int = Field(2, ge=1)  # distinct items per user, redrawn every epoch
+    rank_temperature: float = Field(500.0, gt=0)  # p(list position r) ∝ exp(-r/rank_temperature)
+    temperature: float = Field(2.0, gt=0)  # T of the soft label σ(score/T)
+
+
+class DETermSpec(_Spec):
+    """DE: experts map the model's user/item rows to the other side's, picked by Gumbel-softmax."""
+
+    name: Literal["de"] = "de"
+    weight: float = Field(0.01, ge=0)  # λ in BPR + λ·DE
+    experts: int = Field(30, ge=1)  # experts per side
+    item_weight: float = Field(0.5, ge=0)  # items' share: users + item_weight·(positives + negatives)
+    tau_start: float = Field(1.0, gt=0)  # Gumbel-softmax temperature, annealed per epoch from tau_start
+    tau_end: float = Field(1e-10, gt=0)  # ... to tau_end
+    hard_tau: float = Field(1e-2, ge=0)  # below this τ, one expert per entity (the τ → 0 limit); 0: never
+
+
+class FTDTermSpec(_Spec):
+    """FTD: the student's cosine matrix of the batch's users and items matches the teacher's."""
+
+    name: Literal["ftd"] = "ftd"
+    weight: float = Field(1e-3, ge=0)  # λ in BPR + λ·FTD (summed over every entity pair)
+
+
+class HTDTermSpec(_Spec):
+    """HTD: group assignment (DE's experts) + entity-level and group-level topology."""
+
+    name: Literal["htd"] = "htd"
+    weight: float = Field(1e-3, ge=0)  # λ in BPR + λ·HTD
+    groups: int = Field(30, ge=1)  # K groups (experts) per side
+    alpha: float = Field(0.5, ge=0, le=1)  # HTD = alpha·topology + (1 - alpha)·group assignment
+    choice: Literal["second", "first"] = "second"  # group level: prototype↔entity | prototype↔prototype
+    positive_only: bool = True  # entity level: only same-group pairs with a positive teacher cosine (reference)
+    tau_start: float = Field(1.0, gt=0)  # Gumbel-softmax temperature, annealed per epoch from tau_start
+    tau_end: float = Field(1e-10, gt=0)  # ... to tau_end
+
+
+class SKDTermSpec(_Spec):
+    """SKD: the student's scores match the path teacher's (per user, up to an affine map) on pairs drawn
+    from its top-k (structured-knowledge distillation, distill/skd.py)."""
+
+    name: Literal["skd"] = "skd"
+    weight: float = Field(0.1, ge=0)
+    teacher: str | None = None  # the teacher whose lists it reads (e.g. the pathrec one); None: the first
+    k: int = Field(100, ge=2)  # the teacher's top-k the pairs are drawn from
+    pairs: int = Field(20, ge=2)  # pairs per user and epoch
+
+
 TERM_SPECS = {c.model_fields["name"].default: c for c in (
-    RRDTermSpec, IRRRDTermSpec, UnKDTermSpec, HetCompTermSpec, BDTermSpec, ReplayTermSpec, KeepTermSpec)}
+    RRDTermSpec, IRRRDTermSpec, UnKDTermSpec, HetCompTermSpec, BDTermSpec, ReplayTermSpec, KeepTermSpec,
+    FTDTermSpec, HTDTermSpec, RDTermSpec, CDTermSpec, DETermSpec, SKDTermSpec)}
 TERM_NAMES = tuple(TERM_SPECS)
 TermSpec = Annotated[Union[RRDTermSpec, IRRRDTermSpec, UnKDTermSpec, HetCompTermSpec, BDTermSpec,
-                           ReplayTermSpec, KeepTermSpec], Field(discriminator="name")]
+                           ReplayTermSpec, KeepTermSpec, FTDTermSpec, HTDTermSpec, RDTermSpec, CDTermSpec,
+                           DETermSpec, SKDTermSpec], Field(discriminator="name")]
 
 
 class DistillSpec(_Spec):
@@ -309,8 +516,14 @@ class ProxySpec(_Spec):
 
 
 class ContinualSpec(_Spec):
-    # warm: every model continues from the last block | scratch: rebuilt and trained on all data so far
-    strategy: Literal["warm", "scratch"] = "warm"
+    # warm: every model continues from the last block | retrain (alias scratch): every model rebuilt and
+    # trained from scratch on everything seen so far (the reference a continual update is judged against)
+    strategy: Annotated[Literal["warm", "retrain"], BeforeValidator(lambda v: "retrain" if v == "scratch" else v)] = "warm"
+    # warm updates also train on pairs of earlier blocks: per epoch, `replay` × the block's training rows
+    # drawn from the history (0 = the new block alone); `replay_by`: user (every user of the history
+    # equally likely) | pair (every pair equally likely)
+    replay: float = Field(0.0, ge=0)
+    replay_by: Literal["user", "pair"] = "user"
     # teachers_first | student_first (CCD: the student learns from the teachers of block k-1, then the
     # teachers update with its feedback)
     order: Literal["teachers_first", "student_first"] = "teachers_first"
@@ -320,15 +533,53 @@ class ContinualSpec(_Spec):
 # ------------------------------------------------------------------------------ eval, runtime
 
 
+EVAL_MASKS = ("standard", "train", "all_seen")  # eval/protocol.py's MASKS (config must not import torch)
+MASK_LABELS = {"standard": "train + valid masked", "train": "train masked", "all_seen": "every seen pair masked"}
+EXCLUDE_TO_MASK = {"known": "standard", "train": "train"}  # issue 11's spelling `eval: {exclude: ...}`
+# options read only by `ckd evaluate` (estimates past the log): not part of a lineage's identity
+EVAL_ONLY_FIELDS = ("ips_exponent", "ips_clip", "intervened_per_item", "mar_test", "mar_positive", "truth_items")
+
+
 class EvalSpec(_Spec):
     ks: Annotated[tuple[Annotated[int, Field(ge=1)], ...], BeforeValidator(_as_tuple),
                   Field(min_length=1)] = (10, 20, 50)
     chunk_size: int = Field(1024, ge=1)
+    # what a ranking hides: standard = the user's train + valid pairs (the standard full-ranking protocol)
+    # | train = training pairs only (valid items stay as negatives) | all_seen = every seen pair but the
+    # target's (the old rule, for comparison). `exclude: known | train` is accepted as another spelling.
+    mask: Literal[EVAL_MASKS] = "standard"
+    mass_groups: int = Field(3, ge=0)  # UnKD's equal-interaction popularity groups beside head/mid/tail (0: off)
+    ips_exponent: float = Field(0.5, ge=0)  # inverse-propensity estimates: propensity = (pop / max pop)^exponent
+    ips_clip: float = Field(0.05, gt=0, le=1)  # ... clipped from below at this value
+    intervened_per_item: int = Field(1, ge=1)  # intervened test split: this many test pairs of every item
+    mar_test: str | None = None  # a missing-at-random test file: user, item, label rows (CSV / Parquet)
+    mar_positive: float = 1.0  # a label ≥ this is relevant
+    truth_items: int = Field(100, ge=1)  # with --truth: uniformly drawn labelled items per user
+
+    @model_validator(mode="before")
+    @classmethod
+    def _exclude_spelling(cls, data):
+        if isinstance(data, dict) and "exclude" in data:
+            data = dict(data)
+            value = data.pop("exclude")
+            if value not in EXCLUDE_TO_MASK:
+                raise _Bad("exclude", "must be known or train", value,
+                           "use exclude: known (train + valid masked) or exclude: train, or mask: standard | "
+                           "train | all_seen")
+            if "mask" in data and data["mask"] != EXCLUDE_TO_MASK[value]:
+                raise _Bad("exclude", f"contradicts mask: {data['mask']}", value, "give only one of mask and exclude")
+            data["mask"] = EXCLUDE_TO_MASK[value]
+        return data
+
+
+LIVE_KEEP_LAST = 10  # snapshots kept by default for a live block policy
 
 
 class SnapshotSpec(_Spec):
     dir: str = ""  # default: runs/<job name>
-    keep_last: int = Field(0, ge=0)  # 0 keeps every snapshot
+    # the newest snapshots kept; None (default): every one for a fixed plan, the newest LIVE_KEEP_LAST for a
+    # live policy (a job that follows a stream for months); 0 keeps every snapshot
+    keep_last: int | None = Field(None, ge=0)
     keep: _tuple(Annotated[int, Field(ge=0)]) = ()  # blocks whose snapshots are never pruned
 
 
@@ -338,6 +589,9 @@ class RuntimeSpec(_Spec):
     max_restarts: int = Field(3, ge=0)  # Ray restarts of a dead model actor (it reloads the last commit)
     block_attempts: int = Field(3, ge=1)  # tries of one block before the job gives up (each from the last commit)
     placement_timeout_s: float = Field(60.0, gt=0)  # wait this long for the actors' placement group, then refuse
+    # how the job's placement group puts the actors' bundles on nodes: pack (as few nodes as fit) | spread (over
+    # as many nodes as possible) | strict_pack (all on one node) | strict_spread (every actor on its own node)
+    placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = "pack"
 
 
 class JobSpec(_Spec):
@@ -376,6 +630,10 @@ class JobSpec(_Spec):
                     raise _Bad(f"distill.{which}[{i}].source", "replays the student's proxies, which are off",
                                t.source, "set continual.proxies (e.g. {stability: 0.9, plasticity: 0.1}) "
                                          "or use source: peers")
+                if t.name == "skd" and which == "terms" and t.teacher is not None and \
+                        t.teacher not in [m.name for m in self.teachers]:
+                    raise _Bad(f"distill.terms[{i}].teacher", "names no teacher of this job", t.teacher,
+                               f"use one of {', '.join(m.name for m in self.teachers)}")
         return self
 
     def _checkpoints_fit(self, where: str, checkpoints: int, models, label: str) -> None:
@@ -403,6 +661,8 @@ class JobSpec(_Spec):
             d.pop(k)
         for m in [d["student"], *d["teachers"]]:
             m.pop("resources")
+        for k in EVAL_ONLY_FIELDS:
+            d["eval"].pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

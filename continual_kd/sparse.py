@@ -65,15 +65,23 @@ class UserItemSet:
 
 
 def sample_excluding(users: torch.Tensor, count: int, num_items: int, exclude: list, generator: torch.Generator,
-                     rounds: int = 20) -> torch.Tensor:
-    """(B, count) items drawn uniformly for each of ``users``, avoiding pairs in any of ``exclude``.
+                     rounds: int = 20, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, count) items drawn uniformly (or ∝ ``weights``, (num_items,) CPU floats) for each of
+    ``users``, avoiding pairs in any of ``exclude``.
 
     Rejection sampling by rounds over the whole batch (not per user); after ``rounds`` the few
     remaining collisions (users who have seen almost every item) are left as drawn.
     """
     device = users.device
+
+    def draw_items(shape) -> torch.Tensor:
+        if weights is None:
+            return torch.randint(0, num_items, shape, generator=generator, device="cpu")
+        n = int(torch.Size(shape).numel())
+        return torch.multinomial(weights, n, replacement=True, generator=generator).reshape(shape)
+
     u = users.unsqueeze(1).expand(-1, count)
-    draw = torch.randint(0, num_items, u.shape, generator=generator, device="cpu").to(device)
+    draw = draw_items(u.shape).to(device)
     for _ in range(rounds):
         bad = torch.zeros_like(draw, dtype=torch.bool)
         for s in exclude:
@@ -81,5 +89,5 @@ def sample_excluding(users: torch.Tensor, count: int, num_items: int, exclude: l
         n_bad = int(bad.sum())
         if n_bad == 0:
             break
-        draw[bad] = torch.randint(0, num_items, (n_bad,), generator=generator, device="cpu").to(device)
+        draw[bad] = draw_items((n_bad,)).to(device)
     return draw

@@ -105,7 +105,8 @@ def fit_tables(title: str | None, keys: list[Column], values: list[Column], widt
 # ------------------------------------------------------------------------------------ the CLI's tables
 
 
-def history_tables(history: list[dict], width: int | None, wide: bool = False, k: int = 20) -> tuple[list, str | None]:
+def history_tables(history: list[dict], width: int | None, wide: bool = False, k: int = 20,
+                   masked: str = "train + valid masked") -> tuple[list, str | None]:
     """``ckd submit``: NDCG@k of every model per block (+ seconds); wide adds Recall@k, H-mean NDCG@k
     and seconds per stage. Returns (tables, legend)."""
     models = order_models(history[0]["metrics"]) if history else []
@@ -116,7 +117,7 @@ def history_tables(history: list[dict], width: int | None, wide: bool = False, k
     blocks = [str(h["block"]) for h in history]
     incr = [h for h in history if h["block"] > 0]
     tables = []
-    metrics = [(f"ndcg@{k}", f"NDCG@{k} on each block's test part (full ranking)", "metrics")]
+    metrics = [(f"ndcg@{k}", f"NDCG@{k} on each block's test part (full ranking, {masked})", "metrics")]
     if wide:
         metrics += [(f"recall@{k}", f"Recall@{k} on each block's test part", "metrics"),
                     (f"hmean/ndcg@{k}", f"H-mean of plasticity and stability, NDCG@{k}", "continual")]
@@ -165,13 +166,14 @@ def evaluate_tables(res: dict, job: str, block: int, width: int | None, wide: bo
 
     cols = [Column(f"b{b}", [fmt(per_block(m, b).get(key)) for m, key in rows]) for b in blocks]
     cols.append(Column("mean", [mean_cell(res["models"][m], key, len(blocks)) for m, key in rows]))
-    tables += fit_tables(f"test part of each block (full ranking; mean over blocks 0..{block})",
+    masked = res.get("mask_label", "every seen pair masked")  # a result from before masks were named
+    tables += fit_tables(f"test part of each block (full ranking, {masked}; mean over blocks 0..{block})",
                          [Column("model", [labels[m] for m, _ in rows], "left"),
                           Column("metric", [_metric_label(key) for _, key in rows], "left")], cols, width)
 
     cols = [Column(_metric_label(f"{name}@{k}"), [mean_cell(res["models"][m], f"{name}@{k}", len(blocks))
                                                    for m in models]) for k in ks for name in ("recall", "ndcg")]
-    tables += fit_tables(f"mean over blocks 0..{block}", [Column("model", [labels[m] for m in models], "left")],
+    tables += fit_tables(f"mean over blocks 0..{block} ({masked})", [Column("model", [labels[m] for m in models], "left")],
                          cols, width)
 
     bias = [(f"recall@{k_main}/head", "Recall head"), (f"recall@{k_main}/mid", "Recall mid"),
@@ -179,8 +181,16 @@ def evaluate_tables(res: dict, job: str, block: int, width: int | None, wide: bo
             (f"coverage@{k_main}", "coverage")]
     cols = [Column(label, [mean_cell(res["models"][m], key, len(blocks), 1 if key.startswith("avgpop") else 4)
                            for m in models]) for key, label in bias]
-    tables += fit_tables(f"popularity bias at {k_main} (mean over blocks; groups by training popularity)",
+    tables += fit_tables(f"popularity bias at {k_main} (mean over blocks, {masked}; groups by training popularity)",
                          [Column("model", [labels[m] for m in models], "left")], cols, width)
+    eq = sorted({key.rsplit("/", 1)[1] for m in models for key in res["models"][m]["mean"]
+                 if key.startswith(f"recall@{k_main}/eq")})
+    if eq:
+        cols = [Column(f"Recall {g}", [mean_cell(res["models"][m], f"recall@{k_main}/{g}", len(blocks))
+                                       for m in models]) for g in eq]
+        tables += fit_tables(f"Recall@{k_main} by UnKD's equal-interaction groups (eq0 = most popular; mean over "
+                             f"blocks)", [Column("model", [labels[m] for m in models], "left")], cols, width)
+    tables += _past_the_log_tables(res, models, labels, k_main, blocks, masked, width)
 
     rows = [(m, key) for m in models for key in (f"ndcg@{k_main}", f"recall@{k_main}")]
     cols = [Column(header, [fmt((res["models"][m].get("continual") or {}).get(f"{part}/{key}")) for m, key in rows])
@@ -189,6 +199,41 @@ def evaluate_tables(res: dict, job: str, block: int, width: int | None, wide: bo
                          [Column("model", [labels[m] for m, _ in rows], "left"),
                           Column("metric", [_metric_label(key) for _, key in rows], "left")], cols, width)
     return tables, legend(labels)
+
+
+def _past_the_log_tables(res: dict, models: list[str], labels: dict, k: int, blocks: list, masked: str,
+                         width: int | None) -> list:
+    """``ckd evaluate``: the pooled test set, the inverse-propensity and intervened estimates, and (when
+    given) the truth and the missing-at-random figures. Every column says which figure it is."""
+    tables = []
+    figures = [(f"recall@{k}", f"Recall@{k}"), (f"ndcg@{k}", f"NDCG@{k}"), (f"ips_recall@{k}", f"IPS Recall@{k}"),
+               (f"ips_ndcg@{k}", f"IPS NDCG@{k}"), (f"iv_recall@{k}", f"interv. Recall@{k}"),
+               (f"iv_ndcg@{k}", f"interv. NDCG@{k}")]
+    if any(res["models"][m].get("pooled") for m in models):
+        cols = [Column(label, [fmt((res["models"][m].get("pooled") or {}).get(key)) for m in models])
+                for key, label in figures]
+        tables += fit_tables(f"pooled: every block's test pairs as one test set ({masked})",
+                             [Column("model", [labels[m] for m in models], "left")], cols, width)
+    if any(f"ips_ndcg@{k}" in res["models"][m]["mean"] for m in models):
+        est = res.get("estimates") or {}
+        cols = [Column(label, [mean_cell(res["models"][m], key, len(blocks)) for m in models])
+                for key, label in figures[2:]]
+        tables += fit_tables(f"past the log, mean over blocks: inverse-propensity (propensity = (pop / max)^"
+                             f"{est.get('ips_exponent')}, clipped at {est.get('ips_clip')}) and intervened test "
+                             f"split ({est.get('intervened_per_item')} test pair(s) per item)",
+                             [Column("model", [labels[m] for m in models], "left")], cols, width)
+    for part, title in (("truth", "against the truth (simulator): share of the best true relevance in the top-K; "
+                                  "NDCG/Recall on uniformly drawn items labelled by the truth"),
+                        ("mar", "missing-at-random test set: NDCG/Recall of ranking each user's labelled items")):
+        rows = [res["models"][m].get(part) for m in models]
+        if not any(rows):
+            continue
+        keys = [key for key in rows[0] if not key.endswith("users")]
+        cols = [Column(_metric_label(key.replace("truth_share", "share").replace("truth_", "").replace("mar_", "")),
+                       [fmt((r or {}).get(key)) for r in rows]) for key in keys]
+        cols.append(Column("users", [fmt((r or {}).get(f"{part}_users"), 0) for r in rows]))
+        tables += fit_tables(title, [Column("model", [labels[m] for m in models], "left")], cols, width)
+    return tables
 
 
 def mean_cell(model: dict, key: str, blocks: int, digits: int = 4) -> str:

@@ -79,6 +79,9 @@ class Interactions:
             np.concatenate([p.split for p in parts]),
             max(p.num_users for p in parts),
             max(p.num_items for p in parts),
+            # the item knowledge graph rides along with the blocks (the newest read wins)
+            {"item_graph": g} if (g := next((p.meta["item_graph"] for p in reversed(parts)
+                                              if p.meta.get("item_graph") is not None), None)) is not None else {},
         )
 
 
@@ -99,3 +102,18 @@ class Knowledge:
     item_users: np.ndarray | None = None  # (J, M) top-M users of each of item_ids, best first
     user_vectors: np.ndarray | None = None  # (U, d) for ``users``: with item_vectors, score = u · v (BD)
     item_vectors: np.ndarray | None = None  # (I, d) every item's vector of the same factorisation
+
+
+@dataclass(frozen=True)
+class ItemGraph:
+    """The item side of the knowledge graph, as read from the store's catalog for the items known so far:
+    one edge per (item, entity) — item ``items[t]`` is linked to entity ``entities[t]`` by relation
+    ``relations[t]`` (stable catalog ids). Path models score through it; it carries no interactions."""
+
+    items: np.ndarray  # (T,) int64 dense item ids
+    relations: np.ndarray  # (T,) int64 relation ids (catalog kg_relations)
+    entities: np.ndarray  # (T,) int64 entity ids (catalog kg_entities)
+    num_relations: int  # size of the relation id space
+
+    def __len__(self) -> int:
+        return len(self.items)

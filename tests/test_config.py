@@ -113,7 +113,7 @@ BAD = [
      "distill.terms[0].pair: unknown key (got 3); the keys of distill.terms[0] are name, weight, groups, pairs, "
      "per_group, temperature"),
     ({"continual": {"proxy": None}}, "continual.proxy: unknown key (got null); the keys of continual are strategy, "
-                                     "order, proxies"),
+                                     "replay, replay_by, order, proxies"),
     ({"teachers": "mf"}, "teachers: must be a list (got 'mf'); write a YAML list: [a, b] or one '- ' line per element"),
     ({"teachers": ["mf"]}, "teachers[0]: must be a mapping (got 'mf'); write key: value pairs (name, backbone, dim, "
                            "layers, hidden, dropout, beta, init, train, resources)"),
@@ -138,13 +138,13 @@ BAD = [
     ({"student": {"train": {"epochs_base": "many"}}}, "student.train.epochs_base: must be an integer (got 'many'); "
                                                       "write a whole number without quotes"),
     ({"teachers": [{"name": "t", "backbone": "xgboost"}]},
-     "teachers[0].backbone: not one of the choices (got 'xgboost'); use one of 'mf', 'lightgcn' or 'multvae'"),
+     "teachers[0].backbone: not one of the choices (got 'xgboost'); use one of 'mf', 'lightgcn', 'multvae' or 'pathrec'"),
     ({"teachers": [{"name": "student"}]},
      "student.name: model names must be unique, teachers[0] has it too (got 'student'); rename one of them"),
     ({"teachers": [{"name": "a/b"}]}, "teachers[0].name: not a safe name (got 'a/b'); use 1-64 letters, digits, "
                                       "'_', '-' or '.', starting with a letter or digit, without '..'"),
     ({"source": {"dataset": "netflix"}},
-     "source.dataset: not one of the choices (got 'netflix'); use one of 'movielens-100k', 'synthetic' or 'store'"),
+     "source.dataset: not one of the choices (got 'netflix'); use one of 'movielens-100k', 'synthetic', 'store' or 'files'"),
     ({"runtime": {"num_cpus": 0}}, "runtime.num_cpus: must be a positive integer (got 0); use a value ≥ 1"),
     ({"runtime": {"device": "tpu"}}, "runtime.device: not one of the choices (got 'tpu'); use one of 'auto', 'cpu' "
                                      "or 'cuda'"),
@@ -345,6 +345,6 @@ def test_config_imports_neither_torch_nor_ray():
 
 
 def test_backbone_names_are_the_literal_choices():
-    assert BACKBONE_NAMES == ("mf", "lightgcn", "multvae")
+    assert BACKBONE_NAMES == ("mf", "lightgcn", "multvae", "pathrec")
     for name in BACKBONE_NAMES:
         assert parse_job({"student": {"backbone": name}}).student.backbone == name

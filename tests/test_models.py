@@ -19,6 +19,7 @@ BACKBONE_CASES = {  # one entry per backbone: how to build it
     "mf": {"dim": 16},
     "lightgcn": {"dim": 16, "layers": 2},
     "multvae": {"dim": 8, "hidden": 32, "dropout": 0.5, "beta": 0.2},
+    "pathrec": {},  # paths through the interaction graph (and an item graph when one is attached)
 }
 CHECKERBOARD_TRAIN = TrainSpec(epochs_base=60, lr=0.02, weight_decay=0.0, batch_size=64)
 TRAIN_CASES = {  # per-backbone training for the checkerboard, where the shared one does not suit

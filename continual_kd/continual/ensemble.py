@@ -49,19 +49,19 @@ def evaluate_ensemble(teachers: list, seen, block: int, spec) -> dict:
     """The teachers' rank-fusion ensemble (uniform weights) evaluated like a model after ``block``:
     {"test": block's test metrics, "earlier": {j: metrics} for j < block, "continual": plasticity /
     stability / H-mean}. ``teachers`` are ``Learner``s holding the block's weights; the masks are the
-    ones ``Learner.evaluate`` uses (everything seen but the held-out pairs)."""
+    ones ``Learner.evaluate`` uses (``eval.mask``: by default the user's train + valid pairs)."""
     from ..eval import eval_sets, evaluate_ranking, plasticity_stability
-    from ..eval.bias import item_popularity_groups
-    from .learner import item_counts
+    from ..eval.bias import popularity_groupings
+    from ..eval.protocol import training_popularity
 
     device = teachers[0].device
     for t in teachers:
         t.observe(seen)
-    popularity = item_counts(seen, device)
-    groups = item_popularity_groups(popularity)
+    popularity = training_popularity(seen, device)
+    groups = popularity_groupings(popularity, spec.mass_groups)
     per_block = {}
     for b in range(block + 1):
-        relevant, exclude = eval_sets(seen, b, device=device)
+        relevant, exclude = eval_sets(seen, b, device=device, mask=spec.mask)
         model = RankFusionEnsemble([t.model for t in teachers], exclude=exclude)
         per_block[b] = evaluate_ranking(model, relevant, exclude, spec.ks, spec.chunk_size, device,
                                         item_popularity=popularity, item_group=groups)

@@ -23,12 +23,13 @@ import torch
 from ..config import EvalSpec, ModelSpec
 from ..distill import TERMS, TermContext, popularity_groups, teacher_group_rankings
 from ..eval import eval_sets, evaluate_ranking, model_pairs, model_pairs_mask, plasticity_stability, top_k_items
-from ..eval.bias import item_popularity_groups
+from ..eval.bias import popularity_groupings
+from ..eval.protocol import training_popularity
 from ..models import build_backbone, num_parameters
 from ..sparse import UserItemSet
 from ..types import TEST, TRAIN, VALID, Interactions, Knowledge
 from ..distill.replay import PROXY_PREFIX
-from .training import train_epochs
+from .training import BestEpoch, train_epochs
 
 AUX = "aux."  # prefix of non-model tensors (proxies, KD term state) inside a saved state's weights
 
@@ -100,6 +101,7 @@ class Learner:
         self.term_state: dict[str, dict] = {}  # what KD terms carry from block to block
         self._trajectory: list[np.ndarray] = []  # checkpoints' top lists of the last update (teachers)
         self._trajectory_of: tuple | None = None  # (block, scope) the trajectory was recorded for
+        self.chosen: dict[str, float] = {}  # train settings chosen on validation by train.grid (base block)
 
     # ------------------------------------------------------------------ state
     def _build(self, num_users: int, num_items: int):
@@ -115,6 +117,8 @@ class Learner:
             weights.update(_flat_proxies(self.proxies.state()))
         for term, st in self.term_state.items():
             weights.update({f"{AUX}term.{term}.{k}": v.detach().cpu() for k, v in st.items()})
+        for name, value in self.chosen.items():  # the settings train.grid chose on validation
+            weights[f"{AUX}chosen.{name}"] = torch.tensor(float(value), dtype=torch.float64)
         return {"block": self.block, "num_users": self.model.num_users, "num_items": self.model.num_items,
                 "weights": weights}
 
@@ -128,6 +132,7 @@ class Learner:
         aux = {k[len(AUX):]: v for k, v in weights.items() if k.startswith(AUX)}
         self.proxies = _proxies_from_flat(aux)
         self.term_state = {}
+        self.chosen = {k[len("chosen."):]: float(v) for k, v in aux.items() if k.startswith("chosen.")}
         for k, v in aux.items():
             if k.startswith("term."):
                 term, key = k[len("term."):].split(".", 1)
@@ -135,7 +140,7 @@ class Learner:
 
     def reset(self) -> None:
         """No model yet (a restored actor before block 0)."""
-        self.model, self.block, self.proxies, self.term_state = None, -1, None, {}
+        self.model, self.block, self.proxies, self.term_state, self.chosen = None, -1, None, {}, {}
         self._trajectory, self._trajectory_of = [], None
 
     def num_parameters(self) -> int:
@@ -153,6 +158,8 @@ class Learner:
         trained, taught or scored (graph / input rows); returns them (they are also what is known)."""
         known = model_pairs(seen, block, self.device)
         self.model.observe(known.users, known.items)
+        if hasattr(self.model, "set_item_graph"):  # path models: the item knowledge graph read with the blocks
+            self.model.set_item_graph(seen.meta.get("item_graph"))
         return known
 
     def _users(self, seen: Interactions, block: int, scope: str = "block") -> torch.Tensor:
@@ -172,8 +179,8 @@ class Learner:
 
     def update(self, seen: Interactions, block: int, knowledge=(), terms=(), fusion: str = "rank",
                weights: list[float] | None = None, trajectory: tuple[int, int] | None = None,
-               strategy: str = "warm", proxies=None) -> dict:
-        """Grow to the block's id spaces, then train (warm start; ``strategy="scratch"``: a new model on
+               strategy: str = "warm", proxies=None, replay: float = 0.0, replay_by: str = "user") -> dict:
+        """Grow to the block's id spaces, then train (warm start; ``strategy="retrain"``: a new model on
         every pair it may see, for the base block's epochs).
 
         ``terms`` (KD term specs) are built from ``knowledge`` (the other side's lists, nested lists
@@ -181,36 +188,60 @@ class Learner:
         came (e.g. no feedback before the student's first block). ``trajectory=(checkpoints, size)``
         makes a teacher keep its top-``size`` lists for the block's users at ``checkpoints`` evenly
         spaced epochs (HetComp's trajectories). ``proxies`` (a ProxySpec) keeps CCD's EMA proxies of
-        this model, updated after training and handed to replay terms as ``own`` lists.
+        this model, updated after training and handed to replay terms as ``own`` lists. ``replay`` > 0
+        (warm updates after the first block): each epoch also trains on ``replay`` × the block's rows
+        drawn from earlier blocks' pairs (``replay_by`` user: every user equally likely; pair: every pair).
+
+        With ``train.select = best_valid`` the model kept is the epoch with the best NDCG@20 on the
+        block's validation pairs (early stop after ``patience`` epochs without a gain); with a
+        ``train.grid``, the first update trains one model per combination and keeps the best (the
+        choice is kept, saved in the snapshot, and used by every later update).
         """
         t0, started = time.perf_counter(), time.time()
-        if strategy == "scratch":  # a new model; the proxies and term state (what it carries) stay
-            proxies_kept, state_kept = self.proxies, self.term_state
+        retrain = strategy in ("retrain", "scratch")
+        if retrain:  # a new model; the proxies, term state and grid choice (what it carries) stay
+            kept = self.proxies, self.term_state, self.chosen
             self.reset()
-            self.proxies, self.term_state = proxies_kept, state_kept
+            self.proxies, self.term_state, self.chosen = kept
         trained = self.model is not None and self.block >= 0  # it learned something before this update
         self.grow(seen, block)
-        if strategy == "scratch":
+        if retrain:
             positives = seen.select(model_pairs_mask(seen, block))
             epochs = self.spec.train.epochs_base
         else:
             positives = seen.part(TRAIN, block)
             epochs = self.spec.train.epochs_base if block == 0 else self.spec.train.epochs_block
         u, i = self._tensors(positives)
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.spec.name, "train", block))
         known = self.observe(seen, block)
-        scope = "all" if strategy == "scratch" else "block"
-        built = self._build_terms(seen, block, flatten_knowledge(knowledge), terms, fusion, weights, known, epochs,
-                                  scope, trained)
-        self._trajectory, self._trajectory_of = [], (block, scope)
-        hook = None
-        if trajectory is not None and epochs > 0:
-            hook = self._checkpoint_hook(seen, block, epochs, *trajectory, known, scope)
-        logs = train_epochs(self.model, u, i, known, epochs, self.spec.train, gen, built, hook)
-        for term in built:
-            carried = term.carry()
-            if carried is not None:
-                self.term_state[term.name] = carried
+        scope = "all" if retrain else "block"
+        knowledge = flatten_knowledge(knowledge)
+        draw = None
+        if not retrain and replay > 0 and block > 0:
+            draw = self._replay_sampler(seen, block, int(round(replay * len(positives))), replay_by)
+        valid = None
+        if self.spec.train.select == "best_valid" and epochs > 0:
+            relevant, exclude = eval_sets(seen, block, VALID, self.device)
+            valid = (relevant, exclude) if int((relevant.degree > 0).sum()) > 0 else None
+        grid = self._grid() if not self.chosen else [{}]
+        start = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if len(grid) > 1 else None
+        fits = []
+        for overrides in grid:
+            if start is not None:
+                self.model.load_state_dict(start)
+            train_spec = self.spec.train.model_copy(update={**self.chosen, **overrides})
+            fit = self._fit(seen, block, u, i, known, epochs, train_spec, knowledge, terms, fusion, weights,
+                            trajectory, scope, trained, valid, draw, keep=len(grid) > 1)
+            fits.append((overrides, fit))
+        if len(grid) > 1:
+            overrides, fit = max(fits, key=lambda f: -1.0 if f[1]["valid"] is None else f[1]["valid"])
+            self.model.load_state_dict(fit["weights"])
+            self._trajectory = fit["trajectory"]
+            self.term_state.update(fit["carried"])
+            self.chosen = {name: float(v) for name, v in overrides.items()}
+        else:
+            overrides, fit = fits[0]
+            if self.spec.train.grid and not self.chosen:  # a grid of one combination
+                self.chosen = {name: float(v) for name, v in overrides.items()}
         if proxies is not None:
             from .proxies import Proxies
 
@@ -218,13 +249,89 @@ class Learner:
                 self.proxies = Proxies.from_spec(proxies)
             self.proxies.update(self.model)
         self.block = block
+        logs = fit["logs"]
         return {
-            "model": self.spec.name, "block": block, "epochs": epochs, "train_rows": len(positives),
-            "terms": [t.name for t in built],
+            "model": self.spec.name, "block": block, "epochs": len(logs), "best_epoch": fit["best_epoch"],
+            "valid_ndcg@20": fit["valid"], "train_rows": len(positives), "replay_rows": fit["replay_rows"],
+            "terms": fit["terms"], "chosen": dict(self.chosen),
+            "grid": [{**o, "valid_ndcg@20": f["valid"], "best_epoch": f["best_epoch"]} for o, f in fits] if len(fits) > 1 else [],
             "seconds": time.perf_counter() - t0, "started_at": started, "ended_at": time.time(),
             "base_loss": logs[-1].base_loss if logs else float("nan"),
             "kd_loss": logs[-1].kd_loss if logs else float("nan"),
         }
+
+    def _grid(self) -> list[dict]:
+        """Every combination of ``train.grid`` (one empty combination without a grid)."""
+        import itertools
+
+        grid = self.spec.train.grid
+        names = sorted(grid)
+        return [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))] or [{}]
+
+    def _fit(self, seen, block, u, i, known, epochs, train_spec, knowledge, terms, fusion, weights, trajectory,
+             scope, trained, valid, draw, keep: bool = False) -> dict:
+        """One training run of the update (one grid combination): terms built afresh, the same seed."""
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.spec.name, "train", block))
+        built = self._build_terms(seen, block, knowledge, terms, fusion, weights, known, epochs, scope, trained)
+        self._trajectory, self._trajectory_of = [], (block, scope)
+        hooks = []
+        if trajectory is not None and epochs > 0:
+            hooks.append(self._checkpoint_hook(seen, block, epochs, *trajectory, known, scope))
+        best = None
+        if valid is not None:
+            best = BestEpoch(self.model, *valid, patience=train_spec.patience, every=train_spec.valid_every,
+                             cap=epochs, chunk_size=1024, device=self.device)
+            hooks.append(best)
+        replayed = [0]
+
+        def draw_counted(generator):
+            ru, ri = draw(generator)
+            replayed[0] = len(ru)
+            return ru, ri
+
+        logs = train_epochs(self.model, u, i, known, epochs, train_spec, gen, built,
+                            (lambda e: any([bool(h(e)) for h in hooks])) if hooks else None,
+                            draw_counted if draw is not None else None,
+                            item_counts(seen, self.device) if train_spec.negatives == "popularity" else None)
+        if best is not None:
+            best.restore()
+        carried = {}
+        for term in built:
+            c = term.carry()
+            if c is not None:
+                carried[term.name] = c
+        if not keep:
+            self.term_state.update(carried)
+        return {"logs": logs, "terms": [t.name for t in built], "carried": carried,
+                "best_epoch": best.best_epoch if best is not None else len(logs),
+                "valid": best.best if best is not None else None, "replay_rows": replayed[0],
+                "trajectory": list(self._trajectory),
+                "weights": {k: v.detach().clone() for k, v in self.model.state_dict().items()} if keep else None}
+
+    def _replay_sampler(self, seen: Interactions, block: int, n: int, by: str):
+        """A draw of ``n`` (user, item) pairs from what the model may know of blocks before ``block``:
+        ``by="user"`` picks a user of the history uniformly, then one of their pairs; ``"pair"`` a pair
+        uniformly. Vectorised (users sorted once; a draw is two random tensors)."""
+        mask = model_pairs_mask(seen, block) & ~((seen.block == block) & (seen.split == TRAIN))
+        hist = seen.select(mask)
+        if len(hist) == 0 or n == 0:
+            return None
+        order = np.argsort(hist.users, kind="stable")
+        hu = torch.as_tensor(hist.users[order], dtype=torch.int64, device=self.device)
+        hi = torch.as_tensor(hist.items[order], dtype=torch.int64, device=self.device)
+        users, counts = torch.unique_consecutive(hu, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+
+        def sample(generator: torch.Generator):
+            if by == "pair":
+                idx = torch.randint(len(hu), (n,), generator=generator).to(self.device)
+            else:
+                who = torch.randint(len(users), (n,), generator=generator).to(self.device)
+                offset = (torch.rand(n, generator=generator).to(self.device) * counts[who]).long()
+                idx = starts[who] + torch.minimum(offset, counts[who] - 1)
+            return hu[idx], hi[idx]
+
+        return sample
 
     def _build_terms(self, seen, block, knowledge: list[Knowledge], specs, fusion, weights, known, epochs, scope,
                      trained: bool = True):
@@ -333,10 +440,10 @@ class Learner:
         """Full-ranking metrics on ``split`` of each of ``blocks`` (everything else seen is masked)."""
         out = {}
         self.observe(seen)
-        popularity = item_counts(seen, self.device)
-        groups = item_popularity_groups(popularity)
+        popularity = training_popularity(seen, self.device)  # training pairs only (eval.protocol)
+        groups = popularity_groupings(popularity, spec.mass_groups)  # head/mid/tail + UnKD's eq groups
         for b in blocks:
-            relevant, exclude = eval_sets(seen, b, split, self.device)
+            relevant, exclude = eval_sets(seen, b, split, self.device, spec.mask)
             out[b] = evaluate_ranking(self.model, relevant, exclude, spec.ks, spec.chunk_size, self.device,
                                       item_popularity=popularity, item_group=groups)
         return out
@@ -346,8 +453,10 @@ class Learner:
 
     def evaluate_block(self, seen: Interactions, block: int, spec: EvalSpec) -> dict:
         """After block k: test metrics of every block ≤ k (k's own = plasticity, the earlier ones =
-        stability), their plasticity/stability/H-mean summary, validation metrics of block k."""
-        per_block = self.evaluate(seen, list(range(block + 1)), spec)
+        stability), their plasticity/stability/H-mean summary, the pooled figure (every block's test pairs
+        as one test set), validation metrics of block k."""
+        per_block = self.evaluate(seen, [*range(block + 1), None], spec)
+        pooled = per_block.pop(None)
         return {"test": per_block[block], "earlier": {b: m for b, m in per_block.items() if b < block},
                 "continual": plasticity_stability(per_block, block), "valid": self.validate(seen, block, spec),
-                "parameters": self.num_parameters()}
+                "pooled": pooled, "parameters": self.num_parameters()}

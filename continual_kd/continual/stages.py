@@ -47,6 +47,7 @@ class BlockResult:
     earlier: dict[str, dict[int, dict]] = field(default_factory=dict)  # model → block j < k → test metrics
     continual: dict[str, dict] = field(default_factory=dict)  # model → plasticity / stability / hmean
     stages: dict[str, float] = field(default_factory=dict)  # stage name → seconds, in the order run
+    pooled: dict[str, dict] = field(default_factory=dict)  # model → metrics on every block's test pairs at once
 
 
 class Executor(Protocol):
@@ -93,14 +94,26 @@ def knowledge_request(terms) -> dict:
         elif t.name == "bd":
             size = max(size, BD_LIST)
             req["vectors"] = True
-        elif t.name in ("replay", "keep"):
+        elif t.name in ("ftd", "htd", "de"):  # topology / experts on the other side's user/item vectors
+            req["vectors"] = True
+        elif t.name == "rd":
+            size = max(size, t.k)
+        elif t.name == "cd":  # its scored top-pool list
+            size = max(size, t.pool)
+        elif t.name in ("replay", "keep", "skd"):
             size = max(size, getattr(t, "top", 0), getattr(t, "k", 0))
     return {"size": size, **req}
 
 
 def scope(job: JobSpec) -> str:
-    """Users knowledge is about: the block's ("warm" updates) or everybody's so far ("scratch")."""
-    return "all" if job.continual.strategy == "scratch" else "block"
+    """Users knowledge is about: the block's ("warm" updates) or everybody's so far ("retrain")."""
+    return "all" if job.continual.strategy == "retrain" else "block"
+
+
+def update_options(job: JobSpec) -> dict:
+    """How every model's update treats the history: warm or retrain, and the replay of earlier blocks."""
+    c = job.continual
+    return {"strategy": c.strategy, "replay": c.replay, "replay_by": c.replay_by}
 
 
 def teacher_update_options(job: JobSpec) -> dict:
@@ -143,7 +156,7 @@ def update_teachers(run: BlockRun, ex: Executor) -> None:
     job = run.job
     feedback = run.knowledge.get("student", [])
     handles = ex.call(run.teachers, "update", knowledge=feedback, terms=job.distill.feedback,
-                      fusion=job.distill.fusion, strategy=job.continual.strategy, **teacher_update_options(job))
+                      fusion=job.distill.fusion, **update_options(job), **teacher_update_options(job))
     run.updates.update(zip(run.teachers, ex.get(handles)))
 
 
@@ -156,7 +169,7 @@ def update_student(run: BlockRun, ex: Executor) -> None:
     job = run.job
     weights = teacher_weights(job, run.previous_valid, run.teachers)
     [log] = ex.get(ex.call([STUDENT], "update", knowledge=run.knowledge.get("teachers", []), terms=job.distill.terms,
-                           fusion=job.distill.fusion, weights=weights, strategy=job.continual.strategy,
+                           fusion=job.distill.fusion, weights=weights, **update_options(job),
                            proxies=job.continual.proxies))
     run.updates[STUDENT] = log
 
@@ -209,4 +222,5 @@ def run_block(job: JobSpec, block: int, ex: Executor, previous_valid: dict | Non
         earlier={n: e["earlier"] for n, e in ev.items()},
         continual={n: e["continual"] for n, e in ev.items()},
         stages=stage_seconds,
+        pooled={n: e.get("pooled", {}) for n, e in ev.items()},
     )

@@ -24,7 +24,9 @@ class EpochLog:
 
 def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserItemSet, epochs: int,
                  spec: TrainSpec, generator: torch.Generator, terms: Sequence[KDTerm] = (),
-                 on_epoch_end: Callable[[int], None] | None = None) -> list[EpochLog]:
+                 on_epoch_end: Callable[[int], bool | None] | None = None,
+                 replay: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 item_popularity: torch.Tensor | None = None) -> list[EpochLog]:
     """Train ``model`` for ``epochs`` on the (users, items) positives; negatives avoid ``known``.
 
     ``terms``: KD terms (``distill.base.KDTerm``); each draws its targets in ``resample(generator,
@@ -32,8 +34,11 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
     (all summed over the batch), with ``b`` the smallest ``base_weight`` any term asks for (1 without
     terms; HetComp's student learns from its KD loss alone). Terms' own parameters are stepped by the
     same optimiser. After each epoch (1-based) every term's ``on_epoch_end`` and then
-    ``on_epoch_end(epoch)`` run with the model in eval mode. A model with ``batch_unit = "user"`` is
-    trained on batches of ``batch_size`` users (its loss reads their rows).
+    ``on_epoch_end(epoch)`` run with the model in eval mode; a true return stops training (early
+    stopping). ``replay(generator)`` gives (users, items) drawn from earlier blocks, added to each
+    epoch's positives (a fresh draw per epoch). With ``spec.negatives == "popularity"`` negatives are
+    drawn ∝ (``item_popularity`` + 1)^``spec.negative_exponent`` instead of uniformly. A model with ``batch_unit = "user"`` is trained on
+    batches of ``batch_size`` users (its loss reads their rows; replayed users join the epoch's users).
     """
     terms = [t for t in terms if t.weight > 0]
     base_weight = min([t.base_weight for t in terms], default=1.0)
@@ -48,20 +53,31 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
     opt = torch.optim.Adam(params, lr=spec.lr)
     model.train()
     by_user = getattr(model, "batch_unit", "interaction") == "user"  # e.g. MultVAE: one row per user
-    if by_user:
-        users = torch.unique(users)
-        n = len(users)
+    block_users, block_items = users, items
+    neg_weights = None
+    if spec.negatives == "popularity" and item_popularity is not None:
+        pop = item_popularity.detach().float().cpu()
+        neg_weights = torch.ones(model.num_items)
+        neg_weights[: len(pop)] = (pop[: model.num_items] + 1.0) ** spec.negative_exponent
     for epoch in range(epochs):
         for term in terms:
             term.resample(generator, epoch)
         weights = [term.weight_at(epoch) for term in terms]
+        users, items = block_users, block_items
+        if replay is not None:
+            ru, ri = replay(generator)
+            users, items = torch.cat([users, ru]), torch.cat([items, ri])
+        if by_user:
+            users = torch.unique(users)
+        n = len(users)
         perm = torch.randperm(n, generator=generator).to(device)
         u_all = users[perm]
         if by_user:  # the model's loss reads the users' whole rows; no positives/negatives to draw
             p_all = n_all = u_all
         else:
             p_all = items[perm]
-            n_all = sample_excluding(u_all, 1, model.num_items, [known], generator).squeeze(1)  # (n,)
+            n_all = sample_excluding(u_all, 1, model.num_items, [known], generator,
+                                     weights=neg_weights).squeeze(1)  # (n,)
         base_sum = kd_sum = 0.0
         for start in range(0, n, spec.batch_size):
             batch = Batch(u_all[start : start + spec.batch_size], p_all[start : start + spec.batch_size],
@@ -83,8 +99,47 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
         model.eval()
         for term in terms:
             term.on_epoch_end(model, epoch + 1)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1)
+        if on_epoch_end is not None and on_epoch_end(epoch + 1):
+            break
         model.train()
     model.eval()
     return logs
+
+
+class BestEpoch:
+    """Best-epoch choice on validation: called after each epoch (1-based, model in eval mode) it scores
+    the model's NDCG@20 on the validation pairs (every ``every`` epochs and at the ``cap``), keeps a
+    copy of the weights whenever the figure improves, and asks to stop once ``patience`` epochs have
+    passed without a gain (0: never stops early). ``restore()`` puts the best weights back."""
+
+    def __init__(self, model, relevant: UserItemSet, exclude: UserItemSet, patience: int, every: int, cap: int,
+                 chunk_size: int = 1024, device="cpu", k: int = 20):
+        self.model, self.relevant, self.exclude = model, relevant, exclude
+        self.patience, self.every, self.cap, self.k = patience, every, cap, k
+        self.chunk_size, self.device = chunk_size, device
+        self.best: float | None = None
+        self.best_epoch = 0
+        self.history: list[tuple[int, float]] = []
+        self._weights: dict | None = None
+
+    def score(self) -> float:
+        from ..eval.metrics import evaluate_ranking
+
+        out = evaluate_ranking(self.model, self.relevant, self.exclude, (self.k,), self.chunk_size, self.device)
+        return float(out[f"ndcg@{self.k}"] or 0.0)
+
+    def __call__(self, epoch: int) -> bool:
+        if epoch % self.every and epoch != self.cap:
+            return False
+        value = self.score()
+        self.history.append((epoch, value))
+        if self.best is None or value > self.best:
+            self.best, self.best_epoch = value, epoch
+            self._weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            return False
+        return bool(self.patience) and epoch - self.best_epoch >= self.patience
+
+    def restore(self) -> None:
+        if self._weights is not None:
+            self.model.load_state_dict(self._weights)
+        self.model.eval()

@@ -9,6 +9,9 @@ from .unkd import (UnKDConfig, UnKDTargets, fuse_group_rankings, group_rankings,
 from . import hetcomp  # noqa: F401  (registers the term)
 from . import replay  # noqa: F401  (registers the term)
 from . import bd, ir_rrd, keep  # noqa: F401  (register the terms)
+from . import ftd, htd  # noqa: F401  (register the terms)
+from . import cd, de, rd  # noqa: F401  (register the terms)
+from . import skd  # noqa: F401  (registers the term)
 
 __all__ = ["TERMS", "Batch", "FUSION_METHODS", "FusionConfig", "KDTerm", "RRDConfig", "RRDTargets", "TermContext",
            "UnKDConfig", "UnKDTargets", "build_terms", "fuse_group_rankings", "fuse_rankings", "group_rankings",

@@ -72,3 +72,23 @@ def covered_items(top_items: torch.Tensor, num_items: int) -> torch.Tensor:
 def coverage(covered: torch.Tensor) -> float | None:
     """Fraction of the catalogue recommended to at least one user (None for an empty catalogue)."""
     return int(covered.sum()) / covered.numel() if covered.numel() else None
+
+
+def equal_interaction_groups(train_counts: torch.Tensor, num_groups: int = 3) -> torch.Tensor:
+    """(I,) int64 UnKD's popularity groups: items sorted by training count, cut so that each group holds
+    about the same number of *interactions* (1/G of the total), 0 = most popular. The same rule as the
+    UnKD term's (``distill.unkd.popularity_groups``), so the figures are comparable with its paper;
+    fewer than ``num_groups`` groups come out when one item holds more than a group's share."""
+    from ..distill.unkd import popularity_groups
+
+    return popularity_groups(train_counts, num_groups)
+
+
+def popularity_groupings(train_counts: torch.Tensor, mass_groups: int = 3) -> dict[str, torch.Tensor]:
+    """The item groupings the bias metrics report, by key prefix: ``""`` → head / mid / tail (20/30/50%
+    of the items by training count), ``"eq"`` → eq0, eq1, … (UnKD's equal-interaction groups; left out
+    when ``mass_groups`` is 0)."""
+    out = {"": item_popularity_groups(train_counts)}
+    if mass_groups > 0:
+        out["eq"] = equal_interaction_groups(train_counts, mass_groups)
+    return out

@@ -57,11 +57,12 @@ def top_k_items(model, users: torch.Tensor, k: int, exclude: UserItemSet | None 
 def evaluate_ranking(model, relevant: UserItemSet, exclude: UserItemSet | None, ks=(10, 20, 50),
                      chunk_size: int = 1024, device: str | torch.device = "cpu",
                      item_popularity: torch.Tensor | None = None,
-                     item_group: torch.Tensor | None = None) -> dict[str, float]:
+                     item_group: torch.Tensor | dict[str, torch.Tensor] | None = None,
+                     item_weight: torch.Tensor | None = None) -> dict[str, float]:
     """Mean Recall@K and NDCG@K over users with at least one relevant item, full ranking.
 
-    ``relevant``: the held-out pairs (e.g. a block's test part). ``exclude``: pairs to mask
-    (everything known except the held-out pairs themselves: see ``eval.protocol``).
+    ``relevant``: the held-out pairs (e.g. a block's test part). ``exclude``: pairs to mask (what the
+    evaluation's mask hides: see ``eval.protocol``).
 
     Bias-aware keys, added when ``item_popularity`` (I,) training interaction counts and/or
     ``item_group`` (I,) popularity groups are given (groups default to ``item_popularity_groups``
@@ -70,6 +71,10 @@ def evaluate_ranking(model, relevant: UserItemSet, exclude: UserItemSet | None, 
     user's relevant items of the group, averaged over users with ≥1 relevant item in it;
     ``avgpop@K`` (needs ``item_popularity``): mean popularity of the top-K items, averaged over users;
     ``coverage@K``: fraction of all items recommended to at least one evaluated user.
+    ``item_group`` may also be a dict of groupings by key prefix (``bias.popularity_groupings``):
+    prefix "" names groups head/mid/tail (g0, g1, … for other counts), a prefix p names them p0, p1, ….
+    With ``item_weight`` (I,) inverse propensities, self-normalised inverse-propensity estimates
+    ``ips_recall@K`` / ``ips_ndcg@K`` (``eval.estimates``) come from the same top-K.
     All come from the same top-K tensor as Recall/NDCG. A metric that is undefined here (no user with
     a relevant item: no users at all, or none in a group) is None, never NaN: JSON null, shown as "–".
     """
@@ -79,10 +84,12 @@ def evaluate_ranking(model, relevant: UserItemSet, exclude: UserItemSet | None, 
     bias = item_popularity is not None or item_group is not None
     if item_group is None and item_popularity is not None:
         item_group = item_popularity_groups(item_popularity)
-    names = group_names(int(item_group.max()) + 1 if item_group is not None and len(item_group) else 0)
-    group_sums = {k: torch.zeros(len(names), dtype=torch.float64) for k in ks}
-    group_users = torch.zeros(len(names), dtype=torch.float64)
+    groupings = {} if item_group is None else item_group if isinstance(item_group, dict) else {"": item_group}
+    names = {p: _group_names(p, g) for p, g in groupings.items()}
+    group_sums = {p: {k: torch.zeros(len(n), dtype=torch.float64) for k in ks} for p, n in names.items()}
+    group_users = {p: torch.zeros(len(n), dtype=torch.float64) for p, n in names.items()}
     pop_sums = {k: 0.0 for k in ks}
+    ips_sums = {f"ips_{m}@{k}": 0.0 for m in METRICS for k in ks}
     covered = {}
     for start in range(0, len(users), chunk_size):
         cu = users[start : start + chunk_size]
@@ -96,19 +103,28 @@ def evaluate_ranking(model, relevant: UserItemSet, exclude: UserItemSet | None, 
         for k in ks:
             for name, fn in METRICS.items():
                 sums[f"{name}@{k}"] += float(fn(hits[:, :k], n_rel).sum())
+        n_items = s.shape[1]
+        if item_weight is not None:
+            from .estimates import ips_ndcg_at_k, snips_recall_at_k
+
+            w = _fit(item_weight.to(s.device).double(), n_items, float(item_weight.max()) if len(item_weight) else 1.0)
+            rel_w = (rel.double() * w).sum(1)  # (B,)
+            hit_w = torch.where(hits, w[top], torch.zeros((), dtype=torch.float64, device=s.device))  # (B, K)
+            for k in ks:
+                ips_sums[f"ips_recall@{k}"] += float(snips_recall_at_k(hit_w[:, :k], rel_w).sum())
+                ips_sums[f"ips_ndcg@{k}"] += float(ips_ndcg_at_k(hit_w[:, :k], rel_w).sum())
         if not bias:
             continue
-        n_items = s.shape[1]
-        if item_group is not None:
-            groups = _fit(item_group.to(s.device).long(), n_items, len(names) - 1)
+        for p, grouping in groupings.items():
+            groups = _fit(grouping.to(s.device).long(), n_items, len(names[p]) - 1)
             rows, cols = relevant.rows_for(cu)
             keep = cols < n_items
-            rel_per_group = torch.zeros(len(cu), len(names), dtype=torch.int64, device=s.device)
+            rel_per_group = torch.zeros(len(cu), len(names[p]), dtype=torch.int64, device=s.device)
             rel_per_group.index_put_((rows[keep], groups[cols[keep]]), torch.ones_like(rows[keep]), accumulate=True)
-            group_users += (rel_per_group > 0).sum(0).double().cpu()
+            group_users[p] += (rel_per_group > 0).sum(0).double().cpu()
             for k in ks:
                 recall, has = group_recall_at_k(hits[:, :k], groups[top[:, :k]], rel_per_group)
-                group_sums[k] += torch.where(has, recall, torch.zeros_like(recall)).sum(0).double().cpu()
+                group_sums[p][k] += torch.where(has, recall, torch.zeros_like(recall)).sum(0).double().cpu()
         if item_popularity is not None:
             pop = _fit(item_popularity.to(s.device), n_items, 0)
             for k in ks:
@@ -117,17 +133,24 @@ def evaluate_ranking(model, relevant: UserItemSet, exclude: UserItemSet | None, 
             chunk_cov = covered_items(top[:, :k], n_items)
             covered[k] = chunk_cov if k not in covered else covered[k] | chunk_cov
     out = {key: v / len(users) if len(users) else None for key, v in sums.items()}
+    if item_weight is not None:
+        out.update({key: v / len(users) if len(users) else None for key, v in ips_sums.items()})
     out["users"] = float(len(users))
     if bias:
         for k in ks:
-            if item_group is not None:
-                for g, name in enumerate(names):
-                    cnt = float(group_users[g])
-                    out[f"recall@{k}/{name}"] = float(group_sums[k][g]) / cnt if cnt > 0 else None
+            for p in groupings:
+                for g, name in enumerate(names[p]):
+                    cnt = float(group_users[p][g])
+                    out[f"recall@{k}/{name}"] = float(group_sums[p][k][g]) / cnt if cnt > 0 else None
             if item_popularity is not None:
                 out[f"avgpop@{k}"] = pop_sums[k] / len(users) if len(users) else None
             out[f"coverage@{k}"] = coverage(covered[k]) if k in covered else None
     return out
+
+
+def _group_names(prefix: str, grouping: torch.Tensor) -> tuple[str, ...]:
+    n = int(grouping.max()) + 1 if len(grouping) else 0
+    return group_names(n) if not prefix else tuple(f"{prefix}{g}" for g in range(n))
 
 
 def _fit(values: torch.Tensor, n: int, fill) -> torch.Tensor:

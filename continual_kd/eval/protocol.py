@@ -1,26 +1,64 @@
 """The block protocol: which pairs are held out and which are masked when a model is evaluated.
 
-A snapshot taken after block k is evaluated on the test part of every block j ≤ k. For block j
-the relevant pairs are test(j); every other pair of blocks ≤ k is masked (it is known, not a target).
+A snapshot taken after block k is evaluated on the test part of every block j ≤ k (or on all of
+them pooled: one test set). For block j the relevant pairs are test(j); which other pairs of blocks
+≤ k are masked (known, not ranked) is the evaluation's *mask* (``eval.mask`` in a job):
+
+- ``standard`` (default): the user's train + valid pairs, as the standard full-ranking protocol
+  (RecBole's test phase, the HetComp and CCD evaluation code). Other blocks' test pairs stay in the
+  ranking as candidates: a model may not know them, and masking them would use held-out labels.
+- ``train``: training pairs only; validation items stay in the ranking as negatives (KDs and
+  RecBole-style evaluators on a fixed split; issue 11's ``eval.exclude: train``).
+- ``all_seen``: every seen pair except the target's (this project's earlier rule; it lifts every
+  figure, so it is kept only to compare with old numbers).
+
+The target's own pairs are never masked, whatever the mask (a pair both trained in a later block and
+held out here still counts as a target).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ..sparse import UserItemSet
 from ..types import TEST, TRAIN, VALID, Interactions
 
+from ..config import EVAL_MASKS as MASKS, MASK_LABELS  # noqa: E402,F401  (one list of masks, in the job spec)
 
-def eval_sets(seen: Interactions, block: int, split: int = TEST, device="cpu") -> tuple[UserItemSet, UserItemSet]:
-    """(relevant, exclude) for evaluating on ``split`` of ``block`` given everything ``seen``."""
-    target = (seen.block == block) & (seen.split == split)
+
+def masked_pairs_mask(seen: Interactions, mask: str = "standard") -> np.ndarray:
+    """(n,) bool: the rows of ``seen`` that ``mask`` hides from the ranking (targets excepted later)."""
+    if mask == "standard":
+        return (seen.split == TRAIN) | (seen.split == VALID)
+    if mask == "train":
+        return seen.split == TRAIN
+    if mask == "all_seen":
+        return np.ones(len(seen), dtype=bool)
+    raise ValueError(f"unknown evaluation mask {mask!r}; use one of {', '.join(MASKS)}")
+
+
+def eval_sets(seen: Interactions, block: int | None, split: int = TEST, device="cpu",
+              mask: str = "standard") -> tuple[UserItemSet, UserItemSet]:
+    """(relevant, exclude) for evaluating on ``split`` of ``block`` given everything ``seen``.
+
+    ``block=None`` pools ``split`` of every block into one target set (the pooled figure of a
+    snapshot). ``exclude`` holds the pairs ``mask`` hides, less any pair that is itself a target."""
+    target = seen.split == split
+    if block is not None:
+        target &= seen.block == block
     n_items = max(seen.num_items, 1)
     keys = seen.users * n_items + seen.items
-    held_out = np.isin(keys, keys[target])
+    hidden = masked_pairs_mask(seen, mask) & ~np.isin(keys, keys[target])
     relevant = UserItemSet(seen.users[target], seen.items[target], seen.num_users, seen.num_items, device)
-    exclude = UserItemSet(seen.users[~held_out], seen.items[~held_out], seen.num_users, seen.num_items, device)
+    exclude = UserItemSet(seen.users[hidden], seen.items[hidden], seen.num_users, seen.num_items, device)
     return relevant, exclude
+
+
+def training_popularity(seen: Interactions, device="cpu") -> torch.Tensor:
+    """(I,) float32 item popularity for the bias metrics: training pairs per item (blocks in ``seen``)."""
+    counts = np.bincount(seen.items[seen.split == TRAIN], minlength=seen.num_items)
+    return torch.as_tensor(counts, dtype=torch.float32, device=device)
 
 
 def model_pairs_mask(seen: Interactions, block: int | None = None) -> np.ndarray:

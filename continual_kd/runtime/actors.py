@@ -6,16 +6,16 @@ teacher actors to the student actor by reference too, never through the driver.
 
 from __future__ import annotations
 
-import math
-import re
 import time
 
 import ray
 import torch
 
 from ..config import ModelSpec
-from ..continual import Learner, resolve_device
+from ..continual import Learner
+from ..errors import CkdError
 from ..types import Interactions
+from .metrics import MetricGauges, gauge_name  # noqa: F401  (the per-model gauges, exported by the driver)
 
 
 class StaleActorError(RuntimeError):
@@ -23,20 +23,55 @@ class StaleActorError(RuntimeError):
     the last committed one: every call but ``ping`` / ``restore`` refuses until the coordinator restores it."""
 
 
+def actor_device(requested: str, num_gpus: float, who: str, cuda_available: bool, where: str = "") -> str:
+    """The torch device of a model actor: its GPU when it was given one, never a silent CPU fallback.
+
+    ``requested`` is ``runtime.device``: ``cpu`` keeps every model on the CPU (an explicit choice);
+    ``auto`` / ``cuda`` put an actor with ``num_gpus > 0`` on CUDA, and refuse in one sentence when its
+    process sees no CUDA device. ``cuda`` for an actor given no GPU is refused too (Ray hides every GPU
+    from an actor that asked for none).
+    """
+    if requested == "cpu":
+        return "cpu"
+    if num_gpus > 0:
+        if not cuda_available:
+            raise CkdError(
+                f"{who} asks for resources.num_gpus {num_gpus:g} but its process{where} sees no CUDA device (torch "
+                f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); install a CUDA build of torch on "
+                f"the GPU nodes, or set resources.num_gpus: 0 (or runtime.device: cpu) to train it on the CPU"
+            )
+        return "cuda"
+    if requested == "cuda":
+        raise CkdError(f"runtime.device is cuda but {who} asks for no GPU (resources.num_gpus 0); give it "
+                       f"resources.num_gpus > 0 (e.g. 1 or 0.5) or set runtime.device: auto")
+    return "cpu"
+
+
 class LearnerActor:
     def __init__(self, spec: ModelSpec, seed: int, device: str, state: dict | None = None, role: str = "student"):
         torch.set_num_threads(max(1, int(spec.resources.num_cpus)))
-        device = resolve_device(device, has_gpu=spec.resources.num_gpus > 0)
-        self.learner = Learner(spec, seed, device, role)
-        if state is not None:
-            self.learner.load(state)
+        self.name = spec.name
+        self._error: str | None = None  # why this actor cannot work (ping reports it; the driver stops in one line)
+        self.learner = None
+        try:
+            ctx = ray.get_runtime_context()
+            where = f" on node {ray.util.get_node_ip_address()} (Ray GPU ids {ctx.get_accelerator_ids().get('GPU', [])})"
+            device = actor_device(device, spec.resources.num_gpus, f"the model {spec.name}", torch.cuda.is_available(),
+                                  where)
+        except CkdError as e:
+            self._error = str(e)
+        else:
+            self.learner = Learner(spec, seed, device, role)
+            if state is not None:
+                self.learner.load(state)
         self._seen_key: tuple | None = None
         self._seen: Interactions | None = None
-        self._gauges = None
         # a process that died when no call was pending comes back silently: refuse work until restored
         self._stale = ray.get_runtime_context().was_current_actor_reconstructed
 
     def _check_fresh(self) -> None:
+        if self._error:
+            raise CkdError(self._error)
         if self._stale:
             raise StaleActorError(f"model actor {self.learner.spec.name!r} was restarted and not restored yet")
 
@@ -50,6 +85,8 @@ class LearnerActor:
 
     def restore(self, state: dict | None) -> None:
         """Go back to a committed state (None: no model yet), e.g. after this or another actor died."""
+        if self._error:
+            raise CkdError(self._error)
         if state is None:
             self.learner.reset()
         else:
@@ -58,7 +95,15 @@ class LearnerActor:
         self._stale = False
 
     def ping(self) -> dict:
-        return {"device": self.learner.device, "block": self.learner.block, "name": self.learner.spec.name}
+        """Where this actor runs (node id, its ckd_node_* resource of `ckd cluster up`) and on which device;
+        ``error``: why it cannot work."""
+        ctx = ray.get_runtime_context()
+        node_id = ctx.get_node_id()
+        labels = [r for n in ray.nodes() if n.get("NodeID") == node_id
+                  for r in n.get("Resources", {}) if r.startswith("ckd_node_")]
+        return {"name": self.name, "error": self._error, "node_id": node_id, "node": labels[0] if labels else None,
+                "device": self.learner.device if self.learner else None,
+                "block": self.learner.block if self.learner else None}
 
     def run(self, method: str, block: int, block_refs: list, kwargs: dict):
         """Call ``Learner.<method>(seen, block, **kwargs)``; ``kwargs["knowledge"]`` may hold object
@@ -66,61 +111,11 @@ class LearnerActor:
         self._check_fresh()
         if kwargs.get("knowledge"):
             kwargs = {**kwargs, "knowledge": ray.get(list(kwargs["knowledge"]))}
-        out = getattr(self.learner, method)(self._interactions(block_refs), block, **kwargs)
-        if method == "evaluate_block":
-            self._report(block, {**out["test"], **{k: v for k, v in out["continual"].items() if v is not None}})
-        return out
+        return getattr(self.learner, method)(self._interactions(block_refs), block, **kwargs)
 
     def state(self) -> dict:
         self._check_fresh()
         return self.learner.state()
-
-    def _report(self, block: int, metrics: dict) -> None:
-        """Export the block's metrics to the Ray dashboard (Metrics tab / Prometheus), see ``gauge_name``."""
-        if self._gauges is None:
-            self._gauges = MetricGauges()
-        self._gauges.report(self.learner.spec.name, metrics)
-
-
-def gauge_name(key: str) -> tuple[str, str]:
-    """A metric key → (valid Prometheus gauge name, ``group`` tag).
-
-    The part with ``@`` and the parts before it name the gauge; parts after it are the group:
-    ``"recall@20/head"`` → ``("ckd_recall_at_20", "head")``, ``"ndcg@20"`` → ``("ckd_ndcg_at_20", "all")``,
-    ``"plasticity/ndcg@20"`` → ``("ckd_plasticity_ndcg_at_20", "all")``.
-    """
-    parts = [p for p in key.split("/") if p]
-    at = next((i for i, p in enumerate(parts) if "@" in p), len(parts) - 1)
-    metric = "_".join(parts[: at + 1]).replace("@", "_at_")
-    name = re.sub(r"[^a-z0-9_]+", "_", metric.lower()).strip("_")
-    group = "/".join(parts[at + 1:]) or "all"
-    return f"ckd_{name}", group
-
-
-class MetricGauges:
-    """One Ray gauge per metric name (tags ``model`` and ``group``), created on first use."""
-
-    def __init__(self):
-        self._gauges: dict = {}
-
-    def report(self, model: str, metrics: dict) -> list[tuple[str, str, float]]:
-        """Set every finite numeric metric; returns the (name, group, value) set (NaN/None are skipped)."""
-        from ray.util.metrics import Gauge
-
-        done = []
-        for key, value in metrics.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                continue
-            name, group = gauge_name(key)
-            gauge = self._gauges.get(name)
-            if gauge is None:
-                metric = key if group == "all" else key[: -len(group) - 1]
-                gauge = self._gauges[name] = Gauge(name, description=f"{metric} of the last block, per model and group",
-                                                   tag_keys=("model", "group"))
-            gauge.set(float(value), tags={"model": model, "group": group})
-            done.append((name, group, float(value)))
-        return done
-
 
 def spawn_learner(role_name: str, spec: ModelSpec, seed: int, device: str, state: dict | None = None,
                   max_restarts: int = 3, scheduling_strategy=None):

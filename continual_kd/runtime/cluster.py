@@ -196,8 +196,16 @@ def _nodes_text(nodes: list[dict[str, float]]) -> str:
     return ", ".join(f"CPU={n.get('CPU', 0):g} GPU={n.get('GPU', 0):g}" for n in nodes) or "none"
 
 
-def check_resources(demands: dict[str, dict[str, float]]) -> None:
-    """Refuse a job whose actors cannot be placed: one actor larger than every node, or more than the cluster.
+PLACEMENTS = {"pack": "PACK", "spread": "SPREAD", "strict_pack": "STRICT_PACK", "strict_spread": "STRICT_SPREAD"}
+
+
+def _fits(node: dict[str, float], d: dict[str, float]) -> bool:
+    return all(node.get(r, 0.0) + 1e-9 >= d.get(r, 0.0) for r in ("CPU", "GPU"))
+
+
+def check_resources(demands: dict[str, dict[str, float]], placement: str = "pack") -> None:
+    """Refuse a job whose actors cannot be placed: one actor larger than every node, or more than the cluster,
+    or (``strict_pack``) more than any one node, or (``strict_spread``) more actors than nodes that hold one.
 
     Necessary conditions only, checked at once; ``reserve_actors`` settles the rest by placing them.
     """
@@ -218,6 +226,23 @@ def check_resources(demands: dict[str, dict[str, float]]) -> None:
             raise CkdError(
                 f"the job's actors need {need:g} {res} ({who}) but the Ray cluster has {have:g}; lower "
                 f"resources.{key} of the teachers/student or run on a larger cluster with --address"
+            )
+    asking = {n: d for n, d in demands.items() if any(v > 0 for v in d.values())}
+    if placement == "strict_pack" and asking:
+        total = {r: sum(d.get(r, 0.0) for d in asking.values()) for r in ("CPU", "GPU")}
+        if not any(_fits(node, total) for node in nodes):
+            raise CkdError(
+                f"runtime.placement strict_pack puts all the job's actors ({_fmt_demand(total)}) on one node, but no "
+                f"node has that much (nodes: {_nodes_text(nodes)}); use placement: pack, or lower the resources"
+            )
+    if placement == "strict_spread" and asking:
+        # a bundle per node: every actor needs a node of its own that holds it
+        holders = [sum(_fits(node, d) for node in nodes) for d in asking.values()]
+        if len(asking) > len(nodes) or min(holders) < len(asking):
+            raise CkdError(
+                f"runtime.placement strict_spread puts each of the job's {len(asking)} actors on its own node, but "
+                f"the Ray cluster has {len(nodes)} node(s) (nodes: {_nodes_text(nodes)}) and not every actor fits "
+                f"{len(asking)} of them; use placement: spread, or add nodes (`ckd cluster up --workers N`)"
             )
 
 
@@ -243,30 +268,36 @@ class Reservation:
 
 
 def reserve_actors(demands: dict[str, dict[str, float]], timeout_s: float = 60.0,
-                   strategy: str = "PACK") -> Reservation:
+                   strategy: str = "pack") -> Reservation:
     """Reserve one bundle per actor (``{"CPU": x, "GPU": y}``) or fail in one sentence.
 
     PACK puts the bundles on as few nodes as fit (block data and knowledge stay node-local), and
     across nodes when they do not. An actor larger than every node, or a job larger than the
     cluster, fails at once; anything else that is not placed within ``timeout_s`` (fragmented
     nodes, resources held by other jobs) fails then, and the partial reservation is removed.
-    Actors that ask for nothing get no bundle (strategy None: Ray's default).
+    Actors that ask for nothing get no bundle (strategy None: Ray's default). ``strategy`` is the job
+    file's ``runtime.placement`` (``pack``, ``spread``, ``strict_pack``, ``strict_spread``; Ray's upper-case
+    names are accepted too): SPREAD puts the bundles on as many nodes as possible.
     """
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    check_resources(demands)
+    placement = strategy.lower()
+    if placement not in PLACEMENTS:
+        raise CkdError(f"runtime.placement: {strategy!r} is not a placement; use one of {', '.join(PLACEMENTS)}")
+    check_resources(demands, placement)
     names = [n for n, d in demands.items() if any(v > 0 for v in d.values())]
     strategies: dict[str, object | None] = {n: None for n in demands}
     if not names:
         return Reservation(None, strategies)
     bundles = [{r: float(v) for r, v in demands[n].items() if v > 0} for n in names]
-    group = placement_group(bundles, strategy=strategy)
+    group = placement_group(bundles, strategy=PLACEMENTS[placement])
     if not group.wait(timeout_seconds=timeout_s):
         remove_placement_group(group)
         who = ", ".join(f"{n} ({_fmt_demand(demands[n])})" for n in names)
+        how = "" if placement == "pack" else f" with placement {placement}"
         raise CkdError(
-            f"the job's actors {who} could not be placed on the Ray cluster within {timeout_s:g} s (nodes: "
+            f"the job's actors {who} could not be placed on the Ray cluster{how} within {timeout_s:g} s (nodes: "
             f"{_nodes_text(_alive_nodes())}, some may be busy with other jobs); lower the resources of the "
             f"teachers/student, free the cluster, or add nodes"
         )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,19 +26,22 @@ import ray
 from ray.exceptions import RayActorError
 
 from ..checksums import file_sha256
-from ..config import JobSpec
+from ..config import LIVE_KEEP_LAST, JobSpec
 from ..continual import BlockResult, model_key, run_block
 from ..continual.snapshot_eval import learner_states
-from ..data.sources import open_source
+from ..data.sources import open_source, source_plan
 from ..errors import CkdError
 from ..eval.metrics import undefined_as_none
 from ..locks import single_driver
-from ..snapshots import (MANIFEST, list_snapshots, prune_snapshots, remove_job_snapshots, resolve_snapshot,
+from ..snapshots import (MANIFEST, block_dir_name, list_snapshots, prune_snapshots, remove_job_snapshots, resolve_snapshot,
                          write_snapshot)
 from ..stream import BlockPlan, StreamStore
-from .actors import StaleActorError, spawn_learner
+from ..stream.catalog import StoreBusyError
+from ..stream.live import policy_of
+from .actors import StaleActorError, actor_device, spawn_learner
 from .executor import RayExecutor
 from .cluster import check_address, ray_session, reserve_actors
+from .metrics import JobMetrics, model_metrics
 
 Progress = Callable[[dict], None]
 
@@ -52,6 +56,8 @@ class JobResult:
     resumed_from: int | None = None
     retries: int = 0  # blocks retried after an actor died
     dashboard_url: str | None = None
+    placement: dict[str, dict] = field(default_factory=dict)
+    stopped: bool = False  # a follow run stopped by SIGINT / SIGTERM (or `stop`)  # actor → its ping: node_id, node (ckd_node_*), device
 
 
 @dataclass
@@ -148,14 +154,28 @@ def _recover(job: JobSpec, store: StreamStore, runs: Path, restart: bool, emit: 
 @single_driver  # one running driver per job: a second submit fails at once, naming this one
 def run_job(job: JobSpec, address: str | None = None, restart: bool = False, progress: Progress | None = None,
             max_blocks: int | None = None, dashboard_host: str = "127.0.0.1",
-            node_ip_address: str | None = None) -> JobResult:
-    emit = progress or (lambda _e: None)
+            node_ip_address: str | None = None, follow: bool = False, poll_s: float = 30.0, flush: bool = False,
+            stop: threading.Event | None = None) -> JobResult:
+    """Run the job's blocks. A live block policy (``blocks.window`` / ``blocks.rows``) appends the blocks that are
+    complete now (``flush``: the incomplete rest too); ``follow`` then waits for new data and runs each new block
+    as soon as it is complete, until SIGINT / SIGTERM or ``stop`` is set (the running block is abandoned at its
+    next stage, uncommitted: a re-submit runs it again from the last commit)."""
+    stop = stop if stop is not None else threading.Event()
+    emit = _stop_at_stage(progress or (lambda _e: None), stop)
+    if (follow or flush) and not job.blocks.live:
+        raise CkdError(f"--{'follow' if follow else 'flush'}: job {job.name!r} cuts a fixed plan (blocks.base_fraction / "
+                       f"incremental); give it a live block policy, e.g. blocks: {{window: 1d}} or {{rows: 50000}}")
+    if follow and flush:
+        raise CkdError("--flush ends the stream (the incomplete last block is cut and run), --follow waits for more: "
+                       "pass one; stop the follower, then `ckd submit JOB --flush` at the end of a stream")
     if max_blocks is not None and max_blocks < 1:
         raise CkdError(f"--max-blocks: must be at least 1, got {max_blocks}")
     if address:
         check_address(address)  # before anything is read or written
     store: StreamStore = open_source(job.source)
     store.verify_segments(checksum=False)  # a damaged segment is named and refused before Ray starts
+    if job.blocks.live:  # ingests into the store it follows hold the catalog for moments: wait them out
+        store.lock_wait_s = max(store.lock_wait_s, 120.0)
     runs = job.snapshot_dir
     for side in ("terms", "feedback"):
         for i, term in enumerate(getattr(job.distill, side)):
@@ -163,36 +183,53 @@ def run_job(job: JobSpec, address: str | None = None, restart: bool = False, pro
                 raise CkdError(f"distill.{side}[{i}].k: {term.k} is larger than the {store.num_items} items in the "
                                f"store {store.root}; lower it")
     rec = _recover(job, store, runs, restart, emit)
-    b = job.blocks
-    if rec.plan_id is not None:  # a lineage keeps its plan; data ingested since goes to a later lineage
+    if job.blocks.live:  # a live plan grows: the blocks complete now are appended (cut once, never changed)
+        plan, waiting = store.advance_live_plan(policy_of(job.blocks, job.seed), flush=flush)
+    elif rec.plan_id is not None:  # a lineage keeps its plan; data ingested since goes to a later lineage
         plan = store.get_plan(rec.plan_id)
     else:
-        plan = store.ensure_plan(b.base_fraction, b.incremental, b.split, job.seed)
+        plan = source_plan(store, job)  # dataset files: the fixed split's one block
     result = JobResult(job, plan, runs, history=rec.history, resumed_from=rec.start or None)
     end = plan.num_blocks if max_blocks is None else min(plan.num_blocks, rec.start + max_blocks)
-    if rec.start >= plan.num_blocks:
-        emit({"type": "info", "message": f"all {plan.num_blocks} blocks already committed in {runs}"})
+    if rec.start >= plan.num_blocks and not follow:
+        more = (f"; {waiting['pending_rows']:,} rows wait for {waiting['needs']} (or --flush)"
+                if plan.is_live and waiting["pending_rows"] else "")
+        emit({"type": "info", "message": f"all {plan.num_blocks} blocks already committed in {runs}{more}"})
         return result
     emit({"type": "plan", "plan": plan, "start": rec.start, "end": end})
 
     specs = {model_key("teacher", t.name): t for t in job.teachers}
     specs["student"] = job.student
+    for n, s in specs.items():  # runtime.device cuda for an actor given no GPU: refused before Ray starts
+        actor_device(job.runtime.device, s.resources.num_gpus, f"the model {s.name}", cuda_available=True)
     with ray_session(address, job.runtime.num_cpus, namespace=f"ckd-{job.name}",
                      dashboard_host=dashboard_host, node_ip_address=node_ip_address) as session:
         result.dashboard_url = session.dashboard_url
         emit({"type": "ray", "address": session.address, "dashboard": session.dashboard_url})
         demands = {n: {"CPU": s.resources.num_cpus, "GPU": s.resources.num_gpus} for n, s in specs.items()}
-        reservation = reserve_actors(demands, timeout_s=job.runtime.placement_timeout_s)  # fails here, in one line
+        reservation = reserve_actors(demands, timeout_s=job.runtime.placement_timeout_s,
+                                     strategy=job.runtime.placement)  # fails here, in one line
         actors = {n: spawn_learner(n, s, job.seed, job.runtime.device, (rec.states or {}).get(n),
                                    max_restarts=job.runtime.max_restarts, scheduling_strategy=reservation.strategies[n])
                   for n, s in specs.items()}
+        metrics = feed = None
         try:
-            ray.get([a.ping.remote() for a in actors.values()])
+            result.placement = dict(zip(actors, ray.get([a.ping.remote() for a in actors.values()])))
+            refused = [p["error"] for p in result.placement.values() if p.get("error")]
+            if refused:  # e.g. a GPU was asked for and the actor's process sees none: no silent CPU fallback
+                raise CkdError(refused[0])
+            metrics = JobMetrics(job.name)
+            if result.history and rec.start > 0:
+                snap_manifest = runs / block_dir_name(rec.start - 1) / MANIFEST
+                metrics.resumed(snap_manifest.stat().st_mtime if snap_manifest.exists() else None)
             # blocks before `start` are read (not trained): history for masks and sampling
             block_refs = [ray.put(store.read_block(plan.plan_id, k)) for k in range(rec.start)]
             states = rec.states
-            for k in range(rec.start, end):
+            feed = _BlockFeed(store, job, plan, rec.start, max_blocks, follow, poll_s, stop, emit)
+            for k in feed:  # the plan's blocks; with follow, each new one once it is complete
+                plan = result.plan = feed.plan
                 block_refs.append(ray.put(store.read_block(plan.plan_id, k)))
+                metrics.block_started(k)
                 previous_valid = result.history[-1]["valid"] if result.history else None
                 res, states = _run_block_with_retries(job, k, block_refs, actors, states, emit, result, previous_valid)
                 entry = undefined_as_none({  # an undefined metric (no test user in a group, …) is null, never NaN
@@ -206,16 +243,111 @@ def run_job(job: JobSpec, address: str | None = None, restart: bool = False, pro
                 store.commit_block(job.name, job.config_hash(), plan.plan_id, k, manifest["rows_covered"],
                                    str(snap.path), manifest_digest(snap.path), results=block_results(entry))
                 failpoint(f"commit:{k}")
+                metrics.block_done(k, plan.blocks[k].rows, res.seconds, res.stages, time.time(), model_metrics(res))
                 result.history = history
-                if job.snapshots.keep_last:
-                    prune_snapshots(runs, job.snapshots.keep_last, set(job.snapshots.keep))
+                keep_last = job.snapshots.keep_last
+                if keep_last is None:  # default: every snapshot of a fixed plan, the newest few of a live one
+                    keep_last = LIVE_KEEP_LAST if job.blocks.live else 0
+                if keep_last:
+                    prune_snapshots(runs, keep_last, set(job.snapshots.keep))
                 result.results.append(res)
                 emit({"type": "block", "result": res, "snapshot": snap.path})
+        except _Stopped:
+            result.stopped = True
         finally:
+            if feed is not None:
+                feed.close()
+            if metrics is not None:
+                metrics.close()
             for a in actors.values():
                 ray.kill(a, no_restart=True)
             reservation.release()
     return result
+
+
+class _Stopped(Exception):
+    """A stop was asked for: the running block is abandoned at its next stage; nothing of it is committed."""
+
+
+def _stop_at_stage(emit: Progress, stop: threading.Event) -> Progress:
+    """``emit``, raising ``_Stopped`` when a stage starts after a stop was asked for (the running stage ends first)."""
+
+    def wrapped(e: dict) -> None:
+        if e.get("type") == "stage" and stop.is_set():
+            raise _Stopped()
+        emit(e)
+
+    return wrapped
+
+
+class _BlockFeed:
+    """The blocks to run, in order: those of the plan now; with ``follow`` (a live plan), then each new block
+    once it is complete, polling the store every ``poll_s`` seconds until a stop is asked for. While it
+    follows, SIGINT / SIGTERM set ``stop`` (a second one interrupts at once)."""
+
+    def __init__(self, store: StreamStore, job: JobSpec, plan: BlockPlan, start: int, max_blocks: int | None,
+                 follow: bool, poll_s: float, stop: threading.Event, emit: Progress):
+        self.store, self.plan, self.start, self.follow, self.poll_s, self.stop, self.emit = \
+            store, plan, start, follow, poll_s, stop, emit
+        self.policy = policy_of(job.blocks, job.seed) if job.blocks.live else None
+        self.limit = None if max_blocks is None else start + max_blocks
+        self._handlers = _catch_signals(stop, emit) if follow else {}  # after ray.init: it sets its own SIGTERM
+
+    def __iter__(self):
+        k = self.start
+        while True:
+            if self.stop.is_set():
+                raise _Stopped()
+            if self.limit is not None and k >= self.limit:
+                return
+            if k < self.plan.num_blocks:
+                yield k
+                k += 1
+            elif not self.follow:
+                return
+            elif not self._wait_for_block(k):
+                raise _Stopped()
+
+    def _wait_for_block(self, k: int) -> bool:
+        """Poll until block k is cut (True) or a stop is asked for (False)."""
+        since = time.monotonic()
+        while not self.stop.is_set():
+            try:
+                plan, waiting = self.store.advance_live_plan(self.policy)
+            except StoreBusyError as e:  # an ingest holds the catalog: look again at the next poll
+                plan, waiting = self.plan, None
+                self.emit({"type": "warning", "message": f"{e} (looking again in {self.poll_s:g}s)"})
+            if plan.num_blocks > k:
+                self.plan = plan
+                self.emit({"type": "blocks", "plan": plan, "start": self.start,
+                           "end": plan.num_blocks if self.limit is None else min(plan.num_blocks, self.limit)})
+                return True
+            if waiting is not None:
+                self.emit({"type": "wait", "done": k, "pending_rows": waiting["pending_rows"],
+                           "needs": waiting["needs"], "waited_s": time.monotonic() - since, "poll_s": self.poll_s})
+            deadline = time.monotonic() + self.poll_s
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                time.sleep(min(0.2, self.poll_s))
+        return False
+
+    def close(self) -> None:
+        for sig, handler in self._handlers.items():
+            signal.signal(sig, handler)
+        self._handlers = {}
+
+
+def _catch_signals(stop: threading.Event, emit: Progress) -> dict:
+    """SIGINT / SIGTERM → ``stop`` (the follower ends after the running stage); a second one → KeyboardInterrupt
+    (at once; a re-submit resumes after the last commit). → the handlers replaced (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum, _frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
 def _run_block_with_retries(job: JobSpec, k: int, block_refs: list, actors: dict, states: dict | None,
@@ -282,10 +414,13 @@ def _manifest(job: JobSpec, plan: BlockPlan, store: StreamStore, k: int, states:
         "model_info": {
             n: {"role": role, "spec_name": spec.name, "backbone": spec.backbone, "dim": spec.dim,
                 "num_users": states[n]["num_users"], "num_items": states[n]["num_items"],
-                "parameters": res.updates[n]["parameters"]}
+                "parameters": res.updates[n]["parameters"],
+                # settings train.grid chose on validation, and the epoch kept by best-epoch choice
+                "chosen": res.updates[n].get("chosen", {}), "best_epoch": res.updates[n].get("best_epoch")}
             for n, (role, spec) in specs.items()
         },
         "metrics": undefined_as_none(res.metrics),
+        "pooled": undefined_as_none(res.pooled),
         "continual": undefined_as_none(res.continual),
         "valid": undefined_as_none(res.valid),
         "history": history,

@@ -53,6 +53,10 @@ CREATE TABLE IF NOT EXISTS plan_blocks (
     ts_start BIGINT NOT NULL, ts_end BIGINT NOT NULL, num_users BIGINT NOT NULL,
     num_items BIGINT NOT NULL, new_users BIGINT NOT NULL, new_items BIGINT NOT NULL,
     PRIMARY KEY (plan_id, block));
+ALTER TABLE plans ADD COLUMN IF NOT EXISTS policy VARCHAR;
+ALTER TABLE plan_blocks ADD COLUMN IF NOT EXISTS late BIGINT;
+ALTER TABLE plan_blocks ADD COLUMN IF NOT EXISTS bound_start BIGINT;
+ALTER TABLE plan_blocks ADD COLUMN IF NOT EXISTS bound_end BIGINT;
 CREATE TABLE IF NOT EXISTS plan_rows (
     plan_id VARCHAR NOT NULL, "offset" BIGINT NOT NULL, block SMALLINT NOT NULL, split TINYINT NOT NULL);
 CREATE TABLE IF NOT EXISTS commits (
@@ -63,17 +67,41 @@ CREATE TABLE IF NOT EXISTS commits (
 CREATE TABLE IF NOT EXISTS block_results (
     commit_id INTEGER NOT NULL, job VARCHAR NOT NULL, lineage VARCHAR NOT NULL, block SMALLINT NOT NULL,
     model VARCHAR NOT NULL, metric VARCHAR NOT NULL, value DOUBLE, PRIMARY KEY (commit_id, model, metric));
+CREATE TABLE IF NOT EXISTS kg_relations (relation_id INTEGER PRIMARY KEY, name VARCHAR NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS kg_entities (
+    entity_id INTEGER PRIMARY KEY, external_id VARCHAR NOT NULL UNIQUE, name VARCHAR);
+CREATE TABLE IF NOT EXISTS kg_triples (
+    head INTEGER NOT NULL, relation_id INTEGER NOT NULL, tail INTEGER NOT NULL, ingest_id INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS item_entities (item VARCHAR PRIMARY KEY, entity_id INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS item_attributes (item VARCHAR PRIMARY KEY, title VARCHAR, "year" INTEGER, genres VARCHAR);
+CREATE TABLE IF NOT EXISTS kg_ingests (
+    ingest_id INTEGER PRIMARY KEY, content_hash VARCHAR NOT NULL UNIQUE, source VARCHAR NOT NULL,
+    rows_read BIGINT NOT NULL, rows_taken BIGINT NOT NULL, rows_quarantined BIGINT NOT NULL,
+    created_at TIMESTAMP NOT NULL);
+CREATE TABLE IF NOT EXISTS kg_quarantine (
+    ingest_id INTEGER NOT NULL, source VARCHAR NOT NULL, row_number BIGINT NOT NULL,
+    reason VARCHAR NOT NULL, raw VARCHAR NOT NULL);
 CREATE VIEW IF NOT EXISTS results AS
     SELECT r.job, r.lineage, r.block, r.model, r.metric, r.value FROM block_results r
     JOIN commits c ON c.commit_id = r.commit_id WHERE c.revoked_at IS NULL;
 """
+# kg_*: item knowledge (stream/kg.py): triples over stable entity / relation ids, items linked to entities by
+# their external id (so knowledge may arrive before the item's first interaction), item titles / years / genres.
+# plans.policy: NULL for the research protocol (a fixed plan), else a live policy (stream/live.py) whose
+# blocks are appended as data arrive; plan_blocks.late: rows that arrived after their window was cut,
+# bound_start/bound_end: the block's time bounds (a window, or the base block's end).
 # block_results: every committed block's numbers per model (a NaN / undefined metric is NULL), kept
 # with revoked commits for the record; the view `results` shows those of active commits only.
 # Fixed order, used by the fingerprint.
 TABLES = ("meta", "users", "items", "segments", "ingests", "quarantine", "plans", "plan_blocks", "plan_rows",
-          "commits", "block_results")
+          "commits", "block_results", "kg_relations", "kg_entities", "kg_triples", "item_entities", "item_attributes",
+          "kg_ingests", "kg_quarantine")
 
 LOCK_WAIT_S = 5.0
+
+
+class StoreBusyError(CkdError):
+    """Another process held the catalog's lock for longer than the wait: try again later (not a data problem)."""
 
 
 def now_utc() -> datetime:
@@ -94,7 +122,7 @@ def connect(root: Path, write: bool, lock_wait_s: float = LOCK_WAIT_S) -> Iterat
                 reason = str(e).splitlines()[0]
                 raise CkdError(f"Cannot open the catalog of the stream store {root}: {reason}.") from None
             if time.monotonic() >= deadline:
-                raise CkdError(
+                raise StoreBusyError(
                     f"The stream store {root} is in use by another process (catalog.duckdb is locked); "
                     f"wait for it to finish or stop it, then retry."
                 ) from None
@@ -175,6 +203,12 @@ def segment_records(con: duckdb.DuckDBPyConnection, below: int | None = None) ->
     rows = con.sql(query + (" WHERE segment_id < ?" if below is not None else "") + " ORDER BY segment_id",
                    params=[below] if below is not None else []).fetchall()
     return [SegmentRecord(int(i), p, src, int(n), None if b is None else int(b), h) for i, p, src, n, b, h in rows]
+
+
+def has_live_plans(con: duckdb.DuckDBPyConnection) -> bool:
+    """False for a catalog made before live block policies (plans.policy, plan_blocks.late: the ALTERs)."""
+    return bool(scalar(con, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'plan_blocks' "
+                            "AND column_name = 'bound_end'"))
 
 
 def has_segment_checksums(con: duckdb.DuckDBPyConnection) -> bool:
@@ -266,14 +300,23 @@ def insert_results(con: duckdb.DuckDBPyConnection, commit_id: int, job: str, lin
 
 def insert_plan(con: duckdb.DuckDBPyConnection, plan: dict, blocks: pa.Table, rows: pa.Table) -> None:
     con.execute(
-        "INSERT INTO plans VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO plans (plan_id, base_fraction, incremental, split_train, split_valid, split_test, seed, "
+        "total_rows, segment_hashes, created_at, policy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [plan["plan_id"], plan["base_fraction"], plan["incremental"], *plan["split"], plan["seed"],
-         plan["total_rows"], plan["segment_hashes"], plan["created_at"]],
+         plan["total_rows"], plan["segment_hashes"], plan["created_at"], plan.get("policy")],
     )
+    insert_plan_blocks(con, plan["plan_id"], blocks, rows)
+
+
+def insert_plan_blocks(con: duckdb.DuckDBPyConnection, plan_id: str, blocks: pa.Table, rows: pa.Table) -> None:
+    """Blocks (block, rows, ts_start, ts_end, num_users, num_items, new_users, new_items[, late, bound_start,
+    bound_end]) and their rows (offset, block, split) of a plan."""
+    live = [c for c in ("late", "bound_start", "bound_end") if c in blocks.column_names]
     with registered(con, "_ckd_plan_blocks", blocks):
         con.execute(
-            "INSERT INTO plan_blocks SELECT ?, block, rows, ts_start, ts_end, num_users, num_items, "
-            "new_users, new_items FROM _ckd_plan_blocks", [plan["plan_id"]],
+            "INSERT INTO plan_blocks (plan_id, block, rows, ts_start, ts_end, num_users, num_items, new_users, "
+            f"new_items{''.join(', ' + c for c in live)}) SELECT ?, block, rows, ts_start, ts_end, num_users, "
+            f"num_items, new_users, new_items{''.join(', ' + c for c in live)} FROM _ckd_plan_blocks", [plan_id],
         )
     with registered(con, "_ckd_plan_rows", rows):
-        con.execute('INSERT INTO plan_rows SELECT ?, "offset", block, split FROM _ckd_plan_rows', [plan["plan_id"]])
+        con.execute('INSERT INTO plan_rows SELECT ?, "offset", block, split FROM _ckd_plan_rows', [plan_id])

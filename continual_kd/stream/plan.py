@@ -26,6 +26,9 @@ class BlockInfo:
     num_items: int
     new_users: int  # ids first seen in this block
     new_items: int
+    late: int = 0  # live plans: rows that arrived after their own window was cut (stream/live.py)
+    bound_start: int | None = None  # live plans: the block's time bounds (window, or the base block's end)
+    bound_end: int | None = None
 
 
 @dataclass(frozen=True)
@@ -37,10 +40,15 @@ class BlockPlan:
     seed: int
     total_rows: int
     blocks: tuple[BlockInfo, ...]  # len = incremental + 1; blocks[0] is the base block
+    policy: str | None = None  # None: the research protocol (fixed); else a live policy (JSON, stream/live.py)
 
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
+
+    @property
+    def is_live(self) -> bool:
+        return self.policy is not None
 
 
 def validate_plan_args(base_fraction: float, incremental: int, split: tuple[float, float, float], seed: int) -> None:

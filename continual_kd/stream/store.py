@@ -19,11 +19,13 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -41,7 +43,9 @@ from continual_kd.stream.ingest import (
 from continual_kd.stream.segments import (
     SegmentRecord, check_segments, fsync_dir, segment_problem, write_segment,
 )
+from continual_kd.stream.kg import read_item_graph
 from continual_kd.stream.plan import BlockInfo, BlockPlan, compute_plan, plan_id_for, validate_plan_args
+from continual_kd.stream.live import Cursor, LivePolicy, block_split, cut_blocks, live_plan_id, next_window_end
 from continual_kd.types import Interactions
 
 SEGMENTS_DIR = "segments"
@@ -104,7 +108,8 @@ class StreamStore:
         with self._connect(write=False) as con:
             tables = {t for (t,) in con.sql("SELECT table_name FROM information_schema.tables").fetchall()}
             checksums = "segments" in tables and catalog.has_segment_checksums(con)
-        if not set(catalog.TABLES) <= tables or not checksums:
+            live = "plan_blocks" in tables and catalog.has_live_plans(con)
+        if not set(catalog.TABLES) <= tables or not checksums or not live:
             with self._connect(write=True) as con:
                 catalog.create_schema(con)
 
@@ -424,8 +429,9 @@ class StreamStore:
                                                     base_fraction, incremental, split, seed)
             plan = BlockPlan(plan_id=plan_id, base_fraction=base_fraction, incremental=incremental,
                              split=split, seed=seed, total_rows=len(ts), blocks=tuple(blocks))
-            block_table = pa.Table.from_pylist([dataclasses.asdict(b) for b in blocks]).rename_columns(
-                ["block", "rows", "ts_start", "ts_end", "num_users", "num_items", "new_users", "new_items"])
+            block_table = pa.Table.from_pylist([dataclasses.asdict(b) for b in blocks]).select(
+                ["index", "rows", "ts_start", "ts_end", "num_users", "num_items", "new_users", "new_items"]
+            ).rename_columns(["block", "rows", "ts_start", "ts_end", "num_users", "num_items", "new_users", "new_items"])
             row_table = pa.table({"offset": offsets, "block": block, "split": row_split})
             try:
                 con.execute("BEGIN")
@@ -439,6 +445,138 @@ class StreamStore:
                 _rollback(con)
                 raise
         return plan
+
+    def ensure_fixed_plan(self, parts: list[tuple[str, int]]) -> BlockPlan:
+        """One block whose rows are exactly the named ingests' rows, each ingest one split: ``parts`` is
+        [(content hash, TRAIN | VALID | TEST)], e.g. a benchmark's train/valid/test files (no time cut, no
+        random split). The store must hold those ingests and nothing else. Created once, like ``ensure_plan``."""
+        key = json.dumps(["fixed", [[h, int(sp)] for h, sp in parts]])
+        plan_id = "fixed-" + hashlib.sha256(key.encode()).hexdigest()[:10]
+        with self._connect(write=True) as con:
+            stored = _load_plan(con, plan_id)
+            if stored is not None:
+                return stored
+            segments = {s.segment_id: s for s in catalog.segment_records(con)}
+            chosen = [(catalog.find_ingest(con, h), sp) for h, sp in parts]
+            if any(found is None or found["segment_id"] is None for found, _ in chosen):
+                raise CkdError(f"The stream store {self.root} lacks the rows of one of the fixed split's files; "
+                               f"ingest them first (or use a new store folder).")
+            if set(segments) != {found["segment_id"] for found, _ in chosen}:
+                raise CkdError(f"The stream store {self.root} holds other rows than the fixed split's files (e.g. "
+                               f"an older version of a file); use a new, empty store folder for this split.")
+            tables = []
+            for found, sp in chosen:
+                [path] = check_segments(self.root, [segments[found["segment_id"]]])
+                t = con.sql('SELECT "offset", ts, "user", item FROM read_parquet(?)', params=[path]).to_arrow_table()
+                tables.append(t.append_column("split", pa.array(np.full(t.num_rows, sp, np.int8))))
+            data = pa.concat_tables(tables).sort_by([("ts", "ascending"), ("offset", "ascending")])
+            users, items, ts = (data.column(c).to_numpy() for c in ("user", "item", "ts"))
+            info = BlockInfo(index=0, rows=len(ts), ts_start=int(ts[0]), ts_end=int(ts[-1]),
+                             num_users=int(users.max()) + 1, num_items=int(items.max()) + 1,
+                             new_users=len(np.unique(users)), new_items=len(np.unique(items)))
+            fractions = np.bincount(data.column("split").to_numpy(), minlength=3) / len(ts)
+            plan = BlockPlan(plan_id=plan_id, base_fraction=1.0, incremental=0, split=tuple(map(float, fractions)),
+                             seed=0, total_rows=len(ts), blocks=(info,))
+            block_table = pa.table({"block": [0], **{k: [getattr(info, k)] for k in (
+                "rows", "ts_start", "ts_end", "num_users", "num_items", "new_users", "new_items")}})
+            row_table = pa.table({"offset": data.column("offset"), "block": pa.array(np.zeros(len(ts), np.int16)),
+                                  "split": data.column("split")})
+            try:
+                con.execute("BEGIN")
+                catalog.insert_plan(con, {
+                    "plan_id": plan_id, "base_fraction": plan.base_fraction, "incremental": 0, "split": plan.split,
+                    "seed": 0, "total_rows": len(ts), "segment_hashes": ",".join(h for h, _ in parts),
+                    "created_at": catalog.now_utc(),
+                }, block_table, row_table)
+                con.execute("COMMIT")
+            except BaseException:
+                _rollback(con)
+                raise
+        return plan
+
+    def advance_live_plan(self, policy: LivePolicy, flush: bool = False) -> tuple[BlockPlan, dict]:
+        """Create the live plan of ``policy`` when missing and append every block that is complete now (with
+        ``flush`` the incomplete rest too). Blocks already cut never change: late rows join the next block.
+
+        → (plan, waiting): ``pending_rows`` stored but in no block yet, ``needs`` what completes the next one.
+        """
+        plan_id = live_plan_id(policy)
+        with self._connect(write=True) as con:
+            plan = _load_plan(con, plan_id)
+            if plan is None:
+                con.execute(
+                    "INSERT INTO plans (plan_id, base_fraction, incremental, split_train, split_valid, split_test, seed, "
+                    "total_rows, segment_hashes, created_at, policy) VALUES (?, ?, 0, ?, ?, ?, ?, 0, '', ?, ?)",
+                    [plan_id, policy.base_fraction or 0.0, *policy.split, policy.seed, catalog.now_utc(),
+                     policy.to_json()])
+                plan = _load_plan(con, plan_id)
+            stored, max_ts = con.sql("SELECT coalesce(sum(rows), 0), max(ts_max) FROM segments").fetchall()[0]
+            pending = int(stored) - plan.total_rows
+            cursor = _cursor(plan)
+            end = next_window_end(policy, cursor)
+            worth = pending > 0 and (flush or end is None or max_ts >= end) and (
+                flush or policy.rows is None or cursor.blocks == 0 or pending >= policy.rows)
+            if worth:
+                plan = self._cut_live(con, plan, policy, cursor, int(max_ts), flush)
+                pending = int(stored) - plan.total_rows
+        return plan, {"pending_rows": pending, "needs": _needs(policy, _cursor(plan), pending)}
+
+    def _cut_live(self, con: duckdb.DuckDBPyConnection, plan: BlockPlan, policy: LivePolicy, cursor: Cursor,
+                  max_ts: int, flush: bool) -> BlockPlan:
+        records = catalog.segment_records(con)
+        # only segments that still hold rows in no block of the plan are read (offsets are contiguous per segment)
+        open_ids = {int(i) for (i,) in con.sql(
+            'SELECT s.segment_id FROM segments s WHERE s.rows > (SELECT count(*) FROM plan_rows p WHERE '
+            'p.plan_id = ? AND p."offset" >= s.first_offset AND p."offset" < s.first_offset + s.rows)',
+            params=[plan.plan_id]).fetchall()}
+        paths = check_segments(self.root, [r for r in records if r.segment_id in open_ids])
+        data = con.sql(
+            'SELECT s."offset", s.ts, s."user", s.item FROM read_parquet(?) s WHERE NOT EXISTS (SELECT 1 FROM '
+            'plan_rows p WHERE p.plan_id = ? AND p."offset" = s."offset") ORDER BY s.ts, s."offset"',
+            params=[paths, plan.plan_id]).fetchnumpy()
+        offsets, ts = np.asarray(data["offset"], np.int64), np.asarray(data["ts"], np.int64)
+        users, items = np.asarray(data["user"], np.int64), np.asarray(data["item"], np.int64)
+        cuts = cut_blocks(policy, cursor, ts, max_ts, flush)
+        if not cuts:
+            return plan
+        seen = {}
+        for kind, column, ids in (("user", "user", users), ("item", "item", items)):
+            mask = np.zeros(catalog.count_ids(con, kind) + 1, dtype=bool)
+            old = con.sql(f'SELECT DISTINCT s."{column}" FROM plan_rows p JOIN read_parquet(?) s ON s."offset" = p."offset" '
+                          f'WHERE p.plan_id = ?', params=[check_segments(self.root, records), plan.plan_id]).fetchnumpy()
+            mask[np.asarray(old[column], np.int64)] = True
+            seen[kind] = mask
+        last = plan.blocks[-1] if plan.blocks else None
+        num_users, num_items = (last.num_users, last.num_items) if last else (0, 0)
+        block_rows, row_parts = [], []
+        for j, cut in enumerate(cuts):
+            k = cursor.blocks + j
+            u, i, t = users[cut.take], items[cut.take], ts[cut.take]
+            num_users, num_items = max(num_users, int(u.max()) + 1), max(num_items, int(i.max()) + 1)
+            new_u, new_i = np.unique(u[~seen["user"][u]]), np.unique(i[~seen["item"][i]])
+            seen["user"][u], seen["item"][i] = True, True
+            block_rows.append({"block": k, "rows": len(u), "ts_start": int(t.min()), "ts_end": int(t.max()),
+                               "num_users": num_users, "num_items": num_items, "new_users": len(new_u),
+                               "new_items": len(new_i), "late": cut.late, "bound_start": cut.bound_start,
+                               "bound_end": cut.bound_end})
+            row_parts.append(pa.table({"offset": offsets[cut.take], "block": np.full(len(u), k, np.int16),
+                                       "split": block_split(u, policy.split, policy.seed, k)}))
+        added = sum(b["rows"] for b in block_rows)
+        try:
+            con.execute("BEGIN")
+            catalog.insert_plan_blocks(con, plan.plan_id, pa.Table.from_pylist(block_rows), pa.concat_tables(row_parts))
+            con.execute("UPDATE plans SET total_rows = total_rows + ? WHERE plan_id = ?", [added, plan.plan_id])
+            con.execute("COMMIT")
+        except BaseException:
+            _rollback(con)
+            raise
+        return _load_plan(con, plan.plan_id)
+
+    def live_pending(self, plan: BlockPlan) -> int:
+        """Rows stored but in no block of the (live) plan yet."""
+        with self._connect(write=False) as con:
+            stored = int(catalog.scalar(con, "SELECT coalesce(sum(rows), 0) FROM segments"))
+        return stored - plan.total_rows
 
     def get_plan(self, plan_id: str) -> BlockPlan:
         with self._connect(write=False) as con:
@@ -472,13 +610,14 @@ class StreamStore:
                 'WHERE p.plan_id = ? AND p.block BETWEEN ? AND ? ORDER BY s.ts, s."offset"',
                 params=[check_segments(self.root, catalog.segment_records(con)), plan_id, first, last],
             ).fetchnumpy()
-        info = plan.blocks[last]
+            info = plan.blocks[last]
+            graph = read_item_graph(con, info.num_items)  # item knowledge, if any was ingested (stream/kg.py)
         return Interactions(
             users=np.asarray(data["user"], dtype=np.int64), items=np.asarray(data["item"], dtype=np.int64),
             ts=np.asarray(data["ts"], dtype=np.int64), weight=np.asarray(data["weight"], dtype=np.float32),
             block=np.asarray(data["block"], dtype=np.int16), split=np.asarray(data["split"], dtype=np.int8),
             num_users=info.num_users, num_items=info.num_items,
-            meta={"plan_id": plan_id, "blocks": (first, last)},
+            meta={"plan_id": plan_id, "blocks": (first, last), **({"item_graph": graph} if graph is not None else {})},
         )
 
     # --- inspection ------------------------------------------------------------------------
@@ -498,6 +637,7 @@ class StreamStore:
             plans = [_load_plan(con, p) for p in plan_ids]
             users, items = catalog.count_ids(con, "user"), catalog.count_ids(con, "item")
             ingests = int(catalog.scalar(con, "SELECT count(*) FROM ingests"))
+        s_rows = sum(s["rows"] for s in segments)
         return {
             "root": str(self.root),
             "segments": segments,
@@ -506,7 +646,8 @@ class StreamStore:
             "rows": sum(s["rows"] for s in segments),
             "ingests": ingests,
             "quarantine": {r: int(by_reason[r]) for r in REASONS if r in by_reason},
-            "plans": [dict(dataclasses.asdict(p), num_blocks=p.num_blocks) for p in plans],
+            "plans": [dict(dataclasses.asdict(p), num_blocks=p.num_blocks, late_rows=sum(b.late for b in p.blocks),
+                           pending_rows=s_rows - p.total_rows if p.is_live else None) for p in plans],
         }
 
     def quarantine(self, limit: int = 100) -> list[dict]:
@@ -656,14 +797,33 @@ def _rollback(con: duckdb.DuckDBPyConnection) -> None:
         pass  # the transaction was never opened or is already gone
 
 
+def _cursor(plan: BlockPlan) -> Cursor:
+    last = plan.blocks[-1] if plan.blocks else None
+    return Cursor(plan.num_blocks, None if last is None else last.bound_end)
+
+
+def _needs(policy: LivePolicy, cursor: Cursor, pending: int) -> str:
+    """What completes the next block of a live plan, in words."""
+    end = next_window_end(policy, cursor)
+    if end is not None:
+        return f"data at or after {datetime.fromtimestamp(end, timezone.utc).strftime('%Y-%m-%d %H:%M:%S')} UTC"
+    if not pending:
+        return "data"
+    if policy.rows is not None and (cursor.blocks > 0 or policy.base_fraction is None):
+        return f"{max(policy.rows - pending, 1):,} more rows"
+    return "data past the first window"
+
+
 def _load_plan(con: duckdb.DuckDBPyConnection, plan_id: str) -> BlockPlan | None:
-    rows = con.sql("SELECT base_fraction, incremental, split_train, split_valid, split_test, seed, total_rows "
+    rows = con.sql("SELECT base_fraction, incremental, split_train, split_valid, split_test, seed, total_rows, policy "
                    "FROM plans WHERE plan_id = ?", params=[plan_id]).fetchall()
     if not rows:
         return None
-    base_fraction, incremental, train, valid, test, seed, total_rows = rows[0]
-    blocks = con.sql("SELECT block, rows, ts_start, ts_end, num_users, num_items, new_users, new_items "
+    base_fraction, incremental, train, valid, test, seed, total_rows, policy = rows[0]
+    blocks = con.sql("SELECT block, rows, ts_start, ts_end, num_users, num_items, new_users, new_items, "
+                     "coalesce(late, 0), bound_start, bound_end "
                      "FROM plan_blocks WHERE plan_id = ? ORDER BY block", params=[plan_id]).fetchall()
     return BlockPlan(plan_id=plan_id, base_fraction=float(base_fraction), incremental=int(incremental),
                      split=(float(train), float(valid), float(test)), seed=int(seed), total_rows=int(total_rows),
-                     blocks=tuple(BlockInfo(*(int(v) for v in b)) for b in blocks))
+                     blocks=tuple(BlockInfo(*(int(v) for v in b[:9]), *(None if v is None else int(v) for v in b[9:]))
+                                  for b in blocks), policy=policy)

@@ -1,0 +1,264 @@
+"""Every distillation method on the peer's own ground: MovieLens-100K, its split, BPR-MF 128 → BPR-MF 16.
+
+    python bench/head_to_head.py [--json PATH] [--methods "no KD,RRD,HTD"] [--epochs 200] [--patience 10]
+
+The split (the one woriazzc/KDs and RecBole-style scripts use): dense ids = sorted original ids - 1;
+every user's items sorted by item id, then shuffled with one ``numpy.random.default_rng(0)`` (users in
+ascending dense id order), cut at l = max(⌊0.8n⌋, 1), r = ⌊0.9n⌋ into train / valid / test
+(79,619 / 9,942 / 10,439 rows). Evaluation masks training pairs only (``eval.exclude: train``: the
+validation items stay in the ranking as negatives, as the peer's evaluator does); every model is kept
+at its best validation NDCG@20 epoch (``train.select: best_valid``).
+
+The teachers are trained once (BPR-MF 128, its L2 chosen on validation from ``--teacher-wd``; for
+HetComp also LightGCN and MultVAE, with their trajectories) and every method trains a fresh BPR-MF 16
+student from them through the library's own stages (``continual.stages``: teacher knowledge → update
+student, on the in-process executor). A method whose term is not registered (yet) is reported n/a.
+
+Printed per method: test NDCG@20 and Recall@20, training rows per second per epoch (the epoch's
+resampling, batches and KD terms; validation and the terms' one-off construction excluded) and the
+served student's parameters; ``--json PATH`` writes ``{method: {"ndcg@20", "recall@20", "rows_per_s",
+"parameters"}}`` (the teachers as ``teacher:<name>`` rows) plus ``"split"`` (row counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import continual_kd.continual.learner as learner_module  # noqa: E402
+from continual_kd.config import parse_job  # noqa: E402
+from continual_kd.continual.learner import Learner  # noqa: E402
+from continual_kd.continual.stages import (BlockRun, InProcessExecutor, model_key, teacher_knowledge,  # noqa: E402
+                                           update_student, update_teachers)
+from continual_kd.distill import TERMS  # noqa: E402
+from continual_kd.errors import CkdError  # noqa: E402
+from continual_kd.types import TEST, TRAIN, VALID, Interactions  # noqa: E402
+
+RRD = {"name": "rrd", "weight": 0.01, "k": 40, "pool": 500, "uninteresting": 40}
+IR_RRD = {"name": "ir_rrd", "weight": 0.005, "k": 40, "pool": 500, "uninteresting": 40}
+MF_TEACHER = {"name": "mf128", "backbone": "mf", "dim": 128}
+HETCOMP_TEACHERS = [MF_TEACHER, {"name": "lightgcn", "backbone": "lightgcn", "dim": 64, "layers": 2},
+                    {"name": "multvae", "backbone": "multvae", "dim": 200, "hidden": 600,
+                     "train_overrides": {"batch_size": 64, "lr": 0.001}}]
+# method → (its distill.terms, teacher set); the peer's figures (its evaluator, this split) for the table
+METHODS = {
+    "no KD": ([], "mf"),
+    "RD": ([{"name": "rd"}], "mf"),
+    "CD": ([{"name": "cd"}], "mf"),
+    "RRD": ([RRD], "mf"),
+    "IR-RRD + RRD": ([RRD, IR_RRD], "mf"),
+    "DE": ([{"name": "de"}], "mf"),
+    "DE + RRD": ([{"name": "de"}, RRD], "mf"),
+    "FTD": ([{"name": "ftd"}], "mf"),
+    "HTD": ([{"name": "htd"}], "mf"),
+    "UnKD": ([{"name": "unkd"}], "mf"),
+    "HetComp": ([{"name": "hetcomp"}], "hetcomp"),
+}
+PEER = {"teacher": (.2916, .3453, 0.94), "no KD": (.2548, .3052, 0.84), "RRD": (.2891, .3442, 1.55),
+        "DE": (.2790, .3316, 5.00), "HTD": (.2631, .3169, 6.82), "UnKD": (.2643, .3160, 1.07)}
+
+
+# ------------------------------------------------------------------------------------- the split
+
+
+def movielens_split() -> Interactions:
+    """MovieLens-100K cut as the module note says: one block, split per row."""
+    from continual_kd.data.movielens import load_movielens_100k
+
+    table = load_movielens_100k()
+    users_ext = np.asarray(table.column("user").to_pylist(), dtype=np.int64)
+    items_ext = np.asarray(table.column("item").to_pylist(), dtype=np.int64)
+    _, users = np.unique(users_ext, return_inverse=True)  # rank among the sorted originals = original - 1
+    _, items = np.unique(items_ext, return_inverse=True)
+    order = np.lexsort((items, users))  # by user, then item id
+    users, items = users[order], items[order]
+    num_users = int(users.max()) + 1
+    starts = np.searchsorted(users, np.arange(num_users))
+    ends = np.append(starts[1:], len(users))
+    rng = np.random.default_rng(0)
+    split = np.empty(len(users), dtype=np.int8)
+    for s, e in zip(starts, ends):  # one generator, users in ascending order: the split is the peer's
+        items[s:e] = rng.permutation(items[s:e])
+        n = e - s
+        lo, hi = max(math.floor(0.8 * n), 1), math.floor(0.9 * n)
+        split[s : s + lo], split[s + lo : s + hi], split[s + hi : e] = TRAIN, VALID, TEST
+    zeros = np.zeros(len(users), dtype=np.int64)
+    return Interactions(users.astype(np.int64), items.astype(np.int64), zeros, np.ones(len(users), np.float32),
+                        np.zeros(len(users), np.int16), split, num_users, int(items.max()) + 1)
+
+
+# ------------------------------------------------------------------------ training time per epoch
+
+EPOCH_TIMES: list[dict] = []  # one entry per train_epochs call: rows, epochs, seconds (hooks excluded)
+_train_epochs = learner_module.train_epochs
+
+
+def _timed_train_epochs(model, users, items, known, epochs, spec, generator, terms=(), on_epoch_end=None,
+                        *args, **kwargs):
+    """The library's loop, timed: the per-epoch hook (validation, trajectory checkpoints) is not counted."""
+    hooks = [0.0]
+    hook = on_epoch_end
+    if hook is not None:
+        def on_epoch_end(epoch, _inner=hook):
+            t = time.perf_counter()
+            out = _inner(epoch)
+            hooks[0] += time.perf_counter() - t
+            return out
+    t0 = time.perf_counter()
+    logs = _train_epochs(model, users, items, known, epochs, spec, generator, terms, on_epoch_end, *args, **kwargs)
+    EPOCH_TIMES.append({"rows": len(users), "epochs": len(logs), "seconds": time.perf_counter() - t0 - hooks[0]})
+    return logs
+
+
+learner_module.train_epochs = _timed_train_epochs
+
+
+# ---------------------------------------------------------------------------------------- a method
+
+
+def job_for(terms: list[dict], teachers: list[dict], args) -> "object":
+    train = {"epochs_base": args.epochs, "select": "best_valid", "patience": args.patience, "batch_size": 1024,
+             "lr": args.lr}
+    teacher_specs = []
+    for t in teachers:
+        t = dict(t)
+        overrides = t.pop("train_overrides", {})
+        grid = {"grid": {"weight_decay": args.teacher_wd}} if t["backbone"] == "mf" and len(args.teacher_wd) > 1 else {}
+        wd = {"weight_decay": args.teacher_wd[0]} if t["backbone"] == "mf" and len(args.teacher_wd) == 1 else {}
+        teacher_specs.append({**t, "train": {**train, **overrides, **grid, **wd}})
+    job = {"name": "head-to-head", "seed": args.seed, "teachers": teacher_specs,
+           "student": {"name": "student", "backbone": "mf", "dim": 16, "train": {**train, "weight_decay": args.student_wd}},
+           "distill": {"terms": terms, "feedback": []}, "eval": {"ks": [20], "exclude": "train"}}
+    return parse_job(job, "bench/head_to_head.py")
+
+
+def train_teachers(seen: Interactions, group: str, args) -> tuple[dict, dict]:
+    """The group's teachers, trained once (HetComp's with their trajectories) → (learners, test metrics)."""
+    specs = [MF_TEACHER] if group == "mf" else HETCOMP_TEACHERS
+    terms = [{"name": "hetcomp"}] if group == "hetcomp" else []
+    job = job_for(terms, specs, args)
+    learners = {model_key("teacher", t.name): Learner(t, job.seed, "cpu", role="teacher") for t in job.teachers}
+    run = BlockRun(job, 0, list(learners))
+    t0 = time.perf_counter()
+    update_teachers(run, InProcessExecutor(learners, seen, 0))
+    metrics = {}
+    for key, lr in learners.items():
+        ev = lr.evaluate_block(seen, 0, job.eval)
+        log = run.updates[key]
+        metrics[key] = {"ndcg@20": ev["test"]["ndcg@20"], "recall@20": ev["test"]["recall@20"],
+                        "valid_ndcg@20": log.get("valid_ndcg@20"), "best_epoch": log.get("best_epoch"),
+                        "chosen": log.get("chosen"), "parameters": ev["parameters"]}
+    print(f"teachers ({group}) trained in {time.perf_counter() - t0:.0f} s: "
+          + ", ".join(f"{k} {m['ndcg@20']:.4f}" for k, m in metrics.items()), file=sys.stderr, flush=True)
+    return learners, metrics
+
+
+def run_method(seen: Interactions, name: str, teachers: dict, args) -> dict:
+    terms, group = METHODS[name]
+    missing = [t["name"] for t in terms if t["name"] not in TERMS]
+    if missing:
+        return {"ndcg@20": None, "recall@20": None, "rows_per_s": None, "parameters": None,
+                "note": f"n/a: term {', '.join(missing)} not registered"}
+    teacher_specs = [MF_TEACHER] if group == "mf" else HETCOMP_TEACHERS
+    job = job_for(terms, teacher_specs, args)
+    learners = {**teachers, "student": Learner(job.student, job.seed, "cpu", role="student")}
+    ex = InProcessExecutor(learners, seen, 0)
+    run = BlockRun(job, 0, [model_key("teacher", t.name) for t in job.teachers])
+    if terms:
+        teacher_knowledge(run, ex)
+    EPOCH_TIMES.clear()
+    t0 = time.perf_counter()
+    update_student(run, ex)
+    seconds = time.perf_counter() - t0
+    timed = [t for t in EPOCH_TIMES if t["epochs"] > 0]
+    rows = sum(t["rows"] * t["epochs"] for t in timed)
+    train_s = sum(t["seconds"] for t in timed)
+    ev = learners["student"].evaluate_block(seen, 0, job.eval)
+    log = run.updates["student"]
+    return {"ndcg@20": ev["test"]["ndcg@20"], "recall@20": ev["test"]["recall@20"],
+            "rows_per_s": rows / train_s if train_s > 0 else None, "parameters": ev["parameters"],
+            "best_epoch": log.get("best_epoch"), "epochs": log.get("epochs"),
+            "valid_ndcg@20": log.get("valid_ndcg@20"), "update_seconds": seconds}
+
+
+def _fmt(x, spec: str) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", type=Path, default=None, help="write the results as JSON")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
+    ap.add_argument("--epochs", type=int, default=200, help="epoch cap of every model (best validation epoch kept)")
+    ap.add_argument("--patience", type=int, default=10, help="epochs without a validation gain before stopping")
+    ap.add_argument("--lr", type=float, default=0.005)
+    ap.add_argument("--teacher-wd", type=lambda s: [float(x) for x in s.split(",")], default=[1e-4, 1e-3, 1e-2],
+                    help="the MF teacher's L2 candidates, chosen on validation (one value: fixed)")
+    ap.add_argument("--student-wd", type=float, default=1e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+
+    seen = movielens_split()
+    counts = {name: int((seen.split == code).sum()) for name, code in (("train", TRAIN), ("valid", VALID),
+                                                                     ("test", TEST))}
+    print(f"split: {counts['train']:,} / {counts['valid']:,} / {counts['test']:,} rows "
+          f"({seen.num_users} users, {seen.num_items} items)", file=sys.stderr)
+    groups = {METHODS[m][1] for m in methods if any(t["name"] in TERMS for t in METHODS[m][0])}
+    teachers, teacher_metrics = {}, {}
+    if "hetcomp" in groups:  # its MF-128 is the single teacher of the other methods too (same seed, same model)
+        teachers["hetcomp"], teacher_metrics = train_teachers(seen, "hetcomp", args)
+        teachers["mf"] = {k: v for k, v in teachers["hetcomp"].items() if k == "teacher:mf128"}
+    elif "mf" in groups:
+        teachers["mf"], teacher_metrics = train_teachers(seen, "mf", args)
+
+    results: dict[str, dict] = {}
+    for m in methods:
+        group = METHODS[m][1]
+        try:
+            results[m] = run_method(seen, m, teachers.get(group, {}), args)
+        except CkdError as e:
+            results[m] = {"ndcg@20": None, "recall@20": None, "rows_per_s": None, "parameters": None,
+                          "note": f"n/a: {e}"}
+        r = results[m]
+        print(f"{m}: NDCG@20 {_fmt(r['ndcg@20'], '.4f')}  Recall@20 {_fmt(r['recall@20'], '.4f')}  "
+              f"{_fmt(r['rows_per_s'], ',.0f')} rows/s  {r.get('note', '')}", file=sys.stderr, flush=True)
+
+    header = f"{'method':<14} {'NDCG@20':>8} {'Recall@20':>9} {'rows/s':>10} {'params':>8}   peer NDCG / Recall / rows/s"
+    print(header)
+    print("-" * len(header))
+    if "teacher:mf128" in teacher_metrics:
+        t = teacher_metrics["teacher:mf128"]
+        peer = PEER["teacher"]
+        print(f"{'teacher MF-128':<14} {t['ndcg@20']:>8.4f} {t['recall@20']:>9.4f} {'':>10} {t['parameters']:>8,}   "
+              f"{peer[0]:.4f} / {peer[1]:.4f} / {79_619 / peer[2]:,.0f}")
+    for m, r in results.items():
+        peer = PEER.get(m)
+        peer_text = f"{peer[0]:.4f} / {peer[1]:.4f} / {79_619 / peer[2]:,.0f}" if peer else ""
+        print(f"{m:<14} {_fmt(r['ndcg@20'], '>8.4f')} {_fmt(r['recall@20'], '>9.4f')} "
+              f"{_fmt(r['rows_per_s'], '>10,.0f')} {_fmt(r['parameters'], '>8,')}   {peer_text}")
+    if args.json is not None:
+        out = {m: {k: r[k] for k in ("ndcg@20", "recall@20", "rows_per_s", "parameters")} for m, r in results.items()}
+        for key, t in teacher_metrics.items():  # the teachers as rows of the same shape (no student rows/s)
+            out[key] = {"ndcg@20": t["ndcg@20"], "recall@20": t["recall@20"], "rows_per_s": None,
+                        "parameters": t["parameters"]}
+        out["split"] = counts
+        args.json.write_text(json.dumps(out, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Choice on validation (best epoch, a grid of settings recorded in the snapshot), replay of earlier
+blocks, and the retrain-from-scratch reference (`continual.strategy: retrain`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from continual_kd.config import load_job, parse_job
+from continual_kd.continual import Learner, make_learners, run_stream_local
+from continual_kd.continual.training import BestEpoch
+from continual_kd.data.sources import open_source
+from continual_kd.eval import model_pairs_mask
+from continual_kd.sparse import UserItemSet
+from continual_kd.types import TRAIN, VALID
+
+
+class _Fixed(torch.nn.Module):
+    """A model whose full scores are one (U, I) parameter: the test sets them per 'epoch'."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.as_tensor(scores, dtype=torch.float32))
+
+    def full_scores(self, users):
+        return self.table[users]
+
+
+def test_best_epoch_keeps_the_peak_and_stops_after_patience():
+    # 2 users × 4 items; user 0's validation item is 2, user 1's is 3; item 0 is known for both
+    relevant = UserItemSet(np.array([0, 1]), np.array([2, 3]), 2, 4)
+    exclude = UserItemSet(np.array([0, 1]), np.array([0, 0]), 2, 4)
+    model = _Fixed(np.zeros((2, 4)))
+    best = BestEpoch(model, relevant, exclude, patience=2, every=1, cap=10, k=2)
+    per_epoch = [
+        [[9, 0, 1, 0], [9, 0, 0, 1]],  # both validation items first: NDCG@2 = 1
+        [[9, 2, 1, 0], [9, 2, 0, 1]],  # both second: 1/log2(3) = 0.6309
+        [[9, 2, 1, 0], [9, 2, 1, 0]],  # one second, one third (outside the top 2): 0.3155
+        [[9, 1, 0, 2], [9, 5, 0, 1]],  # one missing, one second: 0.3155
+    ]
+    stops = []
+    for epoch, scores in enumerate(per_epoch, start=1):
+        with torch.no_grad():
+            model.table.copy_(torch.tensor(scores, dtype=torch.float32))
+        stops.append(best(epoch))
+    assert best.best == pytest.approx(1.0) and best.best_epoch == 1
+    assert [v for _, v in best.history] == pytest.approx([1.0, 1 / np.log2(3), 0.5 / np.log2(3), 0.5 / np.log2(3)])
+    assert stops == [False, False, True, True]  # epoch 3 is 2 epochs past the best: stop
+    best.restore()
+    assert torch.equal(model.table.detach(), torch.tensor(per_epoch[0], dtype=torch.float32))
+
+
+def test_best_epoch_never_stops_with_patience_zero_and_validates_every_n():
+    relevant = UserItemSet(np.array([0]), np.array([1]), 1, 3)
+    model = _Fixed(np.array([[0.0, 1.0, 0.0]]))
+    best = BestEpoch(model, relevant, UserItemSet(np.array([], dtype=np.int64), np.array([], dtype=np.int64), 1, 3),
+                     patience=0, every=3, cap=7, k=2)
+    assert [best(e) for e in range(1, 8)] == [False] * 7
+    assert [e for e, _ in best.history] == [3, 6, 7]  # every 3rd epoch and the cap
+
+
+JOB = """
+name: choice
+seed: 0
+source:
+  dataset: synthetic
+  store: stores/choice
+  synthetic: {users: 150, items: 120, interactions: 4000, periods: 3, seed: 2}
+blocks: {base_fraction: 0.5, incremental: 2}
+teachers:
+  - {name: mf, backbone: mf, dim: 16, train: {epochs_base: 12, epochs_block: 4, batch_size: 256, patience: 3}}
+student: {dim: 8, train: {epochs_base: 12, epochs_block: 4, batch_size: 256}}
+distill: {terms: [{name: rrd, k: 10, pool: 30, uninteresting: 10}]}
+eval: {ks: [10, 20]}
+"""
+
+
+def _job(tmp_path, monkeypatch, extra: dict | None = None):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "choice.yaml"
+    path.write_text(JOB)
+    job = load_job(path)
+    if extra:
+        d = job.to_dict()
+        for key, value in extra.items():
+            d[key] = {**d[key], **value} if isinstance(value, dict) else value
+        job = parse_job(d, str(path))
+    store = open_source(job.source)
+    plan = store.ensure_plan(0.5, 2, (0.8, 0.1, 0.1), job.seed)
+    return job, store, plan
+
+
+def test_update_keeps_the_best_validation_epoch(tmp_path, monkeypatch):
+    job, store, plan = _job(tmp_path, monkeypatch)
+    seen = store.read_blocks(plan.plan_id, 0)
+    learner = Learner(job.teachers[0], job.seed, role="teacher")
+    log = learner.update(seen, 0)
+    assert 1 <= log["best_epoch"] <= log["epochs"] <= 12
+    # the weights kept are the best epoch's: validating again gives the logged figure
+    assert learner.validate(seen, 0, job.eval)["ndcg@20"] == pytest.approx(log["valid_ndcg@20"], abs=1e-6)
+    # the same run without the choice (select: last, as many epochs as were run) ends on the last
+    # validated epoch's weights, no better than the best one
+    last = Learner(job.teachers[0].model_copy(update={"train": job.teachers[0].train.model_copy(
+        update={"select": "last", "epochs_base": log["epochs"]})}), job.seed, role="teacher")
+    last_log = last.update(seen, 0)
+    assert last_log["best_epoch"] == last_log["epochs"] == log["epochs"] and last_log["valid_ndcg@20"] is None
+    last_valid = last.validate(seen, 0, job.eval)["ndcg@20"]
+    assert last_valid <= log["valid_ndcg@20"] + 1e-6
+    if log["best_epoch"] < log["epochs"]:  # stopped by patience: the last epoch was not the best
+        assert last_valid < log["valid_ndcg@20"]
+
+
+def test_grid_is_chosen_on_validation_and_recorded_in_the_state(tmp_path, monkeypatch):
+    job, store, plan = _job(tmp_path, monkeypatch)
+    spec = job.teachers[0]
+    spec = spec.model_copy(update={"train": spec.train.model_copy(update={"grid": {"weight_decay": (1e-4, 0.3)}})})
+    seen = store.read_blocks(plan.plan_id, 0)
+    learner = Learner(spec, job.seed, role="teacher")
+    log = learner.update(seen, 0)
+    scores = {g["weight_decay"]: g["valid_ndcg@20"] for g in log["grid"]}
+    winner = max(scores, key=scores.get)
+    assert learner.chosen == {"weight_decay": winner} and log["chosen"] == {"weight_decay": winner}
+    assert log["valid_ndcg@20"] == pytest.approx(scores[winner])
+    # each candidate equals a run with that setting alone (same start, same seed)
+    alone = Learner(spec.model_copy(update={"train": spec.train.model_copy(update={"grid": {}, "weight_decay": winner})}),
+                    job.seed, role="teacher")
+    assert alone.update(seen, 0)["valid_ndcg@20"] == pytest.approx(scores[winner], abs=1e-6)
+    # the choice is saved with the weights and used by later updates (no new grid)
+    restored = Learner(spec, job.seed, role="teacher")
+    restored.load(learner.state())
+    assert restored.chosen == {"weight_decay": winner}
+    later = restored.update(store.read_blocks(plan.plan_id, 1), 1)
+    assert later["grid"] == [] and later["chosen"] == {"weight_decay": winner}
+
+
+def test_replay_draws_only_history_and_from_every_earlier_block(tmp_path, monkeypatch):
+    job, store, plan = _job(tmp_path, monkeypatch)
+    seen = store.read_blocks(plan.plan_id, 2)
+    learner = Learner(job.teachers[0], job.seed, role="teacher")
+    history = model_pairs_mask(seen, 2) & ~((seen.block == 2) & (seen.split == TRAIN))
+    key = seen.users.astype(np.int64) * seen.num_items + seen.items
+    block_of = dict(zip(key[history].tolist(), seen.block[history].tolist()))
+    for by in ("user", "pair"):
+        draw = learner._replay_sampler(seen, 2, 5000, by)
+        u, i = draw(torch.Generator().manual_seed(0))
+        drawn = (u.numpy() * seen.num_items + i.numpy()).tolist()
+        assert len(drawn) == 5000 and all(k in block_of for k in drawn)  # only what the model may know of earlier blocks
+        assert {block_of[k] for k in drawn} == {0, 1}
+        users = np.unique(seen.users[history])
+        per_user = np.bincount(u.numpy(), minlength=seen.num_users)[users]
+        if by == "user":  # every history user about equally often (5000 / |users| each)
+            assert per_user.std() / per_user.mean() < 0.35
+    # a warm update with replay trains on the block plus that many replayed rows per epoch
+    run_stream_local(job, lambda k: store.read_blocks(plan.plan_id, k), 2, learners={"teacher:mf": learner,
+                     "student": Learner(job.student, job.seed)})
+    log = learner.update(seen, 2, replay=1.5)
+    assert log["replay_rows"] == round(1.5 * log["train_rows"])
+
+
+def test_retrain_equals_a_model_trained_from_scratch_on_everything(tmp_path, monkeypatch):
+    job, store, plan = _job(tmp_path, monkeypatch, {"continual": {"strategy": "retrain"}, "distill": {"terms": []}})
+    assert job.continual.strategy == "retrain"
+    learners = make_learners(job)
+    results = run_stream_local(job, lambda k: store.read_blocks(plan.plan_id, k), 3, learners=learners)
+    seen = store.read_blocks(plan.plan_id, 2)
+    # a model that never saw blocks 0 and 1 one by one, trained once on everything up to block 2
+    fresh = Learner(job.teachers[0], job.seed, role="teacher")
+    log = fresh.update(seen, 2, strategy="retrain")
+    assert log["train_rows"] == int(model_pairs_mask(seen, 2).sum())
+    for a, b in zip(fresh.model.state_dict().values(), learners["teacher:mf"].model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert fresh.evaluate(seen, [0, 1, 2], job.eval) == learners["teacher:mf"].evaluate(seen, [0, 1, 2], job.eval)
+    assert results[-1].updates["teacher:mf"]["train_rows"] == log["train_rows"]
+    # the old spelling still parses to the same strategy
+    assert parse_job({"continual": {"strategy": "scratch"}}).continual.strategy == "retrain"
