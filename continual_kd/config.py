@@ -256,6 +256,14 @@ class TrainSpec(_Spec):
     # (popular items are drawn more often as negatives, which pushes against popularity bias)
     negatives: Literal["uniform", "popularity"] = "uniform"
     negative_exponent: float = Field(0.5, ge=0)
+    # de-biasing of the model's own loss (continual/debias.py): none | ips: each positive pair's term
+    # weighted by 1/p of its item, p = clip((training count / max)^ips_exponent, ips_clip, 1), weights
+    # self-normalised to mean 1 over the update's positives (Saito et al. WSDM'20) | pda: trained on
+    # ELU'(score)·m^pda_gamma, m = (count + 1)/(max count + 1), scored without it (Zhang et al. SIGIR'21)
+    debias: Literal["none", "ips", "pda"] = "none"
+    ips_exponent: float = Field(0.5, ge=0)
+    ips_clip: float = Field(0.05, gt=0, le=1)
+    pda_gamma: float = Field(0.1, ge=0)
     patience: int = Field(5, ge=0)
     valid_every: int = Field(1, ge=1)  # epochs between validations
     # settings chosen on the base block's validation (e.g. {weight_decay: [0.0001, 0.001, 0.01]}): one

@@ -82,7 +82,10 @@ def test_terms_parse_with_their_defaults_and_lookup():
     assert (het.terms[0].weight, het.terms[0].checkpoints, het.terms[0].k, het.terms[0].dkc_every) == (1.0, 4, 100, 10)
     assert (het.terms[1].k, het.terms[1].pool, het.terms[1].uninteresting) == (40, 500, 40)
     assert not DistillSpec().needs_teachers and parse_job({}).distill.terms == ()
-    assert set(TERM_NAMES) == {"rrd", "ir_rrd", "unkd", "hetcomp", "bd", "replay", "keep"}
+    from continual_kd.distill import TERMS
+
+    assert set(TERM_NAMES) == set(TERMS)  # every spec has its term and every term its spec
+    assert {"rrd", "ir_rrd", "unkd", "hetcomp", "bd", "replay", "keep", "rd", "cd", "de"} <= set(TERM_NAMES)
 
 
 def test_continual_section():
@@ -196,10 +199,9 @@ BAD = [
     ({"teachers": T, "distill": {"feedback": [{"name": "replay", "decay": 0}]}},
      "distill.feedback[0].decay: must be > 0 (got 0); use a value > 0"),
     ({"teachers": T, "distill": {"terms": [{"weight": 0.01}]}},
-     "distill.terms[0].name: a term needs a name (got no name); use one of rrd, ir_rrd, unkd, hetcomp, bd, replay, "
-     "keep"),
-    ({"teachers": T, "distill": {"terms": [{"name": "rd"}]}},
-     "distill.terms[0].name: unknown term (got 'rd'); use one of rrd, ir_rrd, unkd, hetcomp, bd, replay, keep"),
+     f"distill.terms[0].name: a term needs a name (got no name); use one of {', '.join(TERM_NAMES)}"),
+    ({"teachers": T, "distill": {"terms": [{"name": "rdx"}]}},
+     f"distill.terms[0].name: unknown term (got 'rdx'); use one of {', '.join(TERM_NAMES)}"),
     ({"teachers": T, "distill": {"terms": ["rrd"]}},
      "distill.terms[0]: a term is a mapping with a name (got 'rrd'); write e.g. {name: rrd, weight: 0.01}"),
     ({"teachers": T, "distill": {"terms": {"name": "rrd"}}},

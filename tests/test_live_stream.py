@@ -8,7 +8,6 @@ ingests and resume), and compare every block with a run over the same data submi
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

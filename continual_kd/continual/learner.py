@@ -292,7 +292,8 @@ class Learner:
         logs = train_epochs(self.model, u, i, known, epochs, train_spec, gen, built,
                             (lambda e: any([bool(h(e)) for h in hooks])) if hooks else None,
                             draw_counted if draw is not None else None,
-                            item_counts(seen, self.device) if train_spec.negatives == "popularity" else None)
+                            item_counts(seen, self.device)
+                            if train_spec.negatives == "popularity" or train_spec.debias != "none" else None)
         if best is not None:
             best.restore()
         carried = {}

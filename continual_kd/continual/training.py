@@ -13,6 +13,7 @@ import torch
 from ..config import TrainSpec
 from ..distill.base import Batch, KDTerm
 from ..sparse import UserItemSet, sample_excluding
+from .debias import loss_shaping
 
 
 @dataclass
@@ -37,7 +38,9 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
     ``on_epoch_end(epoch)`` run with the model in eval mode; a true return stops training (early
     stopping). ``replay(generator)`` gives (users, items) drawn from earlier blocks, added to each
     epoch's positives (a fresh draw per epoch). With ``spec.negatives == "popularity"`` negatives are
-    drawn ∝ (``item_popularity`` + 1)^``spec.negative_exponent`` instead of uniformly. A model with ``batch_unit = "user"`` is trained on
+    drawn ∝ (``item_popularity`` + 1)^``spec.negative_exponent`` instead of uniformly. With ``spec.debias``
+    (ips / pda) the model's ``base_loss`` gets the ``shaping`` of ``continual.debias.loss_shaping`` (from
+    ``item_popularity``): IPS-weighted positives or PDA's popularity in the training score. A model with ``batch_unit = "user"`` is trained on
     batches of ``batch_size`` users (its loss reads their rows; replayed users join the epoch's users).
     """
     terms = [t for t in terms if t.weight > 0]
@@ -59,6 +62,9 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
         pop = item_popularity.detach().float().cpu()
         neg_weights = torch.ones(model.num_items)
         neg_weights[: len(pop)] = (pop[: model.num_items] + 1.0) ** spec.negative_exponent
+    # train.debias (continual/debias.py): IPS weights / PDA's popularity factor, handed to base_loss
+    shaping = loss_shaping(spec, model.num_items, block_items, item_popularity)
+    shaped = {} if shaping is None else {"shaping": shaping}
     for epoch in range(epochs):
         for term in terms:
             term.resample(generator, epoch)
@@ -82,7 +88,7 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
         for start in range(0, n, spec.batch_size):
             batch = Batch(u_all[start : start + spec.batch_size], p_all[start : start + spec.batch_size],
                           n_all[start : start + spec.batch_size])
-            loss = model.base_loss(batch.users, batch.pos, batch.neg)
+            loss = model.base_loss(batch.users, batch.pos, batch.neg, **shaped)
             base_sum += float(loss.detach())
             loss = base_weight * loss
             if spec.weight_decay > 0:

@@ -26,9 +26,11 @@ class Recommender(Protocol):
         """The interactions the model may use when it scores (LightGCN's graph, MultVAE's input
         rows): every known non-test pair so far. Called before training, knowledge and evaluation."""
 
-    def base_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    def base_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, shaping=None) -> torch.Tensor:
         """The backbone's own training loss on (user, positive, negative) triples, summed.
-        A backbone may use less of the batch: MultVAE takes only its unique users (their whole rows)."""
+        A backbone may use less of the batch: MultVAE takes only its unique users (their whole rows).
+        ``shaping`` (a ``models.debias.LossShaping``, given only when a de-biasing option is on): per-item
+        IPS weights on the positives' terms and PDA's popularity factor in the training score."""
 
     def grow(self, num_users: int, num_items: int, users: torch.Tensor | None = None,
              items: torch.Tensor | None = None, init: str = "neighbor",

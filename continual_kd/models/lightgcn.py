@@ -19,10 +19,10 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import grow_tables, register
+from .debias import LossShaping, bpr_loss
 
 INIT_STD = 0.01  # N(0, 0.01) as BPR-MF, and as the protocol's random init for new rows
 
@@ -137,11 +137,11 @@ class LightGCN(nn.Module):
         ue, ie = self._propagate()  # propagated once, reused across chunks while nothing changes
         return ue[users] @ ie.T  # (B, I)
 
-    def base_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    def base_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
+                  shaping: LossShaping | None = None) -> torch.Tensor:
         ue, ie = self._propagate()  # one propagation for the whole batch
         u = ue[users]  # (B, d)
-        diff = (u * ie[pos]).sum(-1) - (u * ie[neg]).sum(-1)
-        return -F.logsigmoid(diff).sum()
+        return bpr_loss((u * ie[pos]).sum(-1), (u * ie[neg]).sum(-1), pos, neg, shaping)
 
     def regularization(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         """On the base (layer-0) rows of the batch, as in the LightGCN paper."""

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import grow_tables, register
+from .debias import LossShaping, bpr_loss
 
 INIT_STD = 0.01
 
@@ -40,9 +40,9 @@ class BPRMF(nn.Module):
     def observe(self, users: torch.Tensor, items: torch.Tensor) -> None:
         """MF scores from its tables alone."""
 
-    def base_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-        diff = self.score(users, pos) - self.score(users, neg)
-        return -F.logsigmoid(diff).sum()
+    def base_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
+                  shaping: LossShaping | None = None) -> torch.Tensor:
+        return bpr_loss(self.score(users, pos), self.score(users, neg), pos, neg, shaping)
 
     def regularization(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         return (self.user_emb[users].pow(2).sum() + self.item_emb[pos].pow(2).sum()

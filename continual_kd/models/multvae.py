@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import neighbor_mean, register
+from .debias import LossShaping
 
 INIT_STD = 0.01  # new items' random rows, as the protocol's random init
 
@@ -130,8 +131,12 @@ class MultVAE(nn.Module):
             return full.gather(1, items.unsqueeze(1)).squeeze(1)
         return full.gather(1, items)  # (B, L)
 
-    def base_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-        """Summed multinomial NLL of the batch's unique users' rows + beta · KL; pos/neg unused."""
+    def base_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
+                  shaping: LossShaping | None = None) -> torch.Tensor:
+        """Summed multinomial NLL of the batch's unique users' rows + beta · KL; pos/neg unused.
+
+        ``shaping`` (``models.debias``): IPS weights multiply each row item's log-likelihood term; PDA's
+        popularity adds log m_i^γ to the training logits (never to ``full_scores``)."""
         uniq = torch.unique(users)
         cols, offsets, deg = self._rows(uniq)
         mu, logvar = self._encode_rows(cols, offsets, deg, noisy=self.training)
@@ -139,9 +144,15 @@ class MultVAE(nn.Module):
         if self.training:
             eps = torch.randn(mu.shape, generator=self._noise(), device=mu.device, dtype=mu.dtype)
             z = mu + eps * torch.exp(0.5 * logvar)
-        log_probs = F.log_softmax(self.decode(z), dim=1)  # (B, I)
+        logits = self.decode(z)  # (B, I)
+        if shaping is not None and shaping.pop_factor is not None:
+            logits = logits + shaping.pop_factor.log()[: logits.shape[1]]
+        log_probs = F.log_softmax(logits, dim=1)  # (B, I)
         rows = torch.repeat_interleave(torch.arange(len(uniq), device=mu.device), deg)
-        nll = -log_probs[rows, cols].sum()
+        terms = log_probs[rows, cols]
+        if shaping is not None and shaping.item_weight is not None:
+            terms = terms * shaping.item_weight[cols]
+        nll = -terms.sum()
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum()
         return nll + self.beta * kl
 

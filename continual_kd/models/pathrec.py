@@ -31,12 +31,12 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CkdError
 from ..sparse import UserItemSet
 from .base import register
+from .debias import LossShaping, bpr_loss
 
 RELATION_SLOTS = 256  # relation ids the weights can index (the catalog's relations must fit)
 MIN_ENTITY_ITEMS = 2  # an entity linked to one item joins no two items: left out
@@ -237,9 +237,10 @@ class PathRec(nn.Module):
         cf = torch.sparse.mm(g.RT, torch.sparse.mm(g.R, xt)).T  # (B, I)
         return out + self.cf_weight() * cf
 
-    def base_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    def base_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
+                  shaping: LossShaping | None = None) -> torch.Tensor:
         s = self.score(torch.cat([users, users]), torch.cat([pos, neg]))
-        return -F.logsigmoid(s[: len(users)] - s[len(users):]).sum()
+        return bpr_loss(s[: len(users)], s[len(users):], pos, neg, shaping)
 
     def regularization(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         return self.item_bias[pos].pow(2).sum() + self.item_bias[neg].pow(2).sum()

@@ -41,7 +41,7 @@ from ..stream.live import policy_of
 from .actors import StaleActorError, actor_device, spawn_learner
 from .executor import RayExecutor
 from .cluster import check_address, ray_session, reserve_actors
-from .metrics import JobMetrics, model_metrics
+from .metrics import job_metrics, model_metrics
 
 Progress = Callable[[dict], None]
 
@@ -212,13 +212,13 @@ def run_job(job: JobSpec, address: str | None = None, restart: bool = False, pro
         actors = {n: spawn_learner(n, s, job.seed, job.runtime.device, (rec.states or {}).get(n),
                                    max_restarts=job.runtime.max_restarts, scheduling_strategy=reservation.strategies[n])
                   for n, s in specs.items()}
-        metrics = feed = None
+        feed = None
         try:
             result.placement = dict(zip(actors, ray.get([a.ping.remote() for a in actors.values()])))
             refused = [p["error"] for p in result.placement.values() if p.get("error")]
             if refused:  # e.g. a GPU was asked for and the actor's process sees none: no silent CPU fallback
                 raise CkdError(refused[0])
-            metrics = JobMetrics(job.name)
+            metrics = job_metrics(job.name)  # kept (and refreshed) after the job while this driver's Ray lives
             if result.history and rec.start > 0:
                 snap_manifest = runs / block_dir_name(rec.start - 1) / MANIFEST
                 metrics.resumed(snap_manifest.stat().st_mtime if snap_manifest.exists() else None)
@@ -257,8 +257,6 @@ def run_job(job: JobSpec, address: str | None = None, restart: bool = False, pro
         finally:
             if feed is not None:
                 feed.close()
-            if metrics is not None:
-                metrics.close()
             for a in actors.values():
                 ray.kill(a, no_restart=True)
             reservation.release()

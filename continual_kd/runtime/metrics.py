@@ -20,7 +20,8 @@ epoch's losses (``ckd_loss_base``, ``ckd_loss_kd``) and ``ckd_update_seconds``. 
 Ray's exporter prefixes every name with ``ray_`` on the Prometheus endpoint (``ray_ckd_current_block``).
 Ray 2.60 sends a gauge to its node's agent only when it is set, and the agent drops a value that was
 not refreshed for two export intervals, so the driver sets every gauge again with its last value
-twice per export interval (``metrics_report_interval_ms``) for as long as it runs.
+twice per export interval (``metrics_report_interval_ms``) for as long as it runs: the last block's
+numbers stay on the endpoint after the job until the driver process (or its Ray) ends.
 """
 
 from __future__ import annotations
@@ -95,8 +96,29 @@ def model_metrics(res) -> dict[str, dict]:
     return out
 
 
+_ACTIVE: dict[str, "JobMetrics"] = {}  # job name → its metrics in this driver process
+_ACTIVE_LOCK = threading.Lock()
+
+
+def job_metrics(job: str) -> "JobMetrics":
+    """The job's metrics in this process (one per job name and Ray session; kept after the job ends)."""
+    import ray
+
+    session = ray.get_runtime_context().gcs_address
+    with _ACTIVE_LOCK:
+        m = _ACTIVE.get(job)
+        if m is None or m.session != session or not m.alive():
+            if m is not None:
+                m.close()
+            m = _ACTIVE[job] = JobMetrics(job)
+            m.session = session
+        return m
+
+
 class JobMetrics:
-    """Metrics of one driver; ``close()`` stops the snapshot-age refresher."""
+    """Metrics of one job in its driver; a thread refreshes the gauges until ``close()`` or Ray shuts down."""
+
+    session: str | None = None
 
     def __init__(self, job: str, refresh_s: float | None = None):
         from ray.util.metrics import Counter, Gauge
@@ -126,8 +148,15 @@ class JobMetrics:
                                            name="ckd-snapshot-age")
         self._refresher.start()
 
+    def alive(self) -> bool:
+        return self._refresher.is_alive()
+
     def _refresh(self, every: float) -> None:
+        import ray
+
         while not self._stop.wait(every):
+            if not ray.is_initialized():  # the session ended: nothing to export to
+                return
             for (attr, tags), value in list(self._latest.items()):
                 getattr(self, attr).set(value, tags=dict(tags))
             self.models.refresh()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import numpy as np
 
@@ -49,7 +50,8 @@ class LivePolicy:
     def describe(self) -> str:
         what = f"window {_human(self.window_s)}" if self.window_s else f"rows {self.rows:,}"
         if self.base_until is not None:
-            what = f"base until {self.base_until}, then {what}"
+            until = datetime.fromtimestamp(self.base_until, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+            what = f"base until {until}, then {what}"
         elif self.base_fraction is not None:
             what = f"base {self.base_fraction:g} of the first data, then {what}"
         return what

@@ -1,0 +1,155 @@
+"""Continual updates against retraining from scratch: pooled and per-block NDCG@20, and their cost.
+
+    python bench/continual_vs_retrain.py [JOB ...] [--methods retrain,finetune,job,ccd] [--json out.json]
+
+Default streams: MovieLens-100K's default job (jobs/stream.yaml) and the synthetic stream with new users
+and items in every block (jobs/synthetic-stream.yaml). For each stream every method runs the job's
+teachers and student through the job's stages in this process (the code the Ray actors run), one torch
+thread:
+
+  retrain   every model rebuilt and trained from scratch on everything seen so far at every block
+            (``continual.strategy: retrain``), same settings, same best-epoch choice on validation
+  finetune  warm updates on the new block alone: no replay, no distillation either way
+  job       the job's own settings (the default continual method)
+  ccd       CCD's settings (jobs/ccd.yaml's distill/continual) on the job's models
+
+After each block k every model is scored on the pooled test pairs of blocks ≤ k (one test set; train +
+valid masked) and on each block's own test pairs. Printed: per model the final snapshot's pooled
+NDCG@20 and the mean over blocks of the per-block figure, with the ratio to the same model retrained;
+the student's ratio to the best retrained teacher; per block the pooled NDCG@20 of every method and
+the seconds of each model's update next to the retrain's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from continual_kd.config import load_job, parse_job  # noqa: E402
+from continual_kd.continual import make_learners, run_stream_local  # noqa: E402
+from continual_kd.data.sources import open_source  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_JOBS = ["jobs/stream.yaml", "jobs/synthetic-stream.yaml"]
+
+
+def method_overrides(job: dict) -> dict[str, dict]:
+    """method → job-dict overrides (the job's teachers and student are kept)."""
+    ccd = load_job(ROOT / "jobs" / "ccd.yaml").to_dict()
+    return {
+        "retrain": {"continual": {**job["continual"], "strategy": "retrain", "replay": 0.0}},
+        "finetune": {"distill": {**job["distill"], "terms": [], "feedback": []},
+                     "continual": {**job["continual"], "strategy": "warm", "replay": 0.0, "proxies": None,
+                                   "order": "teachers_first"}},
+        "job": {},
+        "ccd": {"distill": ccd["distill"], "continual": {**ccd["continual"], "replay": job["continual"].get("replay", 0.0),
+                                                         "replay_by": job["continual"].get("replay_by", "user")}},
+    }
+
+
+def run_method(job, store, plan) -> dict:
+    """Per block: pooled / per-block NDCG@20 of every model and each model's update seconds."""
+    learners = make_learners(job)
+    blocks = []
+
+    def on_block(r):
+        blocks.append({
+            "block": r.block,
+            "pooled": {m: v.get("ndcg@20") for m, v in r.pooled.items()},
+            "own": {m: v.get("ndcg@20") for m, v in r.metrics.items()},
+            "mean": {m: _mean([r.metrics[m].get("ndcg@20")] + [e.get("ndcg@20") for e in r.earlier[m].values()])
+                     for m in r.metrics},
+            "seconds": {m: u.get("seconds") for m, u in r.updates.items()},
+            "epochs": {m: u.get("epochs") for m, u in r.updates.items()},
+        })
+        print(f"    block {r.block}: {r.seconds:.1f}s  pooled "
+              + "  ".join(f"{m} {v:.4f}" for m, v in blocks[-1]["pooled"].items() if v is not None), flush=True)
+
+    t0 = time.perf_counter()
+    run_stream_local(job, lambda k: store.read_blocks(plan.plan_id, k), plan.num_blocks, on_block=on_block,
+                     learners=learners)
+    return {"blocks": blocks, "seconds": time.perf_counter() - t0}
+
+
+def _mean(values):
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b and not math.isnan(a) and not math.isnan(b) else float("nan")
+
+
+def print_stream(path: str, report: dict) -> None:
+    methods = list(report)
+    final = {m: report[m]["blocks"][-1] for m in methods}
+    models = list(final[methods[0]]["pooled"])
+    print(f"\n{path}: final snapshot, NDCG@20 pooled over every block's test pairs (mean over blocks)")
+    head = f"{'model':18s}" + "".join(f"{m:>22s}" for m in methods)
+    print(head)
+    for model in models:
+        cells = []
+        for m in methods:
+            p, mean = final[m]["pooled"].get(model), final[m]["mean"].get(model)
+            ratio = _ratio(p, final["retrain"]["pooled"].get(model)) if "retrain" in final else float("nan")
+            cells.append(f"{p:.4f} ({mean:.4f}) {ratio:4.2f}x" if p is not None else "–")
+        print(f"{model:18s}" + "".join(f"{c:>22s}" for c in cells))
+    if "retrain" in final:
+        best = max((v for k, v in final["retrain"]["pooled"].items() if k.startswith("teacher:") and v is not None),
+                   default=None)
+        if best:
+            print("student / best retrained teacher (pooled): "
+                  + ", ".join(f"{m} {_ratio(final[m]['pooled'].get('student'), best):.3f}" for m in methods))
+    print(f"\n{path}: per block, pooled NDCG@20 of the student and seconds of each update vs the retrain")
+    for k in range(len(report[methods[0]]["blocks"])):
+        row = {m: report[m]["blocks"][k] for m in methods}
+        pooled = "  ".join(f"{m} {row[m]['pooled'].get('student') or float('nan'):.4f}" for m in methods)
+        secs = []
+        for model in models:
+            upd = [row[m]["seconds"].get(model) for m in methods]
+            if "retrain" in row:
+                r = row["retrain"]["seconds"].get(model)
+                secs.append(f"{model.split(':')[-1]} " + "/".join(f"{s:.1f}" for s in upd if s is not None)
+                            + (f" ({_ratio(row['job']['seconds'].get(model), r):.2f}x)" if "job" in row else ""))
+        print(f"  block {k}: {pooled}")
+        if secs:
+            print(f"    update s ({'/'.join(methods)}; job/retrain): " + "  ".join(secs))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("jobs", nargs="*", default=DEFAULT_JOBS)
+    ap.add_argument("--methods", default="retrain,finetune,job,ccd")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = {}
+    for path in args.jobs:
+        job = load_job(path)
+        store = open_source(job.source)
+        b = job.blocks
+        plan = store.ensure_plan(b.base_fraction, b.incremental, b.split, job.seed)
+        overrides = method_overrides(job.to_dict())
+        report = {}
+        for name in args.methods.split(","):
+            print(f"{path} [{name}]", flush=True)
+            variant = parse_job({**job.to_dict(), **overrides[name]}, f"{path} [{name}]")
+            report[name] = run_method(variant, store, plan)
+        out[path] = report
+        print_stream(path, report)
+    print(f"\nreproduce: python bench/continual_vs_retrain.py {' '.join(args.jobs)} --methods {args.methods}")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
