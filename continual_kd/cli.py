@@ -691,6 +691,61 @@ def _explained(snap, store, seen, user: list[str], dense, k: int, model: str, to
 
 @app.command()
 @_guard
+def serve(
+    job_file: Annotated[Path, typer.Argument(help="Job spec (YAML) whose student is served, e.g. live.yaml.")],
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    host: Annotated[str, typer.Option(help="Interface to listen on. Anything but 127.0.0.1 exposes the API (it has no authentication) to the network.")] = "127.0.0.1",
+    poll: Annotated[str, typer.Option("--poll", help="How often each replica looks for a newer committed snapshot (2s, 1m, ...).")] = "2s",
+    replicas: Annotated[int, typer.Option(help="Ray Serve replicas (each holds the student and follows the commits).")] = 1,
+    threads: Annotated[int, typer.Option(help="torch threads per replica.")] = 1,
+):
+    """Serve the student of the job's newest committed snapshot over HTTP (Ray Serve), following new commits:
+    GET /recommend?user=U&k=10 and GET /healthz. SIGINT or SIGTERM stops it."""
+    import signal
+    import threading
+
+    from .config import load_job, parse_duration
+
+    try:
+        poll_s = parse_duration(poll)
+    except ValueError:
+        raise CkdError(f"--poll {poll!r}: not a duration; write e.g. 2s or 1m") from None
+    if not 1 <= port <= 65535:
+        raise CkdError(f"--port {port}: must be from 1 to 65535")
+    if replicas < 1 or threads < 1:
+        raise CkdError(f"--replicas {replicas} / --threads {threads}: each must be at least 1")
+    job = load_job(job_file)
+    from .runtime.cluster import is_loopback
+
+    if not is_loopback(host):
+        err.print(_m("[yellow]warning:[/] the recommendation API will listen on {}:{} without authentication: anyone "
+                     "who can reach it can read recommendations for any user id", host, port))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def on_event(e: dict) -> None:
+        if e["event"] == "started":
+            err.print(_m("serving job {} at {} (GET /recommend?user=U&k=10, GET /healthz); SIGINT/SIGTERM stops",
+                         job.name, e["url"]))
+            return
+        served = e.get("served")
+        if served:
+            err.print(_m("serving block {} (commit {}, {:,} users × {:,} items) from {}", served["block"],
+                         served["commit"], served["users"], served["items"], served["snapshot"]))
+        elif e.get("status") == "waiting":
+            err.print(_m("waiting for the first committed block of job {}", job.name))
+        for r in e.get("refused", []):
+            err.print(_m("[yellow]not serving[/] block {} (commit {}): {}", r["block"], r["commit"], r["reason"]))
+
+    from .runtime.serve import serve_job
+
+    serve_job(job, host, port, poll_s, replicas, threads, stop, on_event)
+    err.print("stopped")
+
+
+@app.command()
+@_guard
 def status(
     store: StoreOpt = Path("stores/ml-100k"),
     runs: RunsOpt = Path("runs"),

@@ -84,24 +84,24 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
             p_all = items[perm]
             n_all = sample_excluding(u_all, 1, model.num_items, [known], generator,
                                      weights=neg_weights).squeeze(1)  # (n,)
-        base_sum = kd_sum = 0.0
+        base_sum = kd_sum = torch.zeros((), device=device)  # summed on the device: no host sync per batch
         for start in range(0, n, spec.batch_size):
             batch = Batch(u_all[start : start + spec.batch_size], p_all[start : start + spec.batch_size],
                           n_all[start : start + spec.batch_size])
             loss = model.base_loss(batch.users, batch.pos, batch.neg, **shaped)
-            base_sum += float(loss.detach())
+            base_sum = base_sum + loss.detach()
             loss = base_weight * loss
             if spec.weight_decay > 0:
                 loss = loss + spec.weight_decay * model.regularization(batch.users, batch.pos, batch.neg)
             for term, weight in zip(terms, weights):
                 if weight > 0:
                     kd_loss = term.loss(model, batch, epoch)
-                    kd_sum += float(kd_loss.detach())
+                    kd_sum = kd_sum + kd_loss.detach()
                     loss = loss + weight * kd_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        logs.append(EpochLog(epoch, base_sum / n, kd_sum / n))
+        logs.append(EpochLog(epoch, float(base_sum) / n, float(kd_sum) / n))
         model.eval()
         for term in terms:
             term.on_epoch_end(model, epoch + 1)
