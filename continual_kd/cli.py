@@ -442,7 +442,7 @@ def _submit_through_jobs_api(address: str, job_file: Path, job, working_dir: Pat
                              max_blocks: Optional[int], live: list[str], json_path: Optional[Path], dashboard_host: str,
                              node_ip_address: Optional[str]) -> None:
     """``ckd submit --address http://HEAD:8265``: ship the working folder, run the job there, follow its logs."""
-    from .runtime.jobs import exit_status, follow_job, submit_job
+    from .runtime.jobs import exit_status, follow_job, short_message, submit_job
 
     if json_path is not None or node_ip_address or dashboard_host not in ("127.0.0.1", "localhost", "::1"):
         raise CkdError("--json, --dashboard-host and --node-ip-address apply to a local driver; with a Jobs API "
@@ -450,7 +450,8 @@ def _submit_through_jobs_api(address: str, job_file: Path, job, working_dir: Pat
     extra = [*(["--restart"] if restart else []), *(["--max-blocks", str(max_blocks)] if max_blocks else []), *live]
     relative = [(f, v) for f, v in (("source.store", job.source.store), ("snapshots.dir", str(job.snapshot_dir)))
                 if not Path(v).is_absolute()]
-    sub = submit_job(address, job_file, working_dir, extra, job.name, relative)
+    # the driver's tables fit this terminal
+    sub = submit_job(address, job_file, working_dir, extra, job.name, relative, env_vars={"COLUMNS": str(out.width)})
     for note in sub.notes:
         err.print(_m("[yellow]note:[/] {}", note), soft_wrap=True)
     out.print(_m("submitted job {} to {} (working dir {})", sub.job_id, address, sub.working_dir), soft_wrap=True)
@@ -465,7 +466,7 @@ def _submit_through_jobs_api(address: str, job_file: Path, job, working_dir: Pat
         raise typer.Exit(130) from None
     style = "green" if info["status"] == "SUCCEEDED" else "red"
     out.print(_m(f"job {{}}: [{style}]{{}}[/]{{}}", sub.job_id, info["status"],
-                 f" ({info['message']})" if info["status"] != "SUCCEEDED" and info.get("message") else ""),
+                 f" ({short_message(info['message'])})" if info["status"] != "SUCCEEDED" and info.get("message") else ""),
               soft_wrap=True)
     code = exit_status(info)
     if code:
@@ -476,7 +477,7 @@ def _print_jobs(address: str, json_path: Optional[Path]) -> None:
     """``ckd status --address http://HEAD:8265``: the cluster's running and finished jobs."""
     import datetime
 
-    from .runtime.jobs import list_jobs
+    from .runtime.jobs import list_jobs, short_message
 
     rows = list_jobs(address)
     console = _human(json_path)
@@ -488,7 +489,8 @@ def _print_jobs(address: str, json_path: Optional[Path]) -> None:
     for col in ("job id", "status", "ckd job", "started", "ended", "entrypoint / message"):
         t.add_column(col, overflow="fold")
     for r in rows:
-        tail = r["entrypoint"] if r["status"] in ("SUCCEEDED", "RUNNING", "PENDING") else f"{r['entrypoint']} — {r['message']}"
+        tail = r["entrypoint"] if r["status"] in ("SUCCEEDED", "RUNNING", "PENDING") else \
+            f"{r['entrypoint']} — {short_message(r['message'])}"
         t.add_row(_e(r["job_id"]), _e(r["status"]), _e(r["metadata"].get("ckd_job", "")), when(r["start_time"]),
                   when(r["end_time"]), _e(tail))
     console.print(t)
@@ -701,9 +703,6 @@ def serve(
 ):
     """Serve the student of the job's newest committed snapshot over HTTP (Ray Serve), following new commits:
     GET /recommend?user=U&k=10 and GET /healthz. SIGINT or SIGTERM stops it."""
-    import signal
-    import threading
-
     from .config import load_job, parse_duration
 
     try:
@@ -720,28 +719,27 @@ def serve(
     if not is_loopback(host):
         err.print(_m("[yellow]warning:[/] the recommendation API will listen on {}:{} without authentication: anyone "
                      "who can reach it can read recommendations for any user id", host, port))
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-
     def on_event(e: dict) -> None:
         if e["event"] == "started":
-            err.print(_m("serving job {} at {} (GET /recommend?user=U&k=10, GET /healthz); SIGINT/SIGTERM stops",
-                         job.name, e["url"]))
+            say("serving job {} at {} (GET /recommend?user=U&k=10, GET /healthz); SIGINT/SIGTERM stops",
+                job.name, e["url"])
             return
         served = e.get("served")
         if served:
-            err.print(_m("serving block {} (commit {}, {:,} users × {:,} items) from {}", served["block"],
-                         served["commit"], served["users"], served["items"], served["snapshot"]))
+            say("serving block {} (commit {}, {:,} users × {:,} items) from {}", served["block"], served["commit"],
+                served["users"], served["items"], served["snapshot"])
         elif e.get("status") == "waiting":
-            err.print(_m("waiting for the first committed block of job {}", job.name))
+            say("waiting for the first committed block of job {}", job.name)
         for r in e.get("refused", []):
-            err.print(_m("[yellow]not serving[/] block {} (commit {}): {}", r["block"], r["commit"], r["reason"]))
+            say("[yellow]not serving[/] block {} (commit {}): {}", r["block"], r["commit"], r["reason"])
+
+    def say(template: str, *values) -> None:
+        err.print(_m(template, *values), highlight=False, soft_wrap=True)
 
     from .runtime.serve import serve_job
 
-    serve_job(job, host, port, poll_s, replicas, threads, stop, on_event)
-    err.print("stopped")
+    serve_job(job, host, port, poll_s, replicas, threads, on_event)
+    say("stopped")
 
 
 @app.command()

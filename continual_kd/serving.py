@@ -28,6 +28,8 @@ from .errors import CkdError
 from .snapshots import MANIFEST, block_dir_name, load_state_file, resolve_snapshot
 
 MAX_K = 1000  # the most items one request may ask for
+# a poll waits this long for a writer's catalog lock (an ingest, a commit), then tries again at the next poll
+POLL_LOCK_WAIT_S = 5.0
 
 
 class UnknownUser(Exception):
@@ -174,6 +176,7 @@ class SnapshotFollower:
             started = time.monotonic()
             try:
                 store = StreamStore.open(self.store_root)
+                store.lock_wait_s = min(store.lock_wait_s, POLL_LOCK_WAIT_S)
                 commits = active_commits(store, self.job_name)
             except StoreBusyError as e:
                 self.last_poll = {"ok": False, "reason": str(e)}

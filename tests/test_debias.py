@@ -90,7 +90,7 @@ def test_config_refuses_an_unknown_option():
 @pytest.fixture(scope="module")
 def skewed() -> Interactions:
     """One block of a simulated stream whose exposure is strongly skewed (Zipf 1.2), 80/10/10 split."""
-    cfg = SimulationConfig(users=200, items=300, clicks=8000, periods=1, new_user_fraction=0,
+    cfg = SimulationConfig(users=250, items=300, clicks=5000, periods=1, new_user_fraction=0,
                            new_item_fraction=0, exposure_skew=1.2, seed=3)
     table, _ = simulate(cfg)
     u = np.array([int(s[1:]) for s in table.column("user").to_pylist()])

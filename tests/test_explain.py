@@ -17,13 +17,14 @@ from continual_kd.distill.skd import SKDTerm, structured_score_loss
 from continual_kd.explain import reason_parts, reason_text, reasons, removal_drops
 from continual_kd.explain.faithfulness import faithfulness
 from continual_kd.models import build_backbone
+from continual_kd.models.pathrec import PathRec
 from continual_kd.sparse import UserItemSet
 from continual_kd.types import ItemGraph, Knowledge
 
 DIRECTOR, GENRE = 0, 1
 
 
-def hand_model(director_weight: float = 2.0) -> "PathRec":  # noqa: F821
+def hand_model(director_weight: float = 2.0) -> PathRec:
     """User 0 rated films 0 and 1, user 1 rated films 1 and 5. Films 0 and 3 share a director (entity 100),
     films 1 and 4 a genre (entity 200); film 2's entity 300 is its own (it joins nothing)."""
     m = build_backbone("pathrec", 2, 6)

@@ -17,14 +17,16 @@ from __future__ import annotations
 import torch
 
 from ..models.pathrec import PathRec
-from .paths import reasons
+from .paths import Reasons, reasons
 
 
 @torch.no_grad()
-def removal_drops(model: PathRec, users: torch.Tensor, items: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+def removal_drops(model: PathRec, users: torch.Tensor, items: torch.Tensor, removed: torch.Tensor,
+                  computed: Reasons | None = None) -> torch.Tensor:
     """(B, k) exact score drop of each (user, item) when the user's interaction with ``removed`` (B, k) is taken
-    out of the graph (``removed`` must be known items of the user)."""
-    r = reasons(model, users, items, top=1)
+    out of the graph (``removed`` must be known items of the user); ``computed``: ``reasons`` of the same
+    users and items, if already at hand."""
+    r = computed if computed is not None else reasons(model, users, items, top=1)
     n = model.graphs().known.degree[users].to(r.path_score.dtype).unsqueeze(1)  # (B, 1)
     scale = torch.sqrt(n / (n - 1).clamp(min=1))
     c = torch.gather(r.contributions, 2, removed.unsqueeze(-1)).squeeze(-1)
@@ -50,8 +52,8 @@ def faithfulness(model: PathRec, users: torch.Tensor, items: torch.Tensor, gener
         mask.scatter_(2, cited.clamp(min=0).unsqueeze(-1), False)
         weights = mask.reshape(-1, mask.shape[-1]).to(torch.float32)
         rand = torch.multinomial(weights.cpu(), 1, generator=generator).to(u.device).reshape(cited.shape)
-        cited_all.append(removal_drops(model, u, it, cited).reshape(-1))
-        random_all.append(removal_drops(model, u, it, rand).reshape(-1))
+        cited_all.append(removal_drops(model, u, it, cited, r).reshape(-1))
+        random_all.append(removal_drops(model, u, it, rand, r).reshape(-1))
     if not cited_all:
         return {"cases": 0, "cited_drop": None, "random_drop": None, "cited_wins": None}
     c, r = torch.cat(cited_all), torch.cat(random_all)

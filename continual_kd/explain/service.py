@@ -36,7 +36,7 @@ def explain_recommendations(learners: dict, store, seen: Interactions, users: np
     its weight and share of the path score, the path types in words) and, per item, the score drop when the
     cited interaction is removed against a random other one (``faithfulness``)."""
     from ..eval import known_pairs, top_k_items
-    from ..stream.kg import entity_names, item_labels, relation_names
+    from ..stream.kg import explanation_names
 
     t0 = time.perf_counter()
     known = known_pairs(seen, "cpu")
@@ -59,24 +59,20 @@ def explain_recommendations(learners: dict, store, seen: Interactions, users: np
     rng = torch.Generator().manual_seed(seed)
     cited = r.via[..., 0]
     has_reason = cited >= 0
-    drops_cited = removal_drops(path, u, recs, cited.clamp(min=0))
+    drops_cited = removal_drops(path, u, recs, cited.clamp(min=0), r)
     # a random other known item per (user, item)
     mask = known.dense(u).unsqueeze(1).expand(-1, recs.shape[1], -1).clone()
     mask.scatter_(2, cited.clamp(min=0).unsqueeze(-1), False)
     enough = mask.any(-1)
     pick = torch.multinomial(torch.where(enough.unsqueeze(-1), mask.float(), torch.ones_like(mask, dtype=torch.float32))
                              .reshape(-1, mask.shape[-1]), 1, generator=rng).reshape(cited.shape)
-    drops_random = removal_drops(path, u, recs, pick)
+    drops_random = removal_drops(path, u, recs, pick, r)
 
     # names: items (recommended, cited, random), relations, the entities of the paths shown
-    rel_names = relation_names(store)
+    uniq_items = np.unique(torch.cat([recs.reshape(-1), r.via[valid], pick.reshape(-1)]).numpy())
+    ext_ids, titles, rel_names, ent_names = explanation_names(store, uniq_items, ent[ent >= 0].numpy())
+    labels, ext = dict(zip(uniq_items.tolist(), titles)), dict(zip(uniq_items.tolist(), ext_ids))
     rel_names_of = lambda rid: rel_names.get(int(rid), f"relation {int(rid)}")  # noqa: E731
-    shown_ent = ent[ent >= 0]
-    ent_names = entity_names(store, shown_ent.numpy()) if len(shown_ent) else {}
-    all_items = torch.cat([recs.reshape(-1), r.via[valid], pick.reshape(-1)]).numpy()
-    uniq_items = np.unique(all_items)
-    labels = dict(zip(uniq_items.tolist(), item_labels(store, uniq_items)))
-    ext = dict(zip(uniq_items.tolist(), store.external_ids("item", uniq_items)))
 
     parts_of = {}
     for row, (b, j, t) in enumerate(zip(qb.tolist(), qk.tolist(), qt.tolist())):  # the reasons shown: formatting

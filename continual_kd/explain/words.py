@@ -44,6 +44,8 @@ def relation_phrase(relation: str, entity: str | None = None) -> str:
 def reason_text(via_title: str, parts: list[tuple[str, float, str | None]]) -> str:
     """One reason in words. ``parts``: (relation name or COLLABORATIVE, weight, entity name), strongest first."""
     kg = [relation_phrase(r, e) for r, w, e in parts if r != COLLABORATIVE and w > 0]
+    if any(p.startswith("is also a ") for p in kg):  # a named genre says more than "the same genre"
+        kg = [p for p in kg if p != "has the same genre"]
     kg = list(dict.fromkeys(kg))[:2]  # two phrases at most, without repeats
     has_cf = any(r == COLLABORATIVE and w > 0 for r, w, _ in parts)
     cf_first = bool(parts) and parts[0][0] == COLLABORATIVE
@@ -52,5 +54,5 @@ def reason_text(via_title: str, parts: list[tuple[str, float, str | None]]) -> s
         return text + ("; users who rated it also rated this film" if has_cf else "")
     if has_cf:
         text = f"users who rated *{via_title}* like you also rated this film"
-        return text + (f"; it also {' and '.join(kg)}" if kg else "")
+        return text + (f"; it {' and '.join(kg)}" if kg else "")
     return f"you rated *{via_title}*"

@@ -14,7 +14,9 @@ Token authentication: every request carries ``Authorization: Bearer <token>`` (`
 from __future__ import annotations
 
 import asyncio
+import re
 import shlex
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -57,8 +59,16 @@ class Submitted:
     notes: list[str]
 
 
+def runtime_env(working_dir: Path, env_vars: dict[str, str] | None = None) -> dict:
+    env = {"working_dir": str(working_dir), "excludes": EXCLUDES}
+    if env_vars:
+        env["env_vars"] = dict(env_vars)
+    return env
+
+
 def submit_job(address: str, job_file: Path, working_dir: Path = Path("."), extra_args: list[str] = (),
-               job_name: str = "", relative_outputs: list[str] = ()) -> Submitted:
+               job_name: str = "", relative_outputs: list[str] = (), env_vars: dict[str, str] | None = None,
+               agent_wait_s: float = 60.0) -> Submitted:
     """Ship ``working_dir`` and run the job file in it on the cluster; returns the Ray submission id."""
     wd = Path(working_dir).resolve()
     if not wd.is_dir():
@@ -71,12 +81,19 @@ def submit_job(address: str, job_file: Path, working_dir: Path = Path("."), extr
     entrypoint = " ".join(["python", "-m", "continual_kd.cli", "submit", shlex.quote(rel.as_posix()), "--address",
                            "auto", *map(shlex.quote, extra_args)])
     client = jobs_client(address)
-    try:
-        job_id = client.submit_job(entrypoint=entrypoint,
-                                   runtime_env={"working_dir": str(wd), "excludes": EXCLUDES},
-                                   metadata={"ckd_job": job_name, "job_file": rel.as_posix()})
-    except (RuntimeError, ValueError) as e:
-        raise CkdError(f"--address {address}: the Jobs API refused the job ({str(e).splitlines()[0][:300]})") from None
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(wd, env_vars),
+                                       metadata={"ckd_job": job_name, "job_file": rel.as_posix()})
+            break
+        except (RuntimeError, ValueError) as e:
+            text = str(e).splitlines()[0][:300]
+            # a head that just started has no job agent registered yet: Ray asks to try again later
+            if "No available agent" in text and time.monotonic() < deadline:
+                time.sleep(1.0)
+                continue
+            raise CkdError(f"--address {address}: the Jobs API refused the job ({text})") from None
     notes = [f"{field} {value} is relative: it resolves inside the job's copy of the working folder on the cluster; "
              f"give an absolute path (shared storage) to keep it" for field, value in relative_outputs]
     return Submitted(job_id, entrypoint, wd, notes)
@@ -108,7 +125,15 @@ def exit_status(info: dict) -> int:
     if info["status"] == "SUCCEEDED":
         return 0
     code = info.get("driver_exit_code")
+    if code is None:  # not recorded (yet): Ray's message names it
+        m = re.search(r"exit code (\d+)", info.get("message") or "")
+        code = int(m.group(1)) if m else None
     return code if isinstance(code, int) and code > 0 else 1
+
+
+def short_message(message: str | None) -> str:
+    """Ray's job message without the driver's log it appends (the log was followed already)."""
+    return (message or "").split(", last available logs", 1)[0].strip()
 
 
 def _row(d) -> dict:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import re
+import signal
 import socket
 import threading
 from pathlib import Path
@@ -50,7 +52,7 @@ def parse_recommend_query(pairs: list[tuple[str, str]]) -> tuple[str, int]:
     if not user:
         raise ValueError("parameter 'user' is missing or empty; give an external user id, e.g. /recommend?user=196")
     text = seen.get("k", "10").strip()
-    if not text.isdecimal() or not 1 <= int(text) <= MAX_K:
+    if not re.fullmatch(r"[0-9]{1,9}", text) or not 1 <= int(text) <= MAX_K:
         raise ValueError(f"parameter 'k' must be a whole number from 1 to {MAX_K}, got {text!r}")
     return user, int(text)
 
@@ -141,9 +143,13 @@ def get_json(host: str, port: int, path: str, timeout: float = 5.0) -> tuple[int
 
 
 def serve_job(job, host: str, port: int, poll_s: float, replicas: int, torch_threads: int,
-              stop: threading.Event, emit: Callable[[dict], None], dashboard_port: int | None = None) -> None:
-    """Start an embedded Ray (loopback, token auth) and the Serve app, report what it serves until ``stop``."""
+              emit: Callable[[dict], None], stop: threading.Event | None = None,
+              dashboard_port: int | None = None) -> None:
+    """Start an embedded Ray (loopback, token auth) and the Serve app; report what it serves (``emit``) until
+    ``stop`` is set or, in the main thread, SIGINT / SIGTERM arrives; then shut Serve and Ray down."""
     from .cluster import ray_session
+
+    stop = stop or threading.Event()
 
     store_root = Path(job.source.store).resolve()
     if not (store_root / "catalog.duckdb").is_file():
@@ -152,6 +158,8 @@ def serve_job(job, host: str, port: int, poll_s: float, replicas: int, torch_thr
     check_port_free(host, port)
     runs_dir = job.snapshot_dir.resolve()
     with ray_session(namespace="ckd-serve", dashboard_port=dashboard_port or free_port()) as session:
+        handlers = _catch_signals(stop)  # after ray.init, which sets its own SIGTERM handler
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's driver-side start-up chatter
         serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
         try:
             app = RecommendServer.options(num_replicas=replicas).bind(
@@ -176,3 +184,12 @@ def serve_job(job, host: str, port: int, poll_s: float, replicas: int, torch_thr
                     break
         finally:
             serve.shutdown()
+            for sig, previous in handlers.items():
+                signal.signal(sig, previous)
+
+
+def _catch_signals(stop: threading.Event) -> dict:
+    """SIGINT / SIGTERM → ``stop`` (Serve and Ray are then shut down); → the handlers replaced (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -310,6 +310,25 @@ def item_labels(store, dense_items) -> list[str]:
     return out
 
 
+def explanation_names(store, dense_items, entities) -> tuple[list[str], list[str], dict[int, str], dict[int, str | None]]:
+    """What an explanation names, in one catalog connection: (external id and 'Title (year)' of each dense item,
+    relation names by id, entity names by id for ``entities``)."""
+    dense = np.asarray(dense_items, dtype=np.int64)
+    ents = np.unique(np.asarray(entities, dtype=np.int64))
+    ext, labels = [str(d) for d in dense], [str(d) for d in dense]
+    query = pa.table({"pos": pa.array(np.arange(len(dense), dtype=np.int64)), "dense": pa.array(dense)})
+    with store._connect(write=False) as con, catalog.registered(con, "_ckd_q", query), \
+            catalog.registered(con, "_ckd_e", pa.table({"id": pa.array(ents)})):
+        rows = con.sql('SELECT q.pos, i.external_id, a.title, a."year" FROM _ckd_q q JOIN items i ON i.dense_id = q.dense '
+                       'LEFT JOIN item_attributes a ON a.item = i.external_id').fetchall()
+        relations = dict(con.sql("SELECT relation_id, name FROM kg_relations").fetchall())
+        names = dict(con.sql("SELECT e.entity_id, e.name FROM _ckd_e q JOIN kg_entities e ON e.entity_id = q.id").fetchall())
+    for pos, e, title, year in rows:
+        ext[pos] = e
+        labels[pos] = (f"{title} ({year})" if year is not None else title) if title else f"item {e}"
+    return ext, labels, relations, names
+
+
 def relation_names(store) -> dict[int, str]:
     with store._connect(write=False) as con:
         return dict(con.sql("SELECT relation_id, name FROM kg_relations").fetchall())

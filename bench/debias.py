@@ -1,0 +1,259 @@
+"""Learning that de-biases: every training option on biased logs with a known truth, and on MovieLens-100K.
+
+    python bench/debias.py [jobs/stream.yaml] [--options none,ips,pda,popneg] [--datasets sim,ml-100k]
+                           [--blocks N] [--json out.json]
+
+Datasets: simulated streams (``data.simulate``: drifting tastes, item births, Zipf-like exposure) at three
+exposure skews × two correlations of true quality with popularity, each ingested into a temporary store,
+plus MovieLens-100K (no truth: the inverse-propensity and intervened estimates instead). Each is cut into a
+base block and incremental blocks and run through the job's stages in this process
+(``continual.loop.run_stream_local``, the code the Ray actors run) with the job's teachers, student,
+distillation and continual settings, every model trained with SMALL epochs (``EPOCHS``) so the bench fits
+in ~15 minutes on one core.
+
+Training options (applied to every model, teachers and student alike):
+  none     the job's training (biased: learns what the log shows)
+  ips      train.debias: ips — each positive pair weighted by 1/propensity of its item (clipped,
+           self-normalised; Saito et al., WSDM'20); MultVAE: weights on its row's log-likelihood terms
+  pda      train.debias: pda — trained on ELU'(f)·m^γ, scored by f (Zhang et al., SIGIR'21); MultVAE:
+           γ·log m added to its training logits
+  popneg   train.negatives: popularity — negatives drawn ∝ (count + 1)^0.5 (MultVAE draws no negatives:
+           it is trained as with none)
+
+After the last block, every model is scored on the pooled test pairs of all blocks (train + valid masked):
+logged NDCG@20, average popularity and coverage of the top-20; with a truth, the share of the best
+achievable true relevance in the top-20 (share@20) and NDCG@5 on 100 uniformly drawn items per user
+labelled by the truth (tNDCG@5); on MovieLens, the self-normalised inverse-propensity NDCG@20 (ips@20) and
+NDCG@20 on the intervened test split (iv@20). A "popularity" row ranks by training popularity. Then the
+student's ratios to the best teacher and to popularity, and each option's change over none per model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from continual_kd.config import load_job, parse_job  # noqa: E402
+from continual_kd.continual import make_learners, run_stream_local  # noqa: E402
+from continual_kd.continual.snapshot_eval import _truth_figures, _truth_inputs, truth_index  # noqa: E402
+from continual_kd.data.simulate import SimulationConfig, simulate  # noqa: E402
+from continual_kd.eval import evaluate_ranking  # noqa: E402
+from continual_kd.eval.estimates import intervened_split, popularity_propensity  # noqa: E402
+from continual_kd.eval.protocol import eval_sets, training_popularity  # noqa: E402
+from continual_kd.sparse import UserItemSet  # noqa: E402
+from continual_kd.stream.store import StreamStore  # noqa: E402
+from continual_kd.types import TEST  # noqa: E402
+
+OPTIONS = {"none": {}, "ips": {"debias": "ips"}, "pda": {"debias": "pda"}, "popneg": {"negatives": "popularity"}}
+SKEWS = (0.6, 1.0, 1.4)  # Zipf exponent of the exposure propensity
+CORRELATIONS = (0.0, 0.5)  # correlation of true quality with exposure popularity
+SIM = dict(users=500, items=700, clicks=20_000)  # per simulated stream (6 periods, drift, births: defaults)
+EPOCHS = {"multvae": (20, 5)}  # (base, block) epochs; every other backbone: DEFAULT_EPOCHS
+DEFAULT_EPOCHS = (10, 3)
+K = 20
+
+
+class PopularityRanking(torch.nn.Module):
+    """Ranks every item by its training popularity (the same list for every user)."""
+
+    def __init__(self, counts: torch.Tensor):
+        super().__init__()
+        self.counts = counts.float()
+        self.num_items = len(counts)
+
+    def observe(self, users, items) -> None:
+        """Nothing to observe: the counts are fixed."""
+
+    def full_scores(self, users: torch.Tensor) -> torch.Tensor:
+        return self.counts.unsqueeze(0).repeat(len(users), 1)  # (B, I), a tensor of its own (masked in place)
+
+
+def variant_job(job_dict: dict, option: str, blocks: dict, name: str):
+    """The job with ``option`` in every model's train settings, small epochs, and this bench's blocks."""
+    def with_option(model: dict) -> dict:
+        base, block = EPOCHS.get(model.get("backbone", "mf"), DEFAULT_EPOCHS)
+        train = {**model.get("train", {}), **OPTIONS[option], "epochs_base": base, "epochs_block": block}
+        return {**model, "train": train}
+
+    spec = {**job_dict, "name": f"debias-{name}-{option}", "blocks": blocks,
+            "teachers": [with_option(t) for t in job_dict["teachers"]], "student": with_option(job_dict["student"])}
+    return parse_job(spec, f"bench/debias.py [{name}, {option}]")
+
+
+def simulated_store(root: Path, skew: float, correlation: float):
+    """A temporary store holding one simulated stream, and (truth, store ids → truth ids)."""
+    table, truth = simulate(SimulationConfig(**SIM, exposure_skew=skew, quality_popularity=correlation, seed=0))
+    store = StreamStore.open(root, create=True)
+    store.ingest_table(table, source=f"simulate skew={skew} rho={correlation}")
+    return store, truth
+
+
+def movielens_store(root: Path):
+    from continual_kd.data.movielens import load_movielens_100k
+
+    store = StreamStore.open(root, create=True)
+    store.ingest_table(load_movielens_100k(), source="movielens-100k")
+    return store, None
+
+
+def past_the_log(model, seen, spec, seed: int) -> dict:
+    """Pooled inverse-propensity NDCG@K and NDCG@K on the intervened test split (``eval.estimates``)."""
+    popularity = training_popularity(seen)
+    weight = 1.0 / popularity_propensity(popularity, spec.ips_exponent, spec.ips_clip)
+    relevant, exclude = eval_sets(seen, None, TEST, "cpu", spec.mask)
+    keep = torch.as_tensor(intervened_split(relevant.users.numpy(), relevant.items.numpy(),
+                                            spec.intervened_per_item, seed))
+    iv = UserItemSet(relevant.users[keep].numpy(), relevant.items[keep].numpy(), seen.num_users, seen.num_items)
+    ips = evaluate_ranking(model, relevant, exclude, (K,), spec.chunk_size, "cpu", item_weight=weight)
+    return {f"ips@{K}": ips[f"ips_ndcg@{K}"], f"iv@{K}": evaluate_ranking(model, iv, exclude, (K,))[f"ndcg@{K}"]}
+
+
+def run_one(job_dict: dict, name: str, option: str, store, truth, blocks: dict, n_blocks: int | None) -> dict:
+    job = variant_job(job_dict, option, blocks, name)
+    b = job.blocks
+    plan = store.ensure_plan(b.base_fraction, b.incremental, b.split, job.seed)
+    n = plan.num_blocks if n_blocks is None else min(n_blocks, plan.num_blocks)
+    t0 = time.perf_counter()
+    learners = make_learners(job)
+    results = run_stream_local(job, lambda k: store.read_blocks(plan.plan_id, k), n, learners=learners)
+    seen = store.read_blocks(plan.plan_id, n - 1)
+    for learner in learners.values():
+        learner.observe(seen)  # every non-test pair: graph / input rows for scoring
+    models = {key: lr.model for key, lr in learners.items()}
+    counts = training_popularity(seen)
+    models["popularity"] = PopularityRanking(counts)
+    truth_set = None
+    if truth is not None:
+        ti = truth_index(truth, store.external_ids("user", np.arange(seen.num_users)),
+                         store.external_ids("item", np.arange(seen.num_items)))
+        truth_set = _truth_inputs(ti, seen, job.eval, "cpu", job.seed)
+    rows = {}
+    relevant, exclude = eval_sets(seen, None, TEST, "cpu", job.eval.mask)
+    for key, model in models.items():
+        logged = evaluate_ranking(model, relevant, exclude, (K,), item_popularity=counts)
+        row = {"ndcg": logged[f"ndcg@{K}"], "avgpop": logged[f"avgpop@{K}"], "coverage": logged[f"coverage@{K}"]}
+        if truth_set is not None:
+            t = _truth_figures(model, truth_set, (K,), (5, K), job.eval.chunk_size)
+            row.update({"share": t[f"truth_share@{K}"], "tndcg5": t["truth_ndcg@5"]})
+        else:
+            est = past_the_log(model, seen, job.eval, job.seed)
+            row.update({"ips": est[f"ips@{K}"], "iv": est[f"iv@{K}"]})
+        rows[key] = row
+    stages: dict[str, float] = {}
+    for r in results:
+        for stage, sec in r.stages.items():
+            stages[stage] = stages.get(stage, 0.0) + sec
+    return {"rows": rows, "seconds": time.perf_counter() - t0, "blocks": n, "stages": stages,
+            "update_seconds": {k: sum(r.updates[k].get("seconds") or 0.0 for r in results) for k in learners}}
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b not in (None, 0) and not math.isnan(b) else float("nan")
+
+
+def student_ratios(rows: dict, metrics: list[str]) -> dict:
+    teachers = [k for k in rows if k.startswith("teacher:")]
+    out = {}
+    for m in metrics:
+        best = max(rows[t][m] for t in teachers) if teachers else float("nan")
+        out[m] = {"to_best_teacher": _ratio(rows["student"][m], best), "to_popularity": _ratio(rows["student"][m],
+                                                                                               rows["popularity"][m])}
+    return out
+
+
+def _short(model: str) -> str:
+    return model.split(":", 1)[-1]
+
+
+def print_dataset(name: str, by_option: dict, truth: bool) -> None:
+    cols = ["ndcg", "share", "tndcg5"] if truth else ["ndcg", "ips", "iv"]
+    heads = {"ndcg": f"NDCG@{K}", "share": f"share@{K}", "tndcg5": "tNDCG@5", "ips": f"ips@{K}", "iv": f"iv@{K}"}
+    print(f"\n{name}  (pooled test of every block, train + valid masked; "
+          + ("truth: share of best true relevance, NDCG@5 on uniform labels)" if truth
+             else "estimates: self-normalised IPS NDCG, intervened-split NDCG)"))
+    head = f"{'option':<7} {'model':<10} " + " ".join(f"{heads[c]:>9}" for c in cols) + f" {'avgpop':>7} {'cover':>6}"
+    print(head)
+    print("-" * len(head))
+    for option, rep in by_option.items():
+        for model, row in rep["rows"].items():
+            print(f"{option:<7} {_short(model):<10} " + " ".join(f"{row[c]:>9.4f}" for c in cols)
+                  + f" {row['avgpop']:>7.1f} {row['coverage']:>6.3f}")
+        ratios = student_ratios(rep["rows"], cols)
+        print(f"{option:<7} {'student/':<10} " + " ".join(f"{ratios[c]['to_best_teacher']:>8.2f}t" for c in cols)
+              + f"   ({rep['seconds']:.0f}s)")
+        print(f"{'':<7} {'':<10} " + " ".join(f"{ratios[c]['to_popularity']:>8.2f}p" for c in cols))
+
+
+def print_changes(report: dict) -> None:
+    """Per option and model: mean over the simulated streams of share@20 relative to none, and the change of
+    logged NDCG@20 on MovieLens-100K relative to none."""
+    sims = [n for n in report if n.startswith("sim")]
+    options = [o for o in next(iter(report.values())) if o != "none"]
+    models = list(next(iter(next(iter(report.values())).values()))["rows"])
+    print("\nchange over none: share@20 (mean over the simulated streams, min–max) | logged NDCG@20 and iv@20 on "
+          "MovieLens-100K")
+    for option in options:
+        for model in models:
+            cells = []
+            if sims:
+                rel = [report[n][option]["rows"][model]["share"] / report[n]["none"]["rows"][model]["share"] - 1
+                       for n in sims if "none" in report[n]]
+                cells.append(f"share {np.mean(rel):+.1%} ({min(rel):+.1%}…{max(rel):+.1%})")
+            if "ml-100k" in report and "none" in report["ml-100k"]:
+                a, b = report["ml-100k"][option]["rows"][model], report["ml-100k"]["none"]["rows"][model]
+                cells.append(f"ML NDCG@20 {a['ndcg'] / b['ndcg'] - 1:+.1%}  iv@20 {a['iv'] / b['iv'] - 1:+.1%}")
+            print(f"  {option:<7} {_short(model):<10} " + "  |  ".join(cells))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("job", nargs="?", default="jobs/stream.yaml")
+    ap.add_argument("--options", default=",".join(OPTIONS))
+    ap.add_argument("--datasets", default="sim,ml-100k", help="sim (3 skews × 2 correlations), ml-100k")
+    ap.add_argument("--incremental", type=int, default=2, help="incremental blocks after the 50%% base block")
+    ap.add_argument("--blocks", type=int, default=None, help="run only the first N blocks")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    job_dict = load_job(args.job).to_dict()
+    blocks = {"base_fraction": 0.5, "incremental": args.incremental, "split": [0.8, 0.1, 0.1]}
+    options = args.options.split(",")
+    datasets = args.datasets.split(",")
+    t_start = time.perf_counter()
+    report: dict = {}
+    with tempfile.TemporaryDirectory(prefix="ckd-debias-") as tmp:
+        todo = []
+        if "sim" in datasets:
+            todo += [(f"sim skew={s} rho={c}", (s, c)) for s in SKEWS for c in CORRELATIONS]
+        if "ml-100k" in datasets:
+            todo.append(("ml-100k", None))
+        for i, (name, params) in enumerate(todo):
+            root = Path(tmp) / f"store-{i}"
+            store, truth = simulated_store(root, *params) if params else movielens_store(root)
+            report[name] = {}
+            for option in options:
+                report[name][option] = run_one(job_dict, name, option, store, truth, blocks, args.blocks)
+                print(f"  {name} {option}: {report[name][option]['seconds']:.0f}s", flush=True)
+            print_dataset(name, report[name], truth is not None)
+    print_changes(report)
+    print(f"\ntotal {time.perf_counter() - t_start:.0f}s")
+    print(f"reproduce: python bench/debias.py {args.job} --options {args.options} --datasets {args.datasets} "
+          f"--incremental {args.incremental}" + (f" --blocks {args.blocks}" if args.blocks else ""))
+    if args.json:
+        args.json.write_text(json.dumps({"job": args.job, "epochs": {"default": DEFAULT_EPOCHS, **EPOCHS},
+                                         "simulation": SIM, "datasets": report}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

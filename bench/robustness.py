@@ -1,0 +1,136 @@
+"""The served student on streams nobody tuned for: the default job's settings across densities and skews.
+
+    python bench/robustness.py [--job jobs/stream.yaml] [--rows all|ml|synthetic] [--json out.json]
+
+Rows: synthetic streams (1,500 users × 1,000 items, six periods, new users and items arriving, drifting
+tastes) at about 0.5%, 2% and 6% of the user×item matrix filled, each with a mild and a steep item
+popularity exponent (0.6, 1.2), and MovieLens-100K. Every row runs the job's teachers, student,
+distillation and continual settings (only the source changes) through the job's stages in this
+process, one torch thread. Printed for the final snapshot, as means over every block it has seen:
+NDCG@20 of every model and of the teachers' rank-fusion ensemble, the student's ratio to the best
+teacher and to the ensemble, tail Recall@20, average popularity@20 and coverage@20 of every model;
+plus the pooled NDCG@20 (every block's test pairs as one test set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from continual_kd.config import load_job, parse_job  # noqa: E402
+from continual_kd.continual import make_learners, run_stream_local  # noqa: E402
+from continual_kd.continual.ensemble import evaluate_ensemble  # noqa: E402
+from continual_kd.data.sources import open_source  # noqa: E402
+
+USERS, ITEMS = 1500, 1000
+DENSITIES = (0.005, 0.02, 0.06)
+EXPONENTS = (0.6, 1.2)
+KEYS = ("ndcg@20", "recall@20/tail", "avgpop@20", "coverage@20")
+
+
+def rows(kind: str) -> list[tuple[str, dict]]:
+    out = []
+    if kind in ("all", "synthetic"):
+        for d in DENSITIES:
+            for e in EXPONENTS:
+                name = f"synthetic {d:.1%} pop^{e}"
+                out.append((name, {"dataset": "synthetic", "store": f"stores/robustness-{d}-{e}",
+                                   "synthetic": {"users": USERS, "items": ITEMS, "interactions": int(d * USERS * ITEMS),
+                                                 "periods": 6, "popularity_exponent": e, "seed": 0}}))
+    if kind in ("all", "ml"):
+        out.append(("movielens-100k", {"dataset": "movielens-100k", "store": "stores/ml-100k"}))
+    return out
+
+
+def _mean(values):
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def final_snapshot(last, learners, seen, job) -> dict[str, dict]:
+    """Per model (and the ensemble): the final snapshot's mean over every block of KEYS, and pooled NDCG@20."""
+    out = {}
+    for model in last.metrics:
+        per_block = [last.metrics[model], *last.earlier[model].values()]
+        out[model] = {k: _mean([m.get(k) for m in per_block]) for k in KEYS}
+        out[model]["pooled"] = (last.pooled.get(model) or {}).get("ndcg@20")
+    teachers = [learners[m] for m in learners if m.startswith("teacher:")]
+    if teachers:
+        ens = evaluate_ensemble(teachers, seen, last.block, job.eval)
+        per_block = [ens["test"], *ens["earlier"].values()]
+        out["ensemble"] = {k: _mean([m.get(k) for m in per_block]) for k in KEYS}
+        out["ensemble"]["pooled"] = None
+    return out
+
+
+def run_row(job_dict: dict, source: dict, name: str) -> dict:
+    job = parse_job({**job_dict, "source": source}, f"robustness [{name}]")
+    store = open_source(job.source)
+    b = job.blocks
+    plan = store.ensure_plan(b.base_fraction, b.incremental, b.split, job.seed)
+    learners = make_learners(job)
+    t0 = time.perf_counter()
+    results = run_stream_local(job, lambda k: store.read_blocks(plan.plan_id, k), plan.num_blocks, learners=learners)
+    seen = store.read_blocks(plan.plan_id, plan.num_blocks - 1)
+    info = {"users": int(seen.num_users), "items": int(seen.num_items), "rows": int(len(seen))}
+    info["density"] = info["rows"] / max(info["users"] * info["items"], 1)
+    return {"models": final_snapshot(results[-1], learners, seen, job), "seconds": time.perf_counter() - t0, **info}
+
+
+def print_row(name: str, row: dict) -> None:
+    models = row["models"]
+    teachers = {m: v for m, v in models.items() if m.startswith("teacher:")}
+    best = max((v["ndcg@20"] for v in teachers.values()), default=float("nan"))
+    s = models.get("student", {})
+    ens = models.get("ensemble", {}).get("ndcg@20", float("nan"))
+    print(f"\n{name}: {row['users']} users × {row['items']} items, {row['rows']} rows "
+          f"({row['density']:.2%}), {row['seconds']:.0f}s")
+    print(f"  {'model':18s} {'NDCG@20':>8s} {'pooled':>7s} {'tail R@20':>9s} {'avgpop@20':>9s} {'cov@20':>7s}")
+    for m, v in models.items():
+        pooled = "–" if v.get("pooled") is None else f"{v['pooled']:.4f}"
+        print(f"  {m:18s} {v['ndcg@20']:8.4f} {pooled:>7s} {v['recall@20/tail']:9.4f} {v['avgpop@20']:9.1f} "
+              f"{v['coverage@20']:7.3f}")
+    print(f"  student / best teacher {s.get('ndcg@20', float('nan')) / best:.3f}   "
+          f"student / ensemble {s.get('ndcg@20', float('nan')) / ens:.3f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--job", default="jobs/stream.yaml")
+    ap.add_argument("--rows", choices=("all", "ml", "synthetic"), default="all")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    job_dict = load_job(args.job).to_dict()
+    report = {}
+    for name, source in rows(args.rows):
+        report[name] = run_row(job_dict, source, name)
+        print_row(name, report[name])
+    print("\nsummary: student NDCG@20 / best teacher, / ensemble; student tail R@20 / best teacher's; "
+          "student avgpop@20 / least-biased teacher's")
+    for name, row in report.items():
+        models = row["models"]
+        teachers = {m: v for m, v in models.items() if m.startswith("teacher:")}
+        s = models["student"]
+        best = max(v["ndcg@20"] for v in teachers.values())
+        tail = max(v["recall@20/tail"] for v in teachers.values())
+        pop = min(v["avgpop@20"] for v in teachers.values())
+        ens = models["ensemble"]["ndcg@20"]
+        print(f"  {name:26s} {s['ndcg@20'] / best:6.3f} {s['ndcg@20'] / ens:6.3f} "
+              f"{s['recall@20/tail'] / tail if tail else float('nan'):6.3f} {s['avgpop@20'] / pop:6.3f}")
+    print(f"reproduce: python bench/robustness.py --job {args.job} --rows {args.rows}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
