@@ -85,7 +85,8 @@ def variant_job(job_dict: dict, option: str, blocks: dict, name: str):
         train = {**model.get("train", {}), **OPTIONS[option], "epochs_base": base, "epochs_block": block}
         return {**model, "train": train}
 
-    spec = {**job_dict, "name": f"debias-{name}-{option}", "blocks": blocks,
+    slug = "".join(c if c.isalnum() or c in "-." else "_" for c in name)
+    spec = {**job_dict, "name": f"debias-{slug}-{option}", "blocks": blocks,
             "teachers": [with_option(t) for t in job_dict["teachers"]], "student": with_option(job_dict["student"])}
     return parse_job(spec, f"bench/debias.py [{name}, {option}]")
 

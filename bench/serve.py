@@ -9,9 +9,14 @@ http.client connection to 127.0.0.1, asking GET /recommend?user=U&k=K for users 
 ones the student knows. Two phases:
 
   steady   ``--seconds`` of load on the served block 0
-  swap     load while `ckd submit --max-blocks 1` trains and commits block 1 on the same machine, until the
-           server has served block 1 for 2 s; figures for the whole phase and for the 2 s around the first
-           answer from block 1
+  swap, training   load while `ckd submit --max-blocks 1` trains and commits block 1 on the same machine,
+                   until the server has served block 1 for 2 s
+  swap, alone      block 2 is trained beforehand in a copy of the folder; under load its snapshot is moved
+                   into the job's folder and committed (as the coordinator does), until block 2 has been
+                   served for 2 s: the cost of the swap itself
+
+Each swap phase also gets figures for its window: from 0.5 s before the replica began to load the new
+block (its load time, from /healthz, before the first answer from it) to 1 s after that first answer.
 
 Printed per phase: requests, failed requests (any non-200 or connection error), throughput (answers/s),
 p50 / p99 / max latency in ms, and the blocks that answered. The server is stopped with SIGTERM at the end.
@@ -104,6 +109,44 @@ class Load:
         return np.array(sorted(rows), dtype=np.float64).reshape(-1, 4)
 
 
+def wait_for_block(port: int, block: int, timeout: float = 300.0) -> float | None:
+    """Wait until /healthz serves ``block``; → the replica's load-and-check seconds for it."""
+    t = time.perf_counter()
+    while True:
+        served = (health(port) or {}).get("served") or {}
+        if served.get("block") == block:
+            return served.get("load_s")
+        if time.perf_counter() - t > timeout:
+            sys.exit(f"the server did not swap to block {block} within {timeout:g} s")
+        time.sleep(0.2)
+
+
+def commit_copied_snapshot(snapshot: Path, runs: Path, store_root: Path, job) -> None:
+    """Move a snapshot trained elsewhere into the served job's folder (rename: whole or absent) and commit it."""
+    from continual_kd.runtime.coordinator import manifest_digest
+    from continual_kd.stream import StreamStore
+
+    tmp = runs / f".tmp-{snapshot.name}-bench"
+    shutil.copytree(snapshot, tmp)
+    os.replace(tmp, runs / snapshot.name)
+    m = json.loads((runs / snapshot.name / "manifest.json").read_text())
+    StreamStore.open(store_root).commit_block(job.name, job.config_hash(), m["plan_id"], m["block"], m["rows_covered"],
+                                              str(runs / snapshot.name), manifest_digest(runs / snapshot.name))
+
+
+def swap_figures(out: dict, name: str, load: "Load", block: int) -> None:
+    rows = load.all()
+    out[f"swap_{name}"] = figures(rows, load.ended - load.started)
+    # the window of the swap: from 0.5 s before the replica began loading the new block to 1 s after its first answer
+    first_new = rows[rows[:, 3] == block, 0].min()
+    begin = first_new - (out[f"block{block}_load_s"] or 0.0) - 0.5
+    inside = (rows[:, 0] >= begin) & (rows[:, 0] <= first_new + 1.0)
+    out[f"around_swap_{name}"] = figures(rows[inside], first_new + 1.0 - begin)
+    show(f"swap, {name}", out[f"swap_{name}"])
+    show("  its window", out[f"around_swap_{name}"])
+    print(f"  the replica loaded and checked block {block} in {out[f'block{block}_load_s']}s beside the served one")
+
+
 def figures(rows: np.ndarray, seconds: float) -> dict:
     ok = rows[:, 2] == 200
     lat = rows[ok, 1] * 1000.0
@@ -116,7 +159,7 @@ def figures(rows: np.ndarray, seconds: float) -> dict:
 
 
 def show(name: str, f: dict) -> None:
-    print(f"{name:<14} {f['requests']:>7} req  {f['failed']:>3} failed  {f['throughput']:>8} /s  "
+    print(f"{name:<16} {f['requests']:>7} req  {f['failed']:>3} failed  {f['throughput']:>8} /s  "
           f"p50 {f['p50_ms']:>7} ms  p99 {f['p99_ms']:>7} ms  max {f['max_ms']:>8} ms  blocks {f['blocks']}")
 
 
@@ -129,7 +172,14 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--commit-copy", nargs=4, metavar=("SNAPSHOT", "RUNS", "STORE", "JOB"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.commit_copy:
+        from continual_kd.config import load_job
+
+        snapshot, runs, store, job_path = args.commit_copy
+        commit_copied_snapshot(Path(snapshot), Path(runs), Path(store), load_job(job_path))
+        return
 
     from continual_kd.config import load_job
     from continual_kd.stream import StreamStore
@@ -167,24 +217,37 @@ def main() -> None:
         out["steady"] = figures(load.all(), load.ended - load.started)
         show("steady", out["steady"])
 
+        # phase 2: the job trains block 1 on this machine and commits it; the server swaps to it
         with Load(args.port, users, args.clients, args.k, seed=1000) as load:
             t = time.perf_counter()
             r = ckd(["submit", job_file.name, "--max-blocks", "1"], work)
             if r.returncode:
                 sys.exit(f"ckd submit of block 1 failed:\n{r.stderr[-2000:]}")
             out["block1_commit_s"] = round(time.perf_counter() - t, 1)
-            while (health(args.port) or {}).get("served", {}).get("block") != 1:
-                if time.perf_counter() - t > 300:
-                    sys.exit("the server did not swap to block 1 within 300 s")
-                time.sleep(0.2)
+            out["block1_load_s"] = wait_for_block(args.port, 1)
             time.sleep(2.0)
-        rows = load.all()
-        out["swap"] = figures(rows, load.ended - load.started)
-        first_new = rows[rows[:, 3] == 1, 0].min()
-        around = rows[np.abs(rows[:, 0] - first_new) <= 1.0]
-        out["around_swap"] = figures(around, 2.0)
-        show("during swap", out["swap"])
-        show("±1 s of swap", out["around_swap"])
+        swap_figures(out, "training", load, 1)
+
+        # phase 3: the swap alone: block 2 is trained beforehand in a copy of the folder, then its snapshot is
+        # moved in and committed (what the coordinator does at the end of a block) while nothing else runs
+        shadow = work / "shadow"
+        shutil.rmtree(shadow, ignore_errors=True)
+        shadow.mkdir()
+        shutil.copy(job_file, shadow / job_file.name)
+        runs_rel = job.snapshot_dir
+        shutil.copytree(work / job.source.store, shadow / job.source.store)
+        shutil.copytree(work / runs_rel, shadow / runs_rel)
+        r = ckd(["submit", job_file.name, "--max-blocks", "1"], shadow)
+        if r.returncode:
+            sys.exit(f"ckd submit of block 2 (in the copy) failed:\n{r.stderr[-2000:]}")
+        with Load(args.port, users, args.clients, args.k, seed=2000) as load:
+            time.sleep(3.0)
+            # in another process, so the load generator's threads do not wait on it for the GIL
+            subprocess.run([sys.executable, __file__, "--commit-copy", str(shadow / runs_rel / "block-0002"),
+                            str(work / runs_rel), str(work / job.source.store), str(job_file)], check=True)
+            out["block2_load_s"] = wait_for_block(args.port, 2)
+            time.sleep(2.0)
+        swap_figures(out, "alone", load, 2)
     finally:
         server.send_signal(signal.SIGTERM)
         try:

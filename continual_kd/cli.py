@@ -726,8 +726,9 @@ def serve(
             return
         served = e.get("served")
         if served:
-            say("serving block {} (commit {}, {:,} users × {:,} items) from {}", served["block"], served["commit"],
-                served["users"], served["items"], served["snapshot"])
+            say("serving block {} (commit {}, {:,} users × {:,} items) from {} (loaded and checked in {:.2f}s)",
+                served["block"], served["commit"], served["users"], served["items"], served["snapshot"],
+                served["load_s"])
         elif e.get("status") == "waiting":
             say("waiting for the first committed block of job {}", job.name)
         for r in e.get("refused", []):

@@ -264,7 +264,7 @@ class TrainSpec(_Spec):
     ips_exponent: float = Field(0.5, ge=0)
     ips_clip: float = Field(0.05, gt=0, le=1)
     pda_gamma: float = Field(0.1, ge=0)
-    patience: int = Field(5, ge=0)
+    patience: int = Field(10, ge=0)
     valid_every: int = Field(1, ge=1)  # epochs between validations
     # settings chosen on the base block's validation (e.g. {weight_decay: [0.0001, 0.001, 0.01]}): one
     # model trained per combination, the best kept; the choice is recorded in the snapshot and used after
@@ -551,7 +551,9 @@ EVAL_ONLY_FIELDS = ("ips_exponent", "ips_clip", "intervened_per_item", "mar_test
 class EvalSpec(_Spec):
     ks: Annotated[tuple[Annotated[int, Field(ge=1)], ...], BeforeValidator(_as_tuple),
                   Field(min_length=1)] = (10, 20, 50)
-    chunk_size: int = Field(1024, ge=1)
+    chunk_size: int = Field(0, ge=0)  # users scored at once; 0: as many as fit memory_mb (eval.metrics.users_per_chunk)
+    memory_mb: int = Field(256, ge=1)  # memory budget of one chunk of full scores
+    sample_users: int | None = Field(None, ge=1)  # evaluate a seeded sample of this many users per test set (None: all)
     # what a ranking hides: standard = the user's train + valid pairs (the standard full-ranking protocol)
     # | train = training pairs only (valid items stay as negatives) | all_seen = every seen pair but the
     # target's (the old rule, for comparison). `exclude: known | train` is accepted as another spelling.

@@ -67,6 +67,7 @@ class ServedStudent:
     user_index: dict[str, int]  # external user id → dense id, for the users the student knows
     item_ids: np.ndarray  # (I,) dense item id → external id (object array of str)
     loaded_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    load_s: float = 0.0  # seconds from the start of the load (checks included) to ready
 
     @property
     def block(self) -> int:
@@ -101,7 +102,8 @@ class ServedStudent:
     def describe(self) -> dict:
         return {"job": self.job, "block": self.block, "commit": self.commit.commit_id,
                 "snapshot": str(self.snapshot), "committed_at": self.commit.committed_at,
-                "loaded_at": self.loaded_at, "users": self.num_users, "items": self.num_items}
+                "loaded_at": self.loaded_at, "load_s": round(self.load_s, 3), "users": self.num_users,
+                "items": self.num_items}
 
 
 def load_served(store, job_name: str, runs_dir: Path, commit: Commit, device: str = "cpu") -> ServedStudent:
@@ -111,6 +113,7 @@ def load_served(store, job_name: str, runs_dir: Path, commit: Commit, device: st
     from .continual.snapshot_eval import check_fit
     from .eval import known_pairs
 
+    started = time.perf_counter()
     path = Path(runs_dir) / block_dir_name(commit.block)
     if not (path / MANIFEST).is_file():
         raise CkdError(f"Snapshot {path} of committed block {commit.block} is missing (pruned or moved); "
@@ -146,6 +149,7 @@ def load_served(store, job_name: str, runs_dir: Path, commit: Commit, device: st
     items = np.asarray(store.external_ids("item", np.arange(num_items)), dtype=object)
     served = ServedStudent(job_name, commit, path, model, known, dict(zip(users, range(num_users))), items)
     served.top_k(torch.zeros(1, dtype=torch.int64), 1)  # warm: caches (graph propagation) built before the swap
+    served.load_s = time.perf_counter() - started
     return served
 
 
@@ -173,7 +177,6 @@ class SnapshotFollower:
         from .stream.catalog import StoreBusyError
 
         with self._lock:
-            started = time.monotonic()
             try:
                 store = StreamStore.open(self.store_root)
                 store.lock_wait_s = min(store.lock_wait_s, POLL_LOCK_WAIT_S)
@@ -202,8 +205,8 @@ class SnapshotFollower:
                     continue
                 self.current = served  # the swap: one reference assignment, atomic for every reader
                 swapped = True
-                self.log(f"serving block {commit.block} (commit {commit.commit_id}) from {served.snapshot} "
-                         f"after {time.monotonic() - started:.2f}s of loading")
+                self.log(f"serving block {commit.block} (commit {commit.commit_id}) from {served.snapshot}, "
+                         f"loaded and checked in {served.load_s:.2f}s")
                 break
             active = {c.commit_id for c in commits}  # a revoked commit's refusal no longer matters
             self.refused = {c: r for c, r in self.refused.items() if c in active}

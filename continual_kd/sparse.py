@@ -22,6 +22,64 @@ class UserItemSet:
         self.indptr = torch.zeros(self.num_users + 1, dtype=torch.int64, device=device)
         self.indptr[1:] = torch.cumsum(self.degree, 0)
 
+    @classmethod
+    def from_sorted_keys(cls, keys: torch.Tensor, num_users: int, num_items: int,
+                         degree: torch.Tensor | None = None) -> "UserItemSet":
+        """A set from keys (user * num_items + item) already sorted and unique: no sort (linear)."""
+        out = cls.__new__(cls)
+        out.num_users, out.num_items = int(num_users), int(num_items)
+        out.keys = keys
+        out.users = keys // out.num_items
+        out.items = keys % out.num_items
+        out.degree = torch.bincount(out.users, minlength=out.num_users) if degree is None else degree
+        out.indptr = torch.zeros(out.num_users + 1, dtype=torch.int64, device=keys.device)
+        out.indptr[1:] = torch.cumsum(out.degree, 0)
+        return out
+
+    def added(self, users, items, num_users: int | None = None, num_items: int | None = None) -> "UserItemSet":
+        """This set plus the given pairs, in id spaces grown to ``num_users`` × ``num_items``: only the new
+        pairs are sorted, then merged into the stored order in one linear pass (no sort of what is stored),
+        so adding a block costs its rows plus a copy, not a sort of the whole history."""
+        device = self.keys.device
+        nu, ni = max(self.num_users, int(num_users or 0)), max(self.num_items, int(num_items or 0))
+        users = torch.as_tensor(np.asarray(users) if not torch.is_tensor(users) else users, dtype=torch.int64).to(device)
+        items = torch.as_tensor(np.asarray(items) if not torch.is_tensor(items) else items, dtype=torch.int64).to(device)
+        old = self.keys if ni == self.num_items else self.users * ni + self.items  # order kept: (user, item)
+        new = torch.unique(users * ni + items)
+        if len(old):
+            pos = torch.searchsorted(old, new).clamp(max=len(old) - 1)
+            new = new[old[pos] != new]  # pairs already stored
+        degree = torch.zeros(nu, dtype=torch.int64, device=device)
+        degree[: self.num_users] = self.degree
+        if len(new) == 0:
+            return UserItemSet.from_sorted_keys(old, nu, ni, degree)
+        degree += torch.bincount(new // ni, minlength=nu)
+        at = torch.searchsorted(old, new) + torch.arange(len(new), device=device)  # places in the merged order
+        keys = torch.empty(len(old) + len(new), dtype=torch.int64, device=device)
+        from_old = torch.ones(len(keys), dtype=torch.bool, device=device)
+        from_old[at] = False
+        keys[at] = new
+        keys[from_old] = old
+        return UserItemSet.from_sorted_keys(keys, nu, ni, degree)
+
+    def without(self, other: "UserItemSet") -> "UserItemSet":
+        """This set less the pairs of ``other`` (a membership test of every stored pair: linear, no sort)."""
+        if len(other) == 0 or len(self) == 0:
+            return self
+        drop = other.contains(self.users, self.items)
+        if not bool(drop.any()):
+            return self
+        return UserItemSet.from_sorted_keys(self.keys[~drop], self.num_users, self.num_items)
+
+    def transposed(self) -> "UserItemSet":
+        """The same pairs item-major: an item → users set (items as rows)."""
+        return UserItemSet(self.items, self.users, self.num_items, self.num_users, self.keys.device)
+
+    def same_as(self, other: "UserItemSet") -> bool:
+        """Equal pairs in equal id spaces (CSR included)."""
+        return (self.num_users, self.num_items) == (other.num_users, other.num_items) and torch.equal(
+            self.keys, other.keys) and torch.equal(self.indptr, other.indptr)
+
     def __len__(self) -> int:
         return len(self.keys)
 
@@ -29,9 +87,10 @@ class UserItemSet:
         """Elementwise membership of (users, items) pairs of any equal shape."""
         if len(self.keys) == 0:
             return torch.zeros_like(users, dtype=torch.bool)
+        inside = (users < self.num_users) & (items < self.num_items)  # ids past the set's spaces: absent
         q = users * self.num_items + items
         pos = torch.searchsorted(self.keys, q).clamp(max=len(self.keys) - 1)
-        return self.keys[pos] == q
+        return (self.keys[pos] == q) & inside
 
     def rows_for(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(row index into ``users``, item) for every stored pair of the given users."""
@@ -91,3 +150,44 @@ def sample_excluding(users: torch.Tensor, count: int, num_items: int, exclude: l
             break
         draw[bad] = draw_items((n_bad,)).to(device)
     return draw
+
+
+class ComplementSampler:
+    """Uniform draws from each user's items *outside* a fixed set, without rejection.
+
+    Built once from the excluded pairs (e.g. per block: the known pairs ∪ a teacher's top list). With a
+    user's excluded items sorted, e_0 < e_1 < …, the r-th allowed item (0-based) is r + #{t : e_t - t ≤ r};
+    the shifted values e_t - t do not decrease within a user, so one global searchsorted answers every
+    draw: a draw costs one random number and one binary search, whatever the share of excluded items.
+    Users with no allowed item left get a uniform item (left as drawn, as ``sample_excluding`` does).
+    """
+
+    def __init__(self, exclude: UserItemSet, num_items: int | None = None):
+        self.num_items = int(num_items if num_items is not None else exclude.num_items)
+        if exclude.num_items > self.num_items:
+            raise ValueError(f"excluded items reach id {exclude.num_items - 1}, past num_items={self.num_items}")
+        self.num_users = max(exclude.num_users, 1)
+        device = exclude.keys.device
+        self.indptr = torch.zeros(self.num_users + 1, dtype=torch.int64, device=device)
+        self.indptr[: len(exclude.indptr)] = exclude.indptr
+        self.indptr[len(exclude.indptr):] = exclude.indptr[-1]
+        self.free = torch.full((self.num_users,), self.num_items, dtype=torch.int64, device=device)
+        self.free[: exclude.num_users] -= exclude.degree  # (U,) allowed items per user
+        self.stride = self.num_items + 1
+        rank = torch.arange(len(exclude.keys), device=device) - self.indptr[exclude.users]
+        self.shifted = exclude.users * self.stride + (exclude.items - rank)  # sorted: by user, then e_t - t
+
+    def sample(self, users: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+        """(B, count) items, uniform over each of ``users``' allowed items (with replacement)."""
+        u = users.unsqueeze(1).expand(-1, count)
+        inside = u < self.num_users
+        uc = u.clamp(max=self.num_users - 1)
+        free = torch.where(inside, self.free[uc], self.num_items)
+        full = free <= 0  # nothing left to draw from: any item
+        span = torch.where(full, self.num_items, free)
+        r = (torch.rand(u.shape, generator=generator, dtype=torch.float64).to(users.device) * span).long()
+        r = torch.minimum(r, span - 1)
+        if len(self.shifted) == 0:
+            return r
+        before = torch.searchsorted(self.shifted, uc * self.stride + r, right=True) - self.indptr[uc]
+        return torch.where(inside & ~full, r + before, r)  # r + the excluded items below the draw

@@ -174,3 +174,15 @@ def test_retrain_equals_a_model_trained_from_scratch_on_everything(tmp_path, mon
     assert results[-1].updates["teacher:mf"]["train_rows"] == log["train_rows"]
     # the old spelling still parses to the same strategy
     assert parse_job({"continual": {"strategy": "scratch"}}).continual.strategy == "retrain"
+
+
+def test_popularity_negatives_follow_the_weights_and_avoid_known_pairs():
+    from continual_kd.sparse import sample_excluding
+
+    known = UserItemSet(np.array([0, 0]), np.array([0, 1]), 1, 4)  # user 0 knows items 0 and 1
+    weights = torch.tensor([2.0, 2.0, 1.0, 3.0])  # of what is left, item 3 is 3× as likely as item 2
+    users = torch.zeros(40000, dtype=torch.int64)
+    draw = sample_excluding(users, 1, 4, [known], torch.Generator().manual_seed(0), weights=weights).flatten()
+    counts = torch.bincount(draw, minlength=4)
+    assert counts[0] == counts[1] == 0
+    assert float(counts[3]) / float(counts[2]) == pytest.approx(3.0, rel=0.05)

@@ -22,13 +22,14 @@ import torch
 
 from ..config import EvalSpec, ModelSpec
 from ..distill import TERMS, TermContext, popularity_groups, teacher_group_rankings
-from ..eval import eval_sets, evaluate_ranking, model_pairs, model_pairs_mask, plasticity_stability, top_k_items
+from ..eval import evaluate_ranking, model_pairs_mask, plasticity_stability, top_k_items
 from ..eval.bias import popularity_groupings
-from ..eval.protocol import training_popularity
+from ..eval.metrics import users_per_chunk
 from ..models import build_backbone, num_parameters
 from ..sparse import UserItemSet
 from ..types import TEST, TRAIN, VALID, Interactions, Knowledge
 from ..distill.replay import PROXY_PREFIX
+from .pairs import PairState
 from .training import BestEpoch, train_epochs
 
 AUX = "aux."  # prefix of non-model tensors (proxies, KD term state) inside a saved state's weights
@@ -53,6 +54,14 @@ def item_counts(seen: Interactions, device="cpu") -> torch.Tensor:
     """(I,) training popularity: interactions per item over the pairs a model may see now."""
     counts = np.bincount(seen.items[model_pairs_mask(seen)], minlength=seen.num_items)
     return torch.as_tensor(counts, dtype=torch.float32, device=device)
+
+
+def observe_pairs(model, known: UserItemSet) -> None:
+    """Hand ``model`` the pairs it may use (graph / input rows); as the kept sorted set where it takes one."""
+    if getattr(model, "observes_pairs", False):
+        model.observe(known.users, known.items, pairs=known)
+    else:
+        model.observe(known.users, known.items)
 
 
 def flatten_knowledge(knowledge) -> list[Knowledge]:
@@ -102,6 +111,7 @@ class Learner:
         self._trajectory: list[np.ndarray] = []  # checkpoints' top lists of the last update (teachers)
         self._trajectory_of: tuple | None = None  # (block, scope) the trajectory was recorded for
         self.chosen: dict[str, float] = {}  # train settings chosen on validation by train.grid (base block)
+        self.pairs = PairState(device)  # known pairs, counts, eval sets: kept between blocks (continual/pairs.py)
 
     # ------------------------------------------------------------------ state
     def _build(self, num_users: int, num_items: int):
@@ -156,8 +166,8 @@ class Learner:
     def observe(self, seen: Interactions, block: int | None = None) -> UserItemSet:
         """Hand the model the pairs it may use while block ``block`` (default: the newest seen) is
         trained, taught or scored (graph / input rows); returns them (they are also what is known)."""
-        known = model_pairs(seen, block, self.device)
-        self.model.observe(known.users, known.items)
+        known = self.pairs.known(seen, block, by_item=getattr(self.model, "needs_item_major", False))
+        observe_pairs(self.model, known)
         if hasattr(self.model, "set_item_graph"):  # path models: the item knowledge graph read with the blocks
             self.model.set_item_graph(seen.meta.get("item_graph"))
         return known
@@ -220,7 +230,7 @@ class Learner:
             draw = self._replay_sampler(seen, block, int(round(replay * len(positives))), replay_by)
         valid = None
         if self.spec.train.select == "best_valid" and epochs > 0:
-            relevant, exclude = eval_sets(seen, block, VALID, self.device)
+            relevant, exclude = self.pairs.eval_sets(seen, block, VALID, exact=True)
             valid = (relevant, exclude) if int((relevant.degree > 0).sum()) > 0 else None
         grid = self._grid() if not self.chosen else [{}]
         start = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if len(grid) > 1 else None
@@ -292,7 +302,7 @@ class Learner:
         logs = train_epochs(self.model, u, i, known, epochs, train_spec, gen, built,
                             (lambda e: any([bool(h(e)) for h in hooks])) if hooks else None,
                             draw_counted if draw is not None else None,
-                            item_counts(seen, self.device)
+                            self.pairs.item_counts(seen)
                             if train_spec.negatives == "popularity" or train_spec.debias != "none" else None)
         if best is not None:
             best.restore()
@@ -350,7 +360,7 @@ class Learner:
                           num_items=self.model.num_items, block=block, epochs=epochs, device=self.device,
                           role=self.role, fusion=fusion,
                           weights=weights if weights is not None and len(weights) == len(knowledge) else None,
-                          item_popularity=item_counts(seen, self.device), own=own)
+                          item_popularity=self.pairs.item_counts(seen), own=own)
         built = []
         for s in specs:
             cls = TERMS[s.name]
@@ -389,7 +399,7 @@ class Learner:
         items, scores = top_k_items(self.model, users, min(size, self.model.num_items), known)
         group_items = None
         if unkd_groups:
-            item_group = popularity_groups(item_counts(seen, self.device), unkd_groups)
+            item_group = popularity_groups(self.pairs.item_counts(seen), unkd_groups)
             group_items = teacher_group_rankings(self.model, users, item_group, per_group, known).cpu().numpy()
         observed_items = None
         if observed:
@@ -430,10 +440,10 @@ class Learner:
         grown.weights = {name: 1.0 for name in grown.weights}  # w = 1: keep the proxy, take only new rows
         grown.update(self.model)
         models = grown.models(lambda nu, ni: build_backbone(self.spec.backbone, nu, ni, **self.spec.backbone_params()))
-        known = model_pairs(seen, block, self.device)
+        known = self.pairs.known(seen, block, by_item=any(getattr(m, "needs_item_major", False) for m in models))
         models = tuple(m.to(self.device) for m in models)
         for m in models:
-            m.observe(known.users, known.items)
+            observe_pairs(m, known)
         return proxy_knowledge(models, self._users(seen, block, scope), size, known, block)
 
     @torch.no_grad()
@@ -441,11 +451,14 @@ class Learner:
         """Full-ranking metrics on ``split`` of each of ``blocks`` (everything else seen is masked)."""
         out = {}
         self.observe(seen)
-        popularity = training_popularity(seen, self.device)  # training pairs only (eval.protocol)
+        popularity = self.pairs.popularity(seen)  # training pairs only (eval.protocol.training_popularity)
         groups = popularity_groupings(popularity, spec.mass_groups)  # head/mid/tail + UnKD's eq groups
+        step = users_per_chunk(self.model.num_items, spec.chunk_size, spec.memory_mb)  # users per chunk
         for b in blocks:
-            relevant, exclude = eval_sets(seen, b, split, self.device, spec.mask)
-            out[b] = evaluate_ranking(self.model, relevant, exclude, spec.ks, spec.chunk_size, self.device,
+            relevant, exclude = self.pairs.eval_sets(seen, b, split, spec.mask)  # exclude may hold targets: kept
+            out[b] = evaluate_ranking(self.model, relevant, exclude, spec.ks, step, self.device,
+                                      sample=spec.sample_users, seed=derive_seed(self.seed, "eval", b, split),
+                                      keep_relevant=True,
                                       item_popularity=popularity, item_group=groups)
         return out
 

@@ -94,6 +94,7 @@ def labelled_metrics(model, users: torch.Tensor, items: torch.Tensor, labels: to
     sums = {f"{m}@{k}": 0.0 for m in METRICS for k in ks}
     counted = 0
     with torch.no_grad():
+        chunk_size = chunk_size or 1024  # 0 (eval.chunk_size's default): this fixed size
         for start in range(0, len(users), chunk_size):
             cu, it, lab = (x[start:start + chunk_size] for x in (users, items, labels))
             n_rel = lab.sum(1)
@@ -177,6 +178,7 @@ def relevance_share(model, preference: PreferenceFn, users: torch.Tensor, exclud
     sums = {k: 0.0 for k in ks}
     max_k = max(ks)
     with torch.no_grad():
+        chunk_size = chunk_size or 1024  # 0 (eval.chunk_size's default): this fixed size
         for start in range(0, len(users), chunk_size):
             cu = users[start:start + chunk_size]
             s = model.full_scores(cu)
@@ -203,6 +205,7 @@ def truth_labelled_set(preference: PreferenceFn, users: torch.Tensor, num_items:
     gen = torch.Generator().manual_seed(int(seed))
     its, labs = [], []
     n = min(per_user, num_items)
+    chunk_size = chunk_size or 1024  # 0 (eval.chunk_size's default): this fixed size (the draws depend on it)
     for start in range(0, len(users), chunk_size):
         cu = users[start:start + chunk_size]
         keys = torch.rand(len(cu), num_items, generator=gen, dtype=torch.float64)

@@ -29,21 +29,44 @@ def ndcg_at_k(hits: torch.Tensor, n_relevant: torch.Tensor) -> torch.Tensor:
 METRICS = {"recall": recall_at_k, "ndcg": ndcg_at_k}
 
 
+SCORE_MEMORY_MB = 256  # default memory budget of one chunk of full scores (knowledge, evaluation)
+SCORE_COPIES = 3  # (B, I) float32 buffers alive at once: the scores, a model's temporaries, top-k's work
+
+
+def users_per_chunk(num_items: int, chunk_size: int | None = None, memory_mb: float | None = None) -> int:
+    """Users whose full scores are ranked at once: ``chunk_size`` when given (> 0), else as many as fit
+    ``memory_mb`` (default ``SCORE_MEMORY_MB``) with ``SCORE_COPIES`` float32 (B, I) buffers, so a chunk
+    never holds more than the budget whatever the number of items (20k items: 1,118 users at 256 MB)."""
+    if chunk_size:
+        return int(chunk_size)
+    budget = (SCORE_MEMORY_MB if memory_mb is None else memory_mb) * 2**20
+    return max(1, int(budget // (SCORE_COPIES * 4 * max(int(num_items), 1))))
+
+
 @torch.no_grad()
 def top_k_items(model, users: torch.Tensor, k: int, exclude: UserItemSet | None = None,
-                chunk_size: int = 1024, only: UserItemSet | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                chunk_size: int | None = None, only: UserItemSet | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(U, k) best items of each user by the model's full scores, excluding known pairs; and their scores.
 
+    Users are scored in chunks (``users_per_chunk``: sized to a memory budget unless ``chunk_size``);
+    masks are written into the chunk's scores from the sets' CSR (no dense mask); only the chunk's
+    (B, I) scores and the (U, k) answer are ever held.
     With ``only``, just the user's pairs in that set are ranked (slots past them: item -1, score -inf).
     """
+    step = users_per_chunk(_items_of(model, exclude, only), chunk_size)
     ids, scores = [], []
-    for start in range(0, len(users), chunk_size):
-        cu = users[start : start + chunk_size]
+    for start in range(0, len(users), step):
+        cu = users[start : start + step]
         s = model.full_scores(cu)  # (B, I)
         if exclude is not None:
             exclude.mask_(s, cu)
         if only is not None:
-            s = s.masked_fill(~only.dense(cu, s.shape[1]), float("-inf"))
+            rows, cols = only.rows_for(cu)
+            keep = cols < s.shape[1]
+            rows, cols = rows[keep], cols[keep]
+            kept = s[rows, cols]
+            s = s.fill_(float("-inf")) if s.is_contiguous() else torch.full_like(s, float("-inf"))
+            s[rows, cols] = kept
         top = torch.topk(s, min(k, s.shape[1]), dim=1)
         ids.append(torch.where(torch.isinf(top.values) & (top.values < 0), -1, top.indices) if only is not None
                    else top.indices)
@@ -53,13 +76,36 @@ def top_k_items(model, users: torch.Tensor, k: int, exclude: UserItemSet | None 
     return torch.cat(ids), torch.cat(scores)
 
 
+def _items_of(model, *sets) -> int:
+    """The width of the model's score rows (a set's item space for a model that does not say)."""
+    n = getattr(model, "num_items", None)
+    return int(n) if n else max([s.num_items for s in sets if s is not None] + [1])
+
+
+def sample_users(users: torch.Tensor, size: int | None, seed: int = 0) -> torch.Tensor:
+    """A seeded uniform sample of ``size`` of ``users`` (without replacement), in their given order;
+    all of them when ``size`` is None or not smaller (the same tensor, so the same figures)."""
+    if size is None or size >= len(users):
+        return users
+    pick = torch.randperm(len(users), generator=torch.Generator().manual_seed(int(seed)))[: int(size)]
+    return users[torch.sort(pick).values.to(users.device)]
+
+
 @torch.no_grad()
 def evaluate_ranking(model, relevant: UserItemSet, exclude: UserItemSet | None, ks=(10, 20, 50),
                      chunk_size: int = 1024, device: str | torch.device = "cpu",
                      item_popularity: torch.Tensor | None = None,
                      item_group: torch.Tensor | dict[str, torch.Tensor] | None = None,
-                     item_weight: torch.Tensor | None = None) -> dict[str, float]:
+                     item_weight: torch.Tensor | None = None, sample: int | None = None, seed: int = 0,
+                     keep_relevant: bool = False) -> dict[str, float]:
     """Mean Recall@K and NDCG@K over users with at least one relevant item, full ranking.
+
+    Users are scored in chunks sized to memory (``users_per_chunk``; ``chunk_size`` > 0 fixes it); hits
+    come from membership of the top-K in ``relevant`` (no dense (B, I) mask). ``sample``: a seeded
+    uniform sample of that many of the users (each still ranked over every item); ``users`` in the
+    result is the number evaluated, and ``users_of`` the number there were (added only with ``sample``).
+    ``keep_relevant``: ``exclude`` may hold the relevant pairs too; they are ranked anyway (the target is
+    never masked), so one mask set serves every block's evaluation.
 
     ``relevant``: the held-out pairs (e.g. a block's test part). ``exclude``: pairs to mask (what the
     evaluation's mask hides: see ``eval.protocol``).
@@ -78,7 +124,8 @@ def evaluate_ranking(model, relevant: UserItemSet, exclude: UserItemSet | None, 
     All come from the same top-K tensor as Recall/NDCG. A metric that is undefined here (no user with
     a relevant item: no users at all, or none in a group) is None, never NaN: JSON null, shown as "–".
     """
-    users = torch.nonzero(relevant.degree > 0).flatten().to(device)
+    eligible = torch.nonzero(relevant.degree > 0).flatten().to(device)
+    users = sample_users(eligible, sample, seed)
     max_k = max(ks)
     sums = {f"{m}@{k}": 0.0 for m in METRICS for k in ks}
     bias = item_popularity is not None or item_group is not None
@@ -91,15 +138,22 @@ def evaluate_ranking(model, relevant: UserItemSet, exclude: UserItemSet | None, 
     pop_sums = {k: 0.0 for k in ks}
     ips_sums = {f"ips_{m}@{k}": 0.0 for m in METRICS for k in ks}
     covered = {}
-    for start in range(0, len(users), chunk_size):
-        cu = users[start : start + chunk_size]
+    step = users_per_chunk(_items_of(model, relevant), chunk_size)
+    for start in range(0, len(users), step):
+        cu = users[start : start + step]
         s = model.full_scores(cu)
-        rel = relevant.dense(cu, s.shape[1])  # (B, I)
+        rel_rows, rel_cols = relevant.rows_for(cu)
         if exclude is not None:
+            if keep_relevant:  # the targets' own scores survive the mask
+                inside = rel_cols < s.shape[1]
+                rel_rows_in, rel_cols_in = rel_rows[inside], rel_cols[inside]
+                target_scores = s[rel_rows_in, rel_cols_in]
             exclude.mask_(s, cu)
+            if keep_relevant:
+                s[rel_rows_in, rel_cols_in] = target_scores
         top = torch.topk(s, min(max_k, s.shape[1]), dim=1).indices  # (B, K)
-        hits = torch.gather(rel, 1, top)
-        n_rel = rel.sum(1)
+        hits = relevant.contains(cu.unsqueeze(1).expand_as(top), top)  # (B, K)
+        n_rel = relevant.degree[cu]
         for k in ks:
             for name, fn in METRICS.items():
                 sums[f"{name}@{k}"] += float(fn(hits[:, :k], n_rel).sum())
@@ -108,7 +162,9 @@ def evaluate_ranking(model, relevant: UserItemSet, exclude: UserItemSet | None, 
             from .estimates import ips_ndcg_at_k, snips_recall_at_k
 
             w = _fit(item_weight.to(s.device).double(), n_items, float(item_weight.max()) if len(item_weight) else 1.0)
-            rel_w = (rel.double() * w).sum(1)  # (B,)
+            ok = rel_cols < n_items
+            rel_w = torch.zeros(len(cu), dtype=torch.float64, device=s.device).index_add_(
+                0, rel_rows[ok], w[rel_cols[ok]])  # (B,)
             hit_w = torch.where(hits, w[top], torch.zeros((), dtype=torch.float64, device=s.device))  # (B, K)
             for k in ks:
                 ips_sums[f"ips_recall@{k}"] += float(snips_recall_at_k(hit_w[:, :k], rel_w).sum())
@@ -117,7 +173,7 @@ def evaluate_ranking(model, relevant: UserItemSet, exclude: UserItemSet | None, 
             continue
         for p, grouping in groupings.items():
             groups = _fit(grouping.to(s.device).long(), n_items, len(names[p]) - 1)
-            rows, cols = relevant.rows_for(cu)
+            rows, cols = rel_rows, rel_cols
             keep = cols < n_items
             rel_per_group = torch.zeros(len(cu), len(names[p]), dtype=torch.int64, device=s.device)
             rel_per_group.index_put_((rows[keep], groups[cols[keep]]), torch.ones_like(rows[keep]), accumulate=True)
@@ -136,6 +192,8 @@ def evaluate_ranking(model, relevant: UserItemSet, exclude: UserItemSet | None, 
     if item_weight is not None:
         out.update({key: v / len(users) if len(users) else None for key, v in ips_sums.items()})
     out["users"] = float(len(users))
+    if sample is not None:
+        out["users_of"] = float(len(eligible))
     if bias:
         for k in ks:
             for p in groupings:
@@ -185,7 +243,7 @@ def undefined_as_none(value):
 
 @torch.no_grad()
 def top_k_users(model, items: torch.Tensor, k: int, exclude: UserItemSet | None = None,
-                chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(J, k) best users of each of ``items`` by the model's full scores, best first, and their scores
     (item-side knowledge, IR-RRD). A running top-k over chunks of users: never all users × items at
     once. Pairs in ``exclude`` are not ranked; slots past an item's rankable users hold user -1, -inf."""
@@ -194,8 +252,9 @@ def top_k_users(model, items: torch.Tensor, k: int, exclude: UserItemSet | None 
     k = min(k, num_users)
     best = torch.full((len(items), 0), float("-inf"), device=items.device)
     best_ids = torch.zeros(len(items), 0, dtype=torch.int64, device=items.device)
-    for start in range(0, num_users, chunk_size):
-        cu = torch.arange(start, min(start + chunk_size, num_users), device=items.device)
+    step = users_per_chunk(getattr(model, "num_items", 0) or len(items), chunk_size)
+    for start in range(0, num_users, step):
+        cu = torch.arange(start, min(start + step, num_users), device=items.device)
         s = model.full_scores(cu)  # (B, I)
         if exclude is not None:
             exclude.mask_(s, cu)

@@ -65,14 +65,46 @@ def normalized_adjacency(users: torch.Tensor, items: torch.Tensor, num_users: in
         return torch.sparse_csr_tensor(crow, cols, values, size=(n, n), check_invariants=False)
 
 
+def pairs_adjacency(pairs, num_users: int, num_items: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``normalized_adjacency`` of a pair set kept sorted by the caller (``sparse.UserItemSet``: CSR by
+    user, and ``pairs.by_item`` by item when it has one): the user rows are its CSR, the item rows its
+    item-major CSR, so the graph costs one linear pass over the edges, no sort (the same tensor)."""
+    by_item = getattr(pairs, "by_item", None)
+    if by_item is None:
+        by_item = pairs.transposed()
+    device = pairs.keys.device
+    n = num_users + num_items
+
+    def fit(indptr: torch.Tensor, rows: int) -> torch.Tensor:  # CSR row pointer cut / padded to `rows` rows
+        if len(indptr) >= rows + 1:
+            return indptr[: rows + 1]
+        return torch.cat([indptr, indptr[-1:].expand(rows + 1 - len(indptr))])
+
+    crow_u, crow_i = fit(pairs.indptr, num_users), fit(by_item.indptr, num_items)
+    crow = torch.cat([crow_u, crow_u[-1] + crow_i[1:]])
+    cols = torch.cat([pairs.items + num_users, by_item.items])
+    counts = crow[1:] - crow[:-1]
+    rows = torch.repeat_interleave(torch.arange(n, device=device), counts, output_size=len(cols))
+    deg = counts.to(dtype)
+    values = (deg[rows] * deg[cols]).rsqrt()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+        return torch.sparse_csr_tensor(crow, cols, values, size=(n, n), check_invariants=False)
+
+
 @register("lightgcn")
 class LightGCN(nn.Module):
+    observes_pairs = True  # observe(..., pairs=UserItemSet): the Learner's kept pair set, graph built without a sort
+    needs_item_major = True  # ... and it needs the set's item-major copy (pairs.by_item)
+
     def __init__(self, num_users: int, num_items: int, dim: int = 64, layers: int = 2):
         super().__init__()
         self.dim, self.layers = dim, layers
         self.user_emb = nn.Parameter(torch.randn(num_users, dim) * INIT_STD)  # base (layer-0) tables
         self.item_emb = nn.Parameter(torch.randn(num_items, dim) * INIT_STD)
         self._edges = (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+        self._pairs = None  # the sorted pair set observe was given (a UserItemSet), if any
         self._adj: torch.Tensor | None = None  # built lazily from _edges for the current sizes
         self._graph_version = 0
         self._cache: tuple | None = None  # (key, users (U, d), items (I, d))
@@ -86,18 +118,23 @@ class LightGCN(nn.Module):
         return self.item_emb.shape[0]
 
     # ------------------------------------------------------------------ graph
-    def observe(self, users: torch.Tensor, items: torch.Tensor) -> None:
-        """Use these (user, item) pairs as the graph's edges from now on."""
+    def observe(self, users: torch.Tensor, items: torch.Tensor, pairs=None) -> None:
+        """Use these (user, item) pairs as the graph's edges from now on. ``pairs``: the same pairs as a
+        sorted set (``sparse.UserItemSet``, kept up to date block by block by the Learner): the graph is
+        then laid out from its CSR in one pass, and observing the very same set again changes nothing."""
+        if pairs is not None and pairs is self._pairs:
+            return  # the same graph, asked for by another stage of the block: keep adjacency and cache
         users, items = users.to(torch.int64), items.to(torch.int64)
         if len(users) and (int(users.max()) >= self.num_users or int(items.max()) >= self.num_items):
             raise ValueError(f"observe: ids beyond the model's id spaces ({self.num_users} users, "
                              f"{self.num_items} items); grow the model first")
         self._edges = (users, items)
+        self._pairs = pairs
         self._graph_changed()
 
     def __getstate__(self) -> dict:
         # deepcopy / pickle: a CSR tensor has no storage to copy; it is rebuilt lazily from _edges
-        return {**super().__getstate__(), "_adj": None, "_cache": None}
+        return {**super().__getstate__(), "_adj": None, "_cache": None, "_pairs": None}
 
     def _graph_changed(self) -> None:
         self._adj, self._cache = None, None
@@ -106,8 +143,11 @@ class LightGCN(nn.Module):
     def _adjacency(self) -> torch.Tensor:
         emb = self.user_emb
         if self._adj is None or self._adj.device != emb.device or self._adj.dtype != emb.dtype:
-            users, items = (t.to(emb.device) for t in self._edges)
-            self._adj = normalized_adjacency(users, items, self.num_users, self.num_items, emb.dtype)
+            if self._pairs is not None:
+                self._adj = pairs_adjacency(self._pairs, self.num_users, self.num_items, emb.dtype).to(emb.device)
+            else:
+                users, items = (t.to(emb.device) for t in self._edges)
+                self._adj = normalized_adjacency(users, items, self.num_users, self.num_items, emb.dtype)
         return self._adj
 
     def _propagate(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,6 +37,7 @@ INIT_STD = 0.01  # new items' random rows, as the protocol's random init
 @register("multvae")
 class MultVAE(nn.Module):
     batch_unit = "user"  # the training loop batches users (a whole row each), not interactions
+    observes_pairs = True  # observe(..., pairs=UserItemSet): the rows are the Learner's kept CSR (no sort)
 
     def __init__(self, num_users: int, num_items: int, dim: int = 200, hidden: int = 600,
                  dropout: float = 0.5, beta: float = 0.2):
@@ -64,8 +65,23 @@ class MultVAE(nn.Module):
         return self.item_out.shape[0]
 
     # ------------------------------------------------------------------ input rows
-    def observe(self, users: torch.Tensor, items: torch.Tensor) -> None:
-        """Store each user's row (CSR over users; pairs deduplicated) and re-seed the noise."""
+    def observe(self, users: torch.Tensor, items: torch.Tensor, pairs=None) -> None:
+        """Store each user's row (CSR over users; pairs deduplicated) and re-seed the noise. ``pairs``: the
+        same pairs as a sorted set (``sparse.UserItemSet``, kept block by block by the Learner): its CSR
+        is used as it is (no sort)."""
+        if pairs is not None:
+            if len(pairs) and int(pairs.items.max()) >= self.num_items:
+                raise ValueError(f"observe: item ids beyond the model's {self.num_items} items; grow the model first")
+            n_users = max(self.num_users, int(pairs.users[-1]) + 1 if len(pairs) else 0)
+            indptr = pairs.indptr
+            if len(indptr) >= n_users + 1:
+                indptr = indptr[: n_users + 1]
+            else:
+                indptr = torch.cat([indptr, indptr[-1:].expand(n_users + 1 - len(indptr))])
+            self._indptr, self._cols = indptr, pairs.items
+            self._generator = None
+            self._seed_now = (self._noise_seed + 1_000_003 * len(pairs) + n_users) % 2**62
+            return
         users, items = users.to(torch.int64), items.to(torch.int64)
         if len(items) and int(items.max()) >= self.num_items:
             raise ValueError(f"observe: item ids beyond the model's {self.num_items} items; grow the model first")

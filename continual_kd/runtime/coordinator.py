@@ -172,6 +172,8 @@ def run_job(job: JobSpec, address: str | None = None, restart: bool = False, pro
         raise CkdError(f"--max-blocks: must be at least 1, got {max_blocks}")
     if address:
         check_address(address)  # before anything is read or written
+    for m in (*job.teachers, job.student):  # runtime.device cuda for a model given no GPU: refused at once
+        actor_device(job.runtime.device, m.resources.num_gpus, f"the model {m.name}", cuda_available=True)
     store: StreamStore = open_source(job.source)
     store.verify_segments(checksum=False)  # a damaged segment is named and refused before Ray starts
     if job.blocks.live:  # ingests into the store it follows hold the catalog for moments: wait them out
@@ -200,8 +202,6 @@ def run_job(job: JobSpec, address: str | None = None, restart: bool = False, pro
 
     specs = {model_key("teacher", t.name): t for t in job.teachers}
     specs["student"] = job.student
-    for n, s in specs.items():  # runtime.device cuda for an actor given no GPU: refused before Ray starts
-        actor_device(job.runtime.device, s.resources.num_gpus, f"the model {s.name}", cuda_available=True)
     with ray_session(address, job.runtime.num_cpus, namespace=f"ckd-{job.name}",
                      dashboard_host=dashboard_host, node_ip_address=node_ip_address) as session:
         result.dashboard_url = session.dashboard_url
@@ -218,6 +218,9 @@ def run_job(job: JobSpec, address: str | None = None, restart: bool = False, pro
             refused = [p["error"] for p in result.placement.values() if p.get("error")]
             if refused:  # e.g. a GPU was asked for and the actor's process sees none: no silent CPU fallback
                 raise CkdError(refused[0])
+            if any(p.get("node") for p in result.placement.values()):  # nodes of `ckd cluster up` name themselves
+                emit({"type": "info", "message": "actors: " + ", ".join(
+                    f"{n} on {p['node'] or p['node_id'][:8]} ({p['device']})" for n, p in result.placement.items())})
             metrics = job_metrics(job.name)  # kept (and refreshed) after the job while this driver's Ray lives
             if result.history and rec.start > 0:
                 snap_manifest = runs / block_dir_name(rec.start - 1) / MANIFEST

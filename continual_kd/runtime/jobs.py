@@ -35,11 +35,15 @@ def is_jobs_address(address: str | None) -> bool:
 
 def jobs_client(address: str):
     """A JobSubmissionClient with the token; an unreachable dashboard or a refused token → one sentence."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     headers = auth_headers()
     try:
         return JobSubmissionClient(address, headers=headers)
+    except AuthenticationError:
+        raise CkdError(f"--address {address}: the cluster refused the token; use its token in ~/.ray/auth_token "
+                       f"(or RAY_AUTH_TOKEN)") from None
     except ConnectionError as e:
         raise CkdError(f"--address {address}: no Ray Jobs API answers there ({str(e).splitlines()[0][:200]}); "
                        f"start a head (`ckd cluster up`, cluster/README.md) or check the address") from None

@@ -84,6 +84,11 @@ class RecommendServer:
         while not self._stop.wait(self._poll_s):
             self._poll()
 
+    def check_health(self) -> None:
+        """Serve's periodic replica check: a replica whose follower thread died is restarted by Serve."""
+        if not self._thread.is_alive():
+            raise RuntimeError("the snapshot follower thread stopped; this replica would never swap again")
+
     def __del__(self):
         self._stop.set()
 

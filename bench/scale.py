@@ -1,0 +1,229 @@
+"""Scale on one machine (issue 12): seconds per stage of an incremental block as the stream grows.
+
+    python bench/scale.py [--sizes 0.1M,1M,3M,10M] [--fixed 0.3M,1M,3M] [--threads 1] [--json out.json]
+
+The job of the issue's measurement: one MF-64 teacher → an MF-8 student with RRD (k 40, pool 500),
+3 epochs per block, a base block of 50% + 3 incremental blocks, on `ckd data synthetic` streams
+(built once under --stores, reused). The stages run in this process (``continual.stages`` on the
+``InProcessExecutor``: the code the Ray actors run), then each block's snapshot is written and the block
+committed in the store's catalog as ``ckd submit`` does. Printed per stream:
+
+  stream sizes (users × items, rows per incremental block, seconds to build the stream),
+  seconds per incremental block of every stage (mean over blocks 1..3): update teachers, teacher
+  knowledge, update student, evaluate, snapshot, commit; training rows/s (rows × epochs / update s);
+  the process's memory peak (RSS high-water mark, and above the RSS before the stream was read);
+  the knowledge and evaluation calls again on the final models beside a bare ``matmul + topk`` over the
+  same users, items and chunks (no masks, no metrics): the floor they are measured against.
+
+``--sizes``: streams whose users × items grow with the interactions (the issue's sizes: 0.1M 5k × 2k,
+1M 50k × 20k, 3M 150k × 60k, 10M 300k × 100k). ``--fixed``: 50k × 20k users × items while the
+interactions grow (separates the cost of the rows from the cost of scoring every item).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from continual_kd.config import SyntheticSpec, parse_job  # noqa: E402
+from continual_kd.continual import make_learners  # noqa: E402
+from continual_kd.continual.loop import run_block_local  # noqa: E402
+from continual_kd.data.sources import build_store, source_plan  # noqa: E402
+from continual_kd.eval.metrics import evaluate_ranking, top_k_items, users_per_chunk  # noqa: E402
+from continual_kd.stream.store import StreamStore  # noqa: E402
+from continual_kd.types import TEST, TRAIN  # noqa: E402
+
+SIZES = {"0.1M": (5_000, 2_000, 100_000), "1M": (50_000, 20_000, 1_000_000),
+         "3M": (150_000, 60_000, 3_000_000), "10M": (300_000, 100_000, 10_000_000)}
+FIXED_USERS, FIXED_ITEMS = 50_000, 20_000
+STAGES = ["update teachers", "teacher knowledge", "update student", "evaluate", "snapshot", "commit"]
+
+
+def rows_of(label: str) -> int:
+    return int(float(label.rstrip("M")) * 1_000_000)
+
+
+class MemoryPeak:
+    """RSS of this process sampled every 0.2 s (and the kernel's high-water mark)."""
+
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self):
+        while not self._stop.wait(0.2):
+            self.peak = max(self.peak, self.rss())
+
+    def __enter__(self):
+        self.peak = self.rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def job_for(store: Path, runs: Path):
+    train = {"epochs_base": 3, "epochs_block": 3, "lr": 0.005, "batch_size": 1024}
+    return parse_job({
+        "name": "scale", "seed": 0, "source": {"dataset": "store", "store": str(store)},
+        "blocks": {"base_fraction": 0.5, "incremental": 3, "split": [0.8, 0.1, 0.1]},
+        "teachers": [{"name": "mf64", "backbone": "mf", "dim": 64, "train": {**train, "weight_decay": 0.01}}],
+        "student": {"name": "student", "backbone": "mf", "dim": 8, "train": {**train, "weight_decay": 0.0001}},
+        "distill": {"terms": [{"name": "rrd", "weight": 0.01, "k": 40, "pool": 500, "uninteresting": 40}]},
+        "eval": {"ks": [10, 20, 50]}, "snapshots": {"dir": str(runs), "keep_last": 0}})
+
+
+def ensure_stream(root: Path, users: int, items: int, rows: int) -> tuple[StreamStore, float]:
+    path = root / f"synthetic-{users}x{items}-{rows}"
+    t0 = time.perf_counter()
+    store, _ = build_store("synthetic", path, SyntheticSpec(users=users, items=items, interactions=rows))
+    return store, time.perf_counter() - t0
+
+
+def bare_topk(model, users: torch.Tensor, k: int) -> float:
+    """Seconds of (U_chunk @ Iᵀ).topk(k) over ``users`` in the chunks top_k_items uses: the floor."""
+    u_all, i_all = model.embeddings()
+    step = users_per_chunk(model.num_items)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for start in range(0, len(users), step):
+            torch.topk(u_all[users[start:start + step]] @ i_all.T, k, dim=1)
+    return time.perf_counter() - t0
+
+
+def floor_check(learner, seen, block: int, size: int) -> dict:
+    """The teacher's knowledge call and one evaluation, each beside the bare matmul + topk of its users."""
+    users = learner._users(seen, block)
+    known = learner.pairs.known(seen, block)
+    t0 = time.perf_counter()
+    top_k_items(learner.model, users, size, known)
+    knowledge = time.perf_counter() - t0
+    relevant, hidden = learner.pairs.eval_sets(seen, block, TEST)
+    t0 = time.perf_counter()
+    evaluate_ranking(learner.model, relevant, hidden, (10, 20, 50), keep_relevant=True)
+    evaluation = time.perf_counter() - t0
+    eval_users = torch.nonzero(relevant.degree > 0).flatten()
+    return {"knowledge_users": len(users), "knowledge_s": knowledge, "knowledge_bare_s": bare_topk(learner.model, users, size),
+            "eval_users": len(eval_users), "eval_s": evaluation, "eval_bare_s": bare_topk(learner.model, eval_users, 50),
+            "chunk_users": users_per_chunk(learner.model.num_items)}
+
+
+def run_stream(label: str, users: int, items: int, rows: int, root: Path) -> dict:
+    from continual_kd.runtime.coordinator import _manifest, block_results, manifest_digest
+    from continual_kd.snapshots import write_snapshot
+
+    store, build_s = ensure_stream(root, users, items, rows)
+    runs = Path(tempfile.mkdtemp(prefix="runs-", dir=root))
+    job = job_for(store.root, runs)
+    plan = source_plan(store, job)
+    learners = make_learners(job)
+    out = {"stream": label, "users": users, "items": items, "interactions": rows, "build_s": build_s,
+           "blocks": [], "rss_before": MemoryPeak.rss()}
+    history = []
+    with MemoryPeak() as mem:
+        for k in range(plan.num_blocks):
+            t0 = time.perf_counter()
+            seen = store.read_blocks(plan.plan_id, k)
+            read_s = time.perf_counter() - t0
+            res = run_block_local(job, seen, k, learners, previous_valid=history[-1]["valid"] if history else None)
+            stages = {"read": read_s, **res.stages}
+            states = {n: lr.state() for n, lr in learners.items()}
+            entry = {"block": k, "metrics": res.metrics, "valid": res.valid, "continual": res.continual,
+                     "seconds": res.seconds, "stages": res.stages,
+                     "updates": {n: u.get("seconds") for n, u in res.updates.items()}}
+            history.append(entry)
+            t0 = time.perf_counter()
+            manifest = _manifest(job, plan, store, k, states, res, history)
+            snap = write_snapshot(runs, k, {n: s["weights"] for n, s in states.items()}, manifest)
+            stages["snapshot"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            store.commit_block(job.name, job.config_hash(), plan.plan_id, k, manifest["rows_covered"], str(snap.path),
+                               manifest_digest(snap.path), results=block_results(entry))
+            stages["commit"] = time.perf_counter() - t0
+            block_rows = int(((seen.block == k) & (seen.split == TRAIN)).sum())
+            rate = {n: u["train_rows"] * u["epochs"] / u["seconds"] for n, u in res.updates.items()
+                    if u.get("seconds") and u.get("epochs")}
+            out["blocks"].append({"block": k, "rows": int((seen.block == k).sum()), "train_rows": block_rows,
+                                  "stages": stages, "rows_per_s": rate,
+                                  "ndcg@20": {n: m.get("ndcg@20") for n, m in res.metrics.items()}})
+            print(f"  {label} block {k}: {sum(stages.values()):7.1f}s  "
+                  + "  ".join(f"{s} {v:.2f}" for s, v in stages.items()), flush=True)
+        teacher = next(n for n in learners if n.startswith("teacher:"))
+        out["floor"] = floor_check(learners[teacher], seen, plan.num_blocks - 1, 500)
+    out["peak_rss"] = max(mem.peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return out
+
+
+def summary(r: dict) -> dict:
+    inc = r["blocks"][1:]
+    stages = {s: float(np.mean([b["stages"].get(s, 0.0) for b in inc])) for s in ["read", *STAGES]}
+    rate = {n: float(np.mean([b["rows_per_s"].get(n, np.nan) for b in inc])) for n in inc[0]["rows_per_s"]}
+    return {"rows_per_block": int(np.mean([b["rows"] for b in inc])), "stages": stages,
+            "block_s": sum(stages.values()), "rows_per_s": rate}
+
+
+def print_table(results: list[dict]) -> None:
+    head = ["stream", "users × items", "rows/block", "build s"] + ["read", *STAGES] + ["block s", "teacher rows/s",
+                                                                                       "student rows/s", "peak GB", "+GB"]
+    print("\n| " + " | ".join(head) + " |\n|" + " --- |" * len(head))
+    for r in results:
+        s = summary(r)
+        rate = list(s["rows_per_s"].values())
+        cells = [r["stream"], f"{r['users'] // 1000}k × {r['items'] // 1000}k", f"{s['rows_per_block']:,}",
+                 f"{r['build_s']:.0f}"] + [f"{s['stages'][x]:.2f}" for x in ["read", *STAGES]] + [
+            f"{s['block_s']:.1f}", f"{rate[0]:,.0f}", f"{rate[-1]:,.0f}", f"{r['peak_rss'] / 2**30:.2f}",
+            f"{(r['peak_rss'] - r['rss_before']) / 2**30:.2f}"]
+        print("| " + " | ".join(cells) + " |")
+    print("\nknowledge (teacher top-500 of the last block's users) and evaluation (its test users, top-50) on the "
+          "final teacher, beside a bare matmul + topk over the same users and chunks:")
+    for r in results:
+        f = r["floor"]
+        print(f"  {r['stream']:>6s}: chunk {f['chunk_users']} users; knowledge {f['knowledge_users']:,} users "
+              f"{f['knowledge_s']:.2f}s vs bare {f['knowledge_bare_s']:.2f}s ({f['knowledge_s'] / f['knowledge_bare_s']:.2f}×); "
+              f"evaluation {f['eval_users']:,} users {f['eval_s']:.2f}s vs bare {f['eval_bare_s']:.2f}s "
+              f"({f['eval_s'] / f['eval_bare_s']:.2f}×)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="0.1M,1M", help="streams whose users × items grow: " + ",".join(SIZES))
+    ap.add_argument("--fixed", default="", help=f"streams of {FIXED_USERS // 1000}k × {FIXED_ITEMS // 1000}k with these "
+                                                "interactions, e.g. 0.3M,1M,3M")
+    ap.add_argument("--stores", default=os.environ.get("CKD_SCALE_STORES", "/tmp/ckd-scale"))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    root = Path(args.stores)
+    root.mkdir(parents=True, exist_ok=True)
+    results = []
+    for label in [s for s in args.sizes.split(",") if s]:
+        results.append(run_stream(label, *SIZES[label], root))
+    for label in [s for s in args.fixed.split(",") if s]:
+        results.append(run_stream(f"{label} fixed", FIXED_USERS, FIXED_ITEMS, rows_of(label), root))
+    print_table(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()
