@@ -221,6 +221,9 @@ def main() -> None:
     ap.add_argument("job", nargs="?", default="jobs/stream.yaml")
     ap.add_argument("--options", default=",".join(OPTIONS))
     ap.add_argument("--datasets", default="sim,ml-100k", help="sim (3 skews × 2 correlations), ml-100k")
+    ap.add_argument("--sims", default=None, help="only these simulated settings, e.g. 1.0:0.5,1.4:0.0 (skew:correlation)")
+    ap.add_argument("--merge", type=Path, nargs="*", default=None,
+                    help="print the tables of --json files written by earlier runs (parts of one bench), no training")
     ap.add_argument("--incremental", type=int, default=2, help="incremental blocks after the 50%% base block")
     ap.add_argument("--blocks", type=int, default=None, help="run only the first N blocks")
     ap.add_argument("--threads", type=int, default=1)
@@ -233,10 +236,20 @@ def main() -> None:
     datasets = args.datasets.split(",")
     t_start = time.perf_counter()
     report: dict = {}
+    if args.merge:
+        for path in args.merge:
+            report.update(json.loads(path.read_text())["datasets"])
+        for name, by_option in report.items():
+            print_dataset(name, by_option, "share" in next(iter(by_option.values()))["rows"]["student"])
+        print_changes(report)
+        print(f"seconds of training + evaluation: {sum(r['seconds'] for d in report.values() for r in d.values()):.0f}")
+        return
     with tempfile.TemporaryDirectory(prefix="ckd-debias-") as tmp:
         todo = []
         if "sim" in datasets:
-            todo += [(f"sim skew={s} rho={c}", (s, c)) for s in SKEWS for c in CORRELATIONS]
+            sims = ([tuple(float(x) for x in p.split(":")) for p in args.sims.split(",")] if args.sims
+                    else [(s, c) for s in SKEWS for c in CORRELATIONS])
+            todo += [(f"sim skew={s} rho={c}", (s, c)) for s, c in sims]
         if "ml-100k" in datasets:
             todo.append(("ml-100k", None))
         for i, (name, params) in enumerate(todo):

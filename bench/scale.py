@@ -127,7 +127,7 @@ def floor_check(learner, seen, block: int, size: int) -> dict:
             "chunk_users": users_per_chunk(learner.model.num_items)}
 
 
-def run_stream(label: str, users: int, items: int, rows: int, root: Path) -> dict:
+def run_stream(label: str, users: int, items: int, rows: int, root: Path, floor: bool = True) -> dict:
     from continual_kd.runtime.coordinator import _manifest, block_results, manifest_digest
     from continual_kd.snapshots import write_snapshot
 
@@ -168,7 +168,8 @@ def run_stream(label: str, users: int, items: int, rows: int, root: Path) -> dic
             print(f"  {label} block {k}: {sum(stages.values()):7.1f}s  "
                   + "  ".join(f"{s} {v:.2f}" for s, v in stages.items()), flush=True)
         teacher = next(n for n in learners if n.startswith("teacher:"))
-        out["floor"] = floor_check(learners[teacher], seen, plan.num_blocks - 1, 500)
+        if floor:
+            out["floor"] = floor_check(learners[teacher], seen, plan.num_blocks - 1, 500)
     out["peak_rss"] = max(mem.peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return out
 
@@ -196,6 +197,8 @@ def print_table(results: list[dict]) -> None:
     print("\nknowledge (teacher top-500 of the last block's users) and evaluation (its test users, top-50) on the "
           "final teacher, beside a bare matmul + topk over the same users and chunks:")
     for r in results:
+        if "floor" not in r:
+            continue
         f = r["floor"]
         print(f"  {r['stream']:>6s}: chunk {f['chunk_users']} users; knowledge {f['knowledge_users']:,} users "
               f"{f['knowledge_s']:.2f}s vs bare {f['knowledge_bare_s']:.2f}s ({f['knowledge_s'] / f['knowledge_bare_s']:.2f}×); "
@@ -211,15 +214,16 @@ def main() -> None:
     ap.add_argument("--stores", default=os.environ.get("CKD_SCALE_STORES", "/tmp/ckd-scale"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--no-floor", action="store_true", help="skip the bare matmul + topk comparison")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(args.stores)
     root.mkdir(parents=True, exist_ok=True)
     results = []
     for label in [s for s in args.sizes.split(",") if s]:
-        results.append(run_stream(label, *SIZES[label], root))
+        results.append(run_stream(label, *SIZES[label], root, not args.no_floor))
     for label in [s for s in args.fixed.split(",") if s]:
-        results.append(run_stream(f"{label} fixed", FIXED_USERS, FIXED_ITEMS, rows_of(label), root))
+        results.append(run_stream(f"{label} fixed", FIXED_USERS, FIXED_ITEMS, rows_of(label), root, not args.no_floor))
     print_table(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=float))

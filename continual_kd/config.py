@@ -532,6 +532,9 @@ class ContinualSpec(_Spec):
     # equally likely) | pair (every pair equally likely)
     replay: float = Field(0.0, ge=0)
     replay_by: Literal["user", "pair"] = "user"
+    # whose lists knowledge holds on warm updates: block (the users of the new block) | all (every user
+    # seen so far, so that replayed users are distilled too; retrain always uses all)
+    knowledge_users: Literal["block", "all"] = "block"
     # teachers_first | student_first (CCD: the student learns from the teachers of block k-1, then the
     # teachers update with its feedback)
     order: Literal["teachers_first", "student_first"] = "teachers_first"

@@ -224,7 +224,8 @@ class SnapshotFollower:
 
     def health(self) -> dict:
         served = self.current
-        refused = [{k: v for k, v in r.items() if k != "signature"} for r in self.refused.values()]
+        # list() copies the values in one step: the follower thread may add a refusal meanwhile
+        refused = [{k: v for k, v in r.items() if k != "signature"} for r in list(self.refused.values())]
         return {"status": "ok" if served is not None else "waiting", "job": self.job_name,
                 "served": served.describe() if served is not None else None,
                 "refused": sorted(refused, key=lambda r: r["commit"]), "last_poll": self.last_poll}

@@ -133,6 +133,9 @@ def history_tables(history: list[dict], width: int | None, wide: bool = False, k
         key_col = Column("block", [*blocks, *(["mean 1.."] if key.startswith("ndcg") and incr else [])], "right")
         if key.startswith("ndcg"):
             cols.append(Column("seconds", [fmt(h.get("seconds"), 1) for h in history] + ([""] if incr else [])))
+            if any("users_of" in (m or {}) for h in history for m in h["metrics"].values()):  # eval.sample_users
+                cols.append(Column("test users", [_sampled(h["metrics"].get(models[0])) for h in history]
+                                   + ([""] if incr else [])))
         tables += fit_tables(title, [key_col], cols, None if wide else width,
                              bold_last_row=key.startswith("ndcg") and bool(incr))
     if wide:
@@ -141,6 +144,14 @@ def history_tables(history: list[dict], width: int | None, wide: bool = False, k
             cols = [Column(s, [fmt((h.get("stages") or {}).get(s), 2) for h in history]) for s in stages]
             tables += fit_tables("seconds per stage", [Column("block", blocks)], cols, None)
     return tables, legend(labels)
+
+
+def _sampled(metrics: dict | None) -> str:
+    """'sampled/of' test users of a block (eval.sample_users), or how many there were."""
+    m = metrics or {}
+    if m.get("users_of") is not None and m.get("users") is not None:
+        return f"{int(m['users']):,}/{int(m['users_of']):,}"
+    return fmt(m.get("users"), 0)
 
 
 def evaluate_tables(res: dict, job: str, block: int, width: int | None, wide: bool = False) -> tuple[list, str | None]:

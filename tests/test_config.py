@@ -116,7 +116,7 @@ BAD = [
      "distill.terms[0].pair: unknown key (got 3); the keys of distill.terms[0] are name, weight, groups, pairs, "
      "per_group, temperature"),
     ({"continual": {"proxy": None}}, "continual.proxy: unknown key (got null); the keys of continual are strategy, "
-                                     "replay, replay_by, order, proxies"),
+                                     "replay, replay_by, knowledge_users, order, proxies"),
     ({"teachers": "mf"}, "teachers: must be a list (got 'mf'); write a YAML list: [a, b] or one '- ' line per element"),
     ({"teachers": ["mf"]}, "teachers[0]: must be a mapping (got 'mf'); write key: value pairs (name, backbone, dim, "
                            "layers, hidden, dropout, beta, init, train, resources)"),

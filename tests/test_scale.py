@@ -182,3 +182,61 @@ def test_learner_keeps_its_state_and_gives_the_numbers_of_a_fresh_learner(backbo
     b = fresh.evaluate_block(seens[-1], 2, job.eval)
     assert a == b
     assert carried.pairs.rebuilds == 1 and fresh.pairs.rebuilds == 1
+
+
+def test_submit_table_shows_the_sample_beside_the_figures():
+    from rich.console import Console
+
+    from continual_kd.tables import history_tables
+
+    sampled = {"ndcg@20": 0.1, "users": 1000.0, "users_of": 5000.0}
+    history = [{"block": 0, "metrics": {"student": sampled}, "seconds": 1.0},
+               {"block": 1, "metrics": {"student": {**sampled, "users": 800.0, "users_of": 800.0}}, "seconds": 1.0}]
+    tables, _ = history_tables(history, 120)
+    console = Console(width=120, record=True)
+    for t in tables:
+        console.print(t)
+    text = console.export_text()
+    assert "test users" in text and "1,000/5,000" in text and "800/800" in text
+    plain, _ = history_tables([{"block": 0, "metrics": {"student": {"ndcg@20": 0.1, "users": 9.0}}, "seconds": 1.0}], 120)
+    console = Console(width=120, record=True)
+    console.print(plain[0])
+    assert "test users" not in console.export_text()  # every user evaluated: no column
+
+
+def test_bd_full_mode_past_its_memory_budget_draws_from_the_same_weights_without_users_x_items():
+    """BD's full mode for a block too large to rank at once: per refresh, `draws` items per user drawn from
+    the exact weights (same hand example as tests/test_distill_bd.py: exp(1), 0, 1, exp(-1)); no (U, I)
+    tensor is kept."""
+    import math
+
+    from continual_kd.distill.base import Batch, TermContext
+    from continual_kd.distill.bd import BDTerm
+    from continual_kd.types import Knowledge
+    from types import SimpleNamespace
+
+    from continual_kd.models import build_backbone
+
+    own = build_backbone("mf", 1, 4, dim=1)
+    with torch.no_grad():
+        own.user_emb.copy_(torch.tensor([[1.0]]))
+        own.item_emb.copy_(torch.tensor([[4.0], [3.0], [2.0], [1.0]]))
+    spec = SimpleNamespace(name="bd", weight=0.5, temperature=5.0, eps_teacher=0.5, eps_student=1e-2, sign="code",
+                           refresh=10)
+    k = Knowledge("t", 1, np.array([0]), np.array([[3, 2]]), np.array([[4.0, 3.0]], np.float32),
+                  user_vectors=np.array([[1.0]], np.float32),
+                  item_vectors=np.array([[1.0], [2.0], [3.0], [4.0]], np.float32))
+    ctx = TermContext(model=own, knowledge=[k], known=UserItemSet([0], [1], 1, 4), num_users=1, num_items=4,
+                      block=1, epochs=1, role="teacher")
+    term = BDTerm.__new__(BDTerm)
+    term.memory_mb, term.draws = 0, 20_000  # every block is "too large"
+    BDTerm.__init__(term, spec, ctx)
+    assert term.full and term.bounded and term.other_rank is None
+    term.resample(torch.Generator().manual_seed(0), 0)
+    assert term.sample_weights is None and term.own_rank is None and term.drawn.shape == (1, 20_000)
+    freq = torch.bincount(term.drawn[0], minlength=4).double() / 20_000
+    w = torch.tensor([math.exp(1), 0.0, 1.0, math.exp(-1)], dtype=torch.float64)
+    assert freq[1] == 0  # the known item is never drawn
+    assert torch.allclose(freq, w / w.sum(), atol=0.015)
+    loss = term.loss(own, Batch(torch.tensor([0, 0]), torch.tensor([0, 0]), torch.tensor([2, 2])), 1)
+    assert torch.isfinite(loss) and float(loss.detach()) > 0

@@ -65,17 +65,32 @@ def _damage(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _commit_damaged_copy(runs: Path, store_root: Path, job, source: int, block: int) -> None:
+    """Commit block ``block`` as the coordinator does, its snapshot a copy of block ``source``'s, then damage
+    its student file (a disk fault between the commit and the server's load)."""
+    from continual_kd.runtime.coordinator import manifest_digest
+    from continual_kd.stream import StreamStore
+
+    copy = runs / f"block-{block:04d}"
+    shutil.copytree(runs / f"block-{source:04d}", copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["block"] = block
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    StreamStore.open(store_root).commit_block(job.name, job.config_hash(), manifest["plan_id"], block,
+                                              manifest["rows_covered"], str(copy), manifest_digest(copy))
+    _damage(copy / "student.pt")
+
+
 def test_serve_follows_commits_without_a_failed_request_and_never_serves_a_damaged_snapshot(
         ray_cluster, cli, tiny_job, tmp_path, one_thread):
     from continual_kd.config import load_job
-    from continual_kd.runtime.coordinator import manifest_digest
     from continual_kd.runtime.serve import free_port, serve_job
-    from continual_kd.stream import StreamStore
 
     job_file = tiny_job()
-    assert cli("submit", job_file, "--max-blocks", "2").exit_code == 0  # blocks 0 and 1 committed
+    assert cli("submit", job_file, "--max-blocks", "1").exit_code == 0  # block 0 committed (commit 1)
     runs, store_root = tmp_path / "runs" / "tiny", tmp_path / "stores" / "tiny"
-    _damage(runs / "block-0001" / "student.pt")  # the newest committed snapshot: never to be served
+    # commit 2: block 1, whose snapshot is damaged after it was written: never to be served
+    _commit_damaged_copy(runs, store_root, load_job(job_file), 0, 1)
 
     port = free_port()
     stop, events, failed = threading.Event(), [], []
@@ -117,7 +132,7 @@ def test_serve_follows_commits_without_a_failed_request_and_never_serves_a_damag
             got, err = _get(port, path)
             assert (got, words in err.get("error", "")) == (code, True), (path, got, err)
 
-        # hammer the server while the job commits block 1 again (the damaged commit is revoked and retrained)
+        # hammer the server while the job runs block 1 (its damaged commit 2 is revoked) and commits it: commit 3
         answers: list[tuple[int | None, int | None]] = []
         done = threading.Event()
 
@@ -152,17 +167,8 @@ def test_serve_follows_commits_without_a_failed_request_and_never_serves_a_damag
         assert (status, body["block"], body["commit"]) == (200, 1, new_commit)
         assert [x["item"] for x in body["items"]] == _expected_top(runs, store_root, 1, user, 5)
 
-        # a newer commit whose snapshot is damaged after it was written: refused, block 1 stays served
-        plan_id = json.loads((runs / "block-0001" / "manifest.json").read_text())["plan_id"]
-        fake = runs / "block-0002"
-        shutil.copytree(runs / "block-0001", fake)
-        manifest = json.loads((fake / "manifest.json").read_text())
-        manifest["block"] = 2
-        (fake / "manifest.json").write_text(json.dumps(manifest))
-        job = load_job(job_file)
-        StreamStore.open(store_root).commit_block("tiny", job.config_hash(), plan_id, 2, manifest["rows_covered"],
-                                                  str(fake), manifest_digest(fake))
-        _damage(fake / "student.pt")  # a disk fault between the commit and the load
+        # a newer commit whose snapshot is damaged while it is served: refused, block 1 stays served
+        _commit_damaged_copy(runs, store_root, load_job(job_file), 1, 2)
         health = _wait_for(port, lambda h: h["refused"], timeout=20)
         assert [(r["block"], r["commit"]) for r in health["refused"]] == [(2, new_commit + 1)]
         assert health["served"]["block"] == 1

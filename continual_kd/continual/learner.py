@@ -189,7 +189,8 @@ class Learner:
 
     def update(self, seen: Interactions, block: int, knowledge=(), terms=(), fusion: str = "rank",
                weights: list[float] | None = None, trajectory: tuple[int, int] | None = None,
-               strategy: str = "warm", proxies=None, replay: float = 0.0, replay_by: str = "user") -> dict:
+               strategy: str = "warm", proxies=None, replay: float = 0.0, replay_by: str = "user",
+               knowledge_users: str = "block") -> dict:
         """Grow to the block's id spaces, then train (warm start; ``strategy="retrain"``: a new model on
         every pair it may see, for the base block's epochs).
 
@@ -223,7 +224,7 @@ class Learner:
             epochs = self.spec.train.epochs_base if block == 0 else self.spec.train.epochs_block
         u, i = self._tensors(positives)
         known = self.observe(seen, block)
-        scope = "all" if retrain else "block"
+        scope = "all" if retrain or knowledge_users == "all" else "block"  # whose lists the knowledge holds
         knowledge = flatten_knowledge(knowledge)
         draw = None
         if not retrain and replay > 0 and block > 0:

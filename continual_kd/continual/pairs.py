@@ -20,6 +20,8 @@ decides a result: it always equals what the from-scratch functions give (tests/t
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
@@ -71,7 +73,7 @@ class PairState:
         self.reset()
 
     def reset(self) -> None:
-        self._seen_id: int | None = None  # id() of the last ``seen`` synced (a cheap skip)
+        self._seen_ref = None  # weak reference to the last ``seen`` synced (the same object: nothing to do)
         self.fp = np.zeros((0, SPLITS, 3))  # fingerprint of the blocks taken in
         self.num_users = self.num_items = 0
         # model pairs of block ``known_block`` (+ item-major copy, + per-item row counts)
@@ -87,7 +89,7 @@ class PairState:
     # ------------------------------------------------------------------ sync with seen
     def sync(self, seen: Interactions) -> None:
         """Take in the blocks of ``seen`` not seen yet; rebuild when ``seen`` does not extend what is kept."""
-        if self._seen_id == id(seen) and seen.num_users == self.num_users and seen.num_items == self.num_items:
+        if self._seen_ref is not None and self._seen_ref() is seen:
             return
         fp = fingerprint(seen)
         old = len(self.fp)
@@ -109,7 +111,7 @@ class PairState:
                     self._targets[split, None] = self._targets[split, None].added(tu, ti, self.num_users,
                                                                                   self.num_items)
         self.fp = fp
-        self._seen_id = id(seen)
+        self._seen_ref = weakref.ref(seen)
 
     def _hide(self, seen: Interactions, block: int, mask: str, current: UserItemSet | None) -> UserItemSet:
         rows = (seen.block == block) & masked_pairs_mask(seen, mask)

@@ -107,13 +107,13 @@ def knowledge_request(terms) -> dict:
 
 def scope(job: JobSpec) -> str:
     """Users knowledge is about: the block's ("warm" updates) or everybody's so far ("retrain")."""
-    return "all" if job.continual.strategy == "retrain" else "block"
+    return "all" if job.continual.strategy == "retrain" or job.continual.knowledge_users == "all" else "block"
 
 
 def update_options(job: JobSpec) -> dict:
     """How every model's update treats the history: warm or retrain, and the replay of earlier blocks."""
     c = job.continual
-    return {"strategy": c.strategy, "replay": c.replay, "replay_by": c.replay_by}
+    return {"strategy": c.strategy, "replay": c.replay, "replay_by": c.replay_by, "knowledge_users": c.knowledge_users}
 
 
 def teacher_update_options(job: JobSpec) -> dict:

@@ -96,6 +96,8 @@ class BDTerm(KDTerm):
     """
 
     chunk_size = 1024  # users whose full scores are ranked at once
+    memory_mb = 512  # full mode keeps (U, I) ranks and weights up to this size; beyond it, DRAWS draws per user
+    draws = 64  # bounded full mode: items drawn per user at each refresh (from the exact weights, chunk by chunk)
 
     def __init__(self, spec, ctx: TermContext):
         super().__init__(spec, ctx)
@@ -120,12 +122,18 @@ class BDTerm(KDTerm):
         with_vectors = [i for i, k in enumerate(ctx.knowledge)
                         if k.user_vectors is not None and k.item_vectors is not None]
         self.full = bool(with_vectors)
+        self.bounded = False
         if self.full:
             w = [ctx.weights[i] for i in with_vectors] if ctx.weights is not None else [1.0] * len(with_vectors)
             self.list_weights = [x / sum(w) for x in w]
             self.vectors = [(ctx.tensor(ctx.knowledge[i].user_vectors, torch.float32),
                              ctx.tensor(ctx.knowledge[i].item_vectors, torch.float32)) for i in with_vectors]
-            self.other_rank = self._other_ranks()  # (U, I): the other side is fixed for the block
+            # (U, I) ranks and weights kept only while they fit memory_mb; beyond, a block's users × items
+            # never exist at once: each refresh ranks a chunk of users, draws `draws` items per user from
+            # the exact weights, and a batch picks one of its user's draws uniformly
+            self.bounded = 3 * 4 * len(users) * ctx.num_items > self.memory_mb * 2**20
+            self.other_rank = None if self.bounded else self._other_ranks()  # the other side is fixed for the block
+            self._refreshes = 0
         else:
             size = max(k.items.shape[1] for k in ctx.knowledge)
             self.items, self.other_score = fuse_scored_lists(
@@ -138,6 +146,7 @@ class BDTerm(KDTerm):
                                                                  self.items.clamp(min=0))
         self.own_rank: torch.Tensor | None = None  # (U, N | I) ascending ranks by the trained model
         self.sample_weights: torch.Tensor | None = None  # (U, N | I)
+        self.drawn: torch.Tensor | None = None  # (U, draws) bounded full mode: items drawn at the last refresh
         self._has_weight: torch.Tensor | None = None  # (U,) rows with something to draw
         self.__dict__["_model"] = ctx.model  # read, never owned: not a submodule (no shared parameters)
         self._generator: torch.Generator | None = None
@@ -164,18 +173,47 @@ class BDTerm(KDTerm):
         ranks = []
         for start in range(0, len(self.users), self.chunk_size):
             rows = torch.arange(start, min(start + self.chunk_size, len(self.users)), device=self.users.device)
-            fused = torch.zeros(len(rows), self.num_items, device=self.users.device)
-            for w, s in zip(self.list_weights, self._other_scores(rows)):
-                self.known.mask_(s, self.users[rows])
-                fused += w * ascending_ranks(s).float()
-            ranks.append(fused)
+            ranks.append(self._other_ranks_of(rows))
         return torch.cat(ranks) if ranks else torch.zeros(0, self.num_items, device=self.users.device)
+
+    def _other_ranks_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """(B, I) the other side's (weighted mean) ascending ranks for the users at ``rows``."""
+        fused = torch.zeros(len(rows), self.num_items, device=self.users.device)
+        for w, s in zip(self.list_weights, self._other_scores(rows)):
+            self.known.mask_(s, self.users[rows])
+            fused += w * ascending_ranks(s).float()
+        return fused
+
+    @torch.no_grad()
+    def _refresh_drawn(self, model) -> None:
+        """Bounded full mode: per chunk of users, the exact weights over every item, then ``draws`` items per
+        user drawn from them (with replacement); only (U, draws) ids are kept."""
+        self._refreshes += 1
+        gen = torch.Generator(device=self.users.device).manual_seed(1_000_003 * self._refreshes)
+        drawn, has = [], []
+        for start in range(0, len(self.users), self.chunk_size):
+            rows = torch.arange(start, min(start + self.chunk_size, len(self.users)), device=self.users.device)
+            s = model.full_scores(self.users[rows]).float()[:, : self.num_items]
+            self.known.mask_(s, self.users[rows])
+            w = bd_sampling_weights(ascending_ranks(s).float(), self._other_ranks_of(rows), self.role, self.eps,
+                                    self.sign)
+            w = self.known.mask_(w, self.users[rows], 0.0)
+            ok = w.sum(1) > 0
+            d = torch.zeros(len(rows), self.draws, dtype=torch.int64, device=w.device)
+            if bool(ok.any()):
+                d[ok] = torch.multinomial(w[ok], self.draws, replacement=True, generator=gen)
+            drawn.append(d)
+            has.append(ok)
+        self.drawn = torch.cat(drawn) if drawn else torch.zeros(0, self.draws, dtype=torch.int64)
+        self._has_weight = torch.cat(has) if has else torch.zeros(0, dtype=torch.bool)
 
     # -- the trained model's own ranks, every `refresh` epochs ------------------------------------
 
     @torch.no_grad()
     def refresh_ranks(self, model) -> None:
         """Own ascending ranks (known pairs at -inf) → sampling weights of the candidates."""
+        if self.full and self.bounded:
+            return self._refresh_drawn(model)
         ranks = []
         for start in range(0, len(self.users), self.chunk_size):
             cu = self.users[start : start + self.chunk_size]
@@ -192,7 +230,9 @@ class BDTerm(KDTerm):
             return
         if self.full:
             w = bd_sampling_weights(self.own_rank, self.other_rank, self.role, self.eps, self.sign)
-            valid = ~self.known.dense(self.users, self.num_items)
+            self.sample_weights = self.known.mask_(w, self.users, 0.0)  # known pairs never drawn (no dense mask)
+            self._has_weight = self.sample_weights.sum(1) > 0
+            return
         else:
             other_rank = (self.num_items - 1 - self.other_pos).expand_as(self.items)  # its list on top, in order
             w = bd_sampling_weights(self.own_rank, other_rank, self.role, self.eps, self.sign)
@@ -201,7 +241,7 @@ class BDTerm(KDTerm):
         self._has_weight = self.sample_weights.sum(1) > 0
 
     def resample(self, generator: torch.Generator, epoch: int) -> None:
-        if self.sample_weights is None or epoch % self.refresh == 0:
+        if (self.sample_weights is None and self.drawn is None) or epoch % self.refresh == 0:
             self.refresh_ranks(self._model)
         # the batch draws use a generator on the candidates' device, seeded from the epoch's generator
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
@@ -209,7 +249,7 @@ class BDTerm(KDTerm):
 
     def loss(self, model, batch: Batch, epoch: int) -> torch.Tensor:
         """One KD item per training pair of the batch (its user's weights), Σ BCE to the other's label."""
-        if self.sample_weights is None:
+        if self.sample_weights is None and self.drawn is None:
             self.refresh_ranks(model)
         if self._generator is None:
             self._generator = torch.Generator(device=self.users.device).manual_seed(0)
@@ -222,7 +262,11 @@ class BDTerm(KDTerm):
         users, rows = users[keep], rows[keep]
         if len(users) == 0:
             return torch.zeros((), device=batch.users.device)
-        pick = torch.multinomial(self.sample_weights[rows], 1, generator=self._generator).squeeze(1)  # (B',)
+        if self.drawn is not None:  # bounded full mode: one of the user's draws of this refresh
+            pick = self.drawn[rows, torch.randint(self.draws, (len(rows),), generator=self._generator,
+                                                  device=rows.device)]
+        else:
+            pick = torch.multinomial(self.sample_weights[rows], 1, generator=self._generator).squeeze(1)  # (B',)
         if self.full:
             items = pick
             label = sum(w * torch.sigmoid(s / self.temperature)

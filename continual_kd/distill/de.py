@@ -13,9 +13,11 @@ over the batch's unique users and its unique positive and unique negative items 
 counts twice, as the reference's two sums; one Gumbel draw per unique entity). τ is annealed per
 epoch, τ(e) = τ_start · (τ_end/τ_start)^(e/epochs). Once τ ≤ ``hard_tau`` z is one-hot to float
 precision for nearly every entity and its gradient vanishes, so the term routes each entity to its
-Gumbel-max expert only (the τ → 0 limit: 1/E of the expert work; ``hard_tau: 0`` keeps the exact
-mixture throughout). The soft mixture is one product over the z-weighted hidden units of every
-expert, never an (N, E, d_t) tensor.
+Gumbel-max expert only (the τ → 0 limit: 1/E of the expert work; ``hard_tau: 0`` keeps the
+mixture throughout). Above it, the mixture skips the (entity, expert) pairs whose z < 1e-6
+(``experts.mixture_loss``: the same loss to 1e-6, and 1-3 experts per entity once τ ≲ 0.1); while most
+pairs count it is one product over the z-weighted hidden units of every expert, never an (N, E, d_t)
+tensor.
 
 The experts and selection nets are the term's own parameters: the model's optimiser steps them, they
 are rebuilt every block (initialised from a generator fixed per block, so any process builds the same
@@ -34,6 +36,7 @@ import torch
 from torch import nn
 
 from .base import Batch, KDTerm, TermContext, register_term
+from .experts import _expert_outputs, mixture_loss
 
 
 def annealed_tau(epoch: int, epochs: int, start: float, end: float) -> float:
@@ -80,38 +83,29 @@ class DistillationExperts(nn.Module):
         hidden = torch.relu(student @ self.w1 + self.b1).view(n, self.experts, self.hidden)  # (N, E, h)
         return (hidden * z.unsqueeze(-1)).reshape(n, -1) @ self.w2 + z @ self.b2
 
+    def expert_views(self):
+        """Per-expert views (split/unbind: their backward is one cat/stack, not E full-size zero grads):
+        w1 E × (d_s, h), b1 E × (h,), w2 E × (h, d_t), b2 E × (d_t,)."""
+        return (self.w1.split(self.hidden, dim=1), self.b1.split(self.hidden),
+                self.w2.split(self.hidden, dim=0), self.b2.unbind(0))
+
     def routed(self, student: torch.Tensor, teacher: torch.Tensor, choice: torch.Tensor,
                weight: torch.Tensor) -> torch.Tensor:
         """Σ weight·||t - expert_choice(s)||² with one expert per entity: entities grouped by expert,
         one small product per expert (a loop over the E experts, never over entities)."""
-        order = torch.argsort(choice)
-        counts = torch.bincount(choice, minlength=self.experts).tolist()
-        s, t, w = student[order], teacher[order], weight[order]
-        # per-expert views by split/unbind: their backward is one cat/stack, not E full-size zero grads
-        w1s, b1s = self.w1.split(self.hidden, dim=1), self.b1.split(self.hidden)  # E × (d_s, h), E × (h,)
-        w2s, b2s = self.w2.split(self.hidden, dim=0), self.b2.unbind(0)  # E × (h, d_t), E × (d_t,)
-        outs = [torch.relu(part @ w1s[e] + b1s[e]) @ w2s[e] + b2s[e]
-                for e, part in enumerate(s.split(counts)) if counts[e]]  # (c_e, d_t) each
-        total = (w * (t - torch.cat(outs)).pow(2).sum(-1)).sum()
-        return total
+        order, out = _expert_outputs(student, choice, *self.expert_views())
+        return (weight[order] * (teacher[order] - out).pow(2).sum(-1)).sum()
 
     def loss(self, student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, tau: float,
              gumbel: torch.Tensor | None, hard: bool = False) -> torch.Tensor:
         """Σ weight·||t - Σ_e z_e·expert_e(s)||² (student (N, d_s), teacher (N, d_t), weight (N,)).
-        ``gumbel`` (N, E) noise; ``hard``: each entity routed to argmax(log α + g) only."""
+        ``gumbel`` (N, E) noise; ``hard``: each entity routed to argmax(log α + g) only. The mixture
+        skips the experts whose z is negligible (``experts.mixture_loss``)."""
         if self.experts == 1:
             z = torch.ones(len(student), 1, dtype=student.dtype, device=student.device)
-        else:
-            logits = self.gumbel_logits(teacher, gumbel)
-            if hard:
-                with torch.no_grad():
-                    choice = logits.argmax(-1)
-                if student.device.type == "cpu":
-                    return self.routed(student, teacher, choice, weight)
-                z = torch.nn.functional.one_hot(choice, self.experts).to(student.dtype)  # no host sync
-            else:
-                z = torch.softmax(logits / tau, dim=-1)  # (N, E)
-        return (weight * (teacher - self.mixture(student, z)).pow(2).sum(-1)).sum()
+            return (weight * (teacher - self.mixture(student, z)).pow(2).sum(-1)).sum()
+        return mixture_loss(student, teacher, weight, self.gumbel_logits(teacher, gumbel), tau, hard,
+                            *self.expert_views(), dense=self.mixture)
 
 
 class TeacherTables:

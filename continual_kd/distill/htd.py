@@ -6,10 +6,12 @@ A small student cannot hold the teacher's whole topology (FTD), so HTD decompose
    ``softmax(Linear(d_t → K))`` on the teacher's representation gives α; an expert
    (MLP d_s → (d_t+d_s)//2 → d_t) is picked by Gumbel-softmax ``z = softmax((log(α+1e-10)+g)/τ)``, τ
    annealed per epoch from ``tau_start`` to ``tau_end`` (τ(e) = τ_s·(τ_e/τ_s)^(e/epochs)); GA loss
-   ``Σ ||t - Σ_e z_e·expert_e(s)||²`` over the batch's users and items. Hard groups: the argmax of α
+   ``Σ ||t - Σ_e z_e·expert_e(s)||²`` over the batch's users and items (``experts.mixture_loss``:
+   experts with z < 1e-6 are skipped, so once τ is small each entity costs about one expert). Hard groups: the argmax of α
    (no grad); items' groups offset by K, so users and items never share a group.
 2. Entity-level topology: ``Σ (cos_T(x,y) - cos_S(x,y))²`` only over pairs in the same group (with
-   ``positive_only``, as the reference code, also only pairs whose teacher cosine is > 0).
+   ``positive_only``, as the reference code, also only pairs whose teacher cosine is > 0); only those
+   pairs are computed (``within_group_topology``), never the N×N cosine matrices.
 3. Group-level topology: prototypes = group means of each side's representations (no grad);
    ``choice: second`` (default) compares every prototype with every entity,
    ``Σ (cos(P_s, s) - cos(P_t, t))²``; ``first`` compares prototypes with prototypes (the student's
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Batch, KDTerm, TermContext, register_term
+from .experts import mixture_loss
 from .ftd import TeacherSpace, cosine_matrix, student_rows
 
 
@@ -47,16 +50,47 @@ def group_prototypes(x: torch.Tensor, groups: torch.Tensor, num_groups: int) -> 
     return present, sums[present] / counts[present].unsqueeze(1)
 
 
+def within_group_topology(student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tensor, num_groups: int,
+                          positive_only: bool = True) -> torch.Tensor:
+    """Σ over the ordered pairs (diagonal included) inside one group of (cos_T - cos_S)², from unit rows
+    student (N, d_s) and teacher (N, d_t) and hard groups (N,).
+
+    Only same-group pairs are formed, never the N×N matrices: the groups, padded to the next power of
+    two of their size, are stacked by padded size (at most log2(N) + 1 stacks) and each stack's cosines
+    are one batched product, (G_w, w, w). Padding costs at most 4× the real pairs; its slots are masked.
+    """
+    counts = torch.bincount(groups, minlength=num_groups)  # (K,)
+    order = torch.argsort(groups, stable=True)  # entities grouped
+    starts = torch.cumsum(counts, 0) - counts
+    present = torch.nonzero(counts).squeeze(1)
+    width = torch.ones_like(present)
+    while bool((width < counts[present]).any()):  # next power of two of each group's size (≤ log2 N rounds)
+        width = torch.where(width < counts[present], width * 2, width)
+    total = student.sum() * 0.0
+    for w in torch.unique(width).tolist():
+        gs = present[width == w]  # (G_w,) groups padded to w
+        slot = torch.arange(w, device=groups.device)
+        valid = slot < counts[gs].unsqueeze(1)  # (G_w, w)
+        members = order[torch.where(valid, starts[gs].unsqueeze(1) + slot, 0)]  # (G_w, w) entity ids
+        s = student[members]  # (G_w, w, d_s)
+        cos_s = torch.bmm(s, s.transpose(1, 2))  # (G_w, w, w)
+        with torch.no_grad():
+            t = teacher[members]
+            cos_t = torch.bmm(t, t.transpose(1, 2))
+            pair = valid.unsqueeze(2) & valid.unsqueeze(1)
+            if positive_only:
+                pair = pair & (cos_t > 0)
+        total = total + torch.where(pair, (cos_s - cos_t).pow(2), torch.zeros_like(cos_s)).sum()
+    return total
+
+
 def hierarchical_topology_losses(student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tensor,
                                  num_groups: int, choice: str = "second",
                                  positive_only: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(entity-level, group-level) topology losses, summed, for N entities' student (N, d_s) and
     teacher (N, d_t) rows and their hard groups (N,) in [0, num_groups)."""
-    cos_s, cos_t = cosine_matrix(student), cosine_matrix(teacher)  # (N, N)
-    same = groups.unsqueeze(1) == groups.unsqueeze(0)  # (N, N) pairs inside one group
-    if positive_only:
-        same = same & (cos_t > 0)
-    entity = torch.where(same, (cos_s - cos_t).pow(2), torch.zeros_like(cos_s)).sum()
+    entity = within_group_topology(F.normalize(student, dim=-1), F.normalize(teacher, dim=-1), groups,
+                                   num_groups, positive_only)
     if choice == "second":
         with torch.no_grad():
             _, proto_s = group_prototypes(student, groups, num_groups)
@@ -113,11 +147,15 @@ class GroupAssignment(nn.Module):
         alpha = self.selection(teacher)  # (N, K)
         u = torch.rand(alpha.shape, generator=generator, device=alpha.device).clamp(1e-10, 1 - 1e-7)
         gumbel = -torch.log(-torch.log(u))
-        z = torch.softmax((torch.log(alpha + 1e-10) + gumbel) / tau, dim=-1)  # (N, K)
-        # Σ_e z_e·(W2_e h_e + b2_e) as one (N, K·h) @ (K·h, d_t) product: the (N, K, d_t) outputs are never built
+        return mixture_loss(student, teacher, None, torch.log(alpha + 1e-10) + gumbel, tau, False,
+                            self.w1.unbind(0), self.b1.unbind(0), self.w2.unbind(0), self.b2.unbind(0),
+                            dense=self.mixture)
+
+    def mixture(self, student: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """(N, d_t) Σ_e z_e·(W2_e h_e + b2_e) as one (N, K·h) @ (K·h, d_t) product: the (N, K, d_t)
+        outputs are never built."""
         h = torch.relu(torch.einsum("nd,kdh->nkh", student, self.w1) + self.b1)  # (N, K, h)
-        mixed = (z.unsqueeze(-1) * h).flatten(1) @ self.w2.flatten(0, 1) + z @ self.b2  # (N, d_t)
-        return (teacher - mixed).pow(2).sum()
+        return (z.unsqueeze(-1) * h).flatten(1) @ self.w2.flatten(0, 1) + z @ self.b2  # (N, d_t)
 
 
 @register_term("htd")
@@ -161,4 +199,4 @@ class HTDTerm(KDTerm):
         return self.alpha * (entity + group) + (1 - self.alpha) * assignment
 
 
-__all__ = ["GroupAssignment", "HTDTerm", "annealed_temperature", "group_prototypes", "hierarchical_topology_losses"]
+__all__ = ["GroupAssignment", "HTDTerm", "within_group_topology", "annealed_temperature", "group_prototypes", "hierarchical_topology_losses"]

@@ -13,16 +13,27 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sparse import UserItemSet, sample_excluding
+from ..sparse import ComplementSampler, UserItemSet
 from .base import Batch, KDTerm, TermContext, register_term
 
 
 def relaxed_ranking_loss(interesting: torch.Tensor, uninteresting: torch.Tensor) -> torch.Tensor:
     """Summed RRD loss. interesting: (B, K) student scores in teacher order; uninteresting: (B, L)."""
-    # log Σ_{l≥k} exp(S1_l): logcumsumexp over the reversed list, reversed back
-    tail = torch.logcumsumexp(interesting.flip(-1), dim=-1).flip(-1)  # (B, K)
-    below = torch.logsumexp(uninteresting, dim=-1, keepdim=True)  # (B, 1)
-    return -(interesting - torch.logaddexp(tail, below)).sum()
+    return ranked_above_loss(torch.cat([interesting, uninteresting], -1), interesting.shape[-1])
+
+
+def ranked_above_loss(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The RRD loss of (B, K + L) scores: the first ``k`` columns the interesting items in teacher order,
+    the rest the uninteresting ones.
+
+    Σ_{l≥k} exp(S1_l) + Σ_j exp(S2_j) is a reversed cumulative sum in exp space, shifted by the row's
+    largest score (exact, and cheaper than logcumsumexp); float64 keeps it finite for any spread of
+    scores up to ~700 within a row."""
+    s = scores.double()
+    top = s.max(-1, keepdim=True).values.detach()  # (B, 1)
+    e = torch.exp(s - top)  # (B, K + L), ≤ 1
+    tail = e[..., :k].flip(-1).cumsum(-1).flip(-1) + e[..., k:].sum(-1, keepdim=True)  # (B, K)
+    return (torch.log(tail) - (s[..., :k] - top)).sum().to(scores.dtype)
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,15 @@ class RRDTargets:
         self.row[self.users] = torch.arange(len(self.users), device=self.users.device)
         self.interesting = self.pool_items[:, : cfg.k]
         self.uninteresting = self.pool_items[:, :0]
+        self.targets = self.interesting
+        # uninteresting items come from outside observed ∪ pool: fixed for the block, so the sampler
+        # (no rejection rounds) is built once here
+        exclude = observed.union(self.pool_set)
+        if exclude.num_items > num_items:
+            keep = exclude.items < num_items
+            exclude = UserItemSet(exclude.users[keep], exclude.items[keep], exclude.num_users, num_items,
+                                  self.users.device)
+        self.sampler = ComplementSampler(exclude, num_items)
 
     def resample(self, generator: torch.Generator) -> None:
         cfg = self.cfg
@@ -67,8 +87,8 @@ class RRDTargets:
             w = torch.exp(-torch.arange(p, dtype=torch.float32) / cfg.temperature).expand(len(self.users), -1)
             pos = torch.multinomial(w, cfg.k, replacement=False, generator=generator).sort(dim=1).values
             self.interesting = torch.gather(self.pool_items, 1, pos.to(self.pool_items.device))
-        self.uninteresting = sample_excluding(self.users, cfg.uninteresting, self.num_items,
-                                              [self.observed, self.pool_set], generator)
+        self.uninteresting = self.sampler.sample(self.users, cfg.uninteresting, generator)
+        self.targets = torch.cat([self.interesting, self.uninteresting], 1)  # (U, K + L): one score call
 
     def loss(self, model, batch_users: torch.Tensor) -> torch.Tensor:
         """RRD over the unique users of a training batch that have teacher knowledge."""
@@ -78,11 +98,12 @@ class RRDTargets:
         users, rows = users[keep], rows[keep]
         if len(users) == 0:
             return torch.zeros((), device=batch_users.device)
-        s1 = model.score(users, self.interesting[rows])
-        s2 = model.score(users, self.uninteresting[rows])
+        if self.targets.shape[1] != self.interesting.shape[1] + self.uninteresting.shape[1]:
+            self.targets = torch.cat([self.interesting, self.uninteresting], 1)
+        scores = model.score(users, self.targets[rows])  # (B, K + L)
         if self.cfg.score_clamp is not None:
-            s1, s2 = s1.clamp(max=self.cfg.score_clamp), s2.clamp(max=self.cfg.score_clamp)
-        return relaxed_ranking_loss(s1, s2)
+            scores = scores.clamp(max=self.cfg.score_clamp)
+        return ranked_above_loss(scores, self.interesting.shape[1])
 
 
 @register_term("rrd")
