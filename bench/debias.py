@@ -231,6 +231,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     job_dict = load_job(args.job).to_dict()
+    st, cont = job_dict["student"], job_dict["continual"]
+    print(f"{args.job}: student {st['backbone']} dim {st['dim']}, teachers "
+          f"{', '.join(t['name'] for t in job_dict['teachers'])}, terms "
+          f"{', '.join(t['name'] for t in job_dict['distill']['terms'])}, feedback "
+          f"{', '.join(t['name'] for t in job_dict['distill']['feedback']) or '-'}, replay {cont.get('replay', 0)}",
+          flush=True)
     blocks = {"base_fraction": 0.5, "incremental": args.incremental, "split": [0.8, 0.1, 0.1]}
     options = args.options.split(",")
     datasets = args.datasets.split(",")
@@ -265,7 +271,8 @@ def main() -> None:
     print(f"reproduce: python bench/debias.py {args.job} --options {args.options} --datasets {args.datasets} "
           f"--incremental {args.incremental}" + (f" --blocks {args.blocks}" if args.blocks else ""))
     if args.json:
-        args.json.write_text(json.dumps({"job": args.job, "epochs": {"default": DEFAULT_EPOCHS, **EPOCHS},
+        args.json.write_text(json.dumps({"job": args.job, "job_spec": job_dict,
+                                         "epochs": {"default": DEFAULT_EPOCHS, **EPOCHS},
                                          "simulation": SIM, "datasets": report}, indent=2, default=str))
 
 

@@ -32,7 +32,8 @@ def _expert_outputs(student: torch.Tensor, experts: torch.Tensor, w1s: Sequence[
     order = torch.argsort(experts, stable=True)
     counts = torch.bincount(experts, minlength=len(w1s)).tolist()
     parts = student[order].split(counts)
-    outs = [torch.relu(part @ w1s[e] + b1s[e]) @ w2s[e] + b2s[e] for e, part in enumerate(parts) if counts[e]]
+    outs = [torch.addmm(b2s[e], torch.addmm(b1s[e], part, w1s[e]).relu_(), w2s[e])  # bias folded into the product
+            for e, part in enumerate(parts) if counts[e]]
     return order, torch.cat(outs)
 
 

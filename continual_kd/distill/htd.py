@@ -74,13 +74,14 @@ def within_group_topology(student: torch.Tensor, teacher: torch.Tensor, groups: 
         members = order[torch.where(valid, starts[gs].unsqueeze(1) + slot, 0)]  # (G_w, w) entity ids
         s = student[members]  # (G_w, w, d_s)
         cos_s = torch.bmm(s, s.transpose(1, 2))  # (G_w, w, w)
-        with torch.no_grad():
+        with torch.no_grad():  # the target: cos_T on the counted pairs, the student's own value elsewhere (gap 0)
             t = teacher[members]
             cos_t = torch.bmm(t, t.transpose(1, 2))
             pair = valid.unsqueeze(2) & valid.unsqueeze(1)
             if positive_only:
-                pair = pair & (cos_t > 0)
-        total = total + torch.where(pair, (cos_s - cos_t).pow(2), torch.zeros_like(cos_s)).sum()
+                pair &= cos_t > 0
+            target = torch.where(pair, cos_t, cos_s)
+        total = total + (cos_s - target).pow(2).sum()
     return total
 
 

@@ -83,7 +83,8 @@ def manifest_digest(snapshot_path: Path) -> str:
 
 def block_results(entry: dict) -> dict[str, dict[str, float | None]]:
     """A history entry's numbers per model, as the catalog's ``block_results`` rows take them: the test
-    metrics of the block, plasticity / stability / H-mean, ``valid/<metric>`` and ``seconds/update``."""
+    metrics of the block, plasticity / stability / H-mean, ``valid/<metric>``, ``seconds/update``,
+    ``pooled/<metric>`` (every block's test pairs at once) and ``choice/best_epoch`` (and epochs run)."""
     rows: dict[str, dict[str, float | None]] = {}
     for model, metrics in (entry.get("metrics") or {}).items():
         rows[model] = dict(metrics)
@@ -92,6 +93,10 @@ def block_results(entry: dict) -> dict[str, dict[str, float | None]]:
         seconds = (entry.get("updates") or {}).get(model)
         if seconds is not None:
             rows[model]["seconds/update"] = seconds
+        rows[model].update({f"pooled/{k}": v for k, v in ((entry.get("pooled") or {}).get(model) or {}).items()
+                            if k != "users"})
+        choice = (entry.get("choice") or {}).get(model) or {}
+        rows[model].update({f"choice/{k}": v for k, v in choice.items() if isinstance(v, (int, float))})
     return rows
 
 
@@ -238,7 +243,12 @@ def run_job(job: JobSpec, address: str | None = None, restart: bool = False, pro
                 entry = undefined_as_none({  # an undefined metric (no test user in a group, …) is null, never NaN
                     "block": k, "metrics": res.metrics, "valid": res.valid, "continual": res.continual,
                     "seconds": res.seconds, "stages": res.stages,
-                    "updates": {n: u.get("seconds") for n, u in res.updates.items()}})
+                    "updates": {n: u.get("seconds") for n, u in res.updates.items()},
+                    "pooled": res.pooled,  # every block's test pairs as one test set
+                    # what each update kept: epochs run, the best validation epoch and its NDCG@20
+                    "choice": {n: {"epochs": u.get("epochs"), "best_epoch": u.get("best_epoch"),
+                                   "valid_ndcg@20": u.get("valid_ndcg@20"), "replay_rows": u.get("replay_rows")}
+                               for n, u in res.updates.items()}})
                 history = [*result.history, entry]
                 manifest = _manifest(job, plan, store, k, states, res, history)
                 snap = write_snapshot(runs, k, {n: s["weights"] for n, s in states.items()}, manifest)
