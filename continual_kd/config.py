@@ -296,6 +296,9 @@ class ModelSpec(_Spec):
     init: Literal["neighbor", "random"] = "neighbor"  # new users/items start: neighbor (1-hop mean) | random
     train: TrainSpec = TrainSpec()
     resources: ResourceSpec = ResourceSpec()
+    # > 1: under Ray (ckd submit) the model's updates run data-parallel on this many Ray Train workers
+    # (runtime/train.py: DDP, gloo on CPU / NCCL on GPU), each asking for `resources`; in-process runs train on one
+    workers: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _name(self):
@@ -607,6 +610,60 @@ class RuntimeSpec(_Spec):
     placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = "pack"
 
 
+class TuneDomainSpec(_Spec):
+    """One field's candidates in a `tune.space`: exactly one of the keys."""
+
+    choice: _tuple(Union[bool, int, float, str]) | None = None  # one of these, drawn per trial
+    grid: _tuple(Union[bool, int, float, str]) | None = None  # every value (times num_samples)
+    uniform: Annotated[tuple[float, float], BeforeValidator(_as_tuple)] | None = None  # [low, high]
+    loguniform: Annotated[tuple[float, float], BeforeValidator(_as_tuple)] | None = None  # [low, high], both > 0
+    randint: Annotated[tuple[int, int], BeforeValidator(_as_tuple)] | None = None  # [low, high], high included
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in type(self).model_fields if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise _Bad("", "give exactly one of choice, grid, uniform, loguniform, randint", _Raw(", ".join(given) or
+                       "none"), "write e.g. {loguniform: [0.001, 0.1]} or {choice: [8, 16, 32]}")
+        kind = given[0]
+        values = getattr(self, kind)
+        if kind in ("choice", "grid") and not values:
+            raise _Bad(kind, "an empty list of candidates", [], "give at least one value")
+        if kind in ("uniform", "loguniform", "randint") and not values[0] < values[1] + (kind == "randint"):
+            raise _Bad(kind, "low must be below high", list(values), "write [low, high]")
+        if kind == "loguniform" and values[0] <= 0:
+            raise _Bad(kind, "loguniform needs low > 0", list(values), "use a positive low bound, e.g. 1.0e-4")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in type(self).model_fields if getattr(self, k) is not None)
+
+
+class TuneSpec(_Spec):
+    """`ckd tune`: trials of this job with fields changed by dotted path (e.g. `student.train.lr`,
+    `distill.terms[0].weight`), each running the first `blocks` blocks in one process; ASHA stops weak trials
+    after each block on the student's validation NDCG@20; the best trial's job file is written out."""
+
+    space: dict[str, TuneDomainSpec]
+    num_samples: int = Field(4, ge=1)  # draws of the space (a grid: its every value, num_samples times over)
+    blocks: int = Field(2, ge=1)  # the first blocks each trial runs; the metric is on the last of them
+    grace_period: int = Field(1, ge=1)  # blocks every trial runs before ASHA may stop it
+    reduction_factor: float = Field(2.0, gt=1)  # ASHA keeps the best 1/reduction_factor at each rung
+    max_concurrent: int | None = Field(None, ge=1)  # trials at once (default: as many as the CPUs hold)
+    cpus_per_trial: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _space(self):
+        if not self.space:
+            raise _Bad("space", "an empty search space", {}, "give at least one field, e.g. "
+                       "{student.train.lr: {loguniform: [0.001, 0.01]}}")
+        if self.grace_period > self.blocks:
+            raise _Bad("grace_period", f"must be ≤ blocks ({self.blocks})", self.grace_period,
+                       f"lower it to {self.blocks} or raise tune.blocks")
+        return self
+
+
 class JobSpec(_Spec):
     name: str = "stream"  # a safe path component: runs/<name>, catalog lineage
     seed: int = Field(0, ge=0)
@@ -619,6 +676,7 @@ class JobSpec(_Spec):
     eval: EvalSpec = EvalSpec()
     snapshots: SnapshotSpec = SnapshotSpec()
     runtime: RuntimeSpec = RuntimeSpec()
+    tune: TuneSpec | None = None  # `ckd tune`: the search over this job's fields (runtime/tune.py)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -670,10 +728,11 @@ class JobSpec(_Spec):
     def config_hash(self) -> str:
         """Identity of the lineage: everything that changes results (not where or how fast it runs)."""
         d = self.to_dict()
-        for k in ("runtime", "snapshots"):
+        for k in ("runtime", "snapshots", "tune"):
             d.pop(k)
         for m in [d["student"], *d["teachers"]]:
             m.pop("resources")
+            m.pop("workers")  # data-parallel updates give the same numbers (to float rounding)
         for k in EVAL_ONLY_FIELDS:
             d["eval"].pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -714,16 +773,22 @@ def _models_in(tp) -> list:
 def _model_at(loc) -> type[BaseModel] | None:
     """The model class at a pydantic error location (None when it is not one model)."""
     current = [JobSpec]
+    mapping = False  # the last field was a dict of models (tune.space): this part is one of its keys
     for part in loc:
         if isinstance(part, int):
             continue  # an element of a tuple: its models are already `current`
+        if mapping:
+            mapping = False
+            continue
         if len(current) > 1 and part in TERM_SPECS:
             current = [TERM_SPECS[part]]  # the tag pydantic puts in the location of a union member
             continue
         owner = next((m for m in current if part in m.model_fields), None)
         if owner is None:
             return None
-        current = _models_in(owner.model_fields[part].annotation)
+        annotation = owner.model_fields[part].annotation
+        mapping = typing.get_origin(annotation) is dict
+        current = _models_in(typing.get_args(annotation)[1] if mapping else annotation)
     return current[0] if len(current) == 1 else None
 
 

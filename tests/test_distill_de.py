@@ -178,3 +178,23 @@ def test_rd_cd_and_de_run_under_ray_with_two_teachers(ray_cluster, tiny_job):
 
     saved = resolve_snapshot(result.runs_dir, "latest")[0].load_states()["student"]
     assert set(saved) == {"user_emb", "item_emb"}  # the served student: no expert, no term state
+
+
+def test_mixture_skipping_negligible_experts_equals_the_dense_mixture():
+    from continual_kd.distill.experts import DENSE_SHARE, MIXTURE_CUTOFF
+
+    ex = DistillationExperts(3, 6, 8, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(6)
+    s = torch.randn(400, 3, generator=gen, requires_grad=True)
+    t, w = torch.randn(400, 6, generator=gen), torch.rand(400, generator=gen)
+    g = -torch.log(-torch.log(torch.rand(400, 8, generator=gen).clamp(1e-10, 1 - 1e-7)))
+    for tau in (0.3, 0.05):  # τ = .05: few pairs ≥ the cutoff, so the pairs are evaluated expert by expert
+        z = torch.softmax(ex.gumbel_logits(t, g) / tau, -1)
+        if tau == 0.05:
+            assert int((z >= MIXTURE_CUTOFF).sum()) < DENSE_SHARE * z.numel()
+        dense = (w * (t - ex.mixture(s, z)).pow(2).sum(-1)).sum()
+        got = ex.loss(s, t, w, tau, g)
+        assert float(got.detach()) == pytest.approx(float(dense.detach()), rel=1e-5)
+        (gd,) = torch.autograd.grad(dense, s)
+        (gg,) = torch.autograd.grad(got, s)
+        assert torch.allclose(gg, gd, rtol=1e-4, atol=1e-5)

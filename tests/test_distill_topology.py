@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from continual_kd.config import load_job, parse_job
 from continual_kd.continual.stages import knowledge_request
@@ -288,3 +289,21 @@ def test_topology_term_runs_through_a_job_under_ray(ray_cluster, tiny_job, tmp_p
     weights = torch.load(snap.path / "student.pt", weights_only=True)
     weights = weights.get("weights", weights)
     assert set(weights) == {"user_emb", "item_emb"}  # no expert or selection weights in the served student
+
+
+def test_within_group_pairs_equal_the_masked_dense_sum_and_its_gradient():
+    from continual_kd.distill.htd import EXACT_GROUP, within_group_topology
+
+    gen = torch.Generator().manual_seed(4)
+    n = EXACT_GROUP + 90  # one group past EXACT_GROUP (unpadded), the rest padded to powers of two
+    groups = torch.cat([torch.zeros(EXACT_GROUP + 10, dtype=torch.int64), torch.randint(1, 7, (80,), generator=gen)])
+    s = torch.randn(n, 3, generator=gen, requires_grad=True)
+    t = torch.randn(n, 5, generator=gen)
+    cs, ct = cosine_matrix(s), cosine_matrix(t)
+    mask = (groups[:, None] == groups[None]) & (ct > 0)
+    dense = torch.where(mask, (cs - ct) ** 2, torch.zeros_like(cs)).sum()
+    got = within_group_topology(F.normalize(s, dim=-1), F.normalize(t, dim=-1), groups, 7)
+    assert float(got.detach()) == pytest.approx(float(dense.detach()), rel=1e-5)
+    (g_dense,) = torch.autograd.grad(dense, s)
+    (g_got,) = torch.autograd.grad(got, s)
+    assert torch.allclose(g_got, g_dense, rtol=1e-4, atol=1e-6)

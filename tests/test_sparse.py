@@ -1,6 +1,6 @@
 import torch
 
-from continual_kd.sparse import UserItemSet, sample_excluding
+from continual_kd.sparse import ComplementSampler, UserItemSet, sample_excluding
 
 
 def test_membership_rows_and_masks():
@@ -20,3 +20,16 @@ def test_sampling_avoids_excluded_pairs():
     draw = sample_excluding(torch.tensor([0, 1]), 50, 10, [ex], torch.Generator().manual_seed(0))
     assert set(draw[0].tolist()) <= {6, 7, 8, 9}
     assert len(set(draw[1].tolist())) > 5
+
+
+def test_complement_sampler_draws_every_allowed_item_and_nothing_else():
+    # user 0 excludes 1 and 3 of 5 items (allowed 0, 2, 4: shifted keys 1-0 = 1, 3-1 = 2, so r = 0, 1, 2
+    # → 0, 2, 4); user 1 excludes everything (any item); user 2 has no row in the set (every item)
+    ex = UserItemSet([0, 0, 1, 1, 1, 1, 1], [3, 1, 0, 1, 2, 3, 4], 2, 5)
+    s = ComplementSampler(ex, 5)
+    assert s.free.tolist() == [3, 0]
+    draw = s.sample(torch.tensor([0, 1, 2]), 300, torch.Generator().manual_seed(0))
+    assert set(draw[0].tolist()) == {0, 2, 4}
+    assert set(draw[1].tolist()) <= set(range(5)) and set(draw[2].tolist()) == set(range(5))
+    counts = torch.bincount(draw[0], minlength=5)[[0, 2, 4]].float()
+    assert float(counts.min()) > 60  # uniform over the three: 100 each expected

@@ -112,6 +112,7 @@ class Learner:
         self._trajectory_of: tuple | None = None  # (block, scope) the trajectory was recorded for
         self.chosen: dict[str, float] = {}  # train settings chosen on validation by train.grid (base block)
         self.pairs = PairState(device)  # known pairs, counts, eval sets: kept between blocks (continual/pairs.py)
+        self.parallel = None  # on a Ray Train worker: its part of data-parallel training (runtime/train.py)
 
     # ------------------------------------------------------------------ state
     def _build(self, num_users: int, num_items: int):
@@ -304,7 +305,8 @@ class Learner:
                             (lambda e: any([bool(h(e)) for h in hooks])) if hooks else None,
                             draw_counted if draw is not None else None,
                             self.pairs.item_counts(seen)
-                            if train_spec.negatives == "popularity" or train_spec.debias != "none" else None)
+                            if train_spec.negatives == "popularity" or train_spec.debias != "none" else None,
+                            parallel=self.parallel)
         if best is not None:
             best.restore()
         carried = {}

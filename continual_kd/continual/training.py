@@ -27,7 +27,7 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
                  spec: TrainSpec, generator: torch.Generator, terms: Sequence[KDTerm] = (),
                  on_epoch_end: Callable[[int], bool | None] | None = None,
                  replay: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None,
-                 item_popularity: torch.Tensor | None = None) -> list[EpochLog]:
+                 item_popularity: torch.Tensor | None = None, parallel=None) -> list[EpochLog]:
     """Train ``model`` for ``epochs`` on the (users, items) positives; negatives avoid ``known``.
 
     ``terms``: KD terms (``distill.base.KDTerm``); each draws its targets in ``resample(generator,
@@ -42,6 +42,8 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
     (ips / pda) the model's ``base_loss`` gets the ``shaping`` of ``continual.debias.loss_shaping`` (from
     ``item_popularity``): IPS-weighted positives or PDA's popularity in the training score. A model with ``batch_unit = "user"`` is trained on
     batches of ``batch_size`` users (its loss reads their rows; replayed users join the epoch's users).
+    ``parallel`` (``runtime.train.DataParallel``, on each Ray Train worker): every worker draws the same epoch, takes
+    its part of each batch, and DDP sums the gradients over the workers: the same steps as one worker.
     """
     terms = [t for t in terms if t.weight > 0]
     base_weight = min([t.base_weight for t in terms], default=1.0)
@@ -54,6 +56,8 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
     # would shrink every user/item absent from the block by ~lr per step and erase old knowledge
     params = list(model.parameters()) + [p for t in terms for p in t.parameters()]
     opt = torch.optim.Adam(params, lr=spec.lr)
+    if parallel is not None:  # DDP over the model and the terms' own parameters
+        parallel.attach(model, terms)
     model.train()
     by_user = getattr(model, "batch_unit", "interaction") == "user"  # e.g. MultVAE: one row per user
     block_users, block_items = users, items
@@ -88,6 +92,8 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
         for start in range(0, n, spec.batch_size):
             batch = Batch(u_all[start : start + spec.batch_size], p_all[start : start + spec.batch_size],
                           n_all[start : start + spec.batch_size])
+            if parallel is not None:  # this worker's part of the batch
+                batch = parallel.shard(batch)
             loss = model.base_loss(batch.users, batch.pos, batch.neg, **shaped)
             base_sum = base_sum + loss.detach()
             loss = base_weight * loss
@@ -98,9 +104,13 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
                     kd_loss = term.loss(model, batch, epoch)
                     kd_sum = kd_sum + kd_loss.detach()
                     loss = loss + weight * kd_loss
+            if parallel is not None:  # the gradients of every worker's part, summed in backward
+                loss = parallel.synced(loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        if parallel is not None:
+            base_sum, kd_sum = parallel.total(base_sum), parallel.total(kd_sum)
         logs.append(EpochLog(epoch, float(base_sum) / n, float(kd_sum) / n))
         model.eval()
         for term in terms:

@@ -50,22 +50,28 @@ def group_prototypes(x: torch.Tensor, groups: torch.Tensor, num_groups: int) -> 
     return present, sums[present] / counts[present].unsqueeze(1)
 
 
+EXACT_GROUP = 64  # groups at least this large are computed unpadded, one product each
+
+
 def within_group_topology(student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tensor, num_groups: int,
                           positive_only: bool = True) -> torch.Tensor:
     """Σ over the ordered pairs (diagonal included) inside one group of (cos_T - cos_S)², from unit rows
     student (N, d_s) and teacher (N, d_t) and hard groups (N,).
 
-    Only same-group pairs are formed, never the N×N matrices: the groups, padded to the next power of
-    two of their size, are stacked by padded size (at most log2(N) + 1 stacks) and each stack's cosines
-    are one batched product, (G_w, w, w). Padding costs at most 4× the real pairs; its slots are masked.
+    Only same-group pairs are formed, never the N×N matrices: groups smaller than ``EXACT_GROUP`` are
+    padded to the next power of two of their size and stacked by padded size (≤ log2(EXACT_GROUP)
+    stacks), larger ones form a stack each at their own size (≤ N / EXACT_GROUP of them); each stack's
+    cosines are one batched product, (G_w, w, w). Padded slots are masked.
     """
     counts = torch.bincount(groups, minlength=num_groups)  # (K,)
     order = torch.argsort(groups, stable=True)  # entities grouped
     starts = torch.cumsum(counts, 0) - counts
     present = torch.nonzero(counts).squeeze(1)
+    size = counts[present]
     width = torch.ones_like(present)
-    while bool((width < counts[present]).any()):  # next power of two of each group's size (≤ log2 N rounds)
-        width = torch.where(width < counts[present], width * 2, width)
+    while bool((width < size).any()):  # next power of two of each group's size (≤ log2 N rounds)
+        width = torch.where(width < size, width * 2, width)
+    width = torch.where(size >= EXACT_GROUP, size, width)  # a large group is its own stack: no padding
     total = student.sum() * 0.0
     for w in torch.unique(width).tolist():
         gs = present[width == w]  # (G_w,) groups padded to w

@@ -109,6 +109,10 @@ class LearnerActor:
         """Call ``Learner.<method>(seen, block, **kwargs)``; ``kwargs["knowledge"]`` may hold object
         references from other actors (fetched here: knowledge goes actor→actor, not via the driver)."""
         self._check_fresh()
+        if method == "update" and self.learner.spec.workers > 1:  # on Ray Train workers (runtime/train.py)
+            from .train import data_parallel_update
+
+            return data_parallel_update(self.learner, block, block_refs, kwargs)
         if kwargs.get("knowledge"):
             kwargs = {**kwargs, "knowledge": ray.get(list(kwargs["knowledge"]))}
         return getattr(self.learner, method)(self._interactions(block_refs), block, **kwargs)

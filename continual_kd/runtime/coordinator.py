@@ -39,8 +39,9 @@ from ..stream import BlockPlan, StreamStore
 from ..stream.catalog import StoreBusyError
 from ..stream.live import policy_of
 from .actors import StaleActorError, actor_device, spawn_learner
+from .train import worker_resources
 from .executor import RayExecutor
-from .cluster import check_address, ray_session, reserve_actors
+from .cluster import check_address, check_resources, ray_session, reserve_actors
 from .metrics import job_metrics, model_metrics
 
 Progress = Callable[[dict], None]
@@ -212,6 +213,10 @@ def run_job(job: JobSpec, address: str | None = None, restart: bool = False, pro
         result.dashboard_url = session.dashboard_url
         emit({"type": "ray", "address": session.address, "dashboard": session.dashboard_url})
         demands = {n: {"CPU": s.resources.num_cpus, "GPU": s.resources.num_gpus} for n, s in specs.items()}
+        trainers = {f"{n} (Ray Train worker {w})": worker_resources(s) for n, s in specs.items() if s.workers > 1
+                    for w in range(s.workers)}
+        if trainers:  # Ray Train places a model's workers when its update starts: they must fit next to the actors
+            check_resources({**demands, **trainers})
         reservation = reserve_actors(demands, timeout_s=job.runtime.placement_timeout_s,
                                      strategy=job.runtime.placement)  # fails here, in one line
         actors = {n: spawn_learner(n, s, job.seed, job.runtime.device, (rec.states or {}).get(n),
