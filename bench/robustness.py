@@ -38,6 +38,8 @@ KEYS = ("ndcg@20", "recall@20/tail", "avgpop@20", "coverage@20")
 
 def rows(kind: str) -> list[tuple[str, dict]]:
     out = []
+    if kind in ("all", "ml"):
+        out.append(("movielens-100k", {"dataset": "movielens-100k", "store": "stores/ml-100k"}))
     if kind in ("all", "synthetic"):
         for d in DENSITIES:
             for e in EXPONENTS:
@@ -45,8 +47,6 @@ def rows(kind: str) -> list[tuple[str, dict]]:
                 out.append((name, {"dataset": "synthetic", "store": f"stores/robustness-{d}-{e}",
                                    "synthetic": {"users": USERS, "items": ITEMS, "interactions": int(d * USERS * ITEMS),
                                                  "periods": 6, "popularity_exponent": e, "seed": 0}}))
-    if kind in ("all", "ml"):
-        out.append(("movielens-100k", {"dataset": "movielens-100k", "store": "stores/ml-100k"}))
     return out
 
 

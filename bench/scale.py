@@ -1,6 +1,7 @@
 """Scale on one machine (issue 12): seconds per stage of an incremental block as the stream grows.
 
     python bench/scale.py [--sizes 0.1M,1M,3M,10M] [--fixed 0.3M,1M,3M] [--threads 1] [--json out.json]
+    python bench/scale.py --upkeep 1M,10M     # only the known-pair / eval-set upkeep per block, no training
 
 The job of the issue's measurement: one MF-64 teacher → an MF-8 student with RRD (k 40, pool 500),
 3 epochs per block, a base block of 50% + 3 incremental blocks, on `ckd data synthetic` streams
@@ -174,6 +175,56 @@ def run_stream(label: str, users: int, items: int, rows: int, root: Path, floor:
     return out
 
 
+def upkeep(label: str, users: int, items: int, rows: int, blocks: int = 4, seed: int = 0) -> dict:
+    """Seconds per incremental block of what a model derives from the pairs it has seen, as one Learner asks
+    for it in a block (observe ×3: update, knowledge, evaluate; item counts; the evaluation sets of blocks
+    ≤ k, pooled, and valid k): rebuilt from all history by the ``eval.protocol`` functions (before issue
+    12) vs kept in a ``PairState`` and extended with the block's rows. Uniform random ids, no training."""
+    from continual_kd.continual.learner import item_counts
+    from continual_kd.continual.pairs import PairState
+    from continual_kd.eval.protocol import eval_sets, model_pairs, training_popularity
+    from continual_kd.types import VALID, Interactions
+
+    rng = np.random.default_rng(seed)
+    sizes = [rows // 2] + [(rows - rows // 2) // (blocks - 1)] * (blocks - 1)
+    parts, seens = [], []
+    for b, n in enumerate(sizes):
+        grow = (b + 1) / blocks
+        u, i = rng.integers(0, int(users * grow), n), rng.integers(0, int(items * grow), n)
+        split = rng.choice(np.array([TRAIN, VALID, TEST], np.int8), n, p=[0.8, 0.1, 0.1])
+        parts.append(Interactions(u, i, np.zeros(n, np.int64), np.ones(n, np.float32), np.full(n, b, np.int16), split,
+                                  int(users * grow), int(items * grow)))
+        seens.append(Interactions.concat(parts))
+
+    def scratch(seen, k):
+        for _ in range(3):
+            model_pairs(seen, k)
+        item_counts(seen), training_popularity(seen)
+        for b in [*range(k + 1), None]:
+            eval_sets(seen, b, TEST)
+        eval_sets(seen, k, VALID)
+
+    state = PairState()
+
+    def kept(seen, k):
+        for _ in range(3):
+            state.known(seen, k)
+        state.item_counts(seen, k), state.popularity(seen)
+        for b in [*range(k + 1), None]:
+            state.eval_sets(seen, b, TEST)
+        state.eval_sets(seen, k, VALID, exact=True)
+
+    out = {"stream": label, "rows": rows, "users": users, "items": items, "scratch": [], "kept": []}
+    for k, seen in enumerate(seens):
+        for name, fn in (("scratch", scratch), ("kept", kept)):
+            t0 = time.perf_counter()
+            fn(seen, k)
+            out[name].append(time.perf_counter() - t0)
+    print(f"  upkeep {label} ({users // 1000}k × {items // 1000}k): seconds per block, rebuilt / kept: "
+          + "  ".join(f"{k}: {a:.2f} / {b:.2f}" for k, (a, b) in enumerate(zip(out["scratch"], out["kept"]))), flush=True)
+    return out
+
+
 def summary(r: dict) -> dict:
     inc = r["blocks"][1:]
     stages = {s: float(np.mean([b["stages"].get(s, 0.0) for b in inc])) for s in ["read", *STAGES]}
@@ -215,10 +266,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-floor", action="store_true", help="skip the bare matmul + topk comparison")
+    ap.add_argument("--upkeep", default="", help="only the pair-state upkeep per block (no training) at these sizes, "
+                                                 "e.g. 1M,10M: rebuilt from history vs kept and extended")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(args.stores)
     root.mkdir(parents=True, exist_ok=True)
+    if args.upkeep:
+        found = [upkeep(label, *SIZES[label]) for label in args.upkeep.split(",") if label]
+        if args.json:
+            Path(args.json).write_text(json.dumps(found, indent=1))
+        return
     results = []
     for label in [s for s in args.sizes.split(",") if s]:
         results.append(run_stream(label, *SIZES[label], root, not args.no_floor))

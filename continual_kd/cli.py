@@ -843,6 +843,45 @@ def report(
 # ---------------------------------------------------------------------------------------- cluster
 
 
+@app.command()
+@_guard
+def tune(
+    job_file: Annotated[Path, typer.Argument(help="Job spec with a tune: section, e.g. jobs/tune.yaml.")],
+    out_path: Annotated[Optional[Path], typer.Option("--out", help="Where the best trial's job file goes (default <job>-best.yaml next to the job file).")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (host:port); default: an embedded local Ray.", envvar="CKD_RAY_ADDRESS")] = None,
+    storage: Annotated[Path, typer.Option(help="Folder of Ray Tune's experiment records.")] = Path("runs/tune"),
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write every trial's figures as JSON ('-' for stdout).")] = None,
+):
+    """Search the job's tune.space with Ray Tune + ASHA on the first blocks; write the best job file."""
+    from .runtime.tune import run_tune
+
+    console = _human(json_path)
+    with err.status("tuning: trials run the first blocks; ASHA stops weak ones after each block…"):
+        res = run_tune(job_file, address=address, out=out_path, storage=storage,
+                       progress=lambda e: err.print(_m("[dim]{}[/]", e["message"])) if e.get("type") == "info" else None)
+    t = Table(title=f"ckd tune {job_file}: student validation NDCG@20 per block (* = best)")
+    t.add_column("trial", overflow="fold")
+    for i, _ in enumerate(res.space):
+        t.add_column(f"f{i + 1}", justify="right")
+    for b in range(res.blocks):
+        t.add_column(f"b{b}", justify="right")
+    t.add_column("status")
+    for r in res.rows:
+        mark = "*" if r is res.best else ""
+        values = [r.config.get(p) for p in res.space]
+        t.add_row(_e(mark + r.trial), *[_e(f"{v:.4g}" if isinstance(v, float) else v) for v in values],
+                  *[_fmt(r.per_block[b]) if b < len(r.per_block) else "" for b in range(res.blocks)],
+                  _e(r.status if r.status != "stopped" else f"stopped after b{len(r.per_block) - 1}"))
+    console.print(t)
+    console.print(_m("[dim]{}[/]", "  ".join(f"f{i + 1} = {p}" for i, p in enumerate(res.space))), soft_wrap=True)
+    console.print(_m("best: {} (NDCG@20 {} on block {}) → {}   run it with `ckd submit {}`", res.best.trial,
+                     _fmt(res.best.per_block[-1]), res.blocks - 1, res.out, res.out), soft_wrap=True)
+    _write_json(json_path, {"job": res.job.name, "best": res.best.trial, "out": str(res.out),
+                            "experiment": res.experiment, "metric": "student valid ndcg@20",
+                            "trials": [{"trial": r.trial, "config": r.config, "per_block": r.per_block,
+                                        "status": r.status, "error": r.error} for r in res.rows]})
+
+
 StateDirOpt = Annotated[Optional[Path], typer.Option("--state-dir", help="Where the local cluster is recorded (default ~/.cache/continual-kd/cluster).", envvar="CKD_CLUSTER_DIR")]
 
 
