@@ -214,7 +214,7 @@ def run_tune(job_file: Path, address: str | None = None, out: Path | None = None
     spec = job.tune
     if spec is None:
         raise CkdError(f"{job_file}: no tune section; add one, e.g. tune: {{space: {{student.train.lr: "
-                       f"{{loguniform: [0.001, 0.01]}}}}, num_samples: 4, blocks: 2}} (see README, 'Tuning')")
+                       f"{{loguniform: [0.001, 0.01]}}}}, num_samples: 4, blocks: 2}} (jobs/tune.yaml is an example)")
     if job.blocks.live:
         raise CkdError(f"{job_file}: blocks: a live block policy has no fixed first blocks to tune on; tune a copy "
                        f"of the job with blocks: {{base_fraction: 0.5, incremental: N}}")
