@@ -72,7 +72,7 @@ def runtime_env(working_dir: Path, env_vars: dict[str, str] | None = None) -> di
 
 def submit_job(address: str, job_file: Path, working_dir: Path = Path("."), extra_args: list[str] = (),
                job_name: str = "", relative_outputs: list[str] = (), env_vars: dict[str, str] | None = None,
-               agent_wait_s: float = 60.0) -> Submitted:
+               agent_wait_s: float = 180.0) -> Submitted:
     """Ship ``working_dir`` and run the job file in it on the cluster; returns the Ray submission id."""
     wd = Path(working_dir).resolve()
     if not wd.is_dir():
