@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import CkdError
+from .synthetic import _arrivals, _around, _unit  # the same latent-space helpers as the synthetic stream
 
 CHUNK_CELLS = 1 << 22  # user × item cells drawn at a time (~16 MB of float32 uniforms)
 PILOT_USERS = 512  # users whose preferences estimate the expected clicks when solving for c
@@ -267,23 +268,6 @@ def load_truth(path: str | Path) -> SimulationTruth:
 
 def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
-
-
-def _arrivals(n: int, new_fraction: float, periods: int, rng: np.random.Generator) -> np.ndarray:
-    arrival = np.zeros(n, dtype=np.int64)
-    new = rng.permutation(n)[: int(new_fraction * n)]
-    if len(new):
-        arrival[new] = rng.integers(1, periods, len(new))
-    return arrival
-
-
-def _around(centres: np.ndarray, cluster: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    d = centres.shape[1]
-    return _unit(centres[cluster] + 0.6 * rng.standard_normal((len(cluster), d)) / math.sqrt(d))
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def _names(prefix: str, n: int, ids: np.ndarray) -> pa.Array:

@@ -67,6 +67,15 @@ class TermContext:
         return fuse_rankings(lists, size, self.fusion, self.weights, num_items=self.num_items)[0]
 
 
+def knowledge_rows(row: torch.Tensor, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(users, rows) of a batch's users that have knowledge: ``row`` maps a user id to its row of the
+    term's tables (-1: none); ids past its end (users newer than the knowledge) have none."""
+    inside = users < len(row)
+    rows = torch.where(inside, row[users.clamp(max=len(row) - 1)], -1)
+    keep = rows >= 0
+    return users[keep], rows[keep]
+
+
 class KDTerm(nn.Module):
     """Base of every KD term; subclasses set ``name`` and implement ``loss``."""
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Batch, KDTerm, TermContext, register_term
+from .base import Batch, KDTerm, TermContext, register_term, knowledge_rows
 from .bd import fuse_scored_lists
 
 
@@ -72,11 +72,7 @@ class CDTerm(KDTerm):
         self.target_valid = ok
 
     def loss(self, model, batch: Batch, epoch: int) -> torch.Tensor:
-        users = batch.users
-        inside = users < len(self.row)
-        rows = torch.where(inside, self.row[users.clamp(max=len(self.row) - 1)], -1)
-        keep = rows >= 0
-        users, rows = users[keep], rows[keep]
+        users, rows = knowledge_rows(self.row, batch.users)
         if len(users) == 0 or self.targets.shape[1] == 0:
             return torch.zeros((), device=batch.users.device)
         s = model.score(users, self.targets[rows])  # (B', samples)

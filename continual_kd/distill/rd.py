@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..sparse import sample_excluding
-from .base import Batch, KDTerm, TermContext, register_term
+from .base import Batch, KDTerm, TermContext, register_term, knowledge_rows
 
 
 def rd_static_weights(k: int, lam: float) -> torch.Tensor:
@@ -98,11 +98,7 @@ class RDTerm(KDTerm):
         self.weights = rd_weights(self.static, dynamic, self.renormalize)
 
     def loss(self, model, batch: Batch, epoch: int) -> torch.Tensor:
-        users = batch.users
-        inside = users < len(self.row)
-        rows = torch.where(inside, self.row[users.clamp(max=len(self.row) - 1)], -1)
-        keep = rows >= 0
-        users, rows = users[keep], rows[keep]
+        users, rows = knowledge_rows(self.row, batch.users)
         if len(users) == 0:
             return torch.zeros((), device=batch.users.device)
         s = model.score(users, self.top[rows])  # (B', K)
