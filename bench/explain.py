@@ -1,10 +1,13 @@
 """Structured-knowledge distillation and explanations on MovieLens-100K (jobs/explain.yaml).
 
     python bench/explain.py [--store stores/ml-100k-kg] [--blocks 6] [--users 50] [--json PATH]
+                            [--rationale-weight 0.05] [--no-rationale | --only-rationale]
 
-Runs the job's stream in one process twice with the same seed and plan: the student with SKD (RRD + SKD
-from the path teacher, as in the job) and without it (RRD only). Prints per block the student's test
-NDCG@20 (and the path teacher's), then, on the last block's models: explanation faithfulness over every
+Runs the job's stream in one process three times with the same seed and plan: the student with SKD (RRD + SKD
+from the path teacher, as in the job), without it (RRD only), and with SKD + rationale distillation (the
+``rationale`` term added: the student's item embeddings predict each film's rationale embedding,
+distill/rationale.py). Prints per block the student's test NDCG@20 (and the path teacher's), then, on the
+last block's models: explanation faithfulness over every
 user with training data (top-10 of the student; how often removing the cited rating lowers the path score
 more than removing a random one, and the mean drops) and the cost of ``--explain`` per user (one user
 at a time, as ``ckd recommend`` serves: recommendation alone vs recommendation + reasons in words).
@@ -67,6 +70,12 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=6)
     ap.add_argument("--users", type=int, default=50, help="users timed one by one for the cost of --explain")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--rationale-weight", type=float, default=0.05, help="weight of the rationale term")
+    ap.add_argument("--rationale-dim", type=int, default=64, help="LSA components of the rationale embedding")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--no-rationale", action="store_true", help="skip the run with rationale distillation")
+    which.add_argument("--only-rationale", action="store_true",
+                       help="only the runs with SKD, with and without the rationale term (not the one without SKD)")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -75,31 +84,41 @@ def main() -> None:
     spec = job.to_dict()
     spec["source"]["store"] = str(args.store)
     with_skd = parse_job(spec, "jobs/explain.yaml")
-    spec["distill"]["terms"] = [t for t in spec["distill"]["terms"] if t["name"] != "skd"]
+    rationale = {"name": "rationale", "weight": args.rationale_weight, "dim": args.rationale_dim}
+    spec["distill"]["terms"] = [*job.to_dict()["distill"]["terms"], rationale]
+    with_rationale = parse_job(spec, "jobs/explain.yaml (+ rationale)")
+    spec["distill"]["terms"] = [t for t in job.to_dict()["distill"]["terms"] if t["name"] != "skd"]
     without = parse_job(spec, "jobs/explain.yaml (no SKD)")
     print(f"store {args.store}: {kg_status(store)}")
 
+    plan = [("with SKD", "skd", with_skd)]
+    if not args.only_rationale:
+        plan.append(("without SKD", "no_skd", without))
+    if not args.no_rationale:
+        plan.append(("with SKD + rationale", "skd_rationale", with_rationale))
     runs = {}
-    for label, j in (("with SKD", with_skd), ("without SKD", without)):
+    for label, key, j in plan:
         results, learners, seen, seconds = run(j, store, args.blocks)
-        runs[label] = (results, learners, seen, seconds)
+        runs[key] = (results, learners, seen, seconds)
         print(f"{label}: {len(results)} blocks in {seconds:.0f}s")
 
-    report: dict = {"blocks": {}, "mean": {}}
-    print(f"\n{'block':>5} | {'student + SKD':>13} | {'student, no SKD':>15} | {'path teacher':>12}   (test NDCG@20)")
-    for k in range(len(runs["with SKD"][0])):
-        a = runs["with SKD"][0][k].metrics
-        c = runs["without SKD"][0][k].metrics
-        row = {"skd": a["student"]["ndcg@20"], "no_skd": c["student"]["ndcg@20"], "teacher": a["teacher:path"]["ndcg@20"]}
+    columns = [(key, head) for key, head in (("skd", "student + SKD"), ("no_skd", "student, no SKD"),
+                                             ("skd_rationale", "student + SKD + rationale")) if key in runs]
+    columns.append(("teacher", "path teacher"))
+    report: dict = {"blocks": {}, "mean": {}, "seconds": {key: runs[key][3] for key in runs},
+                    "rationale": rationale if "skd_rationale" in runs else None}
+    print("\n" + " | ".join([f"{'block':>5}", *(f"{head:>{len(head)}}" for _, head in columns)]) + "   (test NDCG@20)")
+    for k in range(len(runs["skd"][0])):
+        row = {key: runs[key][0][k].metrics["student"]["ndcg@20"] for key, _ in columns if key != "teacher"}
+        row["teacher"] = runs["skd"][0][k].metrics["teacher:path"]["ndcg@20"]
         report["blocks"][k] = row
-        print(f"{k:>5} | {row['skd']:>13.4f} | {row['no_skd']:>15.4f} | {row['teacher']:>12.4f}")
-    for key in ("skd", "no_skd", "teacher"):
+        print(" | ".join([f"{k:>5}", *(f"{row[key]:>{len(head)}.4f}" for key, head in columns)]))
+    for key, _ in columns:
         report["mean"][key] = float(np.mean([r[key] for r in report["blocks"].values()]))
-    m = report["mean"]
-    print(f" mean | {m['skd']:>13.4f} | {m['no_skd']:>15.4f} | {m['teacher']:>12.4f}")
+    print(" | ".join([f"{'mean':>5}", *(f"{report['mean'][key]:>{len(head)}.4f}" for key, head in columns)]))
 
     # faithfulness and the cost of --explain, on the last block's models (with SKD)
-    _, learners, seen, _ = runs["with SKD"]
+    _, learners, seen, _ = runs["skd"]
     known = known_pairs(seen)
     student = learners["student"].model
     student.observe(known.users, known.items)
@@ -133,6 +152,10 @@ def main() -> None:
     sample = explain_recommendations(learners, store, seen, users[:1].numpy(), 3)
     for it in sample["users"][0]:
         print(f"  {it['title']}: " + " | ".join(r["text"] for r in it["reasons"][:2]))
+        if it.get("rationale"):
+            print(f"    about it: {it['rationale']['text']}")
+            for sf in it["rationale"]["shared"]:
+                print(f"    shared with your {', '.join(sf['with'])}: {sf['fact']}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

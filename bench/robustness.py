@@ -50,6 +50,23 @@ def rows(kind: str) -> list[tuple[str, dict]]:
     return out
 
 
+def set_path(job: dict, item: str) -> None:
+    """Apply one ``a.b.c=JSON`` override to the job dict (list entries by index: ``distill.terms.1.weight``)."""
+    path, _, raw = item.partition("=")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    *parents, last = path.split(".")
+    node = job
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
 def _mean(values):
     vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return sum(vals) / len(vals) if vals else float("nan")
@@ -108,11 +125,18 @@ def main() -> None:
     ap.add_argument("--rows", choices=("all", "ml", "synthetic"), default="all")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--only", default="", help="run only the rows whose name contains this text (e.g. '0.5%%')")
+    ap.add_argument("--set", action="append", default=[], metavar="PATH=JSON",
+                    help="override a job setting, e.g. --set student.train.negative_exponent=0 (repeatable)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    job_dict = load_job(args.job).to_dict()
+    job_dict = json.loads(json.dumps(load_job(args.job).to_dict(), default=str))  # tuples → lists for --set
+    for item in args.set:
+        set_path(job_dict, item)
     report = {}
     for name, source in rows(args.rows):
+        if args.only and args.only not in name:
+            continue
         report[name] = run_row(job_dict, source, name)
         print_row(name, report[name])
     print("\nsummary: student NDCG@20 / best teacher, / ensemble; student tail R@20 / best teacher's; "
@@ -127,7 +151,8 @@ def main() -> None:
         ens = models["ensemble"]["ndcg@20"]
         print(f"  {name:26s} {s['ndcg@20'] / best:6.3f} {s['ndcg@20'] / ens:6.3f} "
               f"{s['recall@20/tail'] / tail if tail else float('nan'):6.3f} {s['avgpop@20'] / pop:6.3f}")
-    print(f"reproduce: python bench/robustness.py --job {args.job} --rows {args.rows}")
+    extra = (f" --only '{args.only}'" if args.only else "") + "".join(f" --set '{item}'" for item in args.set)
+    print(f"reproduce: python bench/robustness.py --job {args.job} --rows {args.rows}{extra}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))
 

@@ -677,6 +677,11 @@ def _explained(snap, store, seen, user: list[str], dense, k: int, model: str, to
                 share = f"{rs['share']:.0%}" if rs["share"] is not None else "–"
                 console.print(_m("     • {} [dim](weight {:.4f}, {} of the path score)[/]", rs["text"], rs["weight"],
                                  share))
+            rat = it.get("rationale")
+            if rat and rat["text"]:  # the item's rationale (item knowledge), and what your films share with it
+                console.print(_m("     [dim]about it:[/] {}", rat["text"]))
+                for sf in rat["shared"]:
+                    console.print(_m("     [dim]shared with your {}:[/] {}", ", ".join(sf["with"]), sf["fact"]))
             f = it.get("faithfulness")
             if f:
                 console.print(_m("     [dim]removing the cited rating lowers the path score by {:.4f} (a random rating of "
@@ -810,6 +815,53 @@ def status(
         raise damaged_error(st.root, first["path"], first["source"], first["problem"], len(damaged) - 1)
     if verify:
         out.print(_m("verified {} segments: size, rows and sha256 checksum match the catalog", len(s["segments"])))
+        from .stream.compact import verify_block_digests
+
+        out.print(_m("verified {} committed blocks: each reads the rows it was committed with (digest)",
+                     verify_block_digests(st)))
+
+
+@app.command()
+@_guard
+def compact(
+    job_file: Annotated[Optional[Path], typer.Argument(help="A job file: compact its source store (or give --store).")] = None,
+    store: Annotated[Optional[Path], typer.Option("--store", help="Stream store directory.", envvar="CKD_STORE")] = None,
+    target_rows: Annotated[int, typer.Option(help="Rows of a compacted segment: consecutive smaller segments are merged up to it.")] = 1_000_000,
+    wait: Annotated[str, typer.Option("--wait", help="How long to wait for another process's catalog lock (an ingest, a commit).")] = "60s",
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write what it did as JSON ('-' for stdout).")] = None,
+):
+    """Merge a store's small segments into larger ones (every committed block keeps its rows: digests prove it),
+    and drop what makes the catalog grow; safe beside `ckd ingest` and a following job."""
+    from .config import load_job, parse_duration
+    from .stream import StreamStore
+    from .stream.compact import compact_store
+
+    if (job_file is None) == (store is None):
+        raise CkdError("give a job file (its source store is compacted) or --store PATH, one of the two")
+    try:
+        wait_s = parse_duration(wait)
+    except ValueError:
+        raise CkdError(f"--wait {wait!r}: not a duration; write e.g. 30s, 1m or 5m") from None
+    root = Path(load_job(job_file).source.store) if job_file is not None else store
+    st = StreamStore.open(root)
+    st.lock_wait_s = wait_s
+    r = compact_store(st, target_rows)
+    console = _human(json_path)
+    console.print(_m("[bold]compacted {}[/]: {} → {} segments, {:,} → {:,} bytes ({:,} rows, {} runs merged) in {:.2f}s",
+                     root, r.segments_before, r.segments_after, r.bytes_before, r.bytes_after, r.rows, len(r.runs),
+                     r.seconds))
+    for run in r.runs:
+        ids = run["segments"]
+        console.print(_m("  segments {}-{} ({}) → {} ({:,} rows, digest {})", ids[0], ids[-1], len(ids), run["path"],
+                         run["rows"], run["digest"]))
+    console.print(_m("verified {} committed blocks: same rows as at commit (digests){}", r.blocks_verified,
+                     f"; {r.digests_recorded} digests recorded for older commits" if r.digests_recorded else ""))
+    console.print(_m("catalog: {:,} → {:,} bytes{}", r.catalog_bytes_before, r.catalog_bytes_after,
+                     "; the block_results index (most of its growth per block) was dropped"
+                     if r.results_index_dropped else ""))
+    from dataclasses import asdict
+
+    _write_json(json_path, asdict(r))
 
 
 @app.command()

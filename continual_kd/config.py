@@ -240,7 +240,7 @@ class BlockSpec(_Spec):
 # -------------------------------------------------------------------------------------- models
 
 
-GRID_FIELDS = ("lr", "weight_decay")  # TrainSpec fields a grid may choose on validation
+GRID_FIELDS = ("lr", "weight_decay", "negative_exponent")  # TrainSpec fields a grid may choose on validation
 
 
 class TrainSpec(_Spec):
@@ -268,15 +268,23 @@ class TrainSpec(_Spec):
     valid_every: int = Field(1, ge=1)  # epochs between validations
     # settings chosen on the base block's validation (e.g. {weight_decay: [0.0001, 0.001, 0.01]}): one
     # model trained per combination, the best kept; the choice is recorded in the snapshot and used after
-    grid: dict[Literal[GRID_FIELDS], _tuple(Annotated[float, Field(gt=0)])] = {}
+    grid: dict[Literal[GRID_FIELDS], _tuple(Annotated[float, Field(ge=0)])] = {}
+    # which combination is best: accuracy (the highest validation NDCG@20) | less_popular (of those within
+    # grid_tolerance of that NDCG@20, relative, the one whose validation top-20 has the lowest average
+    # training popularity: bias traded for at most that much accuracy, measured on validation)
+    grid_prefer: Literal["accuracy", "less_popular"] = "accuracy"
+    grid_tolerance: float = Field(0.01, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _grid(self):
         for name, values in self.grid.items():
             if not values:
                 raise _Bad(f"grid.{name}", "an empty list of candidates", [], "give at least one value or drop the key")
-            if name == "weight_decay" and any(v < 0 for v in values):
-                raise _Bad(f"grid.{name}", "a negative candidate", list(values), "use values ≥ 0")
+            if name == "lr" and any(v <= 0 for v in values):
+                raise _Bad(f"grid.{name}", "a learning rate ≤ 0", list(values), "use values > 0")
+        if "negative_exponent" in self.grid and self.negatives != "popularity":
+            raise _Bad("grid.negative_exponent", "a choice of negative exponent with uniform negatives",
+                       self.negatives, "set negatives: popularity (exponent 0 is uniform over items)")
         return self
 
 
@@ -482,13 +490,24 @@ class SKDTermSpec(_Spec):
     pairs: int = Field(20, ge=2)  # pairs per user and epoch
 
 
+class RationaleTermSpec(_Spec):
+    """Rationale distillation: the model's item embeddings predict (through a projection the term owns) each
+    item's rationale embedding — its title, genres and knowledge-graph facts as text, TF-IDF + LSA
+    (distill/rationale.py). Needs item knowledge in the store (``ckd data movielens-100k --kg``, ``ckd ingest-kg``)."""
+
+    name: Literal["rationale"] = "rationale"
+    weight: float = Field(0.05, ge=0)  # λ on Σ over the batch's items of (1 − cos(W v_i, r_i))
+    dim: int = Field(64, ge=2)  # LSA components of the rationale embedding
+    seed: int = Field(0, ge=0)  # the LSA's randomized SVD and the projection's init
+
+
 TERM_SPECS = {c.model_fields["name"].default: c for c in (
     RRDTermSpec, IRRRDTermSpec, UnKDTermSpec, HetCompTermSpec, BDTermSpec, ReplayTermSpec, KeepTermSpec,
-    FTDTermSpec, HTDTermSpec, RDTermSpec, CDTermSpec, DETermSpec, SKDTermSpec)}
+    FTDTermSpec, HTDTermSpec, RDTermSpec, CDTermSpec, DETermSpec, SKDTermSpec, RationaleTermSpec)}
 TERM_NAMES = tuple(TERM_SPECS)
 TermSpec = Annotated[Union[RRDTermSpec, IRRRDTermSpec, UnKDTermSpec, HetCompTermSpec, BDTermSpec,
                            ReplayTermSpec, KeepTermSpec, FTDTermSpec, HTDTermSpec, RDTermSpec, CDTermSpec,
-                           DETermSpec, SKDTermSpec], Field(discriminator="name")]
+                           DETermSpec, SKDTermSpec, RationaleTermSpec], Field(discriminator="name")]
 
 
 class DistillSpec(_Spec):

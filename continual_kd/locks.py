@@ -70,16 +70,36 @@ def single_driver(run):
     return wrapper
 
 
-def lock_owner(folder: Path) -> dict | None:
+def lock_owner(folder: Path, name: str = LOCK_FILE) -> dict | None:
     """What the lock file says about its (last) holder, or None when unreadable."""
     try:
-        owner = json.loads((Path(folder) / LOCK_FILE).read_text(encoding="utf-8"))
+        owner = json.loads((Path(folder) / name).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return owner if isinstance(owner, dict) else None
 
 
-def _acquire(path: Path, what: str) -> int:
+@contextmanager
+def store_lock(root: Path, name: str, what: str, then: str) -> Iterator[Path]:
+    """Hold ``root/name`` exclusively while a store's maintenance (``ckd compact``) runs; CkdError at once,
+    naming the holder, if another process holds it. Released by the kernel if the holder is killed."""
+    path = Path(root) / name
+    fd = _acquire(path, what, then, role="process")
+    try:
+        try:
+            _write_owner(fd)
+        except OSError:
+            pass
+        yield path
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def _acquire(path: Path, what: str, then: str = "submit again", role: str = "driver") -> int:
     while True:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -90,8 +110,8 @@ def _acquire(path: Path, what: str) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise CkdError(f"{what} is already running: {_describe(lock_owner(path.parent))} holds {path}; "
-                           f"wait for it to finish (or stop it), then submit again") from None
+            raise CkdError(f"{what} is already running: {_describe(lock_owner(path.parent, path.name), role)} holds "
+                           f"{path}; wait for it to finish (or stop it), then {then}") from None
         except BaseException:
             os.close(fd)
             raise
@@ -113,7 +133,7 @@ def _write_owner(fd: int) -> None:
     os.fsync(fd)
 
 
-def _describe(owner: dict | None) -> str:
+def _describe(owner: dict | None, role: str = "driver") -> str:
     if not owner:
-        return "another driver"
-    return f"driver pid {owner.get('pid', '?')} on host {owner.get('host', '?')} (since {owner.get('since', '?')})"
+        return f"another {role}"
+    return f"{role} pid {owner.get('pid', '?')} on host {owner.get('host', '?')} (since {owner.get('since', '?')})"

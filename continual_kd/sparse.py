@@ -129,7 +129,9 @@ def sample_excluding(users: torch.Tensor, count: int, num_items: int, exclude: l
     ``users``, avoiding pairs in any of ``exclude``.
 
     Rejection sampling by rounds over the whole batch (not per user); after ``rounds`` the few
-    remaining collisions (users who have seen almost every item) are left as drawn.
+    remaining collisions (users who have seen almost every item) are left as drawn. Each round tests
+    only the draws it replaced; membership is a lookup in a flat bit table of each set when the id
+    space is small (``_membership``), else a binary search of its keys.
     """
     device = users.device
 
@@ -139,17 +141,39 @@ def sample_excluding(users: torch.Tensor, count: int, num_items: int, exclude: l
         n = int(torch.Size(shape).numel())
         return torch.multinomial(weights, n, replacement=True, generator=generator).reshape(shape)
 
-    u = users.unsqueeze(1).expand(-1, count)
-    draw = draw_items(u.shape).to(device)
+    u = users.unsqueeze(1).expand(-1, count).reshape(-1)  # (B·count,) row-major, as the draw
+    draw = draw_items((len(users), count)).to(device).reshape(-1)
+    tests = [_membership(s) for s in exclude]
+    at = torch.arange(len(draw), device=device)  # the draws still to test
     for _ in range(rounds):
-        bad = torch.zeros_like(draw, dtype=torch.bool)
-        for s in exclude:
-            bad |= s.contains(u, draw)
-        n_bad = int(bad.sum())
-        if n_bad == 0:
+        uu, dd = u[at], draw[at]
+        bad = torch.zeros_like(dd, dtype=torch.bool)
+        for test in tests:
+            bad |= test(uu, dd)
+        at = at[bad]  # in row-major order: the replacements land where the whole-batch mask put them
+        if len(at) == 0:
             break
-        draw[bad] = draw_items((n_bad,)).to(device)
-    return draw
+        draw[at] = draw_items((len(at),)).to(device)
+    return draw.view(len(users), count)
+
+
+DENSE_TABLE_PAIRS = 1 << 24  # id spaces up to this many (user, item) cells get a flat bit table
+
+
+def _membership(s: "UserItemSet"):
+    """f(users, items) → elementwise membership in ``s``: a gather from a flat (U·I,) bool table built
+    here (one scatter) when U·I ≤ ``DENSE_TABLE_PAIRS``, else ``s.contains``."""
+    cells = s.num_users * s.num_items
+    if len(s) == 0 or cells > DENSE_TABLE_PAIRS:
+        return s.contains
+    table = torch.zeros(cells, dtype=torch.bool, device=s.keys.device)
+    table[s.keys] = True
+
+    def test(users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        inside = (users < s.num_users) & (items < s.num_items)
+        return table[torch.where(inside, users * s.num_items + items, 0)] & inside
+
+    return test
 
 
 class ComplementSampler:

@@ -79,9 +79,9 @@ class Interactions:
             np.concatenate([p.split for p in parts]),
             max(p.num_users for p in parts),
             max(p.num_items for p in parts),
-            # the item knowledge graph rides along with the blocks (the newest read wins)
-            {"item_graph": g} if (g := next((p.meta["item_graph"] for p in reversed(parts)
-                                              if p.meta.get("item_graph") is not None), None)) is not None else {},
+            # item knowledge (graph, rationales) rides along with the blocks (the newest read wins)
+            {key: value for key in ("item_graph", "item_rationales")
+             if (value := next((p.meta[key] for p in reversed(parts) if p.meta.get(key) is not None), None)) is not None},
         )
 
 
@@ -117,3 +117,21 @@ class ItemGraph:
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+@dataclass(frozen=True)
+class ItemRationales:
+    """Short texts about each item, from the store's item attributes and knowledge graph (stream/rationale.py),
+    read with the blocks for the items known so far: ``texts[i]`` for dense item i ('' where nothing is known),
+    and the facts they were built from (``fact_items[f]`` has the fact keyed ``fact_keys[f]``, said as
+    ``fact_texts[f]``, shared by ``fact_degrees[f]`` known items). Rationale distillation embeds the texts
+    (distill/rationale.py); ``ckd recommend --explain`` shows them and the facts shared with a user's history."""
+
+    texts: tuple[str, ...]  # (I,)
+    fact_items: np.ndarray  # (F,) int64 dense item ids
+    fact_keys: np.ndarray  # (F,) object: str key of the fact (relation and entity ids, or "genre:<name>")
+    fact_texts: np.ndarray  # (F,) object: the fact in words
+    fact_degrees: np.ndarray  # (F,) int64: known items with the same fact
+
+    def __len__(self) -> int:
+        return len(self.texts)

@@ -134,6 +134,49 @@ def test_grid_is_chosen_on_validation_and_recorded_in_the_state(tmp_path, monkey
     assert later["grid"] == [] and later["chosen"] == {"weight_decay": winner}
 
 
+def test_less_popular_choice_trades_at_most_the_tolerance():
+    from continual_kd.continual.learner import choose_fit
+
+    fits = [({"negative_exponent": 0.0}, {"valid": 0.300, "valid_avgpop": 200.0}),
+            ({"negative_exponent": 0.25}, {"valid": 0.298, "valid_avgpop": 180.0}),   # 0.67% below: within 1%
+            ({"negative_exponent": 0.5}, {"valid": 0.290, "valid_avgpop": 150.0}),    # 3.3% below: outside
+            ({"negative_exponent": 1.0}, {"valid": None, "valid_avgpop": None})]
+    assert choose_fit(fits)[0] == {"negative_exponent": 0.0}                       # accuracy
+    assert choose_fit(fits, "less_popular", 0.01)[0] == {"negative_exponent": 0.25}
+    assert choose_fit(fits, "less_popular", 0.04)[0] == {"negative_exponent": 0.5}
+    assert choose_fit(fits, "less_popular", 0.0)[0] == {"negative_exponent": 0.0}
+
+
+def test_best_epoch_records_the_average_popularity_of_the_best_lists():
+    relevant = UserItemSet(np.array([0, 1]), np.array([2, 3]), 2, 4)
+    exclude = UserItemSet(np.array([0, 1]), np.array([0, 0]), 2, 4)
+    model = _Fixed(np.zeros((2, 4)))
+    popularity = torch.tensor([50.0, 10.0, 4.0, 2.0])
+    best = BestEpoch(model, relevant, exclude, patience=0, every=1, cap=2, k=2, item_popularity=popularity)
+    for epoch, scores in enumerate([[[9, 0, 1, 0], [9, 0, 0, 1]],      # tops {2, 1|3}, {3, 1|2}: NDCG 1
+                                    [[9, 2, 1, 0], [9, 2, 0, 1]]], 1):  # tops {1, 2}, {1, 3}: NDCG .63
+        with torch.no_grad():
+            model.table.copy_(torch.tensor(scores, dtype=torch.float32))
+        best(epoch)
+    # epoch 1 is best; its top-2 (item 0 masked): user 0 → 2 then a tie of 1 and 3 at 0; user 1 → 3, tie
+    assert best.best_epoch == 1
+    tops = model.table.new_tensor([[9, 0, 1, 0], [9, 0, 0, 1]])
+    tops[:, 0] = -1e9
+    expected = popularity[tops.topk(2, dim=1).indices].mean().item()
+    assert best.best_avgpop == pytest.approx(expected)
+
+
+def test_grid_of_negative_exponents_needs_popularity_negatives():
+    from continual_kd.config import TrainSpec
+    from continual_kd.errors import CkdError
+
+    assert TrainSpec(negatives="popularity", grid={"negative_exponent": [0, 0.25]}).grid["negative_exponent"] == (0, 0.25)
+    with pytest.raises((CkdError, ValueError), match="negative exponent"):
+        TrainSpec(grid={"negative_exponent": [0, 0.25]})
+    with pytest.raises((CkdError, ValueError)):
+        TrainSpec(grid={"lr": [0.0, 0.01]})
+
+
 def test_replay_draws_only_history_and_from_every_earlier_block(tmp_path, monkeypatch):
     job, store, plan = _job(tmp_path, monkeypatch)
     seen = store.read_blocks(plan.plan_id, 2)
@@ -186,3 +229,33 @@ def test_popularity_negatives_follow_the_weights_and_avoid_known_pairs():
     counts = torch.bincount(draw, minlength=4)
     assert counts[0] == counts[1] == 0
     assert float(counts[3]) / float(counts[2]) == pytest.approx(3.0, rel=0.05)
+
+
+def test_one_pass_evaluation_equals_a_pass_per_block(tmp_path, monkeypatch):
+    """Learner.evaluate ranks every user once for all blocks' test sets (standard mask): the same figures
+    as one evaluate_ranking pass per block, sampled or not."""
+    from continual_kd.eval import evaluate_ranking
+    from continual_kd.types import TEST
+    from continual_kd.continual.learner import derive_seed
+
+    job, store, plan = _job(tmp_path, monkeypatch)
+    seen = store.read_blocks(plan.plan_id, 2)
+    learner = Learner(job.teachers[0], job.seed, role="teacher")
+    for b in range(3):
+        learner.update(store.read_blocks(plan.plan_id, b), b)
+    for sample in (None, 40):
+        spec = job.eval.model_copy(update={"sample_users": sample})
+        together = learner.evaluate(seen, [0, 1, 2, None], spec)
+        popularity = learner.pairs.popularity(seen)
+        from continual_kd.eval.bias import popularity_groupings
+
+        groups = popularity_groupings(popularity, spec.mass_groups)
+        for b in (0, 1, 2, None):
+            relevant, exclude = learner.pairs.eval_sets(seen, b, TEST, spec.mask)
+            alone = evaluate_ranking(learner.model, relevant, exclude, spec.ks, 64, "cpu", sample=sample,
+                                     seed=derive_seed(learner.seed, "eval", b, TEST), keep_relevant=True,
+                                     item_popularity=popularity, item_group=groups)
+            assert together[b].keys() == alone.keys()
+            for key, value in alone.items():
+                assert together[b][key] == pytest.approx(value, abs=1e-6), (b, key)
+        assert together[0]["users"] > 0 and together[None]["users"] >= together[2]["users"]

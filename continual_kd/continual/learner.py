@@ -23,6 +23,7 @@ import torch
 from ..config import EvalSpec, ModelSpec
 from ..distill import TERMS, TermContext, popularity_groups, teacher_group_rankings
 from ..eval import evaluate_ranking, model_pairs_mask, plasticity_stability, top_k_items
+from ..eval.metrics import evaluate_many
 from ..eval.bias import popularity_groupings
 from ..eval.metrics import users_per_chunk
 from ..models import build_backbone, num_parameters
@@ -96,6 +97,21 @@ def _proxies_from_flat(aux: dict[str, torch.Tensor]):
             params.setdefault(name, {})[param] = v
     return Proxies.from_state({"stability_weight": sw, "plasticity_weight": pw, "num_users": int(nu),
                                "num_items": int(ni), "updates": int(updates), "params": params})
+
+
+def choose_fit(fits: list[tuple[dict, dict]], prefer: str = "accuracy", tolerance: float = 0.0) -> tuple[dict, dict]:
+    """The grid combination kept: the best validation NDCG@20 (``accuracy``), or (``less_popular``) of the
+    combinations within ``tolerance`` (relative) of that figure, the one whose validation top-20 has the
+    lowest average training popularity. Combinations without a validation figure come last."""
+    def ndcg(fit):
+        return -1.0 if fit[1]["valid"] is None else fit[1]["valid"]
+
+    best = max(fits, key=ndcg)
+    if prefer != "less_popular" or best[1]["valid"] is None:
+        return best
+    close = [f for f in fits if f[1]["valid"] is not None and f[1]["valid"] >= (1 - tolerance) * best[1]["valid"]
+             and f[1].get("valid_avgpop") is not None]
+    return min(close, key=lambda f: (f[1]["valid_avgpop"], -ndcg(f))) if close else best
 
 
 class Learner:
@@ -245,7 +261,7 @@ class Learner:
                             trajectory, scope, trained, valid, draw, keep=len(grid) > 1)
             fits.append((overrides, fit))
         if len(grid) > 1:
-            overrides, fit = max(fits, key=lambda f: -1.0 if f[1]["valid"] is None else f[1]["valid"])
+            overrides, fit = choose_fit(fits, self.spec.train.grid_prefer, self.spec.train.grid_tolerance)
             self.model.load_state_dict(fit["weights"])
             self._trajectory = fit["trajectory"]
             self.term_state.update(fit["carried"])
@@ -266,7 +282,8 @@ class Learner:
             "model": self.spec.name, "block": block, "epochs": len(logs), "best_epoch": fit["best_epoch"],
             "valid_ndcg@20": fit["valid"], "train_rows": len(positives), "replay_rows": fit["replay_rows"],
             "terms": fit["terms"], "chosen": dict(self.chosen),
-            "grid": [{**o, "valid_ndcg@20": f["valid"], "best_epoch": f["best_epoch"]} for o, f in fits] if len(fits) > 1 else [],
+            "grid": [{**o, "valid_ndcg@20": f["valid"], "valid_avgpop@20": f["valid_avgpop"], "best_epoch": f["best_epoch"]}
+                     for o, f in fits] if len(fits) > 1 else [],
             "seconds": time.perf_counter() - t0, "started_at": started, "ended_at": time.time(),
             "base_loss": logs[-1].base_loss if logs else float("nan"),
             "kd_loss": logs[-1].kd_loss if logs else float("nan"),
@@ -292,7 +309,8 @@ class Learner:
         best = None
         if valid is not None:
             best = BestEpoch(self.model, *valid, patience=train_spec.patience, every=train_spec.valid_every,
-                             cap=epochs, chunk_size=1024, device=self.device)
+                             cap=epochs, chunk_size=1024, device=self.device,
+                             item_popularity=self.pairs.popularity(seen) if keep else None)
             hooks.append(best)
         replayed = [0]
 
@@ -319,6 +337,7 @@ class Learner:
         return {"logs": logs, "terms": [t.name for t in built], "carried": carried,
                 "best_epoch": best.best_epoch if best is not None else len(logs),
                 "valid": best.best if best is not None else None, "replay_rows": replayed[0],
+                "valid_avgpop": best.best_avgpop if best is not None else None,
                 "trajectory": list(self._trajectory),
                 "weights": {k: v.detach().clone() for k, v in self.model.state_dict().items()} if keep else None}
 
@@ -363,7 +382,7 @@ class Learner:
                           num_items=self.model.num_items, block=block, epochs=epochs, device=self.device,
                           role=self.role, fusion=fusion,
                           weights=weights if weights is not None and len(weights) == len(knowledge) else None,
-                          item_popularity=self.pairs.item_counts(seen), own=own)
+                          item_popularity=self.pairs.item_counts(seen), own=own, meta=seen.meta)
         built = []
         for s in specs:
             cls = TERMS[s.name]
@@ -457,6 +476,15 @@ class Learner:
         popularity = self.pairs.popularity(seen)  # training pairs only (eval.protocol.training_popularity)
         groups = popularity_groupings(popularity, spec.mass_groups)  # head/mid/tail + UnKD's eq groups
         step = users_per_chunk(self.model.num_items, spec.chunk_size, spec.memory_mb)  # users per chunk
+        if spec.mask == "standard" and len(blocks) > 1:
+            # one hidden set (train + valid) for every block's targets: every user ranked once for all of
+            # them (one pass, not one per block), the same figures as a pass per block
+            sets = {b: self.pairs.eval_sets(seen, b, split, spec.mask) for b in blocks}
+            exclude = next(iter(sets.values()))[1]
+            return evaluate_many(self.model, {b: r for b, (r, _) in sets.items()}, exclude, spec.ks, step,
+                                 self.device, sample=spec.sample_users,
+                                 seeds={b: derive_seed(self.seed, "eval", b, split) for b in blocks},
+                                 keep_relevant=True, item_popularity=popularity, item_group=groups)
         for b in blocks:
             relevant, exclude = self.pairs.eval_sets(seen, b, split, spec.mask)  # exclude may hold targets: kept
             out[b] = evaluate_ranking(self.model, relevant, exclude, spec.ks, step, self.device,

@@ -55,7 +55,9 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
     # L2 only on what the batch touches (model.regularization), not Adam's weight_decay: that
     # would shrink every user/item absent from the block by ~lr per step and erase old knowledge
     params = list(model.parameters()) + [p for t in terms for p in t.parameters()]
-    opt = torch.optim.Adam(params, lr=spec.lr)
+    # fused: one kernel for every parameter's update (the same Adam step; far fewer small ops on CPU)
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    opt = torch.optim.Adam(params, lr=spec.lr, fused=fused or None)
     if parallel is not None:  # DDP over the model and the terms' own parameters
         parallel.attach(model, terms)
     model.train()
@@ -129,19 +131,24 @@ class BestEpoch:
     passed without a gain (0: never stops early). ``restore()`` puts the best weights back."""
 
     def __init__(self, model, relevant: UserItemSet, exclude: UserItemSet, patience: int, every: int, cap: int,
-                 chunk_size: int = 1024, device="cpu", k: int = 20):
+                 chunk_size: int = 1024, device="cpu", k: int = 20, item_popularity: torch.Tensor | None = None):
         self.model, self.relevant, self.exclude = model, relevant, exclude
         self.patience, self.every, self.cap, self.k = patience, every, cap, k
         self.chunk_size, self.device = chunk_size, device
+        self.item_popularity = item_popularity  # given: best_avgpop = avg popularity@k of the best epoch's lists
         self.best: float | None = None
+        self.best_avgpop: float | None = None
         self.best_epoch = 0
         self.history: list[tuple[int, float]] = []
         self._weights: dict | None = None
+        self._avgpop: float | None = None
 
     def score(self) -> float:
         from ..eval.metrics import evaluate_ranking
 
-        out = evaluate_ranking(self.model, self.relevant, self.exclude, (self.k,), self.chunk_size, self.device)
+        out = evaluate_ranking(self.model, self.relevant, self.exclude, (self.k,), self.chunk_size, self.device,
+                               item_popularity=self.item_popularity)
+        self._avgpop = out.get(f"avgpop@{self.k}")
         return float(out[f"ndcg@{self.k}"] or 0.0)
 
     def __call__(self, epoch: int) -> bool:
@@ -150,7 +157,7 @@ class BestEpoch:
         value = self.score()
         self.history.append((epoch, value))
         if self.best is None or value > self.best:
-            self.best, self.best_epoch = value, epoch
+            self.best, self.best_epoch, self.best_avgpop = value, epoch, self._avgpop
             self._weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             return False
         return bool(self.patience) and epoch - self.best_epoch >= self.patience

@@ -12,6 +12,7 @@ from . import bd, ir_rrd, keep  # noqa: F401  (register the terms)
 from . import ftd, htd  # noqa: F401  (register the terms)
 from . import cd, de, rd  # noqa: F401  (register the terms)
 from . import skd  # noqa: F401  (registers the term)
+from . import rationale  # noqa: F401  (registers the term)
 
 __all__ = ["TERMS", "Batch", "FUSION_METHODS", "FusionConfig", "KDTerm", "RRDConfig", "RRDTargets", "TermContext",
            "UnKDConfig", "UnKDTargets", "build_terms", "fuse_group_rankings", "fuse_rankings", "group_rankings",

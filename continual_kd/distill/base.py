@@ -48,6 +48,7 @@ class TermContext:
     item_popularity: torch.Tensor | None = None  # (I,) training interactions per item
     own: list[Knowledge] = field(default_factory=list)  # the model's own lists: its pre-update top-K, proxies
     state: dict | None = None  # what this term carried from the previous block (``KDTerm.carry``)
+    meta: dict = field(default_factory=dict)  # what rode along with the blocks (Interactions.meta: item knowledge)
 
     def tensor(self, array, dtype=torch.int64) -> torch.Tensor:
         return torch.as_tensor(array, dtype=dtype, device=self.device)

@@ -124,86 +124,146 @@ def evaluate_ranking(model, relevant: UserItemSet, exclude: UserItemSet | None, 
     All come from the same top-K tensor as Recall/NDCG. A metric that is undefined here (no user with
     a relevant item: no users at all, or none in a group) is None, never NaN: JSON null, shown as "–".
     """
-    eligible = torch.nonzero(relevant.degree > 0).flatten().to(device)
-    users = sample_users(eligible, sample, seed)
+    return evaluate_many(model, {None: relevant}, exclude, ks, chunk_size, device, item_popularity, item_group,
+                         item_weight, sample, {None: seed}, keep_relevant)[None]
+
+
+@torch.no_grad()
+def evaluate_many(model, relevants: dict, exclude: UserItemSet | None, ks=(10, 20, 50),
+                  chunk_size: int = 1024, device: str | torch.device = "cpu",
+                  item_popularity: torch.Tensor | None = None,
+                  item_group: torch.Tensor | dict[str, torch.Tensor] | None = None,
+                  item_weight: torch.Tensor | None = None, sample: int | None = None, seeds: dict | None = None,
+                  keep_relevant: bool = False) -> dict:
+    """``evaluate_ranking`` of several relevant sets under one mask, in ONE full-ranking pass: each user
+    of any set is scored and ranked once, and every set's metrics come from that same top-K (key → the
+    dict ``evaluate_ranking`` returns for that set alone). With ``keep_relevant`` the union of the sets'
+    targets survives the mask, so the figures equal separate passes when no set's targets are hidden
+    for another set (e.g. every block's test pairs under the standard mask: train + valid hidden).
+    ``sample``: each set's users are sampled as ``evaluate_ranking`` would with ``seeds[key]``."""
+    seeds = seeds or {}
+    accs, members = {}, {}
+    num_users = max(r.num_users for r in relevants.values()) if relevants else 0
+    for key, relevant in relevants.items():
+        eligible = torch.nonzero(relevant.degree > 0).flatten().to(device)
+        users = sample_users(eligible, sample, seeds.get(key, 0))
+        accs[key] = _Metrics(relevant, ks, item_popularity, item_group, item_weight, len(users),
+                             len(eligible) if sample is not None else None)
+        member = torch.zeros(num_users, dtype=torch.bool, device=device)
+        member[users] = True
+        members[key] = member
+    union = torch.nonzero(torch.stack(list(members.values())).any(0)).flatten() if members else \
+        torch.zeros(0, dtype=torch.int64, device=device)
+    if len(relevants) == 1:
+        union = users  # the sampled order of the single set (the same figures either way)
     max_k = max(ks)
-    sums = {f"{m}@{k}": 0.0 for m in METRICS for k in ks}
-    bias = item_popularity is not None or item_group is not None
-    if item_group is None and item_popularity is not None:
-        item_group = item_popularity_groups(item_popularity)
-    groupings = {} if item_group is None else item_group if isinstance(item_group, dict) else {"": item_group}
-    names = {p: _group_names(p, g) for p, g in groupings.items()}
-    group_sums = {p: {k: torch.zeros(len(n), dtype=torch.float64) for k in ks} for p, n in names.items()}
-    group_users = {p: torch.zeros(len(n), dtype=torch.float64) for p, n in names.items()}
-    pop_sums = {k: 0.0 for k in ks}
-    ips_sums = {f"ips_{m}@{k}": 0.0 for m in METRICS for k in ks}
-    covered = {}
-    step = users_per_chunk(_items_of(model, relevant), chunk_size)
-    for start in range(0, len(users), step):
-        cu = users[start : start + step]
+    width = _items_of(model, *relevants.values())
+    step = users_per_chunk(width, chunk_size)
+    for start in range(0, len(union), step):
+        cu = union[start : start + step]
         s = model.full_scores(cu)
-        rel_rows, rel_cols = relevant.rows_for(cu)
         if exclude is not None:
             if keep_relevant:  # the targets' own scores survive the mask
-                inside = rel_cols < s.shape[1]
-                rel_rows_in, rel_cols_in = rel_rows[inside], rel_cols[inside]
-                target_scores = s[rel_rows_in, rel_cols_in]
+                kept = [r.rows_for(cu) for r in relevants.values()]
+                rows = torch.cat([k[0] for k in kept]) if len(kept) > 1 else kept[0][0]
+                cols = torch.cat([k[1] for k in kept]) if len(kept) > 1 else kept[0][1]
+                inside = cols < s.shape[1]
+                rows, cols = rows[inside], cols[inside]
+                target_scores = s[rows, cols]
             exclude.mask_(s, cu)
             if keep_relevant:
-                s[rel_rows_in, rel_cols_in] = target_scores
+                s[rows, cols] = target_scores
         top = torch.topk(s, min(max_k, s.shape[1]), dim=1).indices  # (B, K)
+        n_items = s.shape[1]
+        del s
+        for key, acc in accs.items():
+            if len(accs) == 1:
+                acc.add(cu, top, n_items)
+                continue
+            sel = members[key][cu]
+            if bool(sel.any()):
+                acc.add(cu[sel], top[sel], n_items)
+    return {key: acc.result() for key, acc in accs.items()}
+
+
+class _Metrics:
+    """The running sums of one relevant set's metrics over the chunks of its users' top-K lists."""
+
+    def __init__(self, relevant: UserItemSet, ks, item_popularity, item_group, item_weight, n_users: int,
+                 n_eligible: int | None):
+        self.relevant, self.ks, self.n_users, self.n_eligible = relevant, tuple(ks), n_users, n_eligible
+        self.item_popularity, self.item_weight = item_popularity, item_weight
+        self.sums = {f"{m}@{k}": 0.0 for m in METRICS for k in ks}
+        self.bias = item_popularity is not None or item_group is not None
+        if item_group is None and item_popularity is not None:
+            item_group = item_popularity_groups(item_popularity)
+        self.groupings = {} if item_group is None else item_group if isinstance(item_group, dict) else {"": item_group}
+        self.names = {p: _group_names(p, g) for p, g in self.groupings.items()}
+        self.group_sums = {p: {k: torch.zeros(len(n), dtype=torch.float64) for k in ks} for p, n in self.names.items()}
+        self.group_users = {p: torch.zeros(len(n), dtype=torch.float64) for p, n in self.names.items()}
+        self.pop_sums = {k: 0.0 for k in ks}
+        self.ips_sums = {f"ips_{m}@{k}": 0.0 for m in METRICS for k in ks}
+        self.covered = {}
+
+    def add(self, cu: torch.Tensor, top: torch.Tensor, n_items: int) -> None:
+        relevant, ks = self.relevant, self.ks
         hits = relevant.contains(cu.unsqueeze(1).expand_as(top), top)  # (B, K)
         n_rel = relevant.degree[cu]
         for k in ks:
             for name, fn in METRICS.items():
-                sums[f"{name}@{k}"] += float(fn(hits[:, :k], n_rel).sum())
-        n_items = s.shape[1]
-        if item_weight is not None:
+                self.sums[f"{name}@{k}"] += float(fn(hits[:, :k], n_rel).sum())
+        need_rel = self.item_weight is not None or self.groupings
+        rel_rows, rel_cols = relevant.rows_for(cu) if need_rel else (None, None)
+        if self.item_weight is not None:
             from .estimates import ips_ndcg_at_k, snips_recall_at_k
 
-            w = _fit(item_weight.to(s.device).double(), n_items, float(item_weight.max()) if len(item_weight) else 1.0)
+            item_weight = self.item_weight
+            w = _fit(item_weight.to(top.device).double(), n_items, float(item_weight.max()) if len(item_weight) else 1.0)
             ok = rel_cols < n_items
-            rel_w = torch.zeros(len(cu), dtype=torch.float64, device=s.device).index_add_(
+            rel_w = torch.zeros(len(cu), dtype=torch.float64, device=top.device).index_add_(
                 0, rel_rows[ok], w[rel_cols[ok]])  # (B,)
-            hit_w = torch.where(hits, w[top], torch.zeros((), dtype=torch.float64, device=s.device))  # (B, K)
+            hit_w = torch.where(hits, w[top], torch.zeros((), dtype=torch.float64, device=top.device))  # (B, K)
             for k in ks:
-                ips_sums[f"ips_recall@{k}"] += float(snips_recall_at_k(hit_w[:, :k], rel_w).sum())
-                ips_sums[f"ips_ndcg@{k}"] += float(ips_ndcg_at_k(hit_w[:, :k], rel_w).sum())
-        if not bias:
-            continue
-        for p, grouping in groupings.items():
-            groups = _fit(grouping.to(s.device).long(), n_items, len(names[p]) - 1)
-            rows, cols = rel_rows, rel_cols
-            keep = cols < n_items
-            rel_per_group = torch.zeros(len(cu), len(names[p]), dtype=torch.int64, device=s.device)
-            rel_per_group.index_put_((rows[keep], groups[cols[keep]]), torch.ones_like(rows[keep]), accumulate=True)
-            group_users[p] += (rel_per_group > 0).sum(0).double().cpu()
+                self.ips_sums[f"ips_recall@{k}"] += float(snips_recall_at_k(hit_w[:, :k], rel_w).sum())
+                self.ips_sums[f"ips_ndcg@{k}"] += float(ips_ndcg_at_k(hit_w[:, :k], rel_w).sum())
+        if not self.bias:
+            return
+        for p, grouping in self.groupings.items():
+            groups = _fit(grouping.to(top.device).long(), n_items, len(self.names[p]) - 1)
+            keep = rel_cols < n_items
+            rel_per_group = torch.zeros(len(cu), len(self.names[p]), dtype=torch.int64, device=top.device)
+            rel_per_group.index_put_((rel_rows[keep], groups[rel_cols[keep]]), torch.ones_like(rel_rows[keep]),
+                                     accumulate=True)
+            self.group_users[p] += (rel_per_group > 0).sum(0).double().cpu()
             for k in ks:
                 recall, has = group_recall_at_k(hits[:, :k], groups[top[:, :k]], rel_per_group)
-                group_sums[p][k] += torch.where(has, recall, torch.zeros_like(recall)).sum(0).double().cpu()
-        if item_popularity is not None:
-            pop = _fit(item_popularity.to(s.device), n_items, 0)
+                self.group_sums[p][k] += torch.where(has, recall, torch.zeros_like(recall)).sum(0).double().cpu()
+        if self.item_popularity is not None:
+            pop = _fit(self.item_popularity.to(top.device), n_items, 0)
             for k in ks:
-                pop_sums[k] += float(average_popularity(top[:, :k], pop).sum())
+                self.pop_sums[k] += float(average_popularity(top[:, :k], pop).sum())
         for k in ks:
             chunk_cov = covered_items(top[:, :k], n_items)
-            covered[k] = chunk_cov if k not in covered else covered[k] | chunk_cov
-    out = {key: v / len(users) if len(users) else None for key, v in sums.items()}
-    if item_weight is not None:
-        out.update({key: v / len(users) if len(users) else None for key, v in ips_sums.items()})
-    out["users"] = float(len(users))
-    if sample is not None:
-        out["users_of"] = float(len(eligible))
-    if bias:
-        for k in ks:
-            for p in groupings:
-                for g, name in enumerate(names[p]):
-                    cnt = float(group_users[p][g])
-                    out[f"recall@{k}/{name}"] = float(group_sums[p][k][g]) / cnt if cnt > 0 else None
-            if item_popularity is not None:
-                out[f"avgpop@{k}"] = pop_sums[k] / len(users) if len(users) else None
-            out[f"coverage@{k}"] = coverage(covered[k]) if k in covered else None
-    return out
+            self.covered[k] = chunk_cov if k not in self.covered else self.covered[k] | chunk_cov
+
+    def result(self) -> dict[str, float]:
+        n, ks = self.n_users, self.ks
+        out = {key: v / n if n else None for key, v in self.sums.items()}
+        if self.item_weight is not None:
+            out.update({key: v / n if n else None for key, v in self.ips_sums.items()})
+        out["users"] = float(n)
+        if self.n_eligible is not None:
+            out["users_of"] = float(self.n_eligible)
+        if self.bias:
+            for k in ks:
+                for p in self.groupings:
+                    for g, name in enumerate(self.names[p]):
+                        cnt = float(self.group_users[p][g])
+                        out[f"recall@{k}/{name}"] = float(self.group_sums[p][k][g]) / cnt if cnt > 0 else None
+                if self.item_popularity is not None:
+                    out[f"avgpop@{k}"] = self.pop_sums[k] / n if n else None
+                out[f"coverage@{k}"] = coverage(self.covered[k]) if k in self.covered else None
+        return out
 
 
 def _group_names(prefix: str, grouping: torch.Tensor) -> tuple[str, ...]:

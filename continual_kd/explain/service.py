@@ -3,7 +3,8 @@
 The served model (the student) picks the items; the snapshot's path teacher (backbone ``pathrec``) says
 why, from its learned weights per path type, the interactions seen up to the snapshot's block and the
 store's item knowledge — no retraining. A snapshot without a path teacher is explained by a path model
-with every weight 1 (said in the output: ``path_model``).
+with every weight 1 (said in the output: ``path_model``). Where the store holds item knowledge, each item also
+comes with its rationale (its text, and the facts the user's history shares with it: ``rationale.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..models.pathrec import PathRec
 from ..types import Interactions
 from .faithfulness import faithfulness, removal_drops
 from .paths import reason_parts, reasons
+from .rationale import rationale_text, shared_facts
 from .words import COLLABORATIVE, reason_text
 
 TOP_PARTS = 3  # path types named per reason
@@ -68,8 +70,18 @@ def explain_recommendations(learners: dict, store, seen: Interactions, users: np
                              .reshape(-1, mask.shape[-1]), 1, generator=rng).reshape(cited.shape)
     drops_random = removal_drops(path, u, recs, pick, r)
 
-    # names: items (recommended, cited, random), relations, the entities of the paths shown
-    uniq_items = np.unique(torch.cat([recs.reshape(-1), r.via[valid], pick.reshape(-1)]).numpy())
+    # rationales (stream/rationale.py): each item's text and the facts the user's history shares with it
+    rationales = seen.meta.get("item_rationales")
+    shared = None
+    if rationales is not None:
+        rows, hist = known.rows_for(u)
+        rows, hist = rows.numpy(), hist.numpy()
+        shared = [shared_facts(rationales, hist[rows == b], recs[b].numpy()) for b in range(len(u))]
+    with_items = [i for per_user in shared or () for facts in per_user for f in facts for i in f["items"]]
+
+    # names: items (recommended, cited, random, sharing a fact), relations, the entities of the paths shown
+    uniq_items = np.unique(np.concatenate([torch.cat([recs.reshape(-1), r.via[valid], pick.reshape(-1)]).numpy(),
+                                           np.asarray(with_items, dtype=np.int64)]))
     ext_ids, titles, rel_names, ent_names = explanation_names(store, uniq_items, ent[ent >= 0].numpy())
     labels, ext = dict(zip(uniq_items.tolist(), titles)), dict(zip(uniq_items.tolist(), ext_ids))
     rel_names_of = lambda rid: rel_names.get(int(rid), f"relation {int(rid)}")  # noqa: E731
@@ -108,6 +120,9 @@ def explain_recommendations(learners: dict, store, seen: Interactions, users: np
                            "text": reason_text(labels[v], parts)})
             entry = {"item": ext[i], "title": labels[i], "score": float(scores[b, j]), "path_score": total,
                      "reasons": rs}
+            if rationales is not None:
+                entry["rationale"] = {"text": rationale_text(rationales, i), "shared": [
+                    {"fact": f["fact"], "with": [labels[h] for h in f["items"]]} for f in shared[b][j]]}
             if bool(has_reason[b, j]) and bool(enough[b, j]):
                 rnd = int(pick[b, j])
                 entry["faithfulness"] = {"cited": ext[int(cited[b, j])], "cited_drop": float(drops_cited[b, j]),

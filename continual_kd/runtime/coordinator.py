@@ -38,6 +38,7 @@ from ..snapshots import (MANIFEST, block_dir_name, list_snapshots, prune_snapsho
 from ..stream import BlockPlan, StreamStore
 from ..stream.catalog import StoreBusyError
 from ..stream.live import policy_of
+from ..stream.rationale import store_has_item_knowledge
 from .actors import StaleActorError, actor_device, spawn_learner
 from .train import worker_resources
 from .executor import RayExecutor
@@ -190,6 +191,10 @@ def run_job(job: JobSpec, address: str | None = None, restart: bool = False, pro
             if getattr(term, "k", 0) > store.num_items:
                 raise CkdError(f"distill.{side}[{i}].k: {term.k} is larger than the {store.num_items} items in the "
                                f"store {store.root}; lower it")
+            if term.name == "rationale" and not store_has_item_knowledge(store):  # refused before Ray starts
+                raise CkdError(f"distill.{side}[{i}]: the rationale term needs item knowledge (titles, genres or "
+                               f"triples) in the store {store.root}, which has none; add it with `ckd data "
+                               f"movielens-100k --kg` or `ckd ingest-kg FILE`, or remove the term")
     rec = _recover(job, store, runs, restart, emit)
     if job.blocks.live:  # a live plan grows: the blocks complete now are appended (cut once, never changed)
         plan, waiting = store.advance_live_plan(policy_of(job.blocks, job.seed), flush=flush)

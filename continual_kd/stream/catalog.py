@@ -66,7 +66,10 @@ CREATE TABLE IF NOT EXISTS commits (
     revoked_at TIMESTAMP, revoked_reason VARCHAR);
 CREATE TABLE IF NOT EXISTS block_results (
     commit_id INTEGER NOT NULL, job VARCHAR NOT NULL, lineage VARCHAR NOT NULL, block SMALLINT NOT NULL,
-    model VARCHAR NOT NULL, metric VARCHAR NOT NULL, value DOUBLE, PRIMARY KEY (commit_id, model, metric));
+    model VARCHAR NOT NULL, metric VARCHAR NOT NULL, value DOUBLE);
+CREATE TABLE IF NOT EXISTS block_digests (
+    plan_id VARCHAR NOT NULL, block SMALLINT NOT NULL, rows BIGINT NOT NULL, digest VARCHAR NOT NULL,
+    recorded_at TIMESTAMP NOT NULL);
 CREATE TABLE IF NOT EXISTS kg_relations (relation_id INTEGER PRIMARY KEY, name VARCHAR NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS kg_entities (
     entity_id INTEGER PRIMARY KEY, external_id VARCHAR NOT NULL UNIQUE, name VARCHAR);
@@ -91,11 +94,14 @@ CREATE VIEW IF NOT EXISTS results AS
 # blocks are appended as data arrive; plan_blocks.late: rows that arrived after their window was cut,
 # bound_start/bound_end: the block's time bounds (a window, or the base block's end).
 # block_results: every committed block's numbers per model (a NaN / undefined metric is NULL), kept
-# with revoked commits for the record; the view `results` shows those of active commits only.
+# with revoked commits for the record; the view `results` shows those of active commits only. No primary key:
+# its index was most of the catalog's growth per block (~13 KB for ~120 rows); rows come once per commit id.
+# block_digests: an order-independent digest of each committed block's rows (stream/compact.py), recorded
+# at commit (or by `ckd compact` for older commits); compaction and `ckd status --verify` check it.
 # Fixed order, used by the fingerprint.
 TABLES = ("meta", "users", "items", "segments", "ingests", "quarantine", "plans", "plan_blocks", "plan_rows",
           "commits", "block_results", "kg_relations", "kg_entities", "kg_triples", "item_entities", "item_attributes",
-          "kg_ingests", "kg_quarantine")
+          "kg_ingests", "kg_quarantine", "block_digests")
 
 LOCK_WAIT_S = 5.0
 

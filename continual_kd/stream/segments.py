@@ -74,7 +74,9 @@ def segment_problem(root: Path, seg: SegmentRecord, checksum: bool = False) -> s
 
 def damaged_error(root: Path, path: str, source: str, problem: str, others: int = 0) -> CkdError:
     """The one sentence for a damaged segment: which file, what differs, and how to rewrite it."""
-    if Path(source).is_file():
+    if source.startswith("compacted:"):  # made by `ckd compact` from several ingests: no one input rebuilds it
+        fix = "it was merged by `ckd compact` from several ingests, so no single input rewrites it"
+    elif Path(source).is_file():
         fix = f"re-ingest its source file with `ckd ingest {source} --store {root}`, which rewrites it"
     else:
         fix = (f"re-ingest its source {source!r} (the same `ckd ingest FILE` or `ckd data {source}` "

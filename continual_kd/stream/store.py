@@ -43,7 +43,9 @@ from continual_kd.stream.ingest import (
 from continual_kd.stream.segments import (
     SegmentRecord, check_segments, fsync_dir, segment_problem, write_segment,
 )
+from continual_kd.stream.compact import block_digest, record_digest
 from continual_kd.stream.kg import read_item_graph
+from continual_kd.stream.rationale import read_item_rationales
 from continual_kd.stream.plan import BlockInfo, BlockPlan, compute_plan, plan_id_for, validate_plan_args
 from continual_kd.stream.live import Cursor, LivePolicy, block_split, cut_blocks, live_plan_id, next_window_end
 from continual_kd.types import Interactions
@@ -125,6 +127,8 @@ class StreamStore:
         active commit. Anything else would skip or double-count data, so it is refused.
         """
         self._upgrade_schema()
+        with self._connect(write=False) as con:  # the block's rows, fingerprinted (compaction proves it by this)
+            digest = block_digest(con, self.root, plan_id, block)
         with self._connect(write=True) as con:
             last = catalog.scalar(con, "SELECT max(block) FROM commits WHERE job = ? AND lineage = ? "
                                        "AND revoked_at IS NULL", [job, lineage])
@@ -139,6 +143,7 @@ class StreamStore:
                             [next_id, job, lineage, plan_id, block, rows_covered, snapshot, snapshot_digest,
                              catalog.now_utc()])
                 catalog.insert_results(con, next_id, job, lineage, block, results or {})
+                record_digest(con, plan_id, block, digest)
                 con.execute("COMMIT")
             except BaseException:
                 _rollback(con)
@@ -412,7 +417,9 @@ class StreamStore:
         base_fraction, incremental, seed = float(base_fraction), int(incremental), int(seed)
         split = tuple(float(s) for s in split)
         with self._connect(write=True) as con:
-            hashes = [h for (h,) in con.sql("SELECT content_hash FROM segments ORDER BY content_hash").fetchall()]
+            # the ingests that added rows (a compacted segment holds several: `ckd compact` keeps plan ids)
+            hashes = [h for (h,) in con.sql("SELECT content_hash FROM ingests WHERE segment_id IS NOT NULL "
+                                            "ORDER BY content_hash").fetchall()]
             if not hashes:
                 raise CkdError(f"The stream store {self.root} has no interactions yet; "
                                f"run `ckd ingest` or `ckd data ...` first.")
@@ -612,12 +619,14 @@ class StreamStore:
             ).fetchnumpy()
             info = plan.blocks[last]
             graph = read_item_graph(con, info.num_items)  # item knowledge, if any was ingested (stream/kg.py)
+            rationales = read_item_rationales(con, info.num_items, graph)  # its texts per item (stream/rationale.py)
         return Interactions(
             users=np.asarray(data["user"], dtype=np.int64), items=np.asarray(data["item"], dtype=np.int64),
             ts=np.asarray(data["ts"], dtype=np.int64), weight=np.asarray(data["weight"], dtype=np.float32),
             block=np.asarray(data["block"], dtype=np.int16), split=np.asarray(data["split"], dtype=np.int8),
             num_users=info.num_users, num_items=info.num_items,
-            meta={"plan_id": plan_id, "blocks": (first, last), **({"item_graph": graph} if graph is not None else {})},
+            meta={"plan_id": plan_id, "blocks": (first, last), **({"item_graph": graph} if graph is not None else {}),
+                  **({"item_rationales": rationales} if rationales is not None else {})},
         )
 
     # --- inspection ------------------------------------------------------------------------
