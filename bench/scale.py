@@ -82,8 +82,9 @@ class MemoryPeak:
         self._thread.join()
 
 
-def job_for(store: Path, runs: Path):
-    train = {"epochs_base": 3, "epochs_block": 3, "lr": 0.005, "batch_size": 1024}
+def job_for(store: Path, runs: Path, optimizer: str = "lazy_adam"):
+    # lazy_adam: row-sparse Adam steps (a step costs the batch's rows, not the 300k × 64 tables)
+    train = {"epochs_base": 3, "epochs_block": 3, "lr": 0.005, "batch_size": 1024, "optimizer": optimizer}
     return parse_job({
         "name": "scale", "seed": 0, "source": {"dataset": "store", "store": str(store)},
         "blocks": {"base_fraction": 0.5, "incremental": 3, "split": [0.8, 0.1, 0.1]},
@@ -128,13 +129,14 @@ def floor_check(learner, seen, block: int, size: int) -> dict:
             "chunk_users": users_per_chunk(learner.model.num_items)}
 
 
-def run_stream(label: str, users: int, items: int, rows: int, root: Path, floor: bool = True) -> dict:
+def run_stream(label: str, users: int, items: int, rows: int, root: Path, floor: bool = True,
+               optimizer: str = "lazy_adam") -> dict:
     from continual_kd.runtime.coordinator import _manifest, block_results, manifest_digest
     from continual_kd.snapshots import write_snapshot
 
     store, build_s = ensure_stream(root, users, items, rows)
     runs = Path(tempfile.mkdtemp(prefix="runs-", dir=root))
-    job = job_for(store.root, runs)
+    job = job_for(store.root, runs, optimizer)
     plan = source_plan(store, job)
     learners = make_learners(job)
     out = {"stream": label, "users": users, "items": items, "interactions": rows, "build_s": build_s,
@@ -266,6 +268,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-floor", action="store_true", help="skip the bare matmul + topk comparison")
+    ap.add_argument("--optimizer", default="lazy_adam", choices=("lazy_adam", "adam"),
+                    help="the models' train.optimizer (adam: dense steps over the whole tables)")
     ap.add_argument("--upkeep", default="", help="only the pair-state upkeep per block (no training) at these sizes, "
                                                  "e.g. 1M,10M: rebuilt from history vs kept and extended")
     args = ap.parse_args()
@@ -278,10 +282,17 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(found, indent=1))
         return
     results = []
+    def save():
+        if args.json:  # after every stream: a long run keeps what it finished
+            Path(args.json).write_text(json.dumps(results, indent=1, default=float))
+
     for label in [s for s in args.sizes.split(",") if s]:
-        results.append(run_stream(label, *SIZES[label], root, not args.no_floor))
+        results.append(run_stream(label, *SIZES[label], root, not args.no_floor, args.optimizer))
+        save()
     for label in [s for s in args.fixed.split(",") if s]:
-        results.append(run_stream(f"{label} fixed", FIXED_USERS, FIXED_ITEMS, rows_of(label), root, not args.no_floor))
+        results.append(run_stream(f"{label} fixed", FIXED_USERS, FIXED_ITEMS, rows_of(label), root, not args.no_floor,
+                                  args.optimizer))
+        save()
     print_table(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=float))

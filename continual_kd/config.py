@@ -266,6 +266,9 @@ class TrainSpec(_Spec):
     pda_gamma: float = Field(0.1, ge=0)
     patience: int = Field(10, ge=0)
     valid_every: int = Field(1, ge=1)  # epochs between validations
+    # adam | lazy_adam: row-sparse Adam (continual/optim.py) — an MF table's step costs the batch's rows,
+    # not the table (large streams: 100k+ users or items); other backbones and Ray Train workers use Adam
+    optimizer: Literal["adam", "lazy_adam"] = "adam"
     # settings chosen on the base block's validation (e.g. {weight_decay: [0.0001, 0.001, 0.01]}): one
     # model trained per combination, the best kept; the choice is recorded in the snapshot and used after
     grid: dict[Literal[GRID_FIELDS], _tuple(Annotated[float, Field(ge=0)])] = {}

@@ -14,6 +14,7 @@ from ..config import TrainSpec
 from ..distill.base import Batch, KDTerm
 from ..sparse import UserItemSet, sample_excluding
 from .debias import loss_shaping
+from .optim import make_optimizer
 
 
 @dataclass
@@ -55,9 +56,7 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
     # L2 only on what the batch touches (model.regularization), not Adam's weight_decay: that
     # would shrink every user/item absent from the block by ~lr per step and erase old knowledge
     params = list(model.parameters()) + [p for t in terms for p in t.parameters()]
-    # fused: one kernel for every parameter's update (the same Adam step; far fewer small ops on CPU)
-    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-    opt = torch.optim.Adam(params, lr=spec.lr, fused=fused or None)
+    opt = make_optimizer(model, params, spec, parallel)  # Adam, or row-sparse Adam (train.optimizer)
     if parallel is not None:  # DDP over the model and the terms' own parameters
         parallel.attach(model, terms)
     model.train()
@@ -121,6 +120,8 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
             break
         model.train()
     model.eval()
+    if hasattr(model, "sparse_grad"):
+        model.sparse_grad = False  # dense gradients again outside this update's steps
     return logs
 
 

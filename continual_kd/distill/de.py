@@ -84,10 +84,12 @@ class DistillationExperts(nn.Module):
         return (hidden * z.unsqueeze(-1)).reshape(n, -1) @ self.w2 + z @ self.b2
 
     def expert_views(self):
-        """Per-expert views (split/unbind: their backward is one cat/stack, not E full-size zero grads):
-        w1 E × (d_s, h), b1 E × (h,), w2 E × (h, d_t), b2 E × (d_t,)."""
-        return (self.w1.split(self.hidden, dim=1), self.b1.split(self.hidden),
-                self.w2.split(self.hidden, dim=0), self.b2.unbind(0))
+        """The experts stacked (views of the parameters, no copy): w1 (E, d_s, h), b1 (E, h),
+        w2 (E, h, d_t), b2 (E, d_t)."""
+        d_s = self.w1.shape[0]
+        return (self.w1.view(d_s, self.experts, self.hidden).transpose(0, 1),
+                self.b1.view(self.experts, self.hidden), self.w2.view(self.experts, self.hidden, self.teacher_dim),
+                self.b2)
 
     def routed(self, student: torch.Tensor, teacher: torch.Tensor, choice: torch.Tensor,
                weight: torch.Tensor) -> torch.Tensor:

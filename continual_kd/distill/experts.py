@@ -11,40 +11,52 @@ least ``MIXTURE_CUTOFF`` (the experts left out weigh < 1e-6 each: the loss and i
 less than that, relatively): the pairs are grouped by expert, one small product per expert (a loop
 over experts, never over entities), and scattered back weighted by z. With ``hard`` each entity goes
 to its Gumbel-max expert with weight 1 (the τ → 0 limit; no gradient to the selection). Off the CPU,
-or while most pairs still count, the dense product is used.
+or while most pairs still count, the dense product is used. On the CPU the per-expert products are
+one grouped matrix product per layer (``torch.nn.functional.grouped_mm`` over the pairs sorted by
+expert; a loop over experts where it is missing): the same sums, without E small products and their
+backward.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 MIXTURE_CUTOFF = 1e-6  # z below this (of a total of 1) is left out of the mixture
 DENSE_SHARE = 0.6  # sparse evaluation only when fewer than this share of the N·E pairs count
+_grouped_mm = getattr(F, "grouped_mm", None)  # torch ≥ 2.8
 
 
-def _expert_outputs(student: torch.Tensor, experts: torch.Tensor, w1s: Sequence[torch.Tensor],
-                    b1s: Sequence[torch.Tensor], w2s: Sequence[torch.Tensor],
-                    b2s: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _expert_outputs(student: torch.Tensor, experts: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+                    w2: torch.Tensor, b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Outputs of the given experts (P,) for the student rows (P, d_s): → (order (P,), outputs (P, d_t))
-    with the outputs in ``order`` (pairs grouped by expert)."""
+    with the outputs in ``order`` (pairs grouped by expert). The experts' weights come stacked:
+    w1 (E, d_s, h), b1 (E, h), w2 (E, h, d_t), b2 (E, d_t) (views of the terms' parameters)."""
     order = torch.argsort(experts, stable=True)
-    counts = torch.bincount(experts, minlength=len(w1s)).tolist()
-    parts = student[order].split(counts)
-    outs = [torch.addmm(b2s[e], torch.addmm(b1s[e], part, w1s[e]).relu_(), w2s[e])  # bias folded into the product
-            for e, part in enumerate(parts) if counts[e]]
-    return order, torch.cat(outs)
+    counts = torch.bincount(experts, minlength=w1.shape[0])  # (E,)
+    x = student[order]  # (P, d_s) grouped by expert
+    if _grouped_mm is not None and x.device.type == "cpu" and x.dtype == torch.float32 and len(x):
+        e = experts[order]
+        offs = torch.cumsum(counts, 0).to(torch.int32)  # end of each expert's rows
+        hidden = (_grouped_mm(x, w1, offs=offs) + b1[e]).relu_()  # (P, h)
+        return order, _grouped_mm(hidden, w2, offs=offs) + b2[e]  # (P, d_t)
+    sizes = counts.tolist()
+    # per-expert views (unbind: its backward is one stack, not E full-size zero gradients)
+    w1s, b1s, w2s, b2s = w1.unbind(0), b1.unbind(0), w2.unbind(0), b2.unbind(0)
+    outs = [torch.addmm(b2s[k], torch.addmm(b1s[k], part, w1s[k]).relu_(), w2s[k])  # bias folded into the product
+            for k, part in enumerate(x.split(sizes)) if sizes[k]]
+    return order, torch.cat(outs) if outs else x.new_zeros(0, w2.shape[2])
 
 
 def mixture_loss(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor | None, logits: torch.Tensor,
-                 tau: float, hard: bool, w1s: Sequence[torch.Tensor], b1s: Sequence[torch.Tensor],
-                 w2s: Sequence[torch.Tensor], b2s: Sequence[torch.Tensor],
+                 tau: float, hard: bool, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                  dense: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Σ_n w_n·||t_n - Σ_e z_ne·expert_e(s_n)||² with z = softmax(logits / τ) (``hard``: one-hot argmax).
 
     student (N, d_s), teacher (N, d_t), weight (N,) or None (all 1), logits (N, E) = log α + g. The
-    experts come as per-expert views: w1s E × (d_s, h), b1s E × (h,), w2s E × (h, d_t), b2s E × (d_t,);
+    experts come stacked: w1 (E, d_s, h), b1 (E, h), w2 (E, h, d_t), b2 (E, d_t);
     ``dense(student, z)`` → (N, d_t) is the term's one-product mixture, used when it is cheaper.
     """
     n, num_experts = logits.shape
@@ -58,7 +70,7 @@ def mixture_loss(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Ten
         if not cpu:  # one product with a one-hot z: no host sync
             z = torch.nn.functional.one_hot(choice, num_experts).to(student.dtype)
             return (w * (teacher - dense(student, z)).pow(2).sum(-1)).sum()
-        order, out = _expert_outputs(student, choice, w1s, b1s, w2s, b2s)
+        order, out = _expert_outputs(student, choice, w1, b1, w2, b2)
         return (w[order] * (teacher[order] - out).pow(2).sum(-1)).sum()
     z = torch.softmax(logits / tau, dim=-1)  # (N, E)
     if not cpu:
@@ -70,7 +82,7 @@ def mixture_loss(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Ten
     if len(pairs) >= DENSE_SHARE * n * num_experts:
         return (w * (teacher - dense(student, z)).pow(2).sum(-1)).sum()
     entity, expert = pairs[:, 0], pairs[:, 1]
-    order, out = _expert_outputs(student[entity], expert, w1s, b1s, w2s, b2s)
+    order, out = _expert_outputs(student[entity], expert, w1, b1, w2, b2)
     entity = entity[order]
     mixed = torch.zeros(n, out.shape[1], dtype=out.dtype, device=out.device).index_add(
         0, entity, z[entity, expert[order]].unsqueeze(1) * out)  # (N, d_t)

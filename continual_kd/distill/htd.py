@@ -155,8 +155,7 @@ class GroupAssignment(nn.Module):
         u = torch.rand(alpha.shape, generator=generator, device=alpha.device).clamp(1e-10, 1 - 1e-7)
         gumbel = -torch.log(-torch.log(u))
         return mixture_loss(student, teacher, None, torch.log(alpha + 1e-10) + gumbel, tau, False,
-                            self.w1.unbind(0), self.b1.unbind(0), self.w2.unbind(0), self.b2.unbind(0),
-                            dense=self.mixture)
+                            self.w1, self.b1, self.w2, self.b2, dense=self.mixture)
 
     def mixture(self, student: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """(N, d_t) Σ_e z_e·(W2_e h_e + b2_e) as one (N, K·h) @ (K·h, d_t) product: the (N, K, d_t)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..gather import gather_rows
 from .base import grow_tables, register
 from .debias import LossShaping, bpr_loss
 
@@ -13,6 +15,8 @@ INIT_STD = 0.01
 
 @register("mf")
 class BPRMF(nn.Module):
+    sparse_grad = False  # set by train_epochs while a lazy_adam update trains (row-sparse table gradients)
+
     def __init__(self, num_users: int, num_items: int, dim: int = 64):
         super().__init__()
         self.dim = dim
@@ -27,13 +31,18 @@ class BPRMF(nn.Module):
     def num_items(self) -> int:
         return self.item_emb.shape[0]
 
+    def _rows(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``table[ids]``; with ``sparse_grad`` (train.optimizer lazy_adam) a row-sparse gradient."""
+        if self.sparse_grad and torch.is_grad_enabled():
+            return F.embedding(ids, table, sparse=True)
+        return gather_rows(table, ids)
+
     def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        u = self.user_emb[users]  # (B, d)
-        if items.dim() == 2:  # (B, L): a broadcast product, far cheaper than einsum's batched (L, d) × (d, 1) products
-            # index_select on the flat ids: a 2-D advanced index gathers several times slower on CPU
-            v = self.item_emb.index_select(0, items.reshape(-1)).view(*items.shape, self.dim)  # (B, L, d)
+        u = self._rows(self.user_emb, users)  # (B, d)
+        v = self._rows(self.item_emb, items)  # (B, d) or (B, L, d)
+        if v.dim() == 3:  # (B, L): a broadcast product, far cheaper than einsum's batched (L, d) × (d, 1) products
             return (u.unsqueeze(1) * v).sum(-1)
-        return (u * self.item_emb[items]).sum(-1)
+        return (u * v).sum(-1)
 
     def full_scores(self, users: torch.Tensor) -> torch.Tensor:
         return self.user_emb[users] @ self.item_emb.T  # (B, I)
@@ -43,14 +52,14 @@ class BPRMF(nn.Module):
 
     def base_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
                   shaping: LossShaping | None = None) -> torch.Tensor:
-        u = self.user_emb[users]  # (B, d): gathered once for both scores
-        v = self.item_emb[torch.cat([pos, neg])].view(2, len(pos), self.dim)  # (2, B, d)
+        u = self._rows(self.user_emb, users)  # (B, d): gathered once for both scores
+        v = self._rows(self.item_emb, torch.stack([pos, neg]))  # (2, B, d)
         scores = (u * v).sum(-1)  # (2, B)
         return bpr_loss(scores[0], scores[1], pos, neg, shaping)
 
     def regularization(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-        return (self.user_emb[users].pow(2).sum() + self.item_emb[pos].pow(2).sum()
-                + self.item_emb[neg].pow(2).sum())
+        return (self._rows(self.user_emb, users).pow(2).sum() + self._rows(self.item_emb, pos).pow(2).sum()
+                + self._rows(self.item_emb, neg).pow(2).sum())
 
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.user_emb, self.item_emb

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -84,6 +85,13 @@ CREATE TABLE IF NOT EXISTS kg_ingests (
 CREATE TABLE IF NOT EXISTS kg_quarantine (
     ingest_id INTEGER NOT NULL, source VARCHAR NOT NULL, row_number BIGINT NOT NULL,
     reason VARCHAR NOT NULL, raw VARCHAR NOT NULL);
+CREATE TABLE IF NOT EXISTS live_state (
+    plan_id VARCHAR NOT NULL, blocks INTEGER NOT NULL, total_rows BIGINT NOT NULL, offset_end BIGINT NOT NULL,
+    user_prefix BIGINT NOT NULL, item_prefix BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS live_ids (plan_id VARCHAR NOT NULL, kind VARCHAR NOT NULL, dense_id BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS live_segments (
+    plan_id VARCHAR NOT NULL, segment_id INTEGER NOT NULL, first_offset BIGINT NOT NULL, rows BIGINT NOT NULL,
+    unplanned BIGINT NOT NULL);
 CREATE VIEW IF NOT EXISTS results AS
     SELECT r.job, r.lineage, r.block, r.model, r.metric, r.value FROM block_results r
     JOIN commits c ON c.commit_id = r.commit_id WHERE c.revoked_at IS NULL;
@@ -98,10 +106,12 @@ CREATE VIEW IF NOT EXISTS results AS
 # its index was most of the catalog's growth per block (~13 KB for ~120 rows); rows come once per commit id.
 # block_digests: an order-independent digest of each committed block's rows (stream/compact.py), recorded
 # at commit (or by `ckd compact` for older commits); compaction and `ckd status --verify` check it.
+# live_state / live_ids / live_segments: what a live plan keeps between cuts so a cut reads only the segments
+# with rows in no block yet (stream/live_state.py); no primary keys: rows are replaced by DELETE + INSERT.
 # Fixed order, used by the fingerprint.
 TABLES = ("meta", "users", "items", "segments", "ingests", "quarantine", "plans", "plan_blocks", "plan_rows",
           "commits", "block_results", "kg_relations", "kg_entities", "kg_triples", "item_entities", "item_attributes",
-          "kg_ingests", "kg_quarantine", "block_digests")
+          "kg_ingests", "kg_quarantine", "block_digests", "live_state", "live_ids", "live_segments")
 
 LOCK_WAIT_S = 5.0
 
@@ -209,6 +219,99 @@ def segment_records(con: duckdb.DuckDBPyConnection, below: int | None = None) ->
     rows = con.sql(query + (" WHERE segment_id < ?" if below is not None else "") + " ORDER BY segment_id",
                    params=[below] if below is not None else []).fetchall()
     return [SegmentRecord(int(i), p, src, int(n), None if b is None else int(b), h) for i, p, src, n, b, h in rows]
+
+
+@dataclass(frozen=True)
+class PlacedSegment:
+    """A segment with its first offset and, for a live plan, its rows in no block yet as last counted (None:
+    never counted as it is now)."""
+
+    segment: SegmentRecord
+    first_offset: int
+    unplanned: int | None = None
+
+
+def placed_segments(con: duckdb.DuckDBPyConnection, live_plan: str | None = None) -> list[PlacedSegment]:
+    """Every segment in offset order; with ``live_plan`` only those that may hold rows in none of its blocks:
+    counted with unplanned rows, or never counted with their present id, first offset and rows."""
+    query = ("SELECT s.segment_id, s.path, s.source, s.rows, s.file_bytes, s.file_sha256, s.first_offset, "
+             "l.unplanned FROM segments s ")
+    params: list = []
+    if live_plan is not None:
+        query += ("LEFT JOIN live_segments l ON l.plan_id = ? AND l.segment_id = s.segment_id "
+                  "AND l.first_offset = s.first_offset AND l.rows = s.rows WHERE coalesce(l.unplanned, 1) > 0 ")
+        params.append(live_plan)
+    else:
+        query = query.replace("l.unplanned", "NULL")
+    rows = con.sql(query + "ORDER BY s.first_offset", params=params).fetchall()
+    return [PlacedSegment(SegmentRecord(int(i), p, src, int(n), None if b is None else int(b), h), int(first),
+                          None if left is None else int(left)) for i, p, src, n, b, h, first, left in rows]
+
+
+def segments_holding(con: duckdb.DuckDBPyConnection, offsets: np.ndarray) -> list[SegmentRecord]:
+    """The segments whose offsets include any of ``offsets``, in offset order (a block's, to read only them)."""
+    placed = placed_segments(con)
+    if not placed or not len(offsets):
+        return []
+    first = np.array([p.first_offset for p in placed], np.int64)
+    held = np.unique(np.searchsorted(first, np.asarray(offsets, np.int64), side="right") - 1)
+    return [placed[int(i)].segment for i in held if i >= 0]
+
+
+def offset_end(con: duckdb.DuckDBPyConnection) -> int:
+    """The offset the next segment starts at (0 for an empty store)."""
+    return int(scalar(con, "SELECT coalesce(max(first_offset + rows), 0) FROM segments"))
+
+
+def plan_offsets(con: duckdb.DuckDBPyConnection, plan_id: str, lo: int | None = None, hi: int | None = None,
+                 blocks: tuple[int, int] | None = None) -> np.ndarray:
+    """Offsets of the plan's rows (those in [lo, hi), or in blocks first..last): plan_rows is appended block by
+    block, so DuckDB's zone maps skip the row groups outside the range (a short read, not the whole table)."""
+    query, params = 'SELECT "offset" FROM plan_rows WHERE plan_id = ?', [plan_id]
+    if lo is not None:
+        query, params = query + ' AND "offset" >= ? AND "offset" < ?', [*params, int(lo), int(hi)]
+    if blocks is not None:
+        query, params = query + " AND block BETWEEN ? AND ?", [*params, int(blocks[0]), int(blocks[1])]
+    return np.asarray(con.sql(query, params=params).fetchnumpy()["offset"], np.int64)
+
+
+def live_state_row(con: duckdb.DuckDBPyConnection, plan_id: str) -> dict | None:
+    rows = con.sql("SELECT blocks, total_rows, offset_end, user_prefix, item_prefix FROM live_state WHERE plan_id = ?",
+                   params=[plan_id]).fetchall()
+    if not rows:
+        return None
+    return dict(zip(("blocks", "total_rows", "offset_end", "user_prefix", "item_prefix"), (int(v) for v in rows[0])))
+
+
+def live_extra_ids(con: duckdb.DuckDBPyConnection, plan_id: str) -> dict[str, np.ndarray]:
+    """The known ids of a live plan above its prefixes, per kind, sorted."""
+    data = con.sql("SELECT kind, dense_id FROM live_ids WHERE plan_id = ? ORDER BY kind, dense_id",
+                   params=[plan_id]).fetchnumpy()
+    kind, dense = np.asarray(data["kind"]).astype(str), np.asarray(data["dense_id"], np.int64)
+    return {k: dense[kind == k] for k in ID_TABLES}
+
+
+def write_live_state(con: duckdb.DuckDBPyConnection, plan_id: str, state: dict, extra: dict[str, np.ndarray],
+                     counts: pa.Table) -> None:
+    """Replace a live plan's kept state (inside the caller's transaction): the state row, the ids above its
+    prefixes, and the counts of the segments in ``counts``; counts of segments no longer stored as counted go."""
+    con.execute("DELETE FROM live_state WHERE plan_id = ?", [plan_id])
+    con.execute("INSERT INTO live_state VALUES (?, ?, ?, ?, ?, ?)",
+                [plan_id, state["blocks"], state["total_rows"], state["offset_end"], state["user_prefix"],
+                 state["item_prefix"]])
+    con.execute("DELETE FROM live_ids WHERE plan_id = ?", [plan_id])
+    ids = pa.table({"kind": pa.array([k for k in ID_TABLES for _ in range(len(extra[k]))], pa.string()),
+                    "dense_id": pa.array(np.concatenate([np.asarray(extra[k], np.int64) for k in ID_TABLES]), pa.int64())})
+    if ids.num_rows:
+        with registered(con, "_ckd_live_ids", ids):
+            con.execute("INSERT INTO live_ids SELECT ?, kind, dense_id FROM _ckd_live_ids", [plan_id])
+    with registered(con, "_ckd_live_counts", counts):
+        con.execute("DELETE FROM live_segments WHERE plan_id = ? AND segment_id IN "
+                    "(SELECT segment_id FROM _ckd_live_counts)", [plan_id])
+        con.execute("INSERT INTO live_segments SELECT ?, segment_id, first_offset, rows, unplanned "
+                    "FROM _ckd_live_counts", [plan_id])
+    con.execute("DELETE FROM live_segments l WHERE plan_id = ? AND NOT EXISTS (SELECT 1 FROM segments s WHERE "
+                "s.segment_id = l.segment_id AND s.first_offset = l.first_offset AND s.rows = l.rows)", [plan_id])
 
 
 def has_live_plans(con: duckdb.DuckDBPyConnection) -> bool:

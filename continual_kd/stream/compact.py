@@ -93,14 +93,10 @@ class RowDigest:
 def block_digest(con, root: Path, plan_id: str, block: int) -> RowDigest:
     """The digest of block ``block`` of ``plan_id`` as ``read_block`` reads it (rows, splits), from the
     segments the catalog names now; only the segments holding the block's offsets are read."""
-    lo, hi = con.sql('SELECT min("offset"), max("offset") FROM plan_rows WHERE plan_id = ? AND block = ?',
-                     params=[plan_id, block]).fetchall()[0]
+    records = catalog.segments_holding(con, catalog.plan_offsets(con, plan_id, blocks=(block, block)))
     digest = RowDigest()
-    if lo is None:
+    if not records:
         return digest
-    held = {int(i) for (i,) in con.sql("SELECT segment_id FROM segments WHERE first_offset <= ? AND "
-                                       "first_offset + rows > ?", params=[hi, lo]).fetchall()}
-    records = [r for r in catalog.segment_records(con) if r.segment_id in held]
     reader = con.sql(
         'SELECT s."offset", s."user", s.item, s.ts, s.weight, p.split FROM plan_rows p '
         'JOIN read_parquet(?) s ON s."offset" = p."offset" WHERE p.plan_id = ? AND p.block = ?',

@@ -86,6 +86,21 @@ def damaged_error(root: Path, path: str, source: str, problem: str, others: int 
                     f"it{more}; {fix}, or restore the store from a backup.")
 
 
+@dataclass
+class SegmentReads:
+    """How many segment files (and the rows they hold) were checked to be read, in this process: what a
+    cut or a block read costs in files (tests and bench/live_cut.py read it; ``reset`` between steps)."""
+
+    files: int = 0
+    rows: int = 0
+
+    def reset(self) -> None:
+        self.files = self.rows = 0
+
+
+READS = SegmentReads()
+
+
 def check_segments(root: Path, segments: Iterable[SegmentRecord], checksum: bool = False) -> list[str]:
     """Absolute paths of the segments, after checking each; the first damaged one raises ``damaged_error``."""
     segments = list(segments)
@@ -93,6 +108,8 @@ def check_segments(root: Path, segments: Iterable[SegmentRecord], checksum: bool
     if problems:
         seg, problem = problems[0]
         raise damaged_error(root, seg.path, seg.source, problem, len(problems) - 1)
+    READS.files += len(segments)
+    READS.rows += sum(seg.rows for seg in segments)
     return [str(root / seg.path) for seg in segments]
 
 

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from continual_kd.errors import CkdError
-from continual_kd.stream import catalog
+from continual_kd.stream import catalog, live_state
 from continual_kd.stream.ingest import (
     DUPLICATE, OK, REASONS, STORED_DUPLICATE, ColumnMap, check_input_file, file_content_hash, input_file_batches,
     stage_batches, table_batches, table_content_hash,
@@ -524,35 +524,28 @@ class StreamStore:
             worth = pending > 0 and (flush or end is None or max_ts >= end) and (
                 flush or policy.rows is None or cursor.blocks == 0 or pending >= policy.rows)
             if worth:
-                plan = self._cut_live(con, plan, policy, cursor, int(max_ts), flush)
+                plan = self._cut_live(con, plan, policy, cursor, int(max_ts), flush, int(stored))
                 pending = int(stored) - plan.total_rows
         return plan, {"pending_rows": pending, "needs": _needs(policy, _cursor(plan), pending)}
 
     def _cut_live(self, con: duckdb.DuckDBPyConnection, plan: BlockPlan, policy: LivePolicy, cursor: Cursor,
-                  max_ts: int, flush: bool) -> BlockPlan:
-        records = catalog.segment_records(con)
-        # only segments that still hold rows in no block of the plan are read (offsets are contiguous per segment)
-        open_ids = {int(i) for (i,) in con.sql(
-            'SELECT s.segment_id FROM segments s WHERE s.rows > (SELECT count(*) FROM plan_rows p WHERE '
-            'p.plan_id = ? AND p."offset" >= s.first_offset AND p."offset" < s.first_offset + s.rows)',
-            params=[plan.plan_id]).fetchall()}
-        paths = check_segments(self.root, [r for r in records if r.segment_id in open_ids])
-        data = con.sql(
-            'SELECT s."offset", s.ts, s."user", s.item FROM read_parquet(?) s WHERE NOT EXISTS (SELECT 1 FROM '
-            'plan_rows p WHERE p.plan_id = ? AND p."offset" = s."offset") ORDER BY s.ts, s."offset"',
-            params=[paths, plan.plan_id]).fetchnumpy()
-        offsets, ts = np.asarray(data["offset"], np.int64), np.asarray(data["ts"], np.int64)
-        users, items = np.asarray(data["user"], np.int64), np.asarray(data["item"], np.int64)
+                  max_ts: int, flush: bool, stored: int) -> BlockPlan:
+        # what the plan keeps between cuts (stream/live_state.py): only segments with rows in no block are read
+        kept = live_state.load(con, plan.plan_id, plan.num_blocks, plan.total_rows)
+        if kept is not None:
+            pending = live_state.read_pending(con, self.root, plan.plan_id, kept)
+        if kept is None or len(pending.offsets) != stored - plan.total_rows:  # missing, or it disagrees: derive it
+            kept, counts = live_state.derive(con, self.root, plan.plan_id, plan.num_blocks, plan.total_rows)
+            self._write_live_state(con, plan.plan_id, kept, counts)  # it describes the plan as it is: keep it now
+            pending = live_state.read_pending(con, self.root, plan.plan_id, kept)
+            if len(pending.offsets) != stored - plan.total_rows:
+                raise RuntimeError(f"live plan {plan.plan_id} of {self.root}: {len(pending.offsets)} rows in no block "
+                                   f"found, the catalog counts {stored - plan.total_rows}")
+        offsets, ts, users, items = pending.offsets, pending.ts, pending.users, pending.items
         cuts = cut_blocks(policy, cursor, ts, max_ts, flush)
         if not cuts:
             return plan
-        seen = {}
-        for kind, column, ids in (("user", "user", users), ("item", "item", items)):
-            mask = np.zeros(catalog.count_ids(con, kind) + 1, dtype=bool)
-            old = con.sql(f'SELECT DISTINCT s."{column}" FROM plan_rows p JOIN read_parquet(?) s ON s."offset" = p."offset" '
-                          f'WHERE p.plan_id = ?', params=[check_segments(self.root, records), plan.plan_id]).fetchnumpy()
-            mask[np.asarray(old[column], np.int64)] = True
-            seen[kind] = mask
+        known = {"user": kept.users, "item": kept.items}
         last = plan.blocks[-1] if plan.blocks else None
         num_users, num_items = (last.num_users, last.num_items) if last else (0, 0)
         block_rows, row_parts = [], []
@@ -560,8 +553,9 @@ class StreamStore:
             k = cursor.blocks + j
             u, i, t = users[cut.take], items[cut.take], ts[cut.take]
             num_users, num_items = max(num_users, int(u.max()) + 1), max(num_items, int(i.max()) + 1)
-            new_u, new_i = np.unique(u[~seen["user"][u]]), np.unique(i[~seen["item"][i]])
-            seen["user"][u], seen["item"][i] = True, True
+            new_u = np.unique(u[~known["user"].contains(u)])
+            new_i = np.unique(i[~known["item"].contains(i)])
+            known = {"user": known["user"].add(new_u), "item": known["item"].add(new_i)}
             block_rows.append({"block": k, "rows": len(u), "ts_start": int(t.min()), "ts_end": int(t.max()),
                                "num_users": num_users, "num_items": num_items, "new_users": len(new_u),
                                "new_items": len(new_i), "late": cut.late, "bound_start": cut.bound_start,
@@ -569,15 +563,29 @@ class StreamStore:
             row_parts.append(pa.table({"offset": offsets[cut.take], "block": np.full(len(u), k, np.int16),
                                        "split": block_split(u, policy.split, policy.seed, k)}))
         added = sum(b["rows"] for b in block_rows)
+        after = live_state.LiveState(cursor.blocks + len(cuts), plan.total_rows + added, pending.offset_end,
+                                     known["user"], known["item"])
+        read = pending.counts_after(added)  # the cuts took the first `added` pending rows
         try:
             con.execute("BEGIN")
             catalog.insert_plan_blocks(con, plan.plan_id, pa.Table.from_pylist(block_rows), pa.concat_tables(row_parts))
             con.execute("UPDATE plans SET total_rows = total_rows + ? WHERE plan_id = ?", [added, plan.plan_id])
+            live_state.save(con, plan.plan_id, after, read)  # in the same transaction: the state follows the plan
             con.execute("COMMIT")
         except BaseException:
             _rollback(con)
             raise
         return _load_plan(con, plan.plan_id)
+
+    def _write_live_state(self, con: duckdb.DuckDBPyConnection, plan_id: str, state: "live_state.LiveState",
+                          counts: pa.Table) -> None:
+        try:
+            con.execute("BEGIN")
+            live_state.save(con, plan_id, state, counts)
+            con.execute("COMMIT")
+        except BaseException:
+            _rollback(con)
+            raise
 
     def live_pending(self, plan: BlockPlan) -> int:
         """Rows stored but in no block of the (live) plan yet."""
@@ -611,11 +619,13 @@ class StreamStore:
             plan = self._require_plan(con, plan_id)
             if not 0 <= last < plan.num_blocks:
                 raise CkdError(f"Block {last} does not exist: plan '{plan_id}' has blocks 0..{plan.num_blocks - 1}.")
-            data = con.sql(
+            # only the segments holding the blocks' rows are checked and read (a new block: its few new segments)
+            held = catalog.segments_holding(con, catalog.plan_offsets(con, plan_id, blocks=(first, last)))
+            data = {c: np.zeros(0) for c in ("user", "item", "ts", "weight", "block", "split")} if not held else con.sql(
                 'SELECT s."user", s.item, s.ts, s.weight, p.block, p.split '
                 'FROM plan_rows p JOIN read_parquet(?) s ON s."offset" = p."offset" '
                 'WHERE p.plan_id = ? AND p.block BETWEEN ? AND ? ORDER BY s.ts, s."offset"',
-                params=[check_segments(self.root, catalog.segment_records(con)), plan_id, first, last],
+                params=[check_segments(self.root, held), plan_id, first, last],
             ).fetchnumpy()
             info = plan.blocks[last]
             graph = read_item_graph(con, info.num_items)  # item knowledge, if any was ingested (stream/kg.py)

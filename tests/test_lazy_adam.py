@@ -1,0 +1,73 @@
+"""Row-sparse Adam (train.optimizer: lazy_adam): the Adam step on the rows a batch touches, nothing else."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from continual_kd.config import TrainSpec
+from continual_kd.continual.optim import LazyAdam
+from continual_kd.continual.training import train_epochs
+from continual_kd.models.mf import BPRMF
+from continual_kd.sparse import UserItemSet
+
+
+def test_every_row_touched_is_exactly_adam():
+    torch.manual_seed(0)
+    start = torch.randn(5, 3)
+    dense, lazy = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opt_d, opt_l = torch.optim.Adam([dense], lr=0.01), LazyAdam([lazy], lr=0.01)
+    ids = torch.tensor([0, 1, 2, 3, 4, 2])  # every row, row 2 twice (its gradients summed)
+    target = torch.randn(6, 3)
+    for _ in range(4):
+        for p, opt, rows in ((dense, opt_d, lambda p: p[ids]), (lazy, opt_l, lambda p: F.embedding(ids, p, sparse=True))):
+            opt.zero_grad()
+            ((rows(p) - target) ** 2).sum().backward()
+            opt.step()
+    assert lazy.grad is None or lazy.grad.is_sparse
+    assert torch.allclose(lazy, dense, atol=1e-6)
+
+
+def test_rows_not_touched_do_not_move_and_dense_gradients_take_adam():
+    start = torch.randn(6, 2)
+    table = torch.nn.Parameter(start.clone())
+    extra = torch.nn.Parameter(torch.ones(2))
+    opt = LazyAdam([table, extra], lr=0.1)
+    ids = torch.tensor([1, 4])
+    for _ in range(3):
+        opt.zero_grad()
+        (F.embedding(ids, table, sparse=True) * extra).sum().backward()
+        opt.step()
+    moved = (table.detach() != start).any(1)
+    assert moved.tolist() == [False, True, False, False, True, False]
+    # each Adam step moves a parameter by ~lr against its gradient's sign (here: +1 per element)
+    assert torch.allclose(table.detach()[ids], start[ids] - 0.3, atol=0.01)
+    assert (extra.detach() != 1).all()
+    # a row read both sparsely and densely in one step: the summed (dense) gradient, Adam's step
+    opt.zero_grad()
+    (F.embedding(ids, table, sparse=True).sum() + table[0].sum()).backward()
+    opt.step()
+    assert (table.detach()[0] != start[0]).all()
+
+
+def _pairs(users=60, items=40, n=600, seed=0):
+    g = np.random.default_rng(seed)
+    u = g.integers(0, users, n)
+    i = (u * 7 + g.integers(0, 5, n)) % items  # each user likes a few neighbouring items: learnable
+    return torch.as_tensor(u), torch.as_tensor(i), UserItemSet(u, i, users, items)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "lazy_adam"])
+def test_mf_learns_with_either_optimizer_and_leaves_dense_gradients_after(optimizer):
+    u, i, known = _pairs()
+    torch.manual_seed(0)
+    model = BPRMF(60, 40, 8)
+    spec = TrainSpec(optimizer=optimizer, lr=0.05, batch_size=128, weight_decay=1e-4)
+    logs = train_epochs(model, u, i, known, 15, spec, torch.Generator().manual_seed(0), [])
+    assert logs[-1].base_loss < 0.6 * logs[0].base_loss
+    assert model.sparse_grad is False  # dense lookups again once the update is over
+    loss = model.base_loss(u[:4], i[:4], i[4:8])
+    loss.backward()
+    assert not model.user_emb.grad.is_sparse
