@@ -29,6 +29,14 @@ DENSE_SHARE = 0.6  # sparse evaluation only when fewer than this share of the N�
 _grouped_mm = getattr(F, "grouped_mm", None)  # torch ≥ 2.8
 
 
+def _aligned(*tensors: torch.Tensor) -> bool:
+    """Whether grouped_mm takes these operands (and the gradients of their shapes): every start, every
+    size past the first and every non-unit stride a multiple of 16 bytes."""
+    return all(t.data_ptr() % 16 == 0 and all(n * t.element_size() % 16 == 0 for n in t.shape[1:])
+               and all(st * t.element_size() % 16 == 0 for st, n in zip(t.stride(), t.shape) if n > 1 and st != 1)
+               for t in tensors)
+
+
 def _expert_outputs(student: torch.Tensor, experts: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
                     w2: torch.Tensor, b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Outputs of the given experts (P,) for the student rows (P, d_s): → (order (P,), outputs (P, d_t))
@@ -37,7 +45,8 @@ def _expert_outputs(student: torch.Tensor, experts: torch.Tensor, w1: torch.Tens
     order = torch.argsort(experts, stable=True)
     counts = torch.bincount(experts, minlength=w1.shape[0])  # (E,)
     x = student[order]  # (P, d_s) grouped by expert
-    if _grouped_mm is not None and x.device.type == "cpu" and x.dtype == torch.float32 and len(x):
+    if _grouped_mm is not None and x.device.type == "cpu" and x.dtype == torch.float32 and len(x) and _aligned(
+            x, w1, w2, w1.new_empty(len(x), w1.shape[2])):
         e = experts[order]
         offs = torch.cumsum(counts, 0).to(torch.int32)  # end of each expert's rows
         hidden = (_grouped_mm(x, w1, offs=offs) + b1[e]).relu_()  # (P, h)

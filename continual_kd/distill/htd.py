@@ -50,7 +50,7 @@ def group_prototypes(x: torch.Tensor, groups: torch.Tensor, num_groups: int) -> 
     return present, sums[present] / counts[present].unsqueeze(1)
 
 
-EXACT_GROUP = 64  # groups at least this large are computed unpadded, one product each
+EXACT_GROUP = 256  # groups at least this large are computed unpadded, one product each
 
 
 def within_group_topology(student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tensor, num_groups: int,
@@ -61,27 +61,27 @@ def within_group_topology(student: torch.Tensor, teacher: torch.Tensor, groups: 
     Only same-group pairs are formed, never the N×N matrices: groups smaller than ``EXACT_GROUP`` are
     padded to the next power of two of their size and stacked by padded size (≤ log2(EXACT_GROUP)
     stacks), larger ones form a stack each at their own size (≤ N / EXACT_GROUP of them); each stack's
-    cosines are one batched product, (G_w, w, w). Padded slots are masked.
+    cosines are one batched product, (G_w, w, w). Padded slots are masked. (Few stacks: each costs a
+    dozen small ops forward and backward, which outweighs the padded pairs' products.)
     """
     counts = torch.bincount(groups, minlength=num_groups)  # (K,)
     order = torch.argsort(groups, stable=True)  # entities grouped
     starts = torch.cumsum(counts, 0) - counts
     present = torch.nonzero(counts).squeeze(1)
     size = counts[present]
-    width = torch.ones_like(present)
-    while bool((width < size).any()):  # next power of two of each group's size (≤ log2 N rounds)
-        width = torch.where(width < size, width * 2, width)
+    # next power of two of each group's size (exact: log2 of a power of two is exact in float64)
+    width = torch.exp2(torch.ceil(torch.log2(size.double()))).long()
     width = torch.where(size >= EXACT_GROUP, size, width)  # a large group is its own stack: no padding
     total = student.sum() * 0.0
     for w in torch.unique(width).tolist():
         gs = present[width == w]  # (G_w,) groups padded to w
         slot = torch.arange(w, device=groups.device)
         valid = slot < counts[gs].unsqueeze(1)  # (G_w, w)
-        members = order[torch.where(valid, starts[gs].unsqueeze(1) + slot, 0)]  # (G_w, w) entity ids
-        s = student[members]  # (G_w, w, d_s)
+        members = order[torch.where(valid, starts[gs].unsqueeze(1) + slot, 0)].reshape(-1)  # (G_w·w,) entity ids
+        s = student.index_select(0, members).view(len(gs), w, -1)  # (G_w, w, d_s)
         cos_s = torch.bmm(s, s.transpose(1, 2))  # (G_w, w, w)
         with torch.no_grad():  # the target: cos_T on the counted pairs, the student's own value elsewhere (gap 0)
-            t = teacher[members]
+            t = teacher.index_select(0, members).view(len(gs), w, -1)
             cos_t = torch.bmm(t, t.transpose(1, 2))
             pair = valid.unsqueeze(2) & valid.unsqueeze(1)
             if positive_only:

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from continual_kd.stream import catalog
-from continual_kd.stream.segments import SegmentRecord, check_segments
+from continual_kd.stream.segments import check_segments
 
 
 @dataclass(frozen=True, eq=False)

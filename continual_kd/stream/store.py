@@ -565,6 +565,8 @@ class StreamStore:
         added = sum(b["rows"] for b in block_rows)
         after = live_state.LiveState(cursor.blocks + len(cuts), plan.total_rows + added, pending.offset_end,
                                      known["user"], known["item"])
+        if not np.array_equal(np.concatenate([c.take for c in cuts]), np.arange(added)):
+            raise RuntimeError("live cuts must take a prefix of the pending rows (the kept counts rely on it)")
         read = pending.counts_after(added)  # the cuts took the first `added` pending rows
         try:
             con.execute("BEGIN")
