@@ -50,7 +50,7 @@ CREATE TABLE IF NOT EXISTS plans (
     seed BIGINT NOT NULL, total_rows BIGINT NOT NULL, segment_hashes VARCHAR NOT NULL,
     created_at TIMESTAMP NOT NULL);
 CREATE TABLE IF NOT EXISTS plan_blocks (
-    plan_id VARCHAR NOT NULL, block SMALLINT NOT NULL, rows BIGINT NOT NULL,
+    plan_id VARCHAR NOT NULL, block INTEGER NOT NULL, rows BIGINT NOT NULL,
     ts_start BIGINT NOT NULL, ts_end BIGINT NOT NULL, num_users BIGINT NOT NULL,
     num_items BIGINT NOT NULL, new_users BIGINT NOT NULL, new_items BIGINT NOT NULL,
     PRIMARY KEY (plan_id, block));
@@ -59,17 +59,17 @@ ALTER TABLE plan_blocks ADD COLUMN IF NOT EXISTS late BIGINT;
 ALTER TABLE plan_blocks ADD COLUMN IF NOT EXISTS bound_start BIGINT;
 ALTER TABLE plan_blocks ADD COLUMN IF NOT EXISTS bound_end BIGINT;
 CREATE TABLE IF NOT EXISTS plan_rows (
-    plan_id VARCHAR NOT NULL, "offset" BIGINT NOT NULL, block SMALLINT NOT NULL, split TINYINT NOT NULL);
+    plan_id VARCHAR NOT NULL, "offset" BIGINT NOT NULL, block INTEGER NOT NULL, split TINYINT NOT NULL);
 CREATE TABLE IF NOT EXISTS commits (
     commit_id INTEGER PRIMARY KEY, job VARCHAR NOT NULL, lineage VARCHAR NOT NULL,
-    plan_id VARCHAR NOT NULL, block SMALLINT NOT NULL, rows_covered BIGINT NOT NULL,
+    plan_id VARCHAR NOT NULL, block INTEGER NOT NULL, rows_covered BIGINT NOT NULL,
     snapshot VARCHAR NOT NULL, snapshot_digest VARCHAR NOT NULL, committed_at TIMESTAMP NOT NULL,
     revoked_at TIMESTAMP, revoked_reason VARCHAR);
 CREATE TABLE IF NOT EXISTS block_results (
-    commit_id INTEGER NOT NULL, job VARCHAR NOT NULL, lineage VARCHAR NOT NULL, block SMALLINT NOT NULL,
+    commit_id INTEGER NOT NULL, job VARCHAR NOT NULL, lineage VARCHAR NOT NULL, block INTEGER NOT NULL,
     model VARCHAR NOT NULL, metric VARCHAR NOT NULL, value DOUBLE);
 CREATE TABLE IF NOT EXISTS block_digests (
-    plan_id VARCHAR NOT NULL, block SMALLINT NOT NULL, rows BIGINT NOT NULL, digest VARCHAR NOT NULL,
+    plan_id VARCHAR NOT NULL, block INTEGER NOT NULL, rows BIGINT NOT NULL, digest VARCHAR NOT NULL,
     recorded_at TIMESTAMP NOT NULL);
 CREATE TABLE IF NOT EXISTS kg_relations (relation_id INTEGER PRIMARY KEY, name VARCHAR NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS kg_entities (
@@ -92,6 +92,8 @@ CREATE TABLE IF NOT EXISTS live_ids (plan_id VARCHAR NOT NULL, kind VARCHAR NOT 
 CREATE TABLE IF NOT EXISTS live_segments (
     plan_id VARCHAR NOT NULL, segment_id INTEGER NOT NULL, first_offset BIGINT NOT NULL, rows BIGINT NOT NULL,
     unplanned BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS segment_hours (
+    segment_id INTEGER NOT NULL, first_offset BIGINT NOT NULL, rows BIGINT NOT NULL, hour BIGINT NOT NULL);
 CREATE VIEW IF NOT EXISTS results AS
     SELECT r.job, r.lineage, r.block, r.model, r.metric, r.value FROM block_results r
     JOIN commits c ON c.commit_id = r.commit_id WHERE c.revoked_at IS NULL;
@@ -108,10 +110,17 @@ CREATE VIEW IF NOT EXISTS results AS
 # at commit (or by `ckd compact` for older commits); compaction and `ckd status --verify` check it.
 # live_state / live_ids / live_segments: what a live plan keeps between cuts so a cut reads only the segments
 # with rows in no block yet (stream/live_state.py); no primary keys: rows are replaced by DELETE + INSERT.
+# segment_hours: per segment (as recorded: id, first offset, rows) the hours (ts // 3600) of its rows, so an
+# ingest's duplicate check reads only the segments sharing an hour with its rows (stream/segment_hours.py).
+# block columns are INTEGER (SMALLINT before: at most 32,767 blocks, ~3.7 years of hourly windows); older
+# catalogs are widened on open (``widen_block_columns``).
 # Fixed order, used by the fingerprint.
 TABLES = ("meta", "users", "items", "segments", "ingests", "quarantine", "plans", "plan_blocks", "plan_rows",
           "commits", "block_results", "kg_relations", "kg_entities", "kg_triples", "item_entities", "item_attributes",
-          "kg_ingests", "kg_quarantine", "block_digests", "live_state", "live_ids", "live_segments")
+          "kg_ingests", "kg_quarantine", "block_digests", "live_state", "live_ids", "live_segments",
+          "segment_hours")
+# tables with a block column (SMALLINT in catalogs made before it was widened)
+BLOCK_TABLES = ("plan_blocks", "plan_rows", "commits", "block_results", "block_digests")
 
 LOCK_WAIT_S = 5.0
 
@@ -168,6 +177,7 @@ def create_schema(con: duckdb.DuckDBPyConnection) -> None:
             if statement.strip():
                 con.execute(statement)
         con.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT DO NOTHING", [SCHEMA_VERSION])
+        widen_block_columns(con)
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
@@ -318,6 +328,37 @@ def has_live_plans(con: duckdb.DuckDBPyConnection) -> bool:
     """False for a catalog made before live block policies (plans.policy, plan_blocks.late: the ALTERs)."""
     return bool(scalar(con, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'plan_blocks' "
                             "AND column_name = 'bound_end'"))
+
+
+def narrow_block_tables(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """The tables whose block column is still SMALLINT (a catalog made before it was widened)."""
+    return [t for (t,) in con.sql(
+        "SELECT table_name FROM information_schema.columns WHERE column_name = 'block' AND data_type = 'SMALLINT' "
+        "AND table_name IN (SELECT unnest(?::VARCHAR[])) ORDER BY table_name", params=[list(BLOCK_TABLES)]).fetchall()]
+
+
+def widen_block_columns(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Make every block column INTEGER (inside the caller's transaction). plan_blocks' block is part of its
+    primary key, which DuckDB cannot retype: that table is rebuilt; the view over block_results is recreated.
+    → the tables widened."""
+    narrow = narrow_block_tables(con)
+    for table in narrow:
+        if table == "plan_blocks":
+            con.execute("CREATE TABLE plan_blocks_wide (plan_id VARCHAR NOT NULL, block INTEGER NOT NULL, "
+                        "rows BIGINT NOT NULL, ts_start BIGINT NOT NULL, ts_end BIGINT NOT NULL, num_users BIGINT NOT "
+                        "NULL, num_items BIGINT NOT NULL, new_users BIGINT NOT NULL, new_items BIGINT NOT NULL, late "
+                        "BIGINT, bound_start BIGINT, bound_end BIGINT, PRIMARY KEY (plan_id, block))")
+            con.execute("INSERT INTO plan_blocks_wide SELECT plan_id, block, rows, ts_start, ts_end, num_users, "
+                        "num_items, new_users, new_items, late, bound_start, bound_end FROM plan_blocks ORDER BY ALL")
+            con.execute("DROP TABLE plan_blocks")
+            con.execute("ALTER TABLE plan_blocks_wide RENAME TO plan_blocks")
+        else:
+            con.execute(f"ALTER TABLE {table} ALTER COLUMN block TYPE INTEGER")
+    if "block_results" in narrow:  # the view binds the old type: recreate it
+        con.execute("DROP VIEW IF EXISTS results")
+        con.execute("CREATE VIEW results AS SELECT r.job, r.lineage, r.block, r.model, r.metric, r.value FROM "
+                    "block_results r JOIN commits c ON c.commit_id = r.commit_id WHERE c.revoked_at IS NULL")
+    return narrow
 
 
 def has_segment_checksums(con: duckdb.DuckDBPyConnection) -> bool:

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from continual_kd.errors import CkdError
-from continual_kd.stream import catalog, live_state
+from continual_kd.stream import catalog, live_state, segment_hours
 from continual_kd.stream.ingest import (
     DUPLICATE, OK, REASONS, STORED_DUPLICATE, ColumnMap, check_input_file, file_content_hash, input_file_batches,
     stage_batches, table_batches, table_content_hash,
@@ -111,7 +111,8 @@ class StreamStore:
             tables = {t for (t,) in con.sql("SELECT table_name FROM information_schema.tables").fetchall()}
             checksums = "segments" in tables and catalog.has_segment_checksums(con)
             live = "plan_blocks" in tables and catalog.has_live_plans(con)
-        if not set(catalog.TABLES) <= tables or not checksums or not live:
+            narrow = catalog.narrow_block_tables(con)  # SMALLINT block columns: widened by create_schema
+        if not set(catalog.TABLES) <= tables or not checksums or not live or narrow:
             with self._connect(write=True) as con:
                 catalog.create_schema(con)
 
@@ -240,7 +241,9 @@ class StreamStore:
     def _commit_staged(self, con: duckdb.DuckDBPyConnection, work: Path, staging: Path, source: str,
                        content_hash: str, rows_read: int) -> IngestReport:
         _tune(con, work)
-        stored = check_segments(self.root, catalog.segment_records(con))  # never compare against a damaged one
+        # only the segments sharing an hour with the new rows can hold copies of them (stream/segment_hours.py);
+        # those are checked (never compare against a damaged one) and read
+        stored = check_segments(self.root, _duplicate_candidates(con, self.root, staging))
         classified = work / "classified.parquet"
         _classify(con, staging, classified, stored)
         counts = _reason_counts(con, classified)
@@ -265,6 +268,8 @@ class StreamStore:
                     "created_at": catalog.now_utc(), "path": relative, "file_bytes": written.file_bytes,
                     "file_sha256": written.file_sha256,
                 })
+                segment_hours.record_from_parquet(con, segment_id, first_offset, written.rows,
+                                                  f"SELECT ts FROM read_parquet(?) WHERE reason = {OK}", [str(classified)])
             ingest_id = catalog.insert_ingest(con, {
                 "content_hash": content_hash, "source": source, "rows_read": rows_read, "rows_taken": taken,
                 "rows_quarantined": rows_read - taken, "new_users": new_users, "new_items": new_items,
@@ -306,7 +311,7 @@ class StreamStore:
                     return _already_ingested(source, content_hash, catalog.find_ingest(con, content_hash))
                 _tune(con, work)
                 # as at its first ingest: duplicates of stored rows are those of the segments before it
-                earlier = check_segments(self.root, [s for s in segments if s.segment_id < seg.segment_id])
+                earlier = check_segments(self.root, _duplicate_candidates(con, self.root, staging, seg.segment_id))
                 classified = work / "classified.parquet"
                 _classify(con, staging, classified, earlier)
                 counts = _reason_counts(con, classified)
@@ -560,7 +565,7 @@ class StreamStore:
                                "num_users": num_users, "num_items": num_items, "new_users": len(new_u),
                                "new_items": len(new_i), "late": cut.late, "bound_start": cut.bound_start,
                                "bound_end": cut.bound_end})
-            row_parts.append(pa.table({"offset": offsets[cut.take], "block": np.full(len(u), k, np.int16),
+            row_parts.append(pa.table({"offset": offsets[cut.take], "block": np.full(len(u), k, np.int32),
                                        "split": block_split(u, policy.split, policy.seed, k)}))
         added = sum(b["rows"] for b in block_rows)
         after = live_state.LiveState(cursor.blocks + len(cuts), plan.total_rows + added, pending.offset_end,
@@ -635,7 +640,7 @@ class StreamStore:
         return Interactions(
             users=np.asarray(data["user"], dtype=np.int64), items=np.asarray(data["item"], dtype=np.int64),
             ts=np.asarray(data["ts"], dtype=np.int64), weight=np.asarray(data["weight"], dtype=np.float32),
-            block=np.asarray(data["block"], dtype=np.int16), split=np.asarray(data["split"], dtype=np.int8),
+            block=np.asarray(data["block"], dtype=np.int32), split=np.asarray(data["split"], dtype=np.int8),
             num_users=info.num_users, num_items=info.num_items,
             meta={"plan_id": plan_id, "blocks": (first, last), **({"item_graph": graph} if graph is not None else {}),
                   **({"item_rationales": rationales} if rationales is not None else {})},
@@ -754,6 +759,16 @@ def _tune(con: duckdb.DuckDBPyConnection, work: Path) -> None:
     con.execute(f"SET temp_directory = {_sql_path(work / 'spill')}")
     con.execute("SET preserve_insertion_order = false")
     con.execute("SET enable_progress_bar = false")
+
+
+def _duplicate_candidates(con: duckdb.DuckDBPyConnection, root: Path, staging: Path,
+                          below: int | None = None) -> list[SegmentRecord]:
+    """The stored segments (id < ``below`` if given) that share an hour with the staged rows valid so far: the
+    only ones that can hold a copy of one of them. Segments without recorded hours get them first (once)."""
+    segment_hours.ensure(con, root, below)
+    hours = con.sql(f"SELECT DISTINCT ts // {segment_hours.HOUR_S} AS hour FROM read_parquet(?) WHERE reason = {OK}",
+                    params=[str(staging)]).fetchnumpy()["hour"]
+    return segment_hours.candidates(con, np.asarray(hours, np.int64), below)
 
 
 def _classify(con: duckdb.DuckDBPyConnection, staging: Path, classified: Path, stored: list[str]) -> None:
