@@ -1,6 +1,7 @@
 """The served student on streams nobody tuned for: the default job's settings across densities and skews.
 
     python bench/robustness.py [--job jobs/stream.yaml] [--rows all|ml|synthetic] [--json out.json]
+    python bench/robustness.py --rows synthetic --only "0.5%" --set student.train.negatives=uniform   # one change
 
 Rows: synthetic streams (1,500 users × 1,000 items, six periods, new users and items arriving, drifting
 tastes) at about 0.5%, 2% and 6% of the user×item matrix filled, each with a mild and a steep item
@@ -99,6 +100,7 @@ def run_row(job_dict: dict, source: dict, name: str) -> dict:
     seen = store.read_blocks(plan.plan_id, plan.num_blocks - 1)
     info = {"users": int(seen.num_users), "items": int(seen.num_items), "rows": int(len(seen))}
     info["density"] = info["rows"] / max(info["users"] * info["items"], 1)
+    info["chosen"] = {m: dict(learner.chosen) for m, learner in learners.items() if learner.chosen}  # train.grid
     return {"models": final_snapshot(results[-1], learners, seen, job), "seconds": time.perf_counter() - t0, **info}
 
 
@@ -110,6 +112,8 @@ def print_row(name: str, row: dict) -> None:
     ens = models.get("ensemble", {}).get("ndcg@20", float("nan"))
     print(f"\n{name}: {row['users']} users × {row['items']} items, {row['rows']} rows "
           f"({row['density']:.2%}), {row['seconds']:.0f}s")
+    if row.get("chosen"):
+        print("  chosen on validation: " + "; ".join(f"{m} {c}" for m, c in row["chosen"].items()))
     print(f"  {'model':18s} {'NDCG@20':>8s} {'pooled':>7s} {'tail R@20':>9s} {'avgpop@20':>9s} {'cov@20':>7s}")
     for m, v in models.items():
         pooled = "–" if v.get("pooled") is None else f"{v['pooled']:.4f}"

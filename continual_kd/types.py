@@ -26,7 +26,7 @@ class Interactions:
     items: np.ndarray  # (n,) int64 dense item ids
     ts: np.ndarray  # (n,) int64 seconds since the epoch
     weight: np.ndarray  # (n,) float32 (rating or 1.0)
-    block: np.ndarray  # (n,) int16 block index (0 = base block)
+    block: np.ndarray  # (n,) int32 block index (0 = base block; a live plan may pass 32,767 blocks)
     split: np.ndarray  # (n,) int8 TRAIN / VALID / TEST
     num_users: int
     num_items: int
@@ -63,7 +63,7 @@ class Interactions:
     @staticmethod
     def empty(num_users: int = 0, num_items: int = 0) -> "Interactions":
         z = np.zeros(0, dtype=np.int64)
-        return Interactions(z, z, z, np.zeros(0, np.float32), np.zeros(0, np.int16),
+        return Interactions(z, z, z, np.zeros(0, np.float32), np.zeros(0, np.int32),
                             np.zeros(0, np.int8), num_users, num_items)
 
     @staticmethod

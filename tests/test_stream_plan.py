@@ -56,7 +56,7 @@ def test_block_sizes_and_time_order(store: StreamStore) -> None:
     assert len(upto) == 73 and upto.block.tolist() == [0] * 52 + [1] * 11 + [2] * 10
     assert np.array_equal(np.sort(upto.ts), upto.ts)
     assert (upto.users.dtype, upto.ts.dtype, upto.weight.dtype, upto.block.dtype, upto.split.dtype) == (
-        np.int64, np.int64, np.float32, np.int16, np.int8)
+        np.int64, np.int64, np.float32, np.int32, np.int8)  # block: INTEGER in the catalog (> 32,767 blocks)
 
 
 def test_equal_timestamps_keep_ingestion_order(store: StreamStore) -> None:

@@ -11,7 +11,8 @@ commit time can be checked years later. Equal multisets of rows give equal diges
    one; the run's segment files are checked (size, rows, sha256) and streamed into one new file under
    ``ROOT/.compact/``, which keeps every row's offset; the digest of the old rows must equal the new file's.
 2. (catalog write lock, milliseconds) the new files are renamed into ``segments/`` and, in one transaction,
-   each run's rows in ``segments`` become one row (the last member's id) and its ingests point at it;
+   each run's rows in ``segments`` become one row (the last member's id), its ingests point at it and its
+   ``segment_hours`` (what an ingest's duplicate check reads, stream/segment_hours.py) are the new file's;
    after the commit the old files are deleted (no reader can be mid-read: readers hold the catalog lock).
 3. every committed block's digest is recomputed from the catalog and must equal the recorded one.
 
@@ -36,7 +37,7 @@ import pyarrow.parquet as pq
 
 from continual_kd.checksums import fsync_dir
 from continual_kd.errors import CkdError
-from continual_kd.stream import catalog
+from continual_kd.stream import catalog, segment_hours
 from continual_kd.stream.segments import check_segments, write_segment
 
 DIGEST_VERSION = "r1"
@@ -111,7 +112,7 @@ def plan_digests(con, root: Path, plan_id: str, blocks: list[int]) -> dict[int, 
     digests = {int(b): RowDigest() for b in blocks}
     if not digests:
         return digests
-    wanted = pa.table({"block": pa.array(sorted(digests), pa.int16())})
+    wanted = pa.table({"block": pa.array(sorted(digests), pa.int32())})
     with catalog.registered(con, "_ckd_digest_blocks", wanted):
         reader = con.sql(
             'SELECT p.block, s."offset", s."user", s.item, s.ts, s.weight, p.split FROM plan_rows p '
@@ -281,11 +282,13 @@ def _merge_run(root: Path, work: Path, run: list[_Segment]) -> dict:
     files' (checked whole: size, rows, sha256, before anything is read)."""
     files = check_segments(root, [_record(s) for s in run], checksum=True)
     old = RowDigest()
+    hours = [np.zeros(0, np.int64)]
 
     def batches():
         for f in files:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=1 << 16):
                 old.add(batch)
+                hours.append(segment_hours.hours_of(np.asarray(batch.column("ts"))))
                 yield batch
 
     key = hashlib.sha256(",".join(s.file_sha256 or s.path for s in run).encode()).hexdigest()
@@ -300,7 +303,7 @@ def _merge_run(root: Path, work: Path, run: list[_Segment]) -> dict:
     content = hashlib.sha256(",".join(s.content_hash for s in run).encode()).hexdigest()
     return {"ids": [s.segment_id for s in run], "name": name, "rows": written.rows, "ts_min": written.ts_min,
             "ts_max": written.ts_max, "file_bytes": written.file_bytes, "file_sha256": written.file_sha256,
-            "content_hash": content, "digest": new.text,
+            "content_hash": content, "digest": new.text, "hours": np.unique(np.concatenate(hours)),
             "source": f"{COMPACTED} segments {run[0].segment_id}-{run[-1].segment_id} ({len(run)} ingests)"}
 
 
@@ -329,6 +332,7 @@ def _swap(store, con, segments_dir: Path, work: Path, runs: list[list[_Segment]]
             con.execute("DELETE FROM segments WHERE segment_id IN (SELECT unnest(?::INTEGER[]))", [rest])
             con.execute("UPDATE ingests SET segment_id = ? WHERE segment_id IN (SELECT unnest(?::INTEGER[]))",
                         [keep, rest])
+            segment_hours.replace(con, [s.segment_id for s in run], keep, run[0].first_offset, m["rows"], m["hours"])
             report.runs.append({"segments": m["ids"], "rows": m["rows"], "path": f"{segments_dir.name}/{m['name']}",
                                 "file_bytes": m["file_bytes"], "digest": m["digest"]})
         con.execute("COMMIT")
@@ -355,7 +359,7 @@ def drop_results_index(con) -> bool:
     con.execute("BEGIN")
     try:
         con.execute("CREATE TABLE block_results_lean (commit_id INTEGER NOT NULL, job VARCHAR NOT NULL, "
-                    "lineage VARCHAR NOT NULL, block SMALLINT NOT NULL, model VARCHAR NOT NULL, metric VARCHAR NOT NULL, "
+                    "lineage VARCHAR NOT NULL, block INTEGER NOT NULL, model VARCHAR NOT NULL, metric VARCHAR NOT NULL, "
                     "value DOUBLE)")
         con.execute("INSERT INTO block_results_lean SELECT commit_id, job, lineage, block, model, metric, value "
                     "FROM block_results ORDER BY commit_id, model, metric")
