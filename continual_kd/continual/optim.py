@@ -38,7 +38,8 @@ class LazyAdam(torch.optim.Optimizer):
                 state["step"] += 1
                 t = state["step"]
                 m, v = state["m"], state["v"]
-                step_size = lr * (1 - b2 ** t) ** 0.5 / (1 - b1 ** t)
+                # torch.optim.Adam's step: lr / (1 - b1^t) · m / (sqrt(v / (1 - b2^t)) + eps)
+                step_size, bc2_sqrt = lr / (1 - b1 ** t), (1 - b2 ** t) ** 0.5
                 if g.is_sparse:
                     g = g.coalesce()  # one row per index (a row looked up twice: its gradients summed)
                     rows, values = g.indices()[0], g.values()
@@ -46,11 +47,11 @@ class LazyAdam(torch.optim.Optimizer):
                     v_rows = v.index_select(0, rows).mul_(b2).addcmul_(values, values, value=1 - b2)
                     m.index_copy_(0, rows, m_rows)
                     v.index_copy_(0, rows, v_rows)
-                    p.index_add_(0, rows, m_rows.div_(v_rows.sqrt_().add_(eps)), alpha=-step_size)
+                    p.index_add_(0, rows, m_rows.div_(v_rows.sqrt_().div_(bc2_sqrt).add_(eps)), alpha=-step_size)
                 else:
                     m.mul_(b1).add_(g, alpha=1 - b1)
                     v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                    p.addcdiv_(m, v.sqrt().add_(eps), value=-step_size)
+                    p.addcdiv_(m, v.sqrt().div_(bc2_sqrt).add_(eps), value=-step_size)
         return loss
 
 

@@ -138,10 +138,18 @@ def evaluate_many(model, relevants: dict, exclude: UserItemSet | None, ks=(10, 2
     """``evaluate_ranking`` of several relevant sets under one mask, in ONE full-ranking pass: each user
     of any set is scored and ranked once, and every set's metrics come from that same top-K (key → the
     dict ``evaluate_ranking`` returns for that set alone). With ``keep_relevant`` the union of the sets'
-    targets survives the mask, so the figures equal separate passes when no set's targets are hidden
-    for another set (e.g. every block's test pairs under the standard mask: train + valid hidden).
+    targets survives the mask, so the figures equal separate passes when ``exclude`` hides no target
+    (e.g. every block's test pairs under the standard mask: train + valid hidden, no pair repeated);
+    when it hides one, each set gets its own pass (the same figures, no saving).
     ``sample``: each set's users are sampled as ``evaluate_ranking`` would with ``seeds[key]``."""
     seeds = seeds or {}
+    if keep_relevant and exclude is not None and len(relevants) > 1 and any(
+            bool(exclude.contains(r.users, r.items).any()) for r in relevants.values()):
+        # a target the mask hides (a pair repeated in another split or block, or a mask that hides targets)
+        # would survive in the other sets' rankings too: one pass per set, as evaluate_ranking
+        return {key: evaluate_many(model, {key: r}, exclude, ks, chunk_size, device, item_popularity, item_group,
+                                   item_weight, sample, {key: seeds.get(key, 0)}, keep_relevant)[key]
+                for key, r in relevants.items()}
     accs, members = {}, {}
     num_users = max(r.num_users for r in relevants.values()) if relevants else 0
     for key, relevant in relevants.items():
