@@ -285,6 +285,9 @@ class TrainSpec(_Spec):
                 raise _Bad(f"grid.{name}", "an empty list of candidates", [], "give at least one value or drop the key")
             if name == "lr" and any(v <= 0 for v in values):
                 raise _Bad(f"grid.{name}", "a learning rate ≤ 0", list(values), "use values > 0")
+        if self.grid and self.select != "best_valid":
+            raise _Bad("grid", "a grid without validation to choose by", self.select,
+                       "set select: best_valid (the grid is chosen on the base block's validation NDCG@20)")
         if "negative_exponent" in self.grid and self.negatives != "popularity":
             raise _Bad("grid.negative_exponent", "a choice of negative exponent with uniform negatives",
                        self.negatives, "set negatives: popularity (exponent 0 is uniform over items)")

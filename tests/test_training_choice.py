@@ -175,6 +175,8 @@ def test_grid_of_negative_exponents_needs_popularity_negatives():
         TrainSpec(grid={"negative_exponent": [0, 0.25]})
     with pytest.raises((CkdError, ValueError)):
         TrainSpec(grid={"lr": [0.0, 0.01]})
+    with pytest.raises((CkdError, ValueError), match="without validation"):
+        TrainSpec(select="last", grid={"lr": [0.001, 0.01]})
 
 
 def test_replay_draws_only_history_and_from_every_earlier_block(tmp_path, monkeypatch):
