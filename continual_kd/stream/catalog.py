@@ -184,6 +184,26 @@ def create_schema(con: duckdb.DuckDBPyConnection) -> None:
         raise
 
 
+def rollback(con: duckdb.DuckDBPyConnection) -> None:
+    """ROLLBACK, quietly when the transaction was never opened or is already gone."""
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:
+        pass
+
+
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """BEGIN … COMMIT, rolled back on any error (the error is raised again)."""
+    con.execute("BEGIN")
+    try:
+        yield con
+        con.execute("COMMIT")
+    except BaseException:
+        rollback(con)
+        raise
+
+
 @contextmanager
 def registered(con: duckdb.DuckDBPyConnection, name: str, table: pa.Table) -> Iterator[str]:
     con.register(name, table)

@@ -401,10 +401,4 @@ def _failpoint(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _rollback(con) -> None:
-    import duckdb
-
-    try:
-        con.execute("ROLLBACK")
-    except duckdb.Error:
-        pass
+_rollback = catalog.rollback  # ROLLBACK, quietly when no transaction is open

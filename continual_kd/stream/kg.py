@@ -165,16 +165,8 @@ def ingest_item_triples(store, table: pa.Table, source: str, content_hash: str |
         prior = con.sql("SELECT rows_read FROM kg_ingests WHERE content_hash = ?", params=[content_hash]).fetchall()
         if prior:
             return KGIngestReport(source, content_hash, int(prior[0][0]), 0, 0, {}, True)
-        con.execute("BEGIN")
-        try:
+        with catalog.transaction(con):
             report = _ingest(con, staged, source, content_hash, links, attributes, heads_are_entities)
-            con.execute("COMMIT")
-        except BaseException:
-            try:
-                con.execute("ROLLBACK")
-            except duckdb.Error:
-                pass
-            raise
     return report
 
 

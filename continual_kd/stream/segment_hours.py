@@ -62,18 +62,10 @@ def ensure(con: duckdb.DuckDBPyConnection, root: Path, below: int | None = None)
              for p, path in zip(lacking, paths)]  # a loop over the segments lacking hours (once per store)
     if any(part.num_rows == 0 for part in parts):
         raise RuntimeError(f"segment hours of {root}: a segment file gave no timestamps")
-    con.execute("BEGIN")
-    try:
+    with catalog.transaction(con):
         con.execute("DELETE FROM segment_hours h WHERE NOT EXISTS (SELECT 1 FROM segments s WHERE "
                     "s.segment_id = h.segment_id AND s.first_offset = h.first_offset AND s.rows = h.rows)")
         insert(con, pa.concat_tables(parts))
-        con.execute("COMMIT")
-    except BaseException:
-        try:
-            con.execute("ROLLBACK")
-        except duckdb.Error:
-            pass
-        raise
     return len(lacking)
 
 

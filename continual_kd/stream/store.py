@@ -826,11 +826,7 @@ def _segment_rows(con: duckdb.DuckDBPyConnection, classified: Path) -> Iterator[
     yield from reader
 
 
-def _rollback(con: duckdb.DuckDBPyConnection) -> None:
-    try:
-        con.execute("ROLLBACK")
-    except duckdb.Error:
-        pass  # the transaction was never opened or is already gone
+_rollback = catalog.rollback  # ROLLBACK, quietly when no transaction is open
 
 
 def _cursor(plan: BlockPlan) -> Cursor:
