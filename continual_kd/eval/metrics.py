@@ -54,7 +54,7 @@ def top_k_items(model, users: torch.Tensor, k: int, exclude: UserItemSet | None 
     With ``only``, just the user's pairs in that set are ranked (slots past them: item -1, score -inf).
     """
     step = users_per_chunk(_items_of(model, exclude, only), chunk_size)
-    ids, scores = [], []
+    ids = scores = None  # the (U, k) answer, filled chunk by chunk (no list of chunks joined at the end)
     for start in range(0, len(users), step):
         cu = users[start : start + step]
         s = model.full_scores(cu)  # (B, I)
@@ -68,12 +68,16 @@ def top_k_items(model, users: torch.Tensor, k: int, exclude: UserItemSet | None 
             s = s.fill_(float("-inf")) if s.is_contiguous() else torch.full_like(s, float("-inf"))
             s[rows, cols] = kept
         top = torch.topk(s, min(k, s.shape[1]), dim=1)
-        ids.append(torch.where(torch.isinf(top.values) & (top.values < 0), -1, top.indices) if only is not None
-                   else top.indices)
-        scores.append(top.values)
-    if not ids:
+        if ids is None:
+            ids = torch.empty(len(users), top.indices.shape[1], dtype=top.indices.dtype, device=s.device)
+            scores = torch.empty(len(users), top.values.shape[1], dtype=top.values.dtype, device=s.device)
+        ids[start : start + len(cu)] = (torch.where(torch.isinf(top.values) & (top.values < 0), -1, top.indices)
+                                        if only is not None else top.indices)
+        scores[start : start + len(cu)] = top.values
+        del s, top
+    if ids is None:
         return torch.zeros(0, k, dtype=torch.int64), torch.zeros(0, k)
-    return torch.cat(ids), torch.cat(scores)
+    return ids, scores
 
 
 def _items_of(model, *sets) -> int:
