@@ -86,7 +86,7 @@ def job_for(store: Path, runs: Path, optimizer: str = "lazy_adam"):
     # lazy_adam: row-sparse Adam steps (a step costs the batch's rows, not the 300k × 64 tables)
     train = {"epochs_base": 3, "epochs_block": 3, "lr": 0.005, "batch_size": 1024, "optimizer": optimizer}
     return parse_job({
-        "name": "scale", "seed": 0, "source": {"dataset": "store", "store": str(store)},
+        "name": f"scale-{runs.name}", "seed": 0, "source": {"dataset": "store", "store": str(store)},
         "blocks": {"base_fraction": 0.5, "incremental": 3, "split": [0.8, 0.1, 0.1]},
         "teachers": [{"name": "mf64", "backbone": "mf", "dim": 64, "train": {**train, "weight_decay": 0.01}}],
         "student": {"name": "student", "backbone": "mf", "dim": 8, "train": {**train, "weight_decay": 0.0001}},
