@@ -247,6 +247,10 @@ class TrainSpec(_Spec):
     epochs_base: int = Field(40, ge=0)  # epochs on the base block (from scratch): the cap with select best_valid
     epochs_block: int = Field(10, ge=0)  # epochs on each incremental block (warm-started): the cap likewise
     lr: float = Field(0.005, gt=0)
+    # the learning rate of warm updates (a trained model continuing on a new block); None: lr. A model
+    # that has converged is perturbed by Adam's first steps at the from-scratch rate (each coordinate moves
+    # ~lr per step whatever its gradient's size) and forgets what the block does not repeat
+    lr_block: float | None = Field(None, gt=0)
     weight_decay: float = Field(1e-4, ge=0)  # L2 on the rows a batch touches (summed), not on absent users/items
     batch_size: int = Field(1024, ge=1)
     # best_valid: every update keeps the epoch with the best NDCG@20 on the block's validation pairs

@@ -261,3 +261,34 @@ def test_one_pass_evaluation_equals_a_pass_per_block(tmp_path, monkeypatch):
             for key, value in alone.items():
                 assert together[b][key] == pytest.approx(value, abs=1e-6), (b, key)
         assert together[0]["users"] > 0 and together[None]["users"] >= together[2]["users"]
+
+
+def test_warm_updates_train_at_lr_block_and_the_base_block_and_retrain_at_lr(tmp_path, monkeypatch):
+    job, store, plan = _job(tmp_path, monkeypatch)
+    seen0, seen1 = store.read_blocks(plan.plan_id, 0), store.read_blocks(plan.plan_id, 1)
+    spec = job.teachers[0]
+
+    def with_train(**kw):
+        return spec.model_copy(update={"train": spec.train.model_copy(update={"select": "last", **kw})})
+
+    def weights(learner):
+        return {k: v.detach().clone() for k, v in learner.model.state_dict().items()}
+
+    def moved(before, learner, n_old):  # largest change of the rows that existed before the update
+        return max(float((learner.model.state_dict()[k][:n_old.get(k, 0)] - v[:n_old.get(k, 0)]).abs().max())
+                   for k, v in before.items() if n_old.get(k, 0))
+
+    tiny = Learner(with_train(lr_block=1e-7), job.seed, role="teacher")
+    plain = Learner(with_train(), job.seed, role="teacher")
+    tiny.update(seen0, 0), plain.update(seen0, 0)
+    for a, b in zip(weights(tiny).values(), weights(plain).values()):
+        assert torch.equal(a, b)  # the base block trains at lr: lr_block changes nothing there
+    before, rows = weights(tiny), {k: v.shape[0] for k, v in weights(tiny).items()}
+    tiny.update(seen1, 1), plain.update(seen1, 1)
+    assert moved(before, tiny, rows) < 1e-4 < moved(before, plain, rows)  # a warm update steps at lr_block
+    # a retrain is a new model: trained at lr, as the from-scratch reference must be
+    retrained = Learner(with_train(lr_block=1e-7), job.seed, role="teacher")
+    reference = Learner(with_train(), job.seed, role="teacher")
+    retrained.update(seen1, 1, strategy="retrain"), reference.update(seen1, 1, strategy="retrain")
+    for a, b in zip(weights(retrained).values(), weights(reference).values()):
+        assert torch.equal(a, b)

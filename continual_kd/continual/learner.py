@@ -251,12 +251,14 @@ class Learner:
             relevant, exclude = self.pairs.eval_sets(seen, block, VALID, exact=True)
             valid = (relevant, exclude) if int((relevant.degree > 0).sum()) > 0 else None
         grid = self._grid() if not self.chosen else [{}]
+        lr_block = self.spec.train.lr_block
+        warm_lr = {"lr": lr_block} if lr_block is not None and trained and not retrain else {}
         start = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if len(grid) > 1 else None
         fits = []
         for overrides in grid:
             if start is not None:
                 self.model.load_state_dict(start)
-            train_spec = self.spec.train.model_copy(update={**self.chosen, **overrides})
+            train_spec = self.spec.train.model_copy(update={**self.chosen, **overrides, **warm_lr})
             fit = self._fit(seen, block, u, i, known, epochs, train_spec, knowledge, terms, fusion, weights,
                             trajectory, scope, trained, valid, draw, keep=len(grid) > 1)
             fits.append((overrides, fit))
