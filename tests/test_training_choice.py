@@ -263,7 +263,7 @@ def test_one_pass_evaluation_equals_a_pass_per_block(tmp_path, monkeypatch):
         assert together[0]["users"] > 0 and together[None]["users"] >= together[2]["users"]
 
 
-def test_warm_updates_train_at_lr_block_and_the_base_block_and_retrain_at_lr(tmp_path, monkeypatch):
+def test_warm_updates_step_old_rows_at_lr_block_and_new_rows_base_block_and_retrain_at_lr(tmp_path, monkeypatch):
     job, store, plan = _job(tmp_path, monkeypatch)
     seen0, seen1 = store.read_blocks(plan.plan_id, 0), store.read_blocks(plan.plan_id, 1)
     spec = job.teachers[0]
@@ -274,21 +274,59 @@ def test_warm_updates_train_at_lr_block_and_the_base_block_and_retrain_at_lr(tmp
     def weights(learner):
         return {k: v.detach().clone() for k, v in learner.model.state_dict().items()}
 
-    def moved(before, learner, n_old):  # largest change of the rows that existed before the update
-        return max(float((learner.model.state_dict()[k][:n_old.get(k, 0)] - v[:n_old.get(k, 0)]).abs().max())
-                   for k, v in before.items() if n_old.get(k, 0))
-
     tiny = Learner(with_train(lr_block=1e-7), job.seed, role="teacher")
     plain = Learner(with_train(), job.seed, role="teacher")
     tiny.update(seen0, 0), plain.update(seen0, 0)
     for a, b in zip(weights(tiny).values(), weights(plain).values()):
         assert torch.equal(a, b)  # the base block trains at lr: lr_block changes nothing there
-    before, rows = weights(tiny), {k: v.shape[0] for k, v in weights(tiny).items()}
+    before = weights(tiny)
+    n_users, n_items = tiny.model.num_users, tiny.model.num_items
     tiny.update(seen1, 1), plain.update(seen1, 1)
-    assert moved(before, tiny, rows) < 1e-4 < moved(before, plain, rows)  # a warm update steps at lr_block
+    assert seen1.num_users > n_users  # block 1 brings new users
+    after = weights(tiny)
+    old_moved = max(float((after["user_emb"][:n_users] - before["user_emb"]).abs().max()),
+                    float((after["item_emb"][:n_items] - before["item_emb"]).abs().max()))
+    plain_moved = float((weights(plain)["user_emb"][:n_users] - before["user_emb"]).abs().max())
+    assert old_moved < 1e-4 < plain_moved  # what the model had steps at lr_block …
+    new_rows = after["user_emb"][n_users:]
+    assert float((new_rows - new_rows.mean(0)).abs().max()) > 1e-3  # … the new users' rows learn at lr
     # a retrain is a new model: trained at lr, as the from-scratch reference must be
     retrained = Learner(with_train(lr_block=1e-7), job.seed, role="teacher")
     reference = Learner(with_train(), job.seed, role="teacher")
     retrained.update(seen1, 1, strategy="retrain"), reference.update(seen1, 1, strategy="retrain")
     for a, b in zip(weights(retrained).values(), weights(reference).values()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_slow_rows_scale_the_step_of_the_given_rows_only(lazy):
+    from continual_kd.continual.optim import LazyAdam, SlowRows
+
+    torch.manual_seed(0)
+    start = torch.randn(6, 3)
+    grads = [torch.randn(6, 3) for _ in range(4)]
+
+    def run(ratio):
+        table = torch.nn.Parameter(start.clone())
+        opt = LazyAdam([table], lr=0.1) if lazy else torch.optim.Adam([table], lr=0.1)
+        stepper = SlowRows(opt, {table: 4}, ratio)
+        for g in grads:
+            table.grad = g.to_sparse(1) if lazy else g.clone()
+            stepper.step()
+        return table.detach()
+
+    full, slow = run(1.0), run(0.25)
+    assert torch.allclose(slow[4:], full[4:])  # rows past n: the optimizer's own step
+    one = run(0.25)  # the first step of slowed rows is a quarter of the full first step
+    first_full = torch.nn.Parameter(start.clone())
+    opt = LazyAdam([first_full], lr=0.1) if lazy else torch.optim.Adam([first_full], lr=0.1)
+    first_full.grad = grads[0].to_sparse(1) if lazy else grads[0].clone()
+    opt.step()
+    first_slow = torch.nn.Parameter(start.clone())
+    opt = LazyAdam([first_slow], lr=0.1) if lazy else torch.optim.Adam([first_slow], lr=0.1)
+    stepper = SlowRows(opt, {first_slow: 4}, 0.25)
+    first_slow.grad = grads[0].to_sparse(1) if lazy else grads[0].clone()
+    stepper.step()
+    assert torch.allclose(first_slow[:4] - start[:4], 0.25 * (first_full[:4] - start[:4]), atol=1e-6)
+    assert torch.allclose(first_slow[4:], first_full[4:])
+    assert not torch.allclose(slow[:4], full[:4]) and torch.equal(one, slow)

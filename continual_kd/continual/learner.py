@@ -27,6 +27,7 @@ from ..eval.metrics import evaluate_many
 from ..eval.bias import popularity_groupings
 from ..eval.metrics import users_per_chunk
 from ..models import build_backbone, num_parameters
+from ..models.base import rows_before
 from ..sparse import UserItemSet
 from ..types import TEST, TRAIN, VALID, Interactions, Knowledge
 from ..distill.replay import PROXY_PREFIX
@@ -232,6 +233,7 @@ class Learner:
             self.reset()
             self.proxies, self.term_state, self.chosen = kept
         trained = self.model is not None and self.block >= 0  # it learned something before this update
+        had = (self.model.num_users, self.model.num_items) if trained else None  # its rows before this block
         self.grow(seen, block)
         if retrain:
             positives = seen.select(model_pairs_mask(seen, block))
@@ -251,16 +253,17 @@ class Learner:
             relevant, exclude = self.pairs.eval_sets(seen, block, VALID, exact=True)
             valid = (relevant, exclude) if int((relevant.degree > 0).sum()) > 0 else None
         grid = self._grid() if not self.chosen else [{}]
-        lr_block = self.spec.train.lr_block
-        warm_lr = {"lr": lr_block} if lr_block is not None and trained and not retrain else {}
+        # train.lr_block: what the model had before this block steps at the warm rate (new rows at lr)
+        slow = rows_before(self.model, *had) if self.spec.train.lr_block is not None and had and not retrain else None
         start = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if len(grid) > 1 else None
         fits = []
         for overrides in grid:
             if start is not None:
                 self.model.load_state_dict(start)
-            train_spec = self.spec.train.model_copy(update={**self.chosen, **overrides, **warm_lr})
+            train_spec = self.spec.train.model_copy(update={**self.chosen, **overrides})
+            slow_rows = (self.spec.train.lr_block / train_spec.lr, slow) if slow else None
             fit = self._fit(seen, block, u, i, known, epochs, train_spec, knowledge, terms, fusion, weights,
-                            trajectory, scope, trained, valid, draw, keep=len(grid) > 1)
+                            trajectory, scope, trained, valid, draw, keep=len(grid) > 1, slow_rows=slow_rows)
             fits.append((overrides, fit))
         if len(grid) > 1:
             overrides, fit = choose_fit(fits, self.spec.train.grid_prefer, self.spec.train.grid_tolerance)
@@ -300,7 +303,7 @@ class Learner:
         return [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))] or [{}]
 
     def _fit(self, seen, block, u, i, known, epochs, train_spec, knowledge, terms, fusion, weights, trajectory,
-             scope, trained, valid, draw, keep: bool = False) -> dict:
+             scope, trained, valid, draw, keep: bool = False, slow_rows=None) -> dict:
         """One training run of the update (one grid combination): terms built afresh, the same seed."""
         gen = torch.Generator().manual_seed(derive_seed(self.seed, self.spec.name, "train", block))
         built = self._build_terms(seen, block, knowledge, terms, fusion, weights, known, epochs, scope, trained)
@@ -326,7 +329,7 @@ class Learner:
                             draw_counted if draw is not None else None,
                             self.pairs.item_counts(seen)
                             if train_spec.negatives == "popularity" or train_spec.debias != "none" else None,
-                            parallel=self.parallel)
+                            parallel=self.parallel, slow_rows=slow_rows)
         if best is not None:
             best.restore()
         carried = {}

@@ -20,6 +20,7 @@ class LazyAdam(torch.optim.Optimizer):
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+        self.row_scale: dict = {}  # parameter → (n, ratio): its rows [0, n) step at ratio × lr (SlowRows)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -47,12 +48,47 @@ class LazyAdam(torch.optim.Optimizer):
                     v_rows = v.index_select(0, rows).mul_(b2).addcmul_(values, values, value=1 - b2)
                     m.index_copy_(0, rows, m_rows)
                     v.index_copy_(0, rows, v_rows)
-                    p.index_add_(0, rows, m_rows.div_(v_rows.sqrt_().div_(bc2_sqrt).add_(eps)), alpha=-step_size)
+                    update = m_rows.div_(v_rows.sqrt_().div_(bc2_sqrt).add_(eps))
+                    if p in self.row_scale:
+                        n, ratio = self.row_scale[p]
+                        update.mul_(torch.where(rows < n, ratio, 1.0).to(update.dtype).view(-1, *[1] * (update.dim() - 1)))
+                    p.index_add_(0, rows, update, alpha=-step_size)
                 else:
                     m.mul_(b1).add_(g, alpha=1 - b1)
                     v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                    p.addcdiv_(m, v.sqrt().div_(bc2_sqrt).add_(eps), value=-step_size)
+                    if p in self.row_scale:
+                        n, ratio = self.row_scale[p]
+                        update = m / v.sqrt().div_(bc2_sqrt).add_(eps)
+                        update[:n] *= ratio
+                        p.add_(update, alpha=-step_size)
+                    else:
+                        p.addcdiv_(m, v.sqrt().div_(bc2_sqrt).add_(eps), value=-step_size)
         return loss
+
+
+class SlowRows:
+    """``step()`` of ``opt`` with the rows [0, n) of given parameters stepped at ``ratio`` × its rate
+    (``train.lr_block``: what a model had before this block moves at the warm rate, the rows of new users
+    and items at the from-scratch rate). Adam's step is the rate times a direction, so scaling the step is
+    scaling the rate: LazyAdam scales the rows it steps; another optimizer's step is taken in full and
+    those rows are pulled back to ``old + ratio · (new - old)``."""
+
+    def __init__(self, opt: torch.optim.Optimizer, rows: dict | None, ratio: float):
+        self.opt, self.ratio = opt, float(ratio)
+        self.rows = {p: n for p, n in (rows or {}).items() if n > 0} if self.ratio != 1.0 else {}
+        self.native = isinstance(opt, LazyAdam)
+        if self.native:
+            opt.row_scale = {p: (n, self.ratio) for p, n in self.rows.items()}
+
+    def step(self) -> None:
+        if self.native or not self.rows:
+            self.opt.step()
+            return
+        before = {p: p.detach()[:n].clone() for p, n in self.rows.items()}
+        self.opt.step()
+        with torch.no_grad():
+            for p, old in before.items():
+                p[: len(old)].lerp_(old, 1.0 - self.ratio)
 
 
 def make_optimizer(model, params: list, spec, parallel=None) -> torch.optim.Optimizer:

@@ -14,7 +14,7 @@ from ..config import TrainSpec
 from ..distill.base import Batch, KDTerm
 from ..sparse import UserItemSet, sample_excluding
 from .debias import loss_shaping
-from .optim import make_optimizer
+from .optim import SlowRows, make_optimizer
 
 
 @dataclass
@@ -28,7 +28,8 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
                  spec: TrainSpec, generator: torch.Generator, terms: Sequence[KDTerm] = (),
                  on_epoch_end: Callable[[int], bool | None] | None = None,
                  replay: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None,
-                 item_popularity: torch.Tensor | None = None, parallel=None) -> list[EpochLog]:
+                 item_popularity: torch.Tensor | None = None, parallel=None,
+                 slow_rows: tuple[float, dict] | None = None) -> list[EpochLog]:
     """Train ``model`` for ``epochs`` on the (users, items) positives; negatives avoid ``known``.
 
     ``terms``: KD terms (``distill.base.KDTerm``); each draws its targets in ``resample(generator,
@@ -45,6 +46,8 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
     batches of ``batch_size`` users (its loss reads their rows; replayed users join the epoch's users).
     ``parallel`` (``runtime.train.DataParallel``, on each Ray Train worker): every worker draws the same epoch, takes
     its part of each batch, and DDP sums the gradients over the workers: the same steps as one worker.
+    ``slow_rows = (ratio, {parameter: n})``: the rows [0, n) of those parameters step at ratio × ``spec.lr``
+    (``optim.SlowRows``; a warm update's ``train.lr_block`` for what the model had before the block).
     """
     terms = [t for t in terms if t.weight > 0]
     base_weight = min([t.base_weight for t in terms], default=1.0)
@@ -57,6 +60,7 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
     # would shrink every user/item absent from the block by ~lr per step and erase old knowledge
     params = list(model.parameters()) + [p for t in terms for p in t.parameters()]
     opt = make_optimizer(model, params, spec, parallel)  # Adam, or row-sparse Adam (train.optimizer)
+    stepper = SlowRows(opt, *(slow_rows[::-1] if slow_rows else (None, 1.0)))
     if parallel is not None:  # DDP over the model and the terms' own parameters
         parallel.attach(model, terms)
     model.train()
@@ -109,7 +113,7 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
                 loss = parallel.synced(loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            stepper.step()
         if parallel is not None:
             base_sum, kd_sum = parallel.total(base_sum), parallel.total(kd_sum)
         logs.append(EpochLog(epoch, float(base_sum) / n, float(kd_sum) / n))

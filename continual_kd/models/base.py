@@ -45,6 +45,18 @@ class Recommender(Protocol):
     def state_dict(self) -> dict: ...
 
 
+def rows_before(model: nn.Module, num_users: int, num_items: int) -> dict[nn.Parameter, int]:
+    """Every parameter of ``model`` → how many of its leading rows it had at (num_users, num_items):
+    a table named ``user_*`` has ``num_users`` of them, ``item_*`` ``num_items``, any other parameter all
+    of its rows (the backbones' naming convention: tables grow by appending rows)."""
+    out = {}
+    for name, param in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        n = num_users if leaf.startswith("user") else num_items if leaf.startswith("item") else param.shape[0] if param.dim() else 1
+        out[param] = min(int(n), param.shape[0] if param.dim() else 1)
+    return out
+
+
 BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 
 
