@@ -74,58 +74,60 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
     # train.debias (continual/debias.py): IPS weights / PDA's popularity factor, handed to base_loss
     shaping = loss_shaping(spec, model.num_items, block_items, item_popularity)
     shaped = {} if shaping is None else {"shaping": shaping}
-    for epoch in range(epochs):
-        for term in terms:
-            term.resample(generator, epoch)
-        weights = [term.weight_at(epoch) for term in terms]
-        users, items = block_users, block_items
-        if replay is not None:
-            ru, ri = replay(generator)
-            users, items = torch.cat([users, ru]), torch.cat([items, ri])
-        if by_user:
-            users = torch.unique(users)
-        n = len(users)
-        perm = torch.randperm(n, generator=generator).to(device)
-        u_all = users[perm]
-        if by_user:  # the model's loss reads the users' whole rows; no positives/negatives to draw
-            p_all = n_all = u_all
-        else:
-            p_all = items[perm]
-            n_all = sample_excluding(u_all, 1, model.num_items, [known], generator,
-                                     weights=neg_weights).squeeze(1)  # (n,)
-        base_sum = kd_sum = torch.zeros((), device=device)  # summed on the device: no host sync per batch
-        for start in range(0, n, spec.batch_size):
-            batch = Batch(u_all[start : start + spec.batch_size], p_all[start : start + spec.batch_size],
-                          n_all[start : start + spec.batch_size])
-            if parallel is not None:  # this worker's part of the batch
-                batch = parallel.shard(batch)
-            loss = model.base_loss(batch.users, batch.pos, batch.neg, **shaped)
-            base_sum = base_sum + loss.detach()
-            loss = base_weight * loss
-            if spec.weight_decay > 0:
-                loss = loss + spec.weight_decay * model.regularization(batch.users, batch.pos, batch.neg)
-            for term, weight in zip(terms, weights):
-                if weight > 0:
-                    kd_loss = term.loss(model, batch, epoch)
-                    kd_sum = kd_sum + kd_loss.detach()
-                    loss = loss + weight * kd_loss
-            if parallel is not None:  # the gradients of every worker's part, summed in backward
-                loss = parallel.synced(loss)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            stepper.step()
-        if parallel is not None:
-            base_sum, kd_sum = parallel.total(base_sum), parallel.total(kd_sum)
-        logs.append(EpochLog(epoch, float(base_sum) / n, float(kd_sum) / n))
+    try:
+        for epoch in range(epochs):
+            for term in terms:
+                term.resample(generator, epoch)
+            weights = [term.weight_at(epoch) for term in terms]
+            users, items = block_users, block_items
+            if replay is not None:
+                ru, ri = replay(generator)
+                users, items = torch.cat([users, ru]), torch.cat([items, ri])
+            if by_user:
+                users = torch.unique(users)
+            n = len(users)
+            perm = torch.randperm(n, generator=generator).to(device)
+            u_all = users[perm]
+            if by_user:  # the model's loss reads the users' whole rows; no positives/negatives to draw
+                p_all = n_all = u_all
+            else:
+                p_all = items[perm]
+                n_all = sample_excluding(u_all, 1, model.num_items, [known], generator,
+                                         weights=neg_weights).squeeze(1)  # (n,)
+            base_sum = kd_sum = torch.zeros((), device=device)  # summed on the device: no host sync per batch
+            for start in range(0, n, spec.batch_size):
+                batch = Batch(u_all[start : start + spec.batch_size], p_all[start : start + spec.batch_size],
+                              n_all[start : start + spec.batch_size])
+                if parallel is not None:  # this worker's part of the batch
+                    batch = parallel.shard(batch)
+                loss = model.base_loss(batch.users, batch.pos, batch.neg, **shaped)
+                base_sum = base_sum + loss.detach()
+                loss = base_weight * loss
+                if spec.weight_decay > 0:
+                    loss = loss + spec.weight_decay * model.regularization(batch.users, batch.pos, batch.neg)
+                for term, weight in zip(terms, weights):
+                    if weight > 0:
+                        kd_loss = term.loss(model, batch, epoch)
+                        kd_sum = kd_sum + kd_loss.detach()
+                        loss = loss + weight * kd_loss
+                if parallel is not None:  # the gradients of every worker's part, summed in backward
+                    loss = parallel.synced(loss)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                stepper.step()
+            if parallel is not None:
+                base_sum, kd_sum = parallel.total(base_sum), parallel.total(kd_sum)
+            logs.append(EpochLog(epoch, float(base_sum) / n, float(kd_sum) / n))
+            model.eval()
+            for term in terms:
+                term.on_epoch_end(model, epoch + 1)
+            if on_epoch_end is not None and on_epoch_end(epoch + 1):
+                break
+            model.train()
+    finally:  # also when a step fails: the model leaves the loop in eval mode, with dense gradients
         model.eval()
-        for term in terms:
-            term.on_epoch_end(model, epoch + 1)
-        if on_epoch_end is not None and on_epoch_end(epoch + 1):
-            break
-        model.train()
-    model.eval()
-    if hasattr(model, "sparse_grad"):
-        model.sparse_grad = False  # dense gradients again outside this update's steps
+        if hasattr(model, "sparse_grad"):
+            model.sparse_grad = False  # dense gradients again outside this update's steps
     return logs
 
 
