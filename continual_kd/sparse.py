@@ -160,11 +160,47 @@ def sample_excluding(users: torch.Tensor, count: int, num_items: int, exclude: l
 DENSE_TABLE_PAIRS = 1 << 24  # id spaces up to this many (user, item) cells get a flat bit table
 
 
+class ListSet:
+    """Membership in fixed-width per-user lists ((U, P) distinct items of U distinct users, e.g. a
+    teacher's top-P): only the sorted pair keys are kept (8 bytes a pair, where a UserItemSet keeps keys,
+    users, items and a CSR), built without a global sort — rows ordered by user, each row sorted — in
+    chunks of rows, so nothing bigger than the keys is ever held. Entries < 0 (no item) or past
+    ``num_items`` are left out."""
+
+    CHUNK_ROWS = 1 << 14
+
+    def __init__(self, users: torch.Tensor, items: torch.Tensor, num_users: int, num_items: int):
+        self.num_users, self.num_items = int(num_users), int(num_items)
+        users = users.long()
+        order = torch.argsort(users)
+        width = items.shape[1] if items.dim() == 2 else 0
+        keys = torch.empty(len(order) * width, dtype=torch.int64, device=items.device)
+        listed = torch.ones(len(keys), dtype=torch.bool, device=items.device)
+        for start in range(0, len(order), self.CHUNK_ROWS):
+            rows = order[start : start + self.CHUNK_ROWS]
+            block = items[rows].long().sort(dim=1).values
+            at = slice(start * width, (start + len(rows)) * width)
+            listed[at] = ((block >= 0) & (block < self.num_items)).reshape(-1)  # a list's -1 / newer items: left out
+            keys[at] = (users[rows].unsqueeze(1) * self.num_items + block).reshape(-1)
+        self.keys = keys if bool(listed.all()) else keys[listed]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def contains(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        if len(self.keys) == 0:
+            return torch.zeros_like(users, dtype=torch.bool)
+        inside = (users < self.num_users) & (items < self.num_items) & (items >= 0)
+        q = users * self.num_items + items
+        pos = torch.searchsorted(self.keys, q).clamp(max=len(self.keys) - 1)
+        return (self.keys[pos] == q) & inside
+
+
 def _membership(s: "UserItemSet"):
     """f(users, items) → elementwise membership in ``s``: a gather from a flat (U·I,) bool table built
     here (one scatter) when U·I ≤ ``DENSE_TABLE_PAIRS``, else ``s.contains``."""
     cells = s.num_users * s.num_items
-    if len(s) == 0 or cells > DENSE_TABLE_PAIRS:
+    if len(s) == 0 or cells > DENSE_TABLE_PAIRS or not isinstance(s, UserItemSet):
         return s.contains
     table = torch.zeros(cells, dtype=torch.bool, device=s.keys.device)
     table[s.keys] = True

@@ -66,3 +66,43 @@ def test_rrd_loss_only_for_users_with_knowledge():
     direct = relaxed_ranking_loss(model.score(torch.tensor([1]), t.interesting[[0]]),
                                   model.score(torch.tensor([1]), t.uninteresting[[0]]))
     assert math.isclose(float(t.loss(model, torch.tensor([1, 1, 0])).detach()), float(direct.detach()), rel_tol=1e-6)
+
+
+def test_lean_pool_keys_draw_outside_observed_and_pool_like_the_complement_sampler(monkeypatch):
+    """Many users × a long pool: the pool is kept as sorted keys alone (ListSet) and uninteresting items
+    are drawn by rejection; the draws avoid the same pairs and are as uniform over what is left."""
+    import continual_kd.distill.rrd as rrd
+    from continual_kd.sparse import ListSet
+
+    g = torch.Generator().manual_seed(0)
+    num_users, num_items, pool = 60, 50, 20
+    users = torch.randperm(num_users, generator=g)[:40]  # 40 users with knowledge, in no order
+    items = torch.stack([torch.randperm(num_items, generator=g)[:pool] for _ in users])
+    items[0, -3:] = -1  # a short list: no item in those slots
+    obs_u = torch.randint(0, num_users, (300,), generator=g)
+    obs_i = torch.randint(0, num_items, (300,), generator=g)
+    observed = UserItemSet(obs_u, obs_i, num_users, num_items)
+    cfg = RRDConfig(k=5, pool=pool, uninteresting=400)
+
+    keys = ListSet(users, items, num_users, num_items)
+    listed = {(int(u), int(i)) for u, row in zip(users, items) for i in row if i >= 0}
+    assert len(keys) == len(listed) and bool((keys.keys[1:] > keys.keys[:-1]).all())
+    qu, qi = torch.meshgrid(torch.arange(num_users), torch.arange(num_items), indexing="ij")
+    inside = keys.contains(qu.reshape(-1), qi.reshape(-1)).tolist()
+    assert {(int(u), int(i)) for u, i, x in zip(qu.reshape(-1), qi.reshape(-1), inside) if x} == listed
+
+    full = RRDTargets(cfg, users, items, observed, num_users, num_items)
+    monkeypatch.setattr(rrd, "LEAN_POOL_PAIRS", 10)
+    lean = RRDTargets(cfg, users, items, observed, num_users, num_items)
+    assert full.sampler is not None and lean.sampler is None and lean.pool_keys is not None
+    assert torch.equal(lean.interesting, full.interesting)
+    for t in (full, lean):
+        t.resample(torch.Generator().manual_seed(1))
+        drawn = t.uninteresting
+        for row, u in enumerate(users.tolist()):
+            allowed = set(range(num_items)) - {i for (uu, i) in listed if uu == u} - set(
+                observed.items[observed.users == u].tolist())
+            got = drawn[row].tolist()
+            assert set(got) <= allowed  # never observed, never in the pool
+            counts = torch.bincount(drawn[row], minlength=num_items).float()[sorted(allowed)]
+            assert float(counts.min()) > 0  # 400 draws over ≤ 50 items: every allowed item drawn

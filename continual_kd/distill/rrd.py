@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sparse import ComplementSampler, UserItemSet
+from ..sparse import ComplementSampler, ListSet, UserItemSet, sample_excluding
 from .base import Batch, KDTerm, TermContext, register_term
 
 
@@ -34,6 +34,9 @@ def ranked_above_loss(scores: torch.Tensor, k: int) -> torch.Tensor:
     e = torch.exp(s - top)  # (B, K + L), ≤ 1
     tail = e[..., :k].flip(-1).cumsum(-1).flip(-1) + e[..., k:].sum(-1, keepdim=True)  # (B, K)
     return (torch.log(tail) - (s[..., :k] - top)).sum().to(scores.dtype)
+
+
+LEAN_POOL_PAIRS = 1 << 24  # users × pool above which the pool is kept as sorted keys alone (ListSet)
 
 
 @dataclass(frozen=True)
@@ -63,17 +66,27 @@ class RRDTargets:
         self.pool_items = knowledge_items[:, : max(cfg.pool, cfg.k)].long()
         self.observed = observed
         self.num_items = num_items
-        self.pool_set = UserItemSet(self.users.repeat_interleave(self.pool_items.shape[1]),
-                                    self.pool_items.reshape(-1), num_users, num_items, self.users.device)
         # row of each user in the (U, ·) tables, -1 for users without knowledge
         self.row = torch.full((num_users,), -1, dtype=torch.int64, device=self.users.device)
         self.row[self.users] = torch.arange(len(self.users), device=self.users.device)
         self.interesting = self.pool_items[:, : cfg.k]
         self.uninteresting = self.pool_items[:, :0]
         self.targets = self.interesting
+        self.sampler = self.pool_keys = None
+        if self.pool_items.numel() > LEAN_POOL_PAIRS:
+            # many users × a long pool (300k × 500 at 10M interactions): the pool's sorted keys alone
+            # (8 bytes a pair, no union with the observed pairs), uninteresting items drawn by rejection
+            # against both; a draw lands in either with probability (pool + degree) / items, small here
+            self.pool_keys = ListSet(self.users, self.pool_items, num_users, num_items)
+            if cfg.mode != "sample":
+                self.interesting = self.interesting.clone()
+                self.pool_items = self.interesting  # the rest of the pool is only needed as keys
+            return
+        pool_set = UserItemSet(self.users.repeat_interleave(self.pool_items.shape[1]),
+                               self.pool_items.reshape(-1), num_users, num_items, self.users.device)
         # uninteresting items come from outside observed ∪ pool: fixed for the block, so the sampler
         # (no rejection rounds) is built once here
-        exclude = observed.union(self.pool_set)
+        exclude = observed.union(pool_set)
         if exclude.num_items > num_items:
             keep = exclude.items < num_items
             exclude = UserItemSet(exclude.users[keep], exclude.items[keep], exclude.num_users, num_items,
@@ -87,7 +100,11 @@ class RRDTargets:
             w = torch.exp(-torch.arange(p, dtype=torch.float32) / cfg.temperature).expand(len(self.users), -1)
             pos = torch.multinomial(w, cfg.k, replacement=False, generator=generator).sort(dim=1).values
             self.interesting = torch.gather(self.pool_items, 1, pos.to(self.pool_items.device))
-        self.uninteresting = self.sampler.sample(self.users, cfg.uninteresting, generator)
+        if self.sampler is not None:
+            self.uninteresting = self.sampler.sample(self.users, cfg.uninteresting, generator)
+        else:
+            self.uninteresting = sample_excluding(self.users, cfg.uninteresting, self.num_items,
+                                                  [self.observed, self.pool_keys], generator)
         self.targets = torch.cat([self.interesting, self.uninteresting], 1)  # (U, K + L): one score call
 
     def loss(self, model, batch_users: torch.Tensor) -> torch.Tensor:
