@@ -48,12 +48,14 @@ class Recommender(Protocol):
 def rows_before(model: nn.Module, num_users: int, num_items: int) -> dict[nn.Parameter, int]:
     """Every parameter of ``model`` → how many of its leading rows it had at (num_users, num_items):
     a table named ``user_*`` has ``num_users`` of them, ``item_*`` ``num_items``, any other parameter all
-    of its rows (the backbones' naming convention: tables grow by appending rows)."""
+    of its rows (the backbones' naming convention: tables grow by appending rows); a 0-d parameter, none."""
     out = {}
     for name, param in model.named_parameters():
+        if param.dim() == 0:
+            continue
         leaf = name.rsplit(".", 1)[-1]
-        n = num_users if leaf.startswith("user") else num_items if leaf.startswith("item") else param.shape[0] if param.dim() else 1
-        out[param] = min(int(n), param.shape[0] if param.dim() else 1)
+        n = num_users if leaf.startswith("user") else num_items if leaf.startswith("item") else param.shape[0]
+        out[param] = min(int(n), param.shape[0])
     return out
 
 
