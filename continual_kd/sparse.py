@@ -9,6 +9,18 @@ import numpy as np
 import torch
 
 
+def keys_contain(keys: torch.Tensor, num_users: int, num_items: int, users: torch.Tensor,
+                 items: torch.Tensor) -> torch.Tensor:
+    """Elementwise membership of (users, items) in sorted pair keys (user * num_items + item); ids past
+    the id spaces are absent."""
+    if len(keys) == 0:
+        return torch.zeros_like(users, dtype=torch.bool)
+    inside = (users < num_users) & (items < num_items)
+    q = users * num_items + items
+    pos = torch.searchsorted(keys, q).clamp(max=len(keys) - 1)
+    return (keys[pos] == q) & inside
+
+
 class UserItemSet:
     def __init__(self, users, items, num_users: int, num_items: int, device: str | torch.device = "cpu"):
         users = torch.as_tensor(np.asarray(users), dtype=torch.int64, device=device)
@@ -85,12 +97,7 @@ class UserItemSet:
 
     def contains(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Elementwise membership of (users, items) pairs of any equal shape."""
-        if len(self.keys) == 0:
-            return torch.zeros_like(users, dtype=torch.bool)
-        inside = (users < self.num_users) & (items < self.num_items)  # ids past the set's spaces: absent
-        q = users * self.num_items + items
-        pos = torch.searchsorted(self.keys, q).clamp(max=len(self.keys) - 1)
-        return (self.keys[pos] == q) & inside
+        return keys_contain(self.keys, self.num_users, self.num_items, users, items)
 
     def rows_for(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(row index into ``users``, item) for every stored pair of the given users."""
@@ -188,12 +195,7 @@ class ListSet:
         return len(self.keys)
 
     def contains(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        if len(self.keys) == 0:
-            return torch.zeros_like(users, dtype=torch.bool)
-        inside = (users < self.num_users) & (items < self.num_items) & (items >= 0)
-        q = users * self.num_items + items
-        pos = torch.searchsorted(self.keys, q).clamp(max=len(self.keys) - 1)
-        return (self.keys[pos] == q) & inside
+        return keys_contain(self.keys, self.num_users, self.num_items, users, items) & (items >= 0)
 
 
 def _membership(s: "UserItemSet"):
