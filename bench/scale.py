@@ -11,7 +11,9 @@ committed in the store's catalog as ``ckd submit`` does. Printed per stream:
 
   stream sizes (users × items, rows per incremental block, seconds to build the stream),
   seconds per incremental block of every stage (mean over blocks 1..3): update teachers, teacher
-  knowledge, update student, evaluate, snapshot, commit; training rows/s (rows × epochs / update s);
+  knowledge, update student, evaluate, snapshot, commit; rows/s of the updates (block rows × epochs /
+  update s: per-epoch validation included) and of training alone (pairs stepped, replay included, over
+  the epochs' training seconds, KD terms' resampling included);
   the process's memory peak (RSS high-water mark, and above the RSS before the stream was read);
   the knowledge and evaluation calls again on the final models beside a bare ``matmul + topk`` over the
   same users, items and chunks (no masks, no metrics): the floor they are measured against.
@@ -167,8 +169,14 @@ def run_stream(label: str, users: int, items: int, rows: int, root: Path, floor:
             block_rows = int(((seen.block == k) & (seen.split == TRAIN)).sum())
             rate = {n: u["train_rows"] * u["epochs"] / u["seconds"] for n, u in res.updates.items()
                     if u.get("seconds") and u.get("epochs")}
+            # training alone: the pairs stepped (replay included) over the epochs' training seconds (KD terms'
+            # resampling included; not the per-epoch validation of best-epoch choice)
+            train_rate = {n: u["trained_rows"] / u["train_seconds"] for n, u in res.updates.items()
+                          if u.get("train_seconds")}
+            valid_s = {n: u["seconds"] - u.get("train_seconds", 0.0) for n, u in res.updates.items() if u.get("seconds")}
             out["blocks"].append({"block": k, "rows": int((seen.block == k).sum()), "train_rows": block_rows,
-                                  "stages": stages, "rows_per_s": rate,
+                                  "stages": stages, "rows_per_s": rate, "train_rows_per_s": train_rate,
+                                  "update_other_s": valid_s,
                                   "ndcg@20": {n: m.get("ndcg@20") for n, m in res.metrics.items()}})
             print(f"  {label} block {k}: {sum(stages.values()):7.1f}s  "
                   + "  ".join(f"{s} {v:.2f}" for s, v in stages.items()), flush=True)
@@ -233,20 +241,25 @@ def summary(r: dict) -> dict:
     inc = r["blocks"][1:]
     stages = {s: float(np.mean([b["stages"].get(s, 0.0) for b in inc])) for s in ["read", *STAGES]}
     rate = {n: float(np.mean([b["rows_per_s"].get(n, np.nan) for b in inc])) for n in inc[0]["rows_per_s"]}
+    train = {n: float(np.mean([b.get("train_rows_per_s", {}).get(n, np.nan) for b in inc]))
+             for n in inc[0].get("train_rows_per_s", {})}
     return {"rows_per_block": int(np.mean([b["rows"] for b in inc])), "stages": stages,
-            "block_s": sum(stages.values()), "rows_per_s": rate}
+            "block_s": sum(stages.values()), "rows_per_s": rate, "train_rows_per_s": train}
 
 
 def print_table(results: list[dict]) -> None:
-    head = ["stream", "users × items", "rows/block", "build s"] + ["read", *STAGES] + ["block s", "teacher rows/s",
-                                                                                       "student rows/s", "peak GB", "+GB"]
+    head = ["stream", "users × items", "rows/block", "build s"] + ["read", *STAGES] + [
+        "block s", "teacher rows/s", "student rows/s", "teacher training rows/s", "student training rows/s",
+        "peak GB", "+GB"]
     print("\n| " + " | ".join(head) + " |\n|" + " --- |" * len(head))
     for r in results:
         s = summary(r)
         rate = list(s["rows_per_s"].values())
+        train = list(s["train_rows_per_s"].values()) or [float("nan")]
         cells = [r["stream"], f"{r['users'] // 1000}k × {r['items'] // 1000}k", f"{s['rows_per_block']:,}",
                  f"{r['build_s']:.0f}"] + [f"{s['stages'][x]:.2f}" for x in ["read", *STAGES]] + [
-            f"{s['block_s']:.1f}", f"{rate[0]:,.0f}", f"{rate[-1]:,.0f}", f"{r['peak_rss'] / 2**30:.2f}",
+            f"{s['block_s']:.1f}", f"{rate[0]:,.0f}", f"{rate[-1]:,.0f}", f"{train[0]:,.0f}", f"{train[-1]:,.0f}",
+            f"{r['peak_rss'] / 2**30:.2f}",
             f"{(r['peak_rss'] - r['rss_before']) / 2**30:.2f}"]
         print("| " + " | ".join(cells) + " |")
     print("\nknowledge (teacher top-500 of the last block's users) and evaluation (its test users, top-50) on the "

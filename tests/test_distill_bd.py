@@ -213,3 +213,21 @@ def test_knowledge_vectors_factorise_the_scores(backbone, params):
     with torch.no_grad():
         u, v = model.embeddings()
         assert torch.allclose(u @ v.T, model.full_scores(torch.arange(6)), atol=1e-5)
+
+
+def test_row_categorical_draws_follow_each_rows_weights():
+    from continual_kd.distill.bd import RowCategorical
+
+    weights = torch.tensor([[0.0, 1.0, 3.0, 0.0], [0.0, 0.0, 0.0, 0.0], [5.0, 0.0, 0.0, 5.0], [0.0, 0.0, 0.0, 2.0]])
+    sampler = RowCategorical(weights)
+    gen = torch.Generator().manual_seed(0)
+    for row in (0, 2, 3):  # row 1 has no weight: never asked for
+        rows = torch.full((40_000,), row)
+        picked = sampler.draw(rows, gen)
+        freq = torch.bincount(picked, minlength=4).double() / len(rows)
+        expected = weights[row].double() / weights[row].sum()
+        assert torch.allclose(freq, expected, atol=0.01), (row, freq, expected)
+        assert freq[expected == 0].sum() == 0  # a zero-weight entry is never drawn
+    mixed = torch.tensor([3, 0, 2, 0, 3])
+    assert sampler.draw(mixed, gen)[[0, 4]].tolist() == [3, 3]
+    assert set(sampler.draw(mixed, gen)[[1, 3]].tolist()) <= {1, 2}

@@ -201,6 +201,9 @@ def test_replay_draws_only_history_and_from_every_earlier_block(tmp_path, monkey
                      "student": Learner(job.student, job.seed)})
     log = learner.update(seen, 2, replay=1.5)
     assert log["replay_rows"] == round(1.5 * log["train_rows"])
+    # training alone is logged apart from the update (its per-epoch validation): every pair stepped, replay included
+    assert log["trained_rows"] == log["epochs"] * (log["train_rows"] + log["replay_rows"])
+    assert 0 < log["train_seconds"] < log["seconds"]
 
 
 def test_retrain_equals_a_model_trained_from_scratch_on_everything(tmp_path, monkeypatch):

@@ -290,6 +290,8 @@ class Learner:
             "grid": [{**o, "valid_ndcg@20": f["valid"], "valid_avgpop@20": f["valid_avgpop"], "best_epoch": f["best_epoch"]}
                      for o, f in fits] if len(fits) > 1 else [],
             "seconds": time.perf_counter() - t0, "started_at": started, "ended_at": time.time(),
+            # training alone (KD terms included; not validation, knowledge building or the grid's other fits)
+            "train_seconds": sum(log.seconds for log in logs), "trained_rows": sum(log.rows for log in logs),
             "base_loss": logs[-1].base_loss if logs else float("nan"),
             "kd_loss": logs[-1].kd_loss if logs else float("nan"),
         }

@@ -5,6 +5,7 @@ One visible loop over epochs and mini-batches; sampling is a tensor operation pe
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -22,6 +23,8 @@ class EpochLog:
     epoch: int
     base_loss: float
     kd_loss: float
+    seconds: float = 0.0  # the epoch's training: terms' resampling, negatives, steps (not the end-of-epoch hooks)
+    rows: int = 0  # (user, item) pairs trained in the epoch, replayed ones included
 
 
 def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserItemSet, epochs: int,
@@ -76,6 +79,7 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
     shaped = {} if shaping is None else {"shaping": shaping}
     try:
         for epoch in range(epochs):
+            started = time.perf_counter()
             for term in terms:
                 term.resample(generator, epoch)
             weights = [term.weight_at(epoch) for term in terms]
@@ -83,6 +87,7 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
             if replay is not None:
                 ru, ri = replay(generator)
                 users, items = torch.cat([users, ru]), torch.cat([items, ri])
+            pairs = len(users)
             if by_user:
                 users = torch.unique(users)
             n = len(users)
@@ -117,7 +122,7 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
                 stepper.step()
             if parallel is not None:
                 base_sum, kd_sum = parallel.total(base_sum), parallel.total(kd_sum)
-            logs.append(EpochLog(epoch, float(base_sum) / n, float(kd_sum) / n))
+            logs.append(EpochLog(epoch, float(base_sum) / n, float(kd_sum) / n, time.perf_counter() - started, pairs))
             model.eval()
             for term in terms:
                 term.on_epoch_end(model, epoch + 1)

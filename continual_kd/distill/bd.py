@@ -79,6 +79,28 @@ def fuse_scored_lists(items: list[torch.Tensor], scores: list[torch.Tensor], siz
     return fused, (total / mass.clamp(min=1e-12)).float()
 
 
+class RowCategorical:
+    """Draws from each row's categorical distribution over (U, N) non-negative weights, built once.
+
+    One flat float64 CDF in which row r spans (r, r + 1]: a draw for row r is the first entry above
+    r + u (u uniform in [0, 1)), one binary search per sample. ``torch.multinomial`` on the rows of a
+    batch re-reads and re-normalises every row on every call (B × N work per batch: most of a BD epoch).
+    A zero-weight entry is never drawn; a row without weight must not be asked for."""
+
+    def __init__(self, weights: torch.Tensor):
+        rows, self.width = weights.shape
+        cdf = weights.to(torch.float64).cumsum(1)
+        cdf /= cdf[:, -1:].clamp(min=torch.finfo(torch.float64).tiny)  # each row ends at exactly 1 (0 if empty)
+        cdf += torch.arange(rows, dtype=torch.float64, device=weights.device).unsqueeze(1)
+        self.flat = cdf.reshape(-1)
+
+    def draw(self, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(B,) column drawn for each of ``rows`` (row indices)."""
+        u = torch.rand(len(rows), dtype=torch.float64, generator=generator, device=rows.device).clamp_(max=1 - 1e-9)
+        at = torch.searchsorted(self.flat, rows.to(torch.float64) + u, right=True)
+        return (at - rows * self.width).clamp_(0, self.width - 1)
+
+
 def ascending_ranks(scores: torch.Tensor) -> torch.Tensor:
     """(B, I) rank of every entry in its row by ascending score: how many entries are strictly lower
     (so the best item has rank I-1 when there is no tie; -inf entries share rank 0)."""
@@ -131,7 +153,7 @@ class BDTerm(KDTerm):
             # (U, I) ranks and weights kept only while they fit memory_mb; beyond, a block's users × items
             # never exist at once: each refresh ranks a chunk of users, draws `draws` items per user from
             # the exact weights, and a batch picks one of its user's draws uniformly
-            self.bounded = 3 * 4 * len(users) * ctx.num_items > self.memory_mb * 2**20
+            self.bounded = 5 * 4 * len(users) * ctx.num_items > self.memory_mb * 2**20  # ranks ×2, weights, CDF
             self.other_rank = None if self.bounded else self._other_ranks()  # the other side is fixed for the block
             self._refreshes = 0
         else:
@@ -146,6 +168,7 @@ class BDTerm(KDTerm):
                                                                  self.items.clamp(min=0))
         self.own_rank: torch.Tensor | None = None  # (U, N | I) ascending ranks by the trained model
         self.sample_weights: torch.Tensor | None = None  # (U, N | I)
+        self.sampler: RowCategorical | None = None  # draws from sample_weights' rows
         self.drawn: torch.Tensor | None = None  # (U, draws) bounded full mode: items drawn at the last refresh
         self._has_weight: torch.Tensor | None = None  # (U,) rows with something to draw
         self.__dict__["_model"] = ctx.model  # read, never owned: not a submodule (no shared parameters)
@@ -232,6 +255,7 @@ class BDTerm(KDTerm):
             w = bd_sampling_weights(self.own_rank, self.other_rank, self.role, self.eps, self.sign)
             self.sample_weights = self.known.mask_(w, self.users, 0.0)  # known pairs never drawn (no dense mask)
             self._has_weight = self.sample_weights.sum(1) > 0
+            self.sampler = RowCategorical(self.sample_weights)
             return
         else:
             other_rank = (self.num_items - 1 - self.other_pos).expand_as(self.items)  # its list on top, in order
@@ -239,6 +263,7 @@ class BDTerm(KDTerm):
             valid = self.valid
         self.sample_weights = torch.where(valid, w, torch.zeros_like(w))
         self._has_weight = self.sample_weights.sum(1) > 0
+        self.sampler = RowCategorical(self.sample_weights)
 
     def resample(self, generator: torch.Generator, epoch: int) -> None:
         if (self.sample_weights is None and self.drawn is None) or epoch % self.refresh == 0:
@@ -266,7 +291,7 @@ class BDTerm(KDTerm):
             pick = self.drawn[rows, torch.randint(self.draws, (len(rows),), generator=self._generator,
                                                   device=rows.device)]
         else:
-            pick = torch.multinomial(self.sample_weights[rows], 1, generator=self._generator).squeeze(1)  # (B',)
+            pick = self.sampler.draw(rows, self._generator)  # (B',)
         if self.full:
             items = pick
             label = sum(w * torch.sigmoid(s / self.temperature)
@@ -278,4 +303,4 @@ class BDTerm(KDTerm):
         return F.binary_cross_entropy_with_logits(s, label.detach().to(s.dtype), reduction="sum")
 
 
-__all__ = ["BDTerm", "ascending_ranks", "bd_sampling_weights", "fuse_scored_lists"]
+__all__ = ["BDTerm", "RowCategorical", "ascending_ranks", "bd_sampling_weights", "fuse_scored_lists"]
