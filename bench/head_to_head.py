@@ -1,6 +1,7 @@
 """Every distillation method on the peer's own ground: MovieLens-100K, its split, BPR-MF 128 → BPR-MF 16.
 
     python bench/head_to_head.py [--json PATH] [--methods "no KD,RRD,HTD"] [--epochs 200] [--patience 10]
+                                 [--lr 0.005] [--batch-size 1024] [--teacher-wd 1e-4,1e-3,1e-2]
 
 The split (the one woriazzc/KDs and RecBole-style scripts use): dense ids = sorted original ids - 1;
 every user's items sorted by item id, then shuffled with one ``numpy.random.default_rng(0)`` (users in
@@ -126,8 +127,8 @@ learner_module.train_epochs = _timed_train_epochs
 
 
 def job_for(terms: list[dict], teachers: list[dict], args) -> "object":
-    train = {"epochs_base": args.epochs, "select": "best_valid", "patience": args.patience, "batch_size": 1024,
-             "lr": args.lr}
+    train = {"epochs_base": args.epochs, "select": "best_valid", "patience": args.patience,
+             "batch_size": args.batch_size, "lr": args.lr}
     teacher_specs = []
     for t in teachers:
         t = dict(t)
@@ -201,6 +202,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=200, help="epoch cap of every model (best validation epoch kept)")
     ap.add_argument("--patience", type=int, default=10, help="epochs without a validation gain before stopping")
     ap.add_argument("--lr", type=float, default=0.005)
+    ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--teacher-wd", type=lambda s: [float(x) for x in s.split(",")], default=[1e-4, 1e-3, 1e-2],
                     help="the MF teacher's L2 candidates, chosen on validation (one value: fixed)")
     ap.add_argument("--student-wd", type=float, default=1e-4)
