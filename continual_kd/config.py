@@ -281,6 +281,9 @@ class TrainSpec(_Spec):
     # training popularity: bias traded for at most that much accuracy, measured on validation)
     grid_prefer: Literal["accuracy", "less_popular"] = "accuracy"
     grid_tolerance: float = Field(0.01, ge=0, lt=1)
+    # chosen again at every warm update on that block's validation (not kept): e.g. {lr_block: [0.005,
+    # 0.001]} trains the update once per warm rate and keeps the better (a value equal to lr: no slowing)
+    grid_block: dict[Literal["lr_block"], _tuple(Annotated[float, Field(gt=0)])] = {}
 
     @model_validator(mode="after")
     def _grid(self):
@@ -289,7 +292,10 @@ class TrainSpec(_Spec):
                 raise _Bad(f"grid.{name}", "an empty list of candidates", [], "give at least one value or drop the key")
             if name == "lr" and any(v <= 0 for v in values):
                 raise _Bad(f"grid.{name}", "a learning rate ≤ 0", list(values), "use values > 0")
-        if self.grid and self.select != "best_valid":
+        for name, values in self.grid_block.items():
+            if not values:
+                raise _Bad(f"grid_block.{name}", "an empty list of candidates", [], "give at least one value or drop the key")
+        if (self.grid or self.grid_block) and self.select != "best_valid":
             raise _Bad("grid", "a grid without validation to choose by", self.select,
                        "set select: best_valid (the grid is chosen on the base block's validation NDCG@20)")
         if "negative_exponent" in self.grid and self.negatives != "popularity":

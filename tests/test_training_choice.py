@@ -301,6 +301,36 @@ def test_warm_updates_step_old_rows_at_lr_block_and_new_rows_base_block_and_retr
         assert torch.equal(a, b)
 
 
+def test_grid_block_chooses_the_warm_rate_on_each_blocks_validation(tmp_path, monkeypatch):
+    """train.grid_block: every warm update trains once per candidate from the same start and keeps the one
+    with the better validation NDCG@20: the same weights as an update at that rate alone; the base block and
+    the base grid's choice are untouched."""
+    import copy
+
+    job, store, plan = _job(tmp_path, monkeypatch)
+    seen0, seen1 = store.read_blocks(plan.plan_id, 0), store.read_blocks(plan.plan_id, 1)
+    spec = job.teachers[0]
+    train = spec.train.model_copy(update={"grid": {"weight_decay": (1e-4, 1e-2)}, "grid_block": {"lr_block": (spec.train.lr, 1e-7)}})
+    learner = Learner(spec.model_copy(update={"train": train}), job.seed, role="teacher")
+    base = learner.update(seen0, 0)
+    assert [set(g) - {"valid_ndcg@20", "valid_avgpop@20", "best_epoch"} for g in base["grid"]] == [{"weight_decay"}] * 2
+    chosen = dict(learner.chosen)
+    start = copy.deepcopy(learner)
+    log = learner.update(seen1, 1)
+    assert learner.chosen == chosen  # the base grid's choice stays
+    assert [g["lr_block"] for g in log["grid"]] == [spec.train.lr, 1e-7]
+    best = max(log["grid"], key=lambda g: g["valid_ndcg@20"])
+    assert log["chosen_block"] == {"lr_block": best["lr_block"]} and log["valid_ndcg@20"] == best["valid_ndcg@20"]
+    alone = start  # the same start, that rate only
+    alone.spec = alone.spec.model_copy(update={"train": alone.spec.train.model_copy(
+        update={"grid_block": {}, "lr_block": best["lr_block"]})})
+    alone.update(seen1, 1)
+    for (k, a), b in zip(learner.model.state_dict().items(), alone.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(Exception, match="empty list of candidates"):
+        spec.train.model_validate({**spec.train.model_dump(), "grid_block": {"lr_block": []}})
+
+
 @pytest.mark.parametrize("lazy", [False, True])
 def test_slow_rows_scale_the_step_of_the_given_rows_only(lazy):
     from continual_kd.continual.optim import LazyAdam, SlowRows

@@ -253,15 +253,19 @@ class Learner:
             relevant, exclude = self.pairs.eval_sets(seen, block, VALID, exact=True)
             valid = (relevant, exclude) if int((relevant.degree > 0).sum()) > 0 else None
         grid = self._grid() if not self.chosen else [{}]
+        warm = had is not None and not retrain  # a trained model continuing on a new block
+        if warm and self.spec.train.grid_block:  # chosen again at every warm update, on this block's validation
+            grid = [{**g, **w} for g in grid for w in self._grid(self.spec.train.grid_block)]
         # train.lr_block: what the model had before this block steps at the warm rate (new rows at lr)
-        slow = rows_before(self.model, *had) if self.spec.train.lr_block is not None and had and not retrain else None
+        slowed = self.spec.train.lr_block is not None or "lr_block" in self.spec.train.grid_block
+        slow = rows_before(self.model, *had) if slowed and warm else None
         start = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if len(grid) > 1 else None
         fits = []
         for overrides in grid:
             if start is not None:
                 self.model.load_state_dict(start)
             train_spec = self.spec.train.model_copy(update={**self.chosen, **overrides})
-            slow_rows = (self.spec.train.lr_block / train_spec.lr, slow) if slow else None
+            slow_rows = (train_spec.lr_block / train_spec.lr, slow) if slow and train_spec.lr_block is not None else None
             fit = self._fit(seen, block, u, i, known, epochs, train_spec, knowledge, terms, fusion, weights,
                             trajectory, scope, trained, valid, draw, keep=len(grid) > 1, slow_rows=slow_rows)
             fits.append((overrides, fit))
@@ -270,11 +274,13 @@ class Learner:
             self.model.load_state_dict(fit["weights"])
             self._trajectory = fit["trajectory"]
             self.term_state.update(fit["carried"])
-            self.chosen = {name: float(v) for name, v in overrides.items()}
+            kept = {name: float(v) for name, v in overrides.items() if name in self.spec.train.grid}
+            if kept:  # the base grid's choice (a warm update's grid_block choice is not kept)
+                self.chosen = kept
         else:
             overrides, fit = fits[0]
             if self.spec.train.grid and not self.chosen:  # a grid of one combination
-                self.chosen = {name: float(v) for name, v in overrides.items()}
+                self.chosen = {name: float(v) for name, v in overrides.items() if name in self.spec.train.grid}
         if proxies is not None:
             from .proxies import Proxies
 
@@ -287,6 +293,7 @@ class Learner:
             "model": self.spec.name, "block": block, "epochs": len(logs), "best_epoch": fit["best_epoch"],
             "valid_ndcg@20": fit["valid"], "train_rows": len(positives), "replay_rows": fit["replay_rows"],
             "terms": fit["terms"], "chosen": dict(self.chosen),
+            "chosen_block": {name: float(v) for name, v in overrides.items() if name in self.spec.train.grid_block},
             "grid": [{**o, "valid_ndcg@20": f["valid"], "valid_avgpop@20": f["valid_avgpop"], "best_epoch": f["best_epoch"]}
                      for o, f in fits] if len(fits) > 1 else [],
             "seconds": time.perf_counter() - t0, "started_at": started, "ended_at": time.time(),
@@ -296,11 +303,11 @@ class Learner:
             "kd_loss": logs[-1].kd_loss if logs else float("nan"),
         }
 
-    def _grid(self) -> list[dict]:
-        """Every combination of ``train.grid`` (one empty combination without a grid)."""
+    def _grid(self, grid: dict | None = None) -> list[dict]:
+        """Every combination of ``grid`` (default ``train.grid``; one empty combination without a grid)."""
         import itertools
 
-        grid = self.spec.train.grid
+        grid = self.spec.train.grid if grid is None else grid
         names = sorted(grid)
         return [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))] or [{}]
 
