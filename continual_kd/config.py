@@ -566,8 +566,7 @@ class ContinualSpec(_Spec):
     # trained from scratch on everything seen so far (the reference a continual update is judged against)
     strategy: Annotated[Literal["warm", "retrain"], BeforeValidator(lambda v: "retrain" if v == "scratch" else v)] = "warm"
     # warm updates also train on pairs of earlier blocks: per epoch, `replay` × the block's training rows
-    # drawn from the history (0 = the new block alone; a model batched by user, MultVAE, replays `replay` ×
-    # the block's users: each brings its whole row); `replay_by`: user (every user of the history
+    # drawn from the history (0 = the new block alone); `replay_by`: user (every user of the history
     # equally likely) | pair (every pair equally likely)
     replay: float = Field(0.0, ge=0)
     replay_by: Literal["user", "pair"] = "user"

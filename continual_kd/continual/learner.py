@@ -247,11 +247,7 @@ class Learner:
         knowledge = flatten_knowledge(knowledge)
         draw = None
         if not retrain and replay > 0 and block > 0:
-            # a model trained on users' whole rows (MultVAE) replays users, as many as the block has (× replay):
-            # counted in pairs, every user of the history would be drawn and an update would cost a retrain epoch
-            by_user = getattr(self.model, "batch_unit", "interaction") == "user"
-            n = len(np.unique(positives.users)) if by_user else len(positives)
-            draw = self._replay_sampler(seen, block, int(round(replay * n)), replay_by)
+            draw = self._replay_sampler(seen, block, int(round(replay * len(positives))), replay_by)
         valid = None
         if self.spec.train.select == "best_valid" and epochs > 0:
             relevant, exclude = self.pairs.eval_sets(seen, block, VALID, exact=True)
