@@ -137,7 +137,9 @@ def job_for(terms: list[dict], teachers: list[dict], args) -> "object":
         wd = {"weight_decay": args.teacher_wd[0]} if t["backbone"] == "mf" and len(args.teacher_wd) == 1 else {}
         teacher_specs.append({**t, "train": {**train, **overrides, **grid, **wd}})
     job = {"name": "head-to-head", "seed": args.seed, "teachers": teacher_specs,
-           "student": {"name": "student", "backbone": "mf", "dim": 16, "train": {**train, "weight_decay": args.student_wd}},
+           "student": {"name": "student", "backbone": "mf", "dim": 16,
+                       "train": {**train, **({"grid": {"weight_decay": args.student_wd}} if len(args.student_wd) > 1
+                                             else {"weight_decay": args.student_wd[0]})}},
            "distill": {"terms": terms, "feedback": []}, "eval": {"ks": [20], "exclude": "train"}}
     return parse_job(job, "bench/head_to_head.py")
 
@@ -159,7 +161,8 @@ def train_teachers(seen: Interactions, group: str, args) -> tuple[dict, dict]:
                         "valid_ndcg@20": log.get("valid_ndcg@20"), "best_epoch": log.get("best_epoch"),
                         "chosen": log.get("chosen"), "parameters": ev["parameters"]}
     print(f"teachers ({group}) trained in {time.perf_counter() - t0:.0f} s: "
-          + ", ".join(f"{k} {m['ndcg@20']:.4f}" for k, m in metrics.items()), file=sys.stderr, flush=True)
+          + ", ".join(f"{k} {m['ndcg@20']:.4f} (chosen {m['chosen']}, best epoch {m['best_epoch']})"
+                      for k, m in metrics.items()), file=sys.stderr, flush=True)
     return learners, metrics
 
 
@@ -205,7 +208,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--teacher-wd", type=lambda s: [float(x) for x in s.split(",")], default=[1e-4, 1e-3, 1e-2],
                     help="the MF teacher's L2 candidates, chosen on validation (one value: fixed)")
-    ap.add_argument("--student-wd", type=float, default=1e-4)
+    ap.add_argument("--student-wd", type=lambda s: [float(x) for x in s.split(",")], default=[1e-4],
+                    help="the student's L2 (several: chosen on validation)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
