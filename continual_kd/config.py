@@ -270,6 +270,9 @@ class TrainSpec(_Spec):
     pda_gamma: float = Field(0.1, ge=0)
     patience: int = Field(10, ge=0)
     valid_every: int = Field(1, ge=1)  # epochs between validations
+    # best-epoch choice on a seeded sample of this many of the block's validation users (the same users at
+    # every epoch; None: all). Huge blocks: each validation ranks its users over every item
+    valid_users: int | None = Field(None, ge=1)
     # adam | lazy_adam: row-sparse Adam (continual/optim.py) — an MF table's step costs the batch's rows,
     # not the table (large streams: 100k+ users or items); other backbones and Ray Train workers use Adam
     optimizer: Literal["adam", "lazy_adam"] = "adam"

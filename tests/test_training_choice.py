@@ -60,6 +60,25 @@ def test_best_epoch_never_stops_with_patience_zero_and_validates_every_n():
     assert [e for e, _ in best.history] == [3, 6, 7]  # every 3rd epoch and the cap
 
 
+def test_best_epoch_on_a_sample_of_validation_users_ranks_only_those_users():
+    # user u's validation item is u % 4; the scores put it first for users 0..4 and last for users 5..9
+    relevant = UserItemSet(np.arange(10), np.arange(10) % 4, 10, 4)
+    empty = UserItemSet(np.array([], dtype=np.int64), np.array([], dtype=np.int64), 10, 4)
+    scores = np.zeros((10, 4))
+    scores[np.arange(10), np.arange(10) % 4] = np.where(np.arange(10) < 5, 1.0, -1.0)
+    model = _Fixed(scores)
+    full = BestEpoch(model, relevant, empty, patience=0, every=1, cap=1, k=1)
+    assert full.score() == pytest.approx(0.5)
+    from continual_kd.eval.metrics import sample_users
+
+    for seed in (0, 1, 2):
+        picked = sample_users(torch.arange(10), 4, seed)
+        sampled = BestEpoch(model, relevant, empty, patience=0, every=1, cap=1, k=1, sample=4, seed=seed)
+        assert sampled.score() == pytest.approx(float((picked < 5).float().mean()))  # only those 4 users
+        assert sampled.score() == sampled.score()  # the same users at every epoch
+    assert BestEpoch(model, relevant, empty, patience=0, every=1, cap=1, k=1, sample=10).score() == full.score()
+
+
 JOB = """
 name: choice
 seed: 0

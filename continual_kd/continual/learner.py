@@ -324,7 +324,8 @@ class Learner:
         if valid is not None:
             best = BestEpoch(self.model, *valid, patience=train_spec.patience, every=train_spec.valid_every,
                              cap=epochs, chunk_size=1024, device=self.device,
-                             item_popularity=self.pairs.popularity(seen) if keep else None)
+                             item_popularity=self.pairs.popularity(seen) if keep else None,
+                             sample=train_spec.valid_users, seed=derive_seed(self.seed, "valid", block))
             hooks.append(best)
         replayed = [0]
 

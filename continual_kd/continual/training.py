@@ -143,8 +143,10 @@ class BestEpoch:
     passed without a gain (0: never stops early). ``restore()`` puts the best weights back."""
 
     def __init__(self, model, relevant: UserItemSet, exclude: UserItemSet, patience: int, every: int, cap: int,
-                 chunk_size: int = 1024, device="cpu", k: int = 20, item_popularity: torch.Tensor | None = None):
+                 chunk_size: int = 1024, device="cpu", k: int = 20, item_popularity: torch.Tensor | None = None,
+                 sample: int | None = None, seed: int = 0):
         self.model, self.relevant, self.exclude = model, relevant, exclude
+        self.sample, self.seed = sample, seed  # a seeded sample of validation users (the same at every epoch)
         self.patience, self.every, self.cap, self.k = patience, every, cap, k
         self.chunk_size, self.device = chunk_size, device
         self.item_popularity = item_popularity  # given: best_avgpop = avg popularity@k of the best epoch's lists
@@ -159,7 +161,7 @@ class BestEpoch:
         from ..eval.metrics import evaluate_ranking
 
         out = evaluate_ranking(self.model, self.relevant, self.exclude, (self.k,), self.chunk_size, self.device,
-                               item_popularity=self.item_popularity)
+                               item_popularity=self.item_popularity, sample=self.sample, seed=self.seed)
         self._avgpop = out.get(f"avgpop@{self.k}")
         return float(out[f"ndcg@{self.k}"] or 0.0)
 
