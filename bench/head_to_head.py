@@ -36,7 +36,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import continual_kd.continual.learner as learner_module  # noqa: E402
 from continual_kd.config import parse_job  # noqa: E402
 from continual_kd.continual.learner import Learner  # noqa: E402
 from continual_kd.continual.stages import (BlockRun, InProcessExecutor, model_key, teacher_knowledge,  # noqa: E402
@@ -98,32 +97,6 @@ def movielens_split() -> Interactions:
                         np.zeros(len(users), np.int16), split, num_users, int(items.max()) + 1)
 
 
-# ------------------------------------------------------------------------ training time per epoch
-
-EPOCH_TIMES: list[dict] = []  # one entry per train_epochs call: rows, epochs, seconds (hooks excluded)
-_train_epochs = learner_module.train_epochs
-
-
-def _timed_train_epochs(model, users, items, known, epochs, spec, generator, terms=(), on_epoch_end=None,
-                        *args, **kwargs):
-    """The library's loop, timed: the per-epoch hook (validation, trajectory checkpoints) is not counted."""
-    hooks = [0.0]
-    hook = on_epoch_end
-    if hook is not None:
-        def on_epoch_end(epoch, _inner=hook):
-            t = time.perf_counter()
-            out = _inner(epoch)
-            hooks[0] += time.perf_counter() - t
-            return out
-    t0 = time.perf_counter()
-    logs = _train_epochs(model, users, items, known, epochs, spec, generator, terms, on_epoch_end, *args, **kwargs)
-    EPOCH_TIMES.append({"rows": len(users), "epochs": len(logs), "seconds": time.perf_counter() - t0 - hooks[0]})
-    return logs
-
-
-learner_module.train_epochs = _timed_train_epochs
-
-
 # ---------------------------------------------------------------------------------------- a method
 
 
@@ -180,17 +153,15 @@ def run_method(seen: Interactions, name: str, teachers: dict, args) -> dict:
     run = BlockRun(job, 0, [model_key("teacher", t.name) for t in job.teachers])
     if terms:
         teacher_knowledge(run, ex)
-    EPOCH_TIMES.clear()
     t0 = time.perf_counter()
     update_student(run, ex)
     seconds = time.perf_counter() - t0
-    timed = [t for t in EPOCH_TIMES if t["epochs"] > 0]
-    rows = sum(t["rows"] * t["epochs"] for t in timed)
-    train_s = sum(t["seconds"] for t in timed)
     ev = learners["student"].evaluate_block(seen, 0, job.eval)
     log = run.updates["student"]
+    # the update's training alone (its epochs' resampling, batches and KD terms; not the per-epoch validation)
+    train_s = log.get("train_seconds") or 0.0
     return {"ndcg@20": ev["test"]["ndcg@20"], "recall@20": ev["test"]["recall@20"],
-            "rows_per_s": rows / train_s if train_s > 0 else None, "parameters": ev["parameters"],
+            "rows_per_s": log["trained_rows"] / train_s if train_s > 0 else None, "parameters": ev["parameters"],
             "best_epoch": log.get("best_epoch"), "epochs": log.get("epochs"),
             "valid_ndcg@20": log.get("valid_ndcg@20"), "update_seconds": seconds}
 

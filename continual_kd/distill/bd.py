@@ -254,14 +254,10 @@ class BDTerm(KDTerm):
         if self.full:
             w = bd_sampling_weights(self.own_rank, self.other_rank, self.role, self.eps, self.sign)
             self.sample_weights = self.known.mask_(w, self.users, 0.0)  # known pairs never drawn (no dense mask)
-            self._has_weight = self.sample_weights.sum(1) > 0
-            self.sampler = RowCategorical(self.sample_weights)
-            return
         else:
             other_rank = (self.num_items - 1 - self.other_pos).expand_as(self.items)  # its list on top, in order
             w = bd_sampling_weights(self.own_rank, other_rank, self.role, self.eps, self.sign)
-            valid = self.valid
-        self.sample_weights = torch.where(valid, w, torch.zeros_like(w))
+            self.sample_weights = torch.where(self.valid, w, torch.zeros_like(w))
         self._has_weight = self.sample_weights.sum(1) > 0
         self.sampler = RowCategorical(self.sample_weights)
 
