@@ -30,6 +30,33 @@ def test_every_row_touched_is_exactly_adam():
     assert torch.allclose(lazy, dense, atol=1e-6)
 
 
+@pytest.mark.parametrize("rows", [5, 1000])  # ids × 16 ≥ rows: scratch table and mask; < rows: sorted ids
+def test_tape_rows_step_exactly_like_adam_and_untouched_rows_stay(rows):
+    torch.manual_seed(0)
+    start = torch.randn(rows, 3)
+    dense, lazy = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opt_d, opt_l = torch.optim.Adam([dense], lr=0.01), LazyAdam([lazy], lr=0.01)
+    ids = torch.tensor([[0, 1, 2], [3, 4, 2]])  # row 2 looked up twice in one lookup, row 4 in two lookups
+    target = torch.randn(2, 3, 3)
+    for step in range(4):
+        opt_d.zero_grad()
+        ((dense[ids] - target) ** 2).sum().backward()
+        opt_d.step()
+        # dense Adam moves rows without gradient by their momentum only after they had one: none here
+        opt_l.zero_grad()
+        out = opt_l.tape.lookup(lazy, ids)
+        assert out.shape == (2, 3, 3)
+        (((out - target) ** 2).sum() + opt_l.tape.lookup(lazy, torch.tensor([4])).sum() * 0).backward()
+        opt_l.step()
+        assert not opt_l.tape.entries  # forgotten after each step
+    assert lazy.grad is None
+    assert torch.allclose(lazy.detach(), dense.detach(), atol=1e-6)
+    assert torch.equal(lazy.detach()[5:], start[5:])
+    # the scratch table is left all zeros for the next step
+    for total, touched in opt_l.tape._scratch.values():
+        assert not total.any() and not touched.any()
+
+
 def test_rows_not_touched_do_not_move_and_dense_gradients_take_adam():
     start = torch.randn(6, 2)
     table = torch.nn.Parameter(start.clone())
@@ -50,6 +77,13 @@ def test_rows_not_touched_do_not_move_and_dense_gradients_take_adam():
     (F.embedding(ids, table, sparse=True).sum() + table[0].sum()).backward()
     opt.step()
     assert (table.detach()[0] != start[0]).all()
+    # the same through the tape: the tape's rows added into the dense gradient
+    before = table.detach().clone()
+    opt.zero_grad()
+    (opt.tape.lookup(table, torch.tensor([2])).sum() * 1e3 + table[0].sum()).backward()
+    opt.step()
+    moved = (table.detach() != before).any(1)
+    assert moved[0] and moved[2] and not moved[3]  # rows 1 and 4 still move by their momentum (dense step)
 
 
 def _pairs(users=60, items=40, n=600, seed=0):
@@ -67,7 +101,7 @@ def test_mf_learns_with_either_optimizer_and_leaves_dense_gradients_after(optimi
     spec = TrainSpec(optimizer=optimizer, lr=0.05, batch_size=128, weight_decay=1e-4)
     logs = train_epochs(model, u, i, known, 15, spec, torch.Generator().manual_seed(0), [])
     assert logs[-1].base_loss < 0.6 * logs[0].base_loss
-    assert model.sparse_grad is False  # dense lookups again once the update is over
+    assert model.row_tape is None  # plain lookups again once the update is over
     loss = model.base_loss(u[:4], i[:4], i[4:8])
     loss.backward()
     assert not model.user_emb.grad.is_sparse

@@ -2,17 +2,75 @@
 
 Dense Adam costs every step the size of every table: the gradient of a 300k-row user table is
 materialised in full, and every row's moments and weights are rewritten, though a batch touches
-a thousand rows. With ``lazy_adam`` a model's tables are looked up with sparse gradients (only the
-batch's rows) and this optimizer updates the moments and weights of those rows alone (the "lazy" Adam of
-large-scale recommenders): a step costs the batch, not the tables, so training rows/s does not fall as
-users and items grow. Rows a batch does not touch keep their moments unchanged (dense Adam would keep
-moving them by their decaying momentum). Parameters with dense gradients (KD terms' own weights, a table
-that a term reads densely) get the ordinary Adam step, with the same bias correction.
+a thousand rows. With ``lazy_adam`` a model's table lookups go through the optimizer's ``RowTape``
+(only the batch's rows, each lookup a leaf of its own) and this optimizer updates the moments and weights
+of those rows alone (the "lazy" Adam of large-scale recommenders): a step costs the batch, not the tables,
+so training rows/s does not fall as users and items grow. Rows a batch does not touch keep their moments
+unchanged (dense Adam would keep moving them by their decaying momentum). Parameters with dense gradients
+(KD terms' own weights, a table that a term reads densely) get the ordinary Adam step, with the same bias
+correction; a table read both ways steps densely with the tape's rows added in.
+
+Why a tape and not ``F.embedding(sparse=True)``: with RRD a batch looks up ~80 items for each of its
+~1,000 users, and torch's sparse gradients are summed in the backward and coalesced (sorted) in the
+step — most of a step's time at 100k items (issue 12). The tape's rows get plain dense gradients and are
+summed into a scratch table with one scatter, the touched rows found from a mask: no sort.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+SORT_BELOW = 16  # ids × this < table rows: distinct rows by sorting the ids, not by a scratch table and mask
+
+
+class RowTape:
+    """Row lookups of embedding tables recorded for a row-sparse step: ``lookup(table, ids)`` gives the
+    rows as a leaf of their own (its gradient is dense, (*ids.shape, d)) and keeps (ids, leaf) for the
+    table; ``gradients(table)`` sums the recorded rows' gradients per distinct row → (rows, (n, d)) and
+    forgets them. A scratch table (zeros, the table's shape, kept between steps) takes the sums by one
+    accumulating ``index_put_``; the touched rows come from a mask, and are zeroed again after reading. A
+    table far longer than its ids (a 300k-user table, a few thousand user ids a batch) sorts the ids
+    instead: no scan of the whole table per step."""
+
+    def __init__(self):
+        self.entries: dict[torch.Tensor, list] = {}
+        self._scratch: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def lookup(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        flat = torch.where(flat < 0, flat + table.shape[0], flat)
+        leaf = table.detach().index_select(0, flat).requires_grad_(True)
+        self.entries.setdefault(table, []).append((flat, leaf))
+        return leaf.view(*ids.shape, *table.shape[1:])
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    @torch.no_grad()
+    def gradients(self, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        entries = [(ids, leaf.grad) for ids, leaf in self.entries.pop(table, []) if leaf.grad is not None]
+        if not entries:
+            return None
+        ids = entries[0][0] if len(entries) == 1 else torch.cat([e[0] for e in entries])
+        grads = entries[0][1] if len(entries) == 1 else torch.cat([e[1] for e in entries])
+        if len(ids) * SORT_BELOW < table.shape[0]:  # few ids in a long table: sorting them beats scanning a mask
+            rows, where = torch.unique(ids, return_inverse=True)
+            values = grads.new_zeros((len(rows),) + tuple(grads.shape[1:]))
+            return rows, values.index_put_((where,), grads, accumulate=True)
+        scratch = self._scratch.get(table)
+        if scratch is None or scratch[0].shape != table.shape or scratch[0].dtype != grads.dtype:
+            scratch = (torch.zeros(table.shape, dtype=grads.dtype, device=grads.device),
+                       torch.zeros(table.shape[0], dtype=torch.bool, device=grads.device))
+            self._scratch[table] = scratch
+        total, touched = scratch
+        total.index_put_((ids,), grads, accumulate=True)  # on the CPU far cheaper than index_add_ for many ids
+        touched[ids] = True
+        rows = torch.nonzero(touched).flatten()  # ascending, each once
+        values = total.index_select(0, rows)
+        total.index_fill_(0, rows, 0.0)
+        touched[rows] = False
+        return rows, values
 
 
 class LazyAdam(torch.optim.Optimizer):
@@ -21,6 +79,7 @@ class LazyAdam(torch.optim.Optimizer):
             raise ValueError(f"lr must be > 0, got {lr}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
         self.row_scale: dict = {}  # parameter → (n, ratio): its rows [0, n) step at ratio × lr (SlowRows)
+        self.tape = RowTape()  # the model's row lookups while it trains (``make_optimizer`` hands it over)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -29,7 +88,13 @@ class LazyAdam(torch.optim.Optimizer):
             lr, (b1, b2), eps = group["lr"], group["betas"], group["eps"]
             for p in group["params"]:
                 g = p.grad
-                if g is None:
+                taped = self.tape.gradients(p)
+                if taped is not None and g is not None:  # the table was also read densely: one dense gradient
+                    g, taped = g.index_add(0, taped[0], taped[1].to(g.dtype)), None
+                if g is not None and g.is_sparse:
+                    g = g.coalesce()  # one row per index (a row looked up twice: its gradients summed)
+                    taped = g.indices()[0], g.values()
+                if taped is None and g is None:
                     continue
                 state = self.state[p]
                 if not state:
@@ -41,9 +106,8 @@ class LazyAdam(torch.optim.Optimizer):
                 m, v = state["m"], state["v"]
                 # torch.optim.Adam's step: lr / (1 - b1^t) · m / (sqrt(v / (1 - b2^t)) + eps)
                 step_size, bc2_sqrt = lr / (1 - b1 ** t), (1 - b2 ** t) ** 0.5
-                if g.is_sparse:
-                    g = g.coalesce()  # one row per index (a row looked up twice: its gradients summed)
-                    rows, values = g.indices()[0], g.values()
+                if taped is not None:  # the rows stepped alone
+                    rows, values = taped
                     m_rows = m.index_select(0, rows).mul_(b1).add_(values, alpha=1 - b1)
                     v_rows = v.index_select(0, rows).mul_(b2).addcmul_(values, values, value=1 - b2)
                     m.index_copy_(0, rows, m_rows)
@@ -52,7 +116,7 @@ class LazyAdam(torch.optim.Optimizer):
                     if p in self.row_scale:
                         n, ratio = self.row_scale[p]
                         update.mul_(torch.where(rows < n, ratio, 1.0).to(update.dtype).view(-1, *[1] * (update.dim() - 1)))
-                    p.index_add_(0, rows, update, alpha=-step_size)
+                    p.index_copy_(0, rows, p.index_select(0, rows).add_(update, alpha=-step_size))  # rows distinct
                 else:
                     m.mul_(b1).add_(g, alpha=1 - b1)
                     v.mul_(b2).addcmul_(g, g, value=1 - b2)
@@ -63,6 +127,7 @@ class LazyAdam(torch.optim.Optimizer):
                         p.add_(update, alpha=-step_size)
                     else:
                         p.addcdiv_(m, v.sqrt().div_(bc2_sqrt).add_(eps), value=-step_size)
+        self.tape.clear()
         return loss
 
 
@@ -92,14 +157,16 @@ class SlowRows:
 
 
 def make_optimizer(model, params: list, spec, parallel=None) -> torch.optim.Optimizer:
-    """The update's optimizer: ``lazy_adam`` (row-sparse; the model's tables switched to sparse
-    gradients while it trains) or Adam (fused where every parameter allows it). Ray Train's data
-    parallelism keeps Adam (DDP all-reduces dense gradients)."""
-    lazy = spec.optimizer == "lazy_adam" and parallel is None and hasattr(model, "sparse_grad")
-    if hasattr(model, "sparse_grad"):
-        model.sparse_grad = lazy
+    """The update's optimizer: ``lazy_adam`` (row-sparse; the model's table lookups recorded on the
+    optimizer's ``RowTape`` while it trains) or Adam (fused where every parameter allows it). Ray Train's
+    data parallelism keeps Adam (DDP all-reduces dense gradients)."""
+    lazy = spec.optimizer == "lazy_adam" and parallel is None and hasattr(model, "row_tape")
+    if hasattr(model, "row_tape"):
+        model.row_tape = None
     if lazy:
-        return LazyAdam(params, lr=spec.lr)
+        opt = LazyAdam(params, lr=spec.lr)
+        model.row_tape = opt.tape
+        return opt
     # fused: one kernel for every parameter's update (the same Adam step; far fewer small ops on CPU)
     fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.Adam(params, lr=spec.lr, fused=fused or None)

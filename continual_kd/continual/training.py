@@ -131,8 +131,8 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
             model.train()
     finally:  # also when a step fails: the model leaves the loop in eval mode, with dense gradients
         model.eval()
-        if hasattr(model, "sparse_grad"):
-            model.sparse_grad = False  # dense gradients again outside this update's steps
+        if hasattr(model, "row_tape"):
+            model.row_tape = None  # dense gradients again outside this update's steps
     return logs
 
 

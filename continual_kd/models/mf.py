@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..gather import gather_rows
@@ -15,7 +14,7 @@ INIT_STD = 0.01
 
 @register("mf")
 class BPRMF(nn.Module):
-    sparse_grad = False  # set by train_epochs while a lazy_adam update trains (row-sparse table gradients)
+    row_tape = None  # set while a lazy_adam update trains: lookups recorded for row-sparse steps (continual/optim.py)
 
     def __init__(self, num_users: int, num_items: int, dim: int = 64):
         super().__init__()
@@ -32,9 +31,9 @@ class BPRMF(nn.Module):
         return self.item_emb.shape[0]
 
     def _rows(self, table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """``table[ids]``; with ``sparse_grad`` (train.optimizer lazy_adam) a row-sparse gradient."""
-        if self.sparse_grad and torch.is_grad_enabled():
-            return F.embedding(ids, table, sparse=True)
+        """``table[ids]``; with a ``row_tape`` (train.optimizer lazy_adam) rows stepped alone by the optimizer."""
+        if self.row_tape is not None and torch.is_grad_enabled() and table.requires_grad:
+            return self.row_tape.lookup(table, ids)
         return gather_rows(table, ids)
 
     def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
