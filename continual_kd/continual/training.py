@@ -62,22 +62,22 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
     # L2 only on what the batch touches (model.regularization), not Adam's weight_decay: that
     # would shrink every user/item absent from the block by ~lr per step and erase old knowledge
     params = list(model.parameters()) + [p for t in terms for p in t.parameters()]
-    opt = make_optimizer(model, params, spec, parallel)  # Adam, or row-sparse Adam (train.optimizer)
-    stepper = SlowRows(opt, *(slow_rows[::-1] if slow_rows else (None, 1.0)))
-    if parallel is not None:  # DDP over the model and the terms' own parameters
-        parallel.attach(model, terms)
-    model.train()
-    by_user = getattr(model, "batch_unit", "interaction") == "user"  # e.g. MultVAE: one row per user
-    block_users, block_items = users, items
-    neg_weights = None
-    if spec.negatives == "popularity" and item_popularity is not None:
-        pop = item_popularity.detach().float().cpu()
-        neg_weights = torch.ones(model.num_items)
-        neg_weights[: len(pop)] = (pop[: model.num_items] + 1.0) ** spec.negative_exponent
-    # train.debias (continual/debias.py): IPS weights / PDA's popularity factor, handed to base_loss
-    shaping = loss_shaping(spec, model.num_items, block_items, item_popularity)
-    shaped = {} if shaping is None else {"shaping": shaping}
-    try:
+    try:  # from the optimizer on: the finally below puts the model back whatever fails
+        opt = make_optimizer(model, params, spec, parallel)  # Adam, or row-sparse Adam (train.optimizer)
+        stepper = SlowRows(opt, *(slow_rows[::-1] if slow_rows else (None, 1.0)))
+        if parallel is not None:  # DDP over the model and the terms' own parameters
+            parallel.attach(model, terms)
+        model.train()
+        by_user = getattr(model, "batch_unit", "interaction") == "user"  # e.g. MultVAE: one row per user
+        block_users, block_items = users, items
+        neg_weights = None
+        if spec.negatives == "popularity" and item_popularity is not None:
+            pop = item_popularity.detach().float().cpu()
+            neg_weights = torch.ones(model.num_items)
+            neg_weights[: len(pop)] = (pop[: model.num_items] + 1.0) ** spec.negative_exponent
+        # train.debias (continual/debias.py): IPS weights / PDA's popularity factor, handed to base_loss
+        shaping = loss_shaping(spec, model.num_items, block_items, item_popularity)
+        shaped = {} if shaping is None else {"shaping": shaping}
         for epoch in range(epochs):
             started = time.perf_counter()
             for term in terms:
