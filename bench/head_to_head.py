@@ -2,7 +2,7 @@
 
     python bench/head_to_head.py [--json PATH] [--methods "no KD,RRD,HTD"] [--epochs 1000] [--patience 30]
                                  [--lr 0.001] [--batch-size 2048] [--teacher-wd 3e-5,1e-4,3e-4,1e-3]
-                                 [--student-wd 1e-4]
+                                 [--student-wd 1e-4] [--student-dim 16] [--term rrd.k=100 ...]
 
 The split (the one woriazzc/KDs and RecBole-style scripts use): dense ids = sorted original ids - 1;
 every user's items sorted by item id, then shuffled with one ``numpy.random.default_rng(0)`` (users in
@@ -19,7 +19,7 @@ student, on the in-process executor). A method whose term is not registered (yet
 Printed per method: test NDCG@20 and Recall@20, training rows per second per epoch (the epoch's
 resampling, batches and KD terms; validation and the terms' one-off construction excluded) and the
 served student's parameters; ``--json PATH`` writes ``{method: {"ndcg@20", "recall@20", "rows_per_s",
-"parameters"}}`` (the teachers as ``teacher:<name>`` rows) plus ``"split"`` (row counts).
+"parameters", "valid_ndcg@20"}}`` (the teachers as ``teacher:<name>`` rows) plus ``"split"`` (row counts).
 """
 
 from __future__ import annotations
@@ -110,8 +110,9 @@ def job_for(terms: list[dict], teachers: list[dict], args) -> "object":
         grid = {"grid": {"weight_decay": args.teacher_wd}} if t["backbone"] == "mf" and len(args.teacher_wd) > 1 else {}
         wd = {"weight_decay": args.teacher_wd[0]} if t["backbone"] == "mf" and len(args.teacher_wd) == 1 else {}
         teacher_specs.append({**t, "train": {**train, **overrides, **grid, **wd}})
+    terms = [{**t, **args.term.get(t["name"], {})} for t in terms]
     job = {"name": "head-to-head", "seed": args.seed, "teachers": teacher_specs,
-           "student": {"name": "student", "backbone": "mf", "dim": 16,
+           "student": {"name": "student", "backbone": "mf", "dim": args.student_dim,
                        "train": {**train, **({"grid": {"weight_decay": args.student_wd}} if len(args.student_wd) > 1
                                              else {"weight_decay": args.student_wd[0]})}},
            "distill": {"terms": terms, "feedback": []}, "eval": {"ks": [20], "exclude": "train"}}
@@ -166,6 +167,20 @@ def run_method(seen: Interactions, name: str, teachers: dict, args) -> dict:
             "valid_ndcg@20": log.get("valid_ndcg@20"), "update_seconds": seconds}
 
 
+def parse_term_settings(items: list[str]) -> dict[str, dict]:
+    """["rrd.k=100", "rrd.mode=sample"] → {"rrd": {"k": 100, "mode": "sample"}} (values as YAML scalars)."""
+    import yaml
+
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        name, dot, field = key.partition(".")
+        if not (sep and dot and name and field):
+            raise SystemExit(f"--term {item!r}: expected NAME.KEY=VALUE, e.g. rrd.k=100")
+        out.setdefault(name, {})[field] = yaml.safe_load(value)
+    return out
+
+
 def _fmt(x, spec: str) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -184,9 +199,13 @@ def main() -> None:
                     help="the MF teacher's L2 candidates, chosen on validation (one value: fixed)")
     ap.add_argument("--student-wd", type=lambda s: [float(x) for x in s.split(",")], default=[1e-4],
                     help="the student's L2 (several: chosen on validation)")
+    ap.add_argument("--student-dim", type=int, default=16, help="the student's dimension (the peer's: 16)")
+    ap.add_argument("--term", action="append", default=[], metavar="NAME.KEY=VALUE",
+                    help="a term setting for every method using that term, e.g. rrd.mode=sample (repeatable)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    args.term = parse_term_settings(args.term)
     torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -216,7 +235,8 @@ def main() -> None:
                           "note": f"n/a: {e}"}
         r = results[m]
         print(f"{m}: NDCG@20 {_fmt(r['ndcg@20'], '.4f')}  Recall@20 {_fmt(r['recall@20'], '.4f')}  "
-              f"{_fmt(r['rows_per_s'], ',.0f')} rows/s  {r.get('note', '')}", file=sys.stderr, flush=True)
+              f"{_fmt(r['rows_per_s'], ',.0f')} rows/s  valid NDCG@20 {_fmt(r.get('valid_ndcg@20'), '.4f')} "
+              f"(best epoch {r.get('best_epoch')})  {r.get('note', '')}", file=sys.stderr, flush=True)
 
     header = f"{'method':<14} {'NDCG@20':>8} {'Recall@20':>9} {'rows/s':>10} {'params':>8}   peer NDCG / Recall / rows/s"
     print(header)
@@ -232,7 +252,8 @@ def main() -> None:
         print(f"{m:<14} {_fmt(r['ndcg@20'], '>8.4f')} {_fmt(r['recall@20'], '>9.4f')} "
               f"{_fmt(r['rows_per_s'], '>10,.0f')} {_fmt(r['parameters'], '>8,')}   {peer_text}")
     if args.json is not None:
-        out = {m: {k: r[k] for k in ("ndcg@20", "recall@20", "rows_per_s", "parameters")} for m, r in results.items()}
+        out = {m: {k: r.get(k) for k in ("ndcg@20", "recall@20", "rows_per_s", "parameters", "valid_ndcg@20")}
+               for m, r in results.items()}
         for key, t in teacher_metrics.items():  # the teachers as rows of the same shape (no student rows/s)
             out[key] = {"ndcg@20": t["ndcg@20"], "recall@20": t["recall@20"], "rows_per_s": None,
                         "parameters": t["parameters"]}
