@@ -125,6 +125,22 @@ def test_full_scores_agree_with_score(name):
     assert torch.allclose(full, ue[users] @ ie.T, atol=1e-5)
 
 
+def test_multvae_few_items_scored_from_their_rows_equal_the_full_row_in_value_and_gradient():
+    torch.manual_seed(0)
+    model = build_backbone("multvae", 40, 200, dim=8, hidden=16)
+    model.observe(torch.randint(0, 40, (300,)), torch.randint(0, 200, (300,)))
+    users, items = torch.arange(12), torch.randint(0, 200, (12, 3))  # 3 of 200 columns: the row-gather path
+    few = model.score(users, items)
+    few.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    full = model.full_scores(users).gather(1, items)
+    full.square().sum().backward()
+    assert torch.allclose(few, full, atol=1e-6)
+    for n, p in model.named_parameters():
+        assert torch.allclose(grads[n], p.grad, atol=1e-6), n
+
+
 @pytest.mark.parametrize("name", sorted(BACKBONE_CASES))
 def test_deepcopy_scores_the_same(name):  # proxies / checkpoints copy whole models
     model = build_backbone(name, 5, 7, **BACKBONE_CASES[name])

@@ -142,10 +142,18 @@ class MultVAE(nn.Module):
         return self.decode(mu)  # (B, I), no dropout, no sampling
 
     def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        full = self.full_scores(users)
-        if items.dim() == 1:
-            return full.gather(1, items.unsqueeze(1)).squeeze(1)
-        return full.gather(1, items)  # (B, L)
+        """(B,) users × (B,) or (B, L) items → their logits (``full_scores`` at those columns). A few items
+        per user (BD's draws in a teacher's batch) are scored from their own output rows: the decoder's
+        (B, hidden) × (hidden, I) product over every item is what made BD double a MultVAE epoch."""
+        mu, _ = self.encode(users)
+        one = items.dim() == 1
+        cols = items.unsqueeze(1) if one else items  # (B, L)
+        if cols.shape[1] * 4 >= self.num_items:  # most of the row anyway: one dense product
+            out = self.decode(mu).gather(1, cols)
+        else:
+            h = torch.tanh(self.dec(mu))  # (B, hidden)
+            out = torch.einsum("bh,blh->bl", h, self.item_out[cols]) + self.item_bias[cols]
+        return out.squeeze(1) if one else out
 
     def base_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
                   shaping: LossShaping | None = None) -> torch.Tensor:
