@@ -162,6 +162,13 @@ def test_ascending_ranks_count_strictly_lower_entries():
 
     s = torch.tensor([[0.5, 2.0, -1.0, float("-inf")], [1.0, 1.0, 3.0, 0.0]])
     assert ascending_ranks(s).tolist() == [[2, 3, 1, 0], [1, 1, 3, 0]]
+    # rows with runs of ties and of -inf: each rank is the count of strictly lower entries in its row
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(0, 6, (7, 40), generator=g).float()
+    s[s == 0] = float("-inf")
+    s[3] = 2.0  # one row all tied
+    lower = (s.unsqueeze(1) < s.unsqueeze(2)).sum(2)  # [b, i] = #{j: s[b, j] < s[b, i]}
+    assert torch.equal(ascending_ranks(s), lower)
 
 
 def _mf(num_users, num_items, user_rows, item_rows):

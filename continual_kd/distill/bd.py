@@ -103,8 +103,17 @@ class RowCategorical:
 
 def ascending_ranks(scores: torch.Tensor) -> torch.Tensor:
     """(B, I) rank of every entry in its row by ascending score: how many entries are strictly lower
-    (so the best item has rank I-1 when there is no tie; -inf entries share rank 0)."""
-    return torch.searchsorted(torch.sort(scores, dim=1).values, scores.contiguous())
+    (so the best item has rank I-1 when there is no tie; -inf entries share rank 0).
+
+    One sort: an entry's rank is the sorted position of the first entry equal to it (a run of ties
+    starts where the sorted value changes; ``cummax`` carries that start along the run), scattered back
+    to the entry's column — the same as searching each entry in the sorted row, at half the cost."""
+    values, order = torch.sort(scores, dim=1)
+    pos = torch.arange(values.shape[1], device=values.device).expand_as(order)
+    starts = torch.ones_like(values, dtype=torch.bool)
+    starts[:, 1:] = values[:, 1:] != values[:, :-1]
+    first = torch.where(starts, pos, 0).cummax(dim=1).values
+    return torch.empty_like(order).scatter_(1, order, first)
 
 
 @register_term("bd")
