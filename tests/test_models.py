@@ -193,6 +193,32 @@ def test_lightgcn_reuses_propagation_until_something_changes():
         assert not torch.equal(model.embeddings()[0], second)
 
 
+def test_lightgcn_batch_scope_propagates_once_with_the_same_gradients():
+    torch.manual_seed(0)
+    model = build_backbone("lightgcn", 6, 7, dim=4, layers=2)
+    model.observe(torch.tensor([0, 1, 2, 3, 4, 5, 5]), torch.tensor([0, 1, 2, 4, 6, 3, 5]))
+    u, p, n = torch.tensor([0, 3, 5]), torch.tensor([0, 4, 3]), torch.tensor([6, 1, 2])
+
+    def losses():  # the base loss and a term that scores the model again (as BD does)
+        return model.base_loss(u, p, n) + model.score(u, torch.tensor([[2, 5], [0, 1], [6, 6]])).square().sum()
+
+    losses().backward()
+    apart = [q.grad.clone() for q in model.parameters()]
+    model.zero_grad()
+    with model.batch_scope():
+        assert model.embeddings()[0] is model.embeddings()[0]  # one propagation inside the batch
+        loss = losses()
+    loss.backward()
+    for a, q in zip(apart, model.parameters()):
+        assert torch.allclose(a, q.grad, atol=1e-7)
+    assert model.embeddings()[0] is not model.embeddings()[0]  # outside it: afresh again
+    with model.batch_scope():
+        first = model.embeddings()[0]
+        with torch.no_grad():
+            model.user_emb.add_(1.0)  # a step inside the scope changes the key: no stale graph reused
+        assert model.embeddings()[0] is not first
+
+
 def test_multvae_scores_are_deterministic_in_eval_mode_and_training_noise_is_seeded():
     torch.manual_seed(0)
     model = build_backbone("multvae", 4, 6, **BACKBONE_CASES["multvae"])

@@ -5,6 +5,7 @@ One visible loop over epochs and mini-batches; sampling is a tensor operation pe
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -69,6 +70,7 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
             parallel.attach(model, terms)
         model.train()
         by_user = getattr(model, "batch_unit", "interaction") == "user"  # e.g. MultVAE: one row per user
+        batch_scope = getattr(model, "batch_scope", contextlib.nullcontext)
         block_users, block_items = users, items
         neg_weights = None
         if spec.negatives == "popularity" and item_popularity is not None:
@@ -105,16 +107,17 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
                               n_all[start : start + spec.batch_size])
                 if parallel is not None:  # this worker's part of the batch
                     batch = parallel.shard(batch)
-                loss = model.base_loss(batch.users, batch.pos, batch.neg, **shaped)
-                base_sum = base_sum + loss.detach()
-                loss = base_weight * loss
-                if spec.weight_decay > 0:
-                    loss = loss + spec.weight_decay * model.regularization(batch.users, batch.pos, batch.neg)
-                for term, weight in zip(terms, weights):
-                    if weight > 0:
-                        kd_loss = term.loss(model, batch, epoch)
-                        kd_sum = kd_sum + kd_loss.detach()
-                        loss = loss + weight * kd_loss
+                with batch_scope():  # the batch's losses may share one forward of the model (LightGCN)
+                    loss = model.base_loss(batch.users, batch.pos, batch.neg, **shaped)
+                    base_sum = base_sum + loss.detach()
+                    loss = base_weight * loss
+                    if spec.weight_decay > 0:
+                        loss = loss + spec.weight_decay * model.regularization(batch.users, batch.pos, batch.neg)
+                    for term, weight in zip(terms, weights):
+                        if weight > 0:
+                            kd_loss = term.loss(model, batch, epoch)
+                            kd_sum = kd_sum + kd_loss.detach()
+                            loss = loss + weight * kd_loss
                 if parallel is not None:  # the gradients of every worker's part, summed in backward
                     loss = parallel.synced(loss)
                 opt.zero_grad(set_to_none=True)

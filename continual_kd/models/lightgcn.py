@@ -11,11 +11,14 @@ Propagation cache (``_propagate``): results computed with grad disabled (evaluat
 ``full_scores`` per chunk) are kept and reused while the key is unchanged: graph version (bumped by
 ``observe`` and ``grow``), the parameter tensors themselves and their in-place ``_version`` counters
 (bumped by every optimiser step and by ``load_state_dict``'s copy), device and dtype. Calls with
-grad enabled (training) always propagate afresh: ``base_loss`` propagates exactly once per call.
+grad enabled (training) propagate afresh, except inside ``batch_scope()`` (one training batch's forward,
+opened by the training loop): there the first propagation is shared by every loss of the batch — the
+base loss and the terms that score the model (BD) — so a batch propagates, and back-propagates, once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -108,6 +111,8 @@ class LightGCN(nn.Module):
         self._adj: torch.Tensor | None = None  # built lazily from _edges for the current sizes
         self._graph_version = 0
         self._cache: tuple | None = None  # (key, users (U, d), items (I, d))
+        self._batch_cache: tuple | None = None  # the same, with grad, for one batch (``batch_scope``)
+        self._in_batch = False
 
     @property
     def num_users(self) -> int:
@@ -134,7 +139,17 @@ class LightGCN(nn.Module):
 
     def __getstate__(self) -> dict:
         # deepcopy / pickle: a CSR tensor has no storage to copy; it is rebuilt lazily from _edges
-        return {**super().__getstate__(), "_adj": None, "_cache": None, "_pairs": None}
+        return {**super().__getstate__(), "_adj": None, "_cache": None, "_pairs": None, "_batch_cache": None,
+                "_in_batch": False}
+
+    @contextlib.contextmanager
+    def batch_scope(self):
+        """One training batch's forward: propagations with grad share the first one (same key)."""
+        self._in_batch, self._batch_cache = True, None
+        try:
+            yield
+        finally:
+            self._in_batch, self._batch_cache = False, None
 
     def _graph_changed(self) -> None:
         self._adj, self._cache = None, None
@@ -157,6 +172,9 @@ class LightGCN(nn.Module):
                self.item_emb._version, self.user_emb.device, self.user_emb.dtype)
         if cacheable and self._cache is not None and _same_key(self._cache[0], key):
             return self._cache[1], self._cache[2]
+        shared = not cacheable and self._in_batch
+        if shared and self._batch_cache is not None and _same_key(self._batch_cache[0], key):
+            return self._batch_cache[1], self._batch_cache[2]
         adj = self._adjacency()
         h = torch.cat([self.user_emb, self.item_emb])  # (U+I, d)
         total = h
@@ -166,6 +184,8 @@ class LightGCN(nn.Module):
         final = total / (self.layers + 1)
         users, items = final[: self.num_users], final[self.num_users :]
         self._cache = (key, users, items) if cacheable else None
+        if shared:
+            self._batch_cache = (key, users, items)
         return users, items
 
     # ------------------------------------------------------------------ protocol
