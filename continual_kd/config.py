@@ -269,6 +269,9 @@ class TrainSpec(_Spec):
     ips_clip: float = Field(0.05, gt=0, le=1)
     pda_gamma: float = Field(0.1, ge=0)
     patience: int = Field(10, ge=0)
+    # patience of warm updates (a trained model continuing on a new block); None: patience. A warm model
+    # often peaks within a few epochs of an update, and each further epoch of waiting costs a full pass
+    patience_block: int | None = Field(None, ge=0)
     valid_every: int = Field(1, ge=1)  # epochs between validations
     # best-epoch choice on a seeded sample of this many of the block's validation users (the same users at
     # every epoch; None: all). Huge blocks: each validation ranks its users over every item

@@ -130,6 +130,18 @@ def test_update_keeps_the_best_validation_epoch(tmp_path, monkeypatch):
         assert last_valid < log["valid_ndcg@20"]
 
 
+def test_warm_updates_stop_on_their_own_patience(tmp_path, monkeypatch):
+    job, store, plan = _job(tmp_path, monkeypatch)
+    spec = job.teachers[0]
+    spec = spec.model_copy(update={"train": spec.train.model_copy(
+        update={"epochs_block": 40, "patience": 40, "patience_block": 1})})
+    learner = Learner(spec, job.seed, role="teacher")
+    base = learner.update(store.read_blocks(plan.plan_id, 0), 0)
+    assert base["epochs"] == 12  # the base block keeps `patience` (40): it runs to its cap
+    warm = learner.update(store.read_blocks(plan.plan_id, 1), 1)
+    assert warm["epochs"] == min(warm["best_epoch"] + 1, 40) < 40  # one epoch without a gain ends the update
+
+
 def test_grid_is_chosen_on_validation_and_recorded_in_the_state(tmp_path, monkeypatch):
     job, store, plan = _job(tmp_path, monkeypatch)
     spec = job.teachers[0]

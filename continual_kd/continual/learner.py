@@ -265,6 +265,8 @@ class Learner:
             if start is not None:
                 self.model.load_state_dict(start)
             train_spec = self.spec.train.model_copy(update={**self.chosen, **overrides})
+            if warm and train_spec.patience_block is not None:
+                train_spec = train_spec.model_copy(update={"patience": train_spec.patience_block})
             slow_rows = (train_spec.lr_block / train_spec.lr, slow) if slow and train_spec.lr_block is not None else None
             fit = self._fit(seen, block, u, i, known, epochs, train_spec, knowledge, terms, fusion, weights,
                             trajectory, scope, trained, valid, draw, keep=len(grid) > 1, slow_rows=slow_rows)
