@@ -2,6 +2,7 @@
 
     python bench/robustness.py [--job jobs/stream.yaml] [--rows all|ml|synthetic] [--json out.json]
     python bench/robustness.py --rows synthetic --only "0.5%" --set student.train.negatives=uniform   # one change
+    python bench/robustness.py --rows synthetic --only "0.5%" --seeds 3   # each row on 3 streams, averaged
 
 Rows: synthetic streams (1,500 users × 1,000 items, six periods, new users and items arriving, drifting
 tastes) at about 0.5%, 2% and 6% of the user×item matrix filled, each with a mild and a steep item
@@ -10,7 +11,9 @@ distillation and continual settings (only the source changes) through the job's 
 process, one torch thread. Printed for the final snapshot, as means over every block it has seen:
 NDCG@20 of every model and of the teachers' rank-fusion ensemble, the student's ratio to the best
 teacher and to the ensemble, tail Recall@20, average popularity@20 and coverage@20 of every model;
-plus the pooled NDCG@20 (every block's test pairs as one test set).
+plus the pooled NDCG@20 (every block's test pairs as one test set) and the mean validation NDCG@20.
+The sparse rows have ~75 test users a block: their figures move by a third between runs that differ in
+anything; ``--seeds N`` runs every synthetic row on N streams of the same shape and averages them.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ EXPONENTS = (0.6, 1.2)
 KEYS = ("ndcg@20", "recall@20/tail", "avgpop@20", "coverage@20")
 
 
-def rows(kind: str) -> list[tuple[str, dict]]:
+def rows(kind: str, seed: int = 0) -> list[tuple[str, dict]]:
+    """(name, source) of every row; ``seed`` draws another synthetic stream of the same shape (ML: unchanged)."""
     out = []
     if kind in ("all", "ml"):
         out.append(("movielens-100k", {"dataset": "movielens-100k", "store": "stores/ml-100k"}))
@@ -45,9 +49,10 @@ def rows(kind: str) -> list[tuple[str, dict]]:
         for d in DENSITIES:
             for e in EXPONENTS:
                 name = f"synthetic {d:.1%} pop^{e}"
-                out.append((name, {"dataset": "synthetic", "store": f"stores/robustness-{d}-{e}",
+                store = f"stores/robustness-{d}-{e}" + (f"-s{seed}" if seed else "")
+                out.append((name, {"dataset": "synthetic", "store": store,
                                    "synthetic": {"users": USERS, "items": ITEMS, "interactions": int(d * USERS * ITEMS),
-                                                 "periods": 6, "popularity_exponent": e, "seed": 0}}))
+                                                 "periods": 6, "popularity_exponent": e, "seed": seed}}))
     return out
 
 
@@ -73,19 +78,22 @@ def _mean(values):
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-def final_snapshot(last, learners, seen, job) -> dict[str, dict]:
-    """Per model (and the ensemble): the final snapshot's mean over every block of KEYS, and pooled NDCG@20."""
+def final_snapshot(results, learners, seen, job) -> dict[str, dict]:
+    """Per model (and the ensemble): the final snapshot's mean over every block of KEYS, pooled NDCG@20, and
+    the mean over blocks of each block's validation NDCG@20 right after its update (what a choice may use)."""
+    last = results[-1]
     out = {}
     for model in last.metrics:
         per_block = [last.metrics[model], *last.earlier[model].values()]
         out[model] = {k: _mean([m.get(k) for m in per_block]) for k in KEYS}
         out[model]["pooled"] = (last.pooled.get(model) or {}).get("ndcg@20")
+        out[model]["valid"] = _mean([(r.valid.get(model) or {}).get("ndcg@20") for r in results])
     teachers = [learners[m] for m in learners if m.startswith("teacher:")]
     if teachers:
         ens = evaluate_ensemble(teachers, seen, last.block, job.eval)
         per_block = [ens["test"], *ens["earlier"].values()]
         out["ensemble"] = {k: _mean([m.get(k) for m in per_block]) for k in KEYS}
-        out["ensemble"]["pooled"] = None
+        out["ensemble"]["pooled"] = out["ensemble"]["valid"] = None
     return out
 
 
@@ -101,7 +109,27 @@ def run_row(job_dict: dict, source: dict, name: str) -> dict:
     info = {"users": int(seen.num_users), "items": int(seen.num_items), "rows": int(len(seen))}
     info["density"] = info["rows"] / max(info["users"] * info["items"], 1)
     info["chosen"] = {m: dict(learner.chosen) for m, learner in learners.items() if learner.chosen}  # train.grid
-    return {"models": final_snapshot(results[-1], learners, seen, job), "seconds": time.perf_counter() - t0, **info}
+    return {"models": final_snapshot(results, learners, seen, job), "seconds": time.perf_counter() - t0, **info}
+
+
+def mean_rows(runs: list[dict]) -> dict:
+    """One row from the same row's runs on several seeds: every figure averaged, each seed's student ratios kept."""
+    if len(runs) == 1:
+        return runs[0]
+    models = {m: {k: _mean([r["models"][m][k] for r in runs]) if runs[0]["models"][m][k] is not None else None
+                  for k in runs[0]["models"][m]} for m in runs[0]["models"]}
+    out = {**runs[0], "models": models, "seeds": len(runs), "seconds": sum(r["seconds"] for r in runs),
+           "rows": round(_mean([r["rows"] for r in runs])), "density": _mean([r["density"] for r in runs]),
+           "per_seed": [student_ratios(r) for r in runs]}
+    return out
+
+
+def student_ratios(row: dict) -> dict:
+    """The student's NDCG@20 over the best teacher's and over the ensemble's."""
+    models = row["models"]
+    best = max(v["ndcg@20"] for m, v in models.items() if m.startswith("teacher:"))
+    return {"best_teacher": models["student"]["ndcg@20"] / best,
+            "ensemble": models["student"]["ndcg@20"] / models["ensemble"]["ndcg@20"]}
 
 
 def print_row(name: str, row: dict) -> None:
@@ -110,17 +138,22 @@ def print_row(name: str, row: dict) -> None:
     best = max((v["ndcg@20"] for v in teachers.values()), default=float("nan"))
     s = models.get("student", {})
     ens = models.get("ensemble", {}).get("ndcg@20", float("nan"))
+    seeds = f", mean of {row['seeds']} seeds" if row.get("seeds", 1) > 1 else ""
     print(f"\n{name}: {row['users']} users × {row['items']} items, {row['rows']} rows "
-          f"({row['density']:.2%}), {row['seconds']:.0f}s")
+          f"({row['density']:.2%}{seeds}), {row['seconds']:.0f}s")
     if row.get("chosen"):
         print("  chosen on validation: " + "; ".join(f"{m} {c}" for m, c in row["chosen"].items()))
-    print(f"  {'model':18s} {'NDCG@20':>8s} {'pooled':>7s} {'tail R@20':>9s} {'avgpop@20':>9s} {'cov@20':>7s}")
+    print(f"  {'model':18s} {'NDCG@20':>8s} {'pooled':>7s} {'tail R@20':>9s} {'avgpop@20':>9s} {'cov@20':>7s} {'valid':>7s}")
     for m, v in models.items():
         pooled = "–" if v.get("pooled") is None else f"{v['pooled']:.4f}"
+        valid = "–" if v.get("valid") is None else f"{v['valid']:.4f}"
         print(f"  {m:18s} {v['ndcg@20']:8.4f} {pooled:>7s} {v['recall@20/tail']:9.4f} {v['avgpop@20']:9.1f} "
-              f"{v['coverage@20']:7.3f}")
+              f"{v['coverage@20']:7.3f} {valid:>7s}")
     print(f"  student / best teacher {s.get('ndcg@20', float('nan')) / best:.3f}   "
           f"student / ensemble {s.get('ndcg@20', float('nan')) / ens:.3f}")
+    if row.get("per_seed"):
+        print("  per seed, student / best teacher: " + " ".join(f"{r['best_teacher']:.3f}" for r in row["per_seed"])
+              + "   / ensemble: " + " ".join(f"{r['ensemble']:.3f}" for r in row["per_seed"]))
 
 
 def main() -> None:
@@ -130,6 +163,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--only", default="", help="run only the rows whose name contains this text (e.g. '0.5%%')")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="synthetic rows: run each on this many streams (seeds 0..N-1) and average (small rows are noisy)")
     ap.add_argument("--set", action="append", default=[], metavar="PATH=JSON",
                     help="override a job setting, e.g. --set student.train.negative_exponent=0 (repeatable)")
     args = ap.parse_args()
@@ -138,10 +173,11 @@ def main() -> None:
     for item in args.set:
         set_path(job_dict, item)
     report = {}
-    for name, source in rows(args.rows):
+    for index, (name, _) in enumerate(rows(args.rows)):
         if args.only and args.only not in name:
             continue
-        report[name] = run_row(job_dict, source, name)
+        seeds = range(args.seeds) if name.startswith("synthetic") else range(1)
+        report[name] = mean_rows([run_row(job_dict, rows(args.rows, seed)[index][1], name) for seed in seeds])
         print_row(name, report[name])
     print("\nsummary: student NDCG@20 / best teacher, / ensemble; student tail R@20 / best teacher's; "
           "student avgpop@20 / least-biased teacher's")
@@ -155,7 +191,7 @@ def main() -> None:
         ens = models["ensemble"]["ndcg@20"]
         print(f"  {name:26s} {s['ndcg@20'] / best:6.3f} {s['ndcg@20'] / ens:6.3f} "
               f"{s['recall@20/tail'] / tail if tail else float('nan'):6.3f} {s['avgpop@20'] / pop:6.3f}")
-    extra = (f" --only '{args.only}'" if args.only else "") + "".join(f" --set '{item}'" for item in args.set)
+    extra = (f" --only '{args.only}'" if args.only else "") + (f" --seeds {args.seeds}" if args.seeds > 1 else "") + "".join(f" --set '{item}'" for item in args.set)
     print(f"reproduce: python bench/robustness.py --job {args.job} --rows {args.rows}{extra}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))

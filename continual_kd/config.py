@@ -36,7 +36,7 @@ BACKBONE_PARAMS = {
 }
 BACKBONE_NAMES = tuple(BACKBONE_PARAMS)
 FUSIONS = ("rank", "importance")
-TEACHER_WEIGHTS = ("uniform", "valid_ndcg")
+TEACHER_WEIGHTS = ("uniform", "valid_ndcg", "chosen")
 # keys of the replaced one-method distill form (distill: {method: rrd, weight: ..., unkd: {...}})
 OLD_DISTILL_KEYS = ("method", "weight", "k", "pool", "uninteresting", "mode", "temperature", "score_clamp",
                     "unkd", "hetcomp")
@@ -253,6 +253,11 @@ class TrainSpec(_Spec):
     lr_block: float | None = Field(None, gt=0)
     weight_decay: float = Field(1e-4, ge=0)  # L2 on the rows a batch touches (summed), not on absent users/items
     batch_size: int = Field(1024, ge=1)
+    # an epoch has at least this many batches: on a small block (or a small data set) the batch shrinks to
+    # ceil(rows / min_batches) so that the epochs still take enough steps to learn (0: always batch_size).
+    # Batches of 1024 over a 3,000-pair block are 3 Adam steps an epoch: the cap and the patience then
+    # count a few dozen steps, and the model stops before it has learned the block
+    min_batches: int = Field(0, ge=0)
     # best_valid: every update keeps the epoch with the best NDCG@20 on the block's validation pairs
     # (stopping after `patience` epochs without a gain; 0 = run to the cap) | last: the last epoch
     select: Literal["best_valid", "last"] = "best_valid"
@@ -537,7 +542,9 @@ class DistillSpec(_Spec):
     feedback: _tuple(TermSpec) = ()  # student → every teacher (the collaborative direction)
     # several teachers → one ranking: rank (CCD, mean (1/rank)^0.05) | importance (HetComp)
     fusion: Literal[FUSIONS] = "rank"
-    # uniform | valid_ndcg (each teacher's validation NDCG@20 on the last block)
+    # uniform | valid_ndcg (each teacher's validation NDCG@20 on the last block) | chosen: w_t ∝ ndcg_t^p, ndcg_t
+    # each teacher's lists' NDCG@20 on the block's validation pairs, p ∈ {0 (uniform), 1, 2, 4, ∞ (the best
+    # teacher alone)} the one whose fused lists have the most validation NDCG@20 summed over every block so far
     teacher_weights: Literal[TEACHER_WEIGHTS] = "uniform"
 
     @model_validator(mode="before")

@@ -97,3 +97,32 @@ def test_teacher_weights_from_ndcg_normalise_with_a_floor():
     assert math.isclose(w[0] / w[1], 3.0)
     assert w[2] == w[3] and 0 < w[2] < 0.01
     assert teacher_weights_from_ndcg([float("nan"), float("nan")]) == [0.5, 0.5]
+
+
+def test_sharpened_weights_run_from_uniform_to_the_best_teacher_alone():
+    from continual_kd.distill.fusion import sharpened_weights
+
+    assert sharpened_weights([0.2, 0.1], 0.0) == [0.5, 0.5]
+    assert sharpened_weights([0.2, 0.1], 1.0) == pytest.approx([2 / 3, 1 / 3])
+    assert sharpened_weights([0.2, 0.1], 2.0) == pytest.approx([0.8, 0.2])
+    assert sharpened_weights([0.2, 0.1, 0.2], math.inf) == [0.5, 0.0, 0.5]  # ties share
+    assert sharpened_weights([float("nan"), 0.0], 1.0) == [0.5, 0.5]  # no evidence: the floor for both
+
+
+def test_fusion_evidence_rewards_the_weighting_whose_fused_list_finds_the_held_out_item():
+    from continual_kd.distill.fusion import WEIGHT_POWERS, choose_power, fusion_evidence, without
+    from continual_kd.sparse import UserItemSet
+
+    users = torch.tensor([0, 1])
+    # teacher a lists the held-out item first; b lists items both teachers share, which uniform fusion prefers
+    a = torch.tensor([[5, 1, 2], [7, 1, 2]])
+    b = torch.tensor([[1, 2, 6], [1, 2, 6]])
+    relevant = UserItemSet([0, 1], [5, 7], 2, 10)
+    hidden = UserItemSet([1], [1], 2, 10)  # user 1 already has item 1: no ranking may show it
+    assert without(b, users, hidden).tolist() == [[1, 2, 6], [2, 6, -1]]
+    ndcgs, sums = fusion_evidence([a, b], users, relevant, hidden, "rank", num_items=10, k=2)
+    assert ndcgs == [1.0, 0.0]
+    # uniform: user 0 gets [1, 2] (a miss), user 1 [2, 7] (a hit second); a alone: each user's hit first
+    assert sums[0.0] == pytest.approx(1 / math.log2(3)) and sums[math.inf] == pytest.approx(2.0)
+    assert choose_power(sums) == min(p for p in WEIGHT_POWERS if sums[p] == max(sums.values()))
+    assert choose_power({p: 0.0 for p in WEIGHT_POWERS}) == 0.0  # no evidence: uniform

@@ -394,3 +394,57 @@ def test_slow_rows_scale_the_step_of_the_given_rows_only(lazy):
     assert torch.allclose(first_slow[:4] - start[:4], 0.25 * (first_full[:4] - start[:4]), atol=1e-6)
     assert torch.allclose(first_slow[4:], first_full[4:])
     assert not torch.allclose(slow[:4], full[:4]) and torch.equal(one, slow)
+
+
+def test_min_batches_shrinks_the_batch_of_a_small_epoch_only():
+    from continual_kd.config import TrainSpec
+    from continual_kd.continual.training import epoch_batch_size, train_epochs
+    from continual_kd.models.mf import BPRMF
+
+    assert epoch_batch_size(TrainSpec(batch_size=1024), 300) == 1024  # off by default
+    assert epoch_batch_size(TrainSpec(batch_size=1024, min_batches=8), 300) == 38  # ceil(300 / 8)
+    assert epoch_batch_size(TrainSpec(batch_size=1024, min_batches=8), 40_000) == 1024  # a big epoch keeps it
+    assert epoch_batch_size(TrainSpec(batch_size=1024, min_batches=8), 5) == 1
+    rng = np.random.default_rng(0)
+    u, i = rng.integers(0, 50, 300), rng.integers(0, 80, 300)
+    known = UserItemSet(u, i, 50, 80)
+    for min_batches, sizes in ((0, [300]), (8, [38] * 7 + [34])):
+        model = BPRMF(50, 80, 8)
+        seen, loss = [], model.base_loss
+        model.base_loss = lambda users, pos, neg, **kw: (seen.append(len(users)), loss(users, pos, neg, **kw))[1]
+        spec = TrainSpec(batch_size=1024, min_batches=min_batches)
+        train_epochs(model, torch.as_tensor(u), torch.as_tensor(i), known, 2, spec, torch.Generator().manual_seed(0))
+        assert seen == sizes * 2  # every epoch: that many steps, every row once
+
+
+def test_teacher_weights_chosen_on_validation_add_up_over_blocks_and_survive_a_restore(tmp_path, monkeypatch):
+    import math
+
+    from continual_kd.distill.fusion import WEIGHT_POWERS, choose_power, sharpened_weights
+
+    teachers = [{"name": "a", "backbone": "mf", "dim": 16, "train": {"epochs_base": 12, "epochs_block": 4, "batch_size": 256}},
+                {"name": "b", "backbone": "mf", "dim": 2, "train": {"epochs_base": 1, "epochs_block": 1, "batch_size": 256}}]
+    job, store, plan = _job(tmp_path, monkeypatch, {"teachers": teachers, "distill": {"teacher_weights": "chosen"}})
+    learners = make_learners(job)
+    results = run_stream_local(job, lambda k: store.read_blocks(plan.plan_id, k), plan.num_blocks, learners=learners)
+    student = learners["student"]
+    ev = dict(student.fusion_evidence)
+    seen = store.read_blocks(plan.plan_id, plan.num_blocks - 1)
+    # counted: each block's users with teacher lists (training pairs in the block) and validation pairs there
+    assert ev["users"] == sum(len(set(seen.users[(seen.block == b) & (seen.split == VALID)].tolist())
+                                  & set(seen.users[(seen.block == b) & (seen.split == TRAIN)].tolist()))
+                              for b in range(plan.num_blocks)) > 0
+    ndcgs = [ev["teacher0"] / ev["users"], ev["teacher1"] / ev["users"]]
+    for r in results:
+        log = r.updates["student"]
+        assert log["weight_power"] in WEIGHT_POWERS and sum(log["teacher_weights"]) == pytest.approx(1.0)
+    last = results[-1].updates["student"]
+    # the last block's weights: the power with the most evidence so far, on every block's teacher NDCG so far
+    assert last["weight_power"] == choose_power({p: ev[f"power{p}"] for p in WEIGHT_POWERS})
+    assert last["teacher_weights"] == pytest.approx(sharpened_weights(ndcgs, last["weight_power"]))
+    assert ndcgs[0] > ndcgs[1]  # one epoch of a 2-dim MF is the weaker teacher on validation
+    if not math.isinf(last["weight_power"]) and last["weight_power"] > 0:
+        assert last["teacher_weights"][0] > last["teacher_weights"][1]
+    restored = Learner(job.student, job.seed, role="student")
+    restored.load(student.state())
+    assert restored.fusion_evidence == pytest.approx(ev)

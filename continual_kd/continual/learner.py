@@ -128,6 +128,9 @@ class Learner:
         self._trajectory: list[np.ndarray] = []  # checkpoints' top lists of the last update (teachers)
         self._trajectory_of: tuple | None = None  # (block, scope) the trajectory was recorded for
         self.chosen: dict[str, float] = {}  # train settings chosen on validation by train.grid (base block)
+        # distill.teacher_weights: chosen — validation NDCG@20 summed over every block so far: "teacher{t}" of
+        # teacher t's lists, "power{p}" of the lists fused with power p, "users" the validation users counted
+        self.fusion_evidence: dict[str, float] = {}
         self.pairs = PairState(device)  # known pairs, counts, eval sets: kept between blocks (continual/pairs.py)
         self.parallel = None  # on a Ray Train worker: its part of data-parallel training (runtime/train.py)
 
@@ -147,6 +150,8 @@ class Learner:
             weights.update({f"{AUX}term.{term}.{k}": v.detach().cpu() for k, v in st.items()})
         for name, value in self.chosen.items():  # the settings train.grid chose on validation
             weights[f"{AUX}chosen.{name}"] = torch.tensor(float(value), dtype=torch.float64)
+        for key, total in self.fusion_evidence.items():
+            weights[f"{AUX}fusion.{key}"] = torch.tensor(float(total), dtype=torch.float64)
         return {"block": self.block, "num_users": self.model.num_users, "num_items": self.model.num_items,
                 "weights": weights}
 
@@ -161,6 +166,7 @@ class Learner:
         self.proxies = _proxies_from_flat(aux)
         self.term_state = {}
         self.chosen = {k[len("chosen."):]: float(v) for k, v in aux.items() if k.startswith("chosen.")}
+        self.fusion_evidence = {k[len("fusion."):]: float(v) for k, v in aux.items() if k.startswith("fusion.")}
         for k, v in aux.items():
             if k.startswith("term."):
                 term, key = k[len("term."):].split(".", 1)
@@ -169,6 +175,7 @@ class Learner:
     def reset(self) -> None:
         """No model yet (a restored actor before block 0)."""
         self.model, self.block, self.proxies, self.term_state, self.chosen = None, -1, None, {}, {}
+        self.fusion_evidence = {}
         self._trajectory, self._trajectory_of = [], None
 
     def num_parameters(self) -> int:
@@ -208,7 +215,7 @@ class Learner:
     def update(self, seen: Interactions, block: int, knowledge=(), terms=(), fusion: str = "rank",
                weights: list[float] | None = None, trajectory: tuple[int, int] | None = None,
                strategy: str = "warm", proxies=None, replay: float = 0.0, replay_by: str = "user",
-               knowledge_users: str = "block") -> dict:
+               knowledge_users: str = "block", choose_weights: bool = False) -> dict:
         """Grow to the block's id spaces, then train (warm start; ``strategy="retrain"``: a new model on
         every pair it may see, for the base block's epochs).
 
@@ -224,14 +231,16 @@ class Learner:
         With ``train.select = best_valid`` the model kept is the epoch with the best NDCG@20 on the
         block's validation pairs (early stop after ``patience`` epochs without a gain); with a
         ``train.grid``, the first update trains one model per combination and keeps the best (the
-        choice is kept, saved in the snapshot, and used by every later update).
+        choice is kept, saved in the snapshot, and used by every later update). ``choose_weights``: the
+        fusion weights of several teachers' lists are chosen on the block's validation pairs
+        (``distill.teacher_weights: chosen``; ``_fusion_weights``), replacing ``weights``.
         """
         t0, started = time.perf_counter(), time.time()
         retrain = strategy in ("retrain", "scratch")
         if retrain:  # a new model; the proxies, term state and grid choice (what it carries) stay
-            kept = self.proxies, self.term_state, self.chosen
+            kept = self.proxies, self.term_state, self.chosen, self.fusion_evidence
             self.reset()
-            self.proxies, self.term_state, self.chosen = kept
+            self.proxies, self.term_state, self.chosen, self.fusion_evidence = kept
         trained = self.model is not None and self.block >= 0  # it learned something before this update
         had = (self.model.num_users, self.model.num_items) if trained else None  # its rows before this block
         self.grow(seen, block)
@@ -252,6 +261,9 @@ class Learner:
         if self.spec.train.select == "best_valid" and epochs > 0:
             relevant, exclude = self.pairs.eval_sets(seen, block, VALID, exact=True)
             valid = (relevant, exclude) if int((relevant.degree > 0).sum()) > 0 else None
+        fusion_choice = None
+        if choose_weights and len(knowledge) > 1 and valid is not None:
+            weights, fusion_choice = self._fusion_weights(knowledge, fusion, valid)
         grid = self._grid() if not self.chosen else [{}]
         warm = had is not None and not retrain  # a trained model continuing on a new block
         if warm and self.spec.train.grid_block:  # chosen again at every warm update, on this block's validation
@@ -294,7 +306,7 @@ class Learner:
         return {
             "model": self.spec.name, "block": block, "epochs": len(logs), "best_epoch": fit["best_epoch"],
             "valid_ndcg@20": fit["valid"], "train_rows": len(positives), "replay_rows": fit["replay_rows"],
-            "terms": fit["terms"], "chosen": dict(self.chosen),
+            "terms": fit["terms"], "chosen": dict(self.chosen), **(fusion_choice or {}),
             "chosen_block": {name: float(v) for name, v in overrides.items() if name in self.spec.train.grid_block},
             "grid": [{**o, "valid_ndcg@20": f["valid"], "valid_avgpop@20": f["valid_avgpop"], "best_epoch": f["best_epoch"]}
                      for o, f in fits] if len(fits) > 1 else [],
@@ -304,6 +316,38 @@ class Learner:
             "base_loss": logs[-1].base_loss if logs else float("nan"),
             "kd_loss": logs[-1].kd_loss if logs else float("nan"),
         }
+
+    def _fusion_weights(self, knowledge: list[Knowledge], fusion: str, valid) -> tuple[list[float], dict]:
+        """Teachers' fusion weights chosen on validation pairs: this block's evidence (each teacher's lists'
+        NDCG@20 and each candidate power's fused-list NDCG@20, summed over the block's validation users) joins
+        what earlier blocks gave; the power with the most so far weights the teachers by their NDCG@20 so far
+        (a small block's validation alone would pick a different teacher every block)."""
+        from ..distill.fusion import choose_power, fusion_evidence, sharpened_weights
+
+        relevant, hidden = valid
+        users = torch.as_tensor(knowledge[0].users, dtype=torch.int64, device=self.device)
+        inside = users < relevant.num_users
+        users = users[inside]
+        rows = torch.nonzero(relevant.degree[users] > 0).squeeze(1)  # listed users with validation pairs
+        lists = [torch.as_tensor(k.items, dtype=torch.int64, device=self.device)[inside][rows] for k in knowledge]
+        ev = self.fusion_evidence
+        n = len(rows)
+        ev["users"] = ev.get("users", 0.0) + n
+        teacher_sums = [ev.get(f"teacher{t}", 0.0) for t in range(len(lists))]
+        ndcgs_now, _ = fusion_evidence(lists, users[rows], relevant, hidden, fusion, num_items=self.model.num_items,
+                                       powers=())
+        for t, value in enumerate(ndcgs_now):
+            teacher_sums[t] += value * n
+            ev[f"teacher{t}"] = teacher_sums[t]
+        ndcgs = [v / max(ev["users"], 1.0) for v in teacher_sums]  # every block's validation users so far
+        _, sums = fusion_evidence(lists, users[rows], relevant, hidden, fusion, num_items=self.model.num_items,
+                                  ndcgs=ndcgs)
+        for power, total in sums.items():
+            ev[f"power{power}"] = ev.get(f"power{power}", 0.0) + total
+        power = choose_power({p: ev.get(f"power{p}", 0.0) for p in sums})
+        weights = sharpened_weights(ndcgs, power)
+        return weights, {"teacher_weights": weights, "weight_power": power, "teacher_valid_ndcg@20": ndcgs_now,
+                         "fusion_valid_ndcg@20": {str(p): t / max(n, 1) for p, t in sums.items()}}
 
     def _grid(self, grid: dict | None = None) -> list[dict]:
         """Every combination of ``grid`` (default ``train.grid``; one empty combination without a grid)."""

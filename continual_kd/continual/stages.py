@@ -170,6 +170,7 @@ def update_student(run: BlockRun, ex: Executor) -> None:
     weights = teacher_weights(job, run.previous_valid, run.teachers)
     [log] = ex.get(ex.call([STUDENT], "update", knowledge=run.knowledge.get("teachers", []), terms=job.distill.terms,
                            fusion=job.distill.fusion, weights=weights, **update_options(job),
+                           choose_weights=job.distill.teacher_weights == "chosen",
                            proxies=job.continual.proxies))
     run.updates[STUDENT] = log
 

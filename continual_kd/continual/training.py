@@ -28,6 +28,14 @@ class EpochLog:
     rows: int = 0  # (user, item) pairs trained in the epoch, replayed ones included
 
 
+def epoch_batch_size(spec: TrainSpec, n: int) -> int:
+    """The batch size of an epoch of ``n`` rows (or users): ``batch_size``, smaller where that would give
+    fewer than ``min_batches`` batches."""
+    if spec.min_batches <= 0 or n <= 0:
+        return spec.batch_size
+    return max(1, min(spec.batch_size, -(-n // spec.min_batches)))
+
+
 def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserItemSet, epochs: int,
                  spec: TrainSpec, generator: torch.Generator, terms: Sequence[KDTerm] = (),
                  on_epoch_end: Callable[[int], bool | None] | None = None,
@@ -93,6 +101,7 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
             if by_user:
                 users = torch.unique(users)
             n = len(users)
+            size = epoch_batch_size(spec, n)
             perm = torch.randperm(n, generator=generator).to(device)
             u_all = users[perm]
             if by_user:  # the model's loss reads the users' whole rows; no positives/negatives to draw
@@ -102,9 +111,8 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
                 n_all = sample_excluding(u_all, 1, model.num_items, [known], generator,
                                          weights=neg_weights).squeeze(1)  # (n,)
             base_sum = kd_sum = torch.zeros((), device=device)  # summed on the device: no host sync per batch
-            for start in range(0, n, spec.batch_size):
-                batch = Batch(u_all[start : start + spec.batch_size], p_all[start : start + spec.batch_size],
-                              n_all[start : start + spec.batch_size])
+            for start in range(0, n, size):
+                batch = Batch(u_all[start : start + size], p_all[start : start + size], n_all[start : start + size])
                 if parallel is not None:  # this worker's part of the batch
                     batch = parallel.shard(batch)
                 with batch_scope():  # the batch's losses may share one forward of the model (LightGCN)

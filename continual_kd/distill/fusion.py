@@ -126,3 +126,74 @@ def teacher_weights_from_ndcg(ndcgs: list[float], floor: float = 1e-3) -> list[f
     raw = [v if (v is not None and math.isfinite(v) and v > floor) else floor for v in ndcgs]
     total = sum(raw)
     return [v / total for v in raw]
+
+
+# Sharpness of the teachers' fusion weights chosen on validation (``distill.teacher_weights: chosen``):
+# w_t ∝ ndcg_t^power, ndcg_t = teacher t's validation NDCG@20. 0 is uniform; inf keeps the best teacher alone.
+WEIGHT_POWERS = (0.0, 1.0, 2.0, 4.0, math.inf)
+
+
+def sharpened_weights(ndcgs: list[float], power: float, floor: float = 1e-3) -> list[float]:
+    """Weights ∝ ``ndcgs``^``power`` summing to 1 (0: uniform; inf: the best teachers alone, ties shared);
+    a NaN, non-positive or tiny NDCG counts as ``floor``."""
+    raw = [v if (v is not None and math.isfinite(v) and v > floor) else floor for v in ndcgs]
+    if math.isinf(power):
+        top = max(raw)
+        raw = [1.0 if v == top else 0.0 for v in raw]
+    else:
+        top = max(raw)
+        raw = [(v / top) ** power for v in raw]
+    total = sum(raw)
+    return [v / total for v in raw]
+
+
+def list_ndcg(items: torch.Tensor, users: torch.Tensor, relevant, k: int = 20) -> torch.Tensor:
+    """(U,) NDCG@``k`` of each user's ranked ``items`` (U, N ≥ k; -1 = padding) against ``relevant``
+    (a ``UserItemSet``), binary relevance."""
+    from ..eval.metrics import ndcg_at_k
+
+    top = items[:, :k]
+    hits = (top >= 0) & relevant.contains(users.unsqueeze(1).expand_as(top), top.clamp(min=0))
+    return ndcg_at_k(hits, relevant.degree[users])
+
+
+def without(items: torch.Tensor, users: torch.Tensor, hidden) -> torch.Tensor:
+    """``items`` (U, N) with every pair in ``hidden`` (a ``UserItemSet``) taken out, the order of the rest
+    kept and the freed slots at the end as -1."""
+    drop = (items < 0) | hidden.contains(users.unsqueeze(1).expand_as(items), items.clamp(min=0))
+    order = torch.sort(drop.to(torch.int8), dim=1, stable=True).indices
+    out = items.gather(1, order)
+    out[drop.gather(1, order)] = -1
+    return out
+
+
+def fusion_evidence(item_lists: list[torch.Tensor], users: torch.Tensor, relevant, hidden, method: str, *,
+                    num_items: int, powers=WEIGHT_POWERS, k: int = 20, rank_power: float = 0.05,
+                    temperature: float = 10.0, ndcgs: list[float] | None = None) -> tuple[list[float], dict[float, float]]:
+    """Each teacher's validation NDCG@``k`` (mean over ``users``) and, per candidate power, the sum over
+    ``users`` of the NDCG@``k`` of the lists fused with ``sharpened_weights(ndcgs, power)`` (``ndcgs``:
+    the teachers' NDCG to sharpen, default those just measured).
+
+    ``item_lists``: one (U, N_t) list per teacher for ``users`` (best first); ``relevant``: the held-out
+    pairs; ``hidden``: pairs no ranking may show (taken out of the lists first, as evaluation masks them)."""
+    lists = [without(lst, users, hidden) for lst in item_lists]
+    measured = [float(list_ndcg(lst, users, relevant, k).mean()) if len(users) else float("nan") for lst in lists]
+    ndcgs = measured if ndcgs is None else ndcgs
+    sums = {}
+    for power in powers:
+        if not len(users):
+            sums[power] = 0.0
+            continue
+        fused = fuse_rankings(lists, k, method, sharpened_weights(ndcgs, power), num_items=num_items,
+                              rank_power=rank_power, temperature=temperature)[0]
+        sums[power] = float(list_ndcg(fused, users, relevant, k).sum())
+    return measured, sums
+
+
+def choose_power(evidence: dict[float, float], powers=WEIGHT_POWERS) -> float:
+    """The power with the most validation NDCG summed so far (ties: the smaller power, uniform first)."""
+    best = powers[0]
+    for power in powers:
+        if evidence.get(power, 0.0) > evidence.get(best, 0.0) + 1e-9:
+            best = power
+    return best
