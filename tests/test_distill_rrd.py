@@ -106,3 +106,25 @@ def test_lean_pool_keys_draw_outside_observed_and_pool_like_the_complement_sampl
             assert set(got) <= allowed  # never observed, never in the pool
             counts = torch.bincount(drawn[row], minlength=num_items).float()[sorted(allowed)]
             assert float(counts.min()) > 0  # 400 draws over ≤ 50 items: every allowed item drawn
+
+
+def test_a_list_shorter_than_the_pool_counts_only_its_items():
+    # a small catalogue: user 0's list ran out after 2 items (-1 padding), user 1's is full
+    model = build_backbone("mf", 2, 12, dim=4)
+    pool = torch.tensor([[3, 5, -1, -1], [1, 2, 4, 6]])
+    t = RRDTargets(RRDConfig(k=3, pool=4, uninteresting=3), torch.tensor([0, 1]), pool,
+                   UserItemSet([0], [7], 2, 12), 2, 12)
+    t.resample(torch.Generator().manual_seed(0))
+    assert not set(t.uninteresting[0].tolist()) & {3, 5, 7}  # outside the list and the known items
+    assert not set(t.uninteresting[1].tolist()) & {1, 2, 4, 6}
+    users = torch.tensor([0, 1])
+    loss = t.loss(model, users)
+    short = relaxed_ranking_loss(model.score(users[:1], torch.tensor([[3, 5]])), model.score(users[:1], t.uninteresting[:1]))
+    full = relaxed_ranking_loss(model.score(users[1:], torch.tensor([[1, 2, 4]])), model.score(users[1:], t.uninteresting[1:]))
+    assert math.isclose(float(loss.detach()), float((short + full).detach()), rel_tol=1e-6)
+    loss.backward()
+    assert torch.isfinite(model.item_emb.grad).all()
+    sampled = RRDTargets(RRDConfig(k=3, pool=4, uninteresting=3, mode="sample"), torch.tensor([0, 1]), pool,
+                         UserItemSet([0], [7], 2, 12), 2, 12)
+    sampled.resample(torch.Generator().manual_seed(0))  # user 0 has 2 listed items for k = 3: no error
+    assert set(sampled.interesting[0].tolist()) >= {3, 5} and torch.isfinite(sampled.loss(model, users))

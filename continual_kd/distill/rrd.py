@@ -22,18 +22,24 @@ def relaxed_ranking_loss(interesting: torch.Tensor, uninteresting: torch.Tensor)
     return ranked_above_loss(torch.cat([interesting, uninteresting], -1), interesting.shape[-1])
 
 
-def ranked_above_loss(scores: torch.Tensor, k: int) -> torch.Tensor:
+def ranked_above_loss(scores: torch.Tensor, k: int, listed: torch.Tensor | None = None) -> torch.Tensor:
     """The RRD loss of (B, K + L) scores: the first ``k`` columns the interesting items in teacher order,
-    the rest the uninteresting ones.
+    the rest the uninteresting ones. ``listed`` (B, K) bool: False where a user's list ran out (a padding
+    slot at its end): those slots neither count nor stand above anything (the loss of the shorter list).
 
     Σ_{l≥k} exp(S1_l) + Σ_j exp(S2_j) is a reversed cumulative sum in exp space, shifted by the row's
     largest score (exact, and cheaper than logcumsumexp); float64 keeps it finite for any spread of
     scores up to ~700 within a row."""
     s = scores.double()
+    if listed is not None:
+        s = torch.cat([s[..., :k].masked_fill(~listed, float("-inf")), s[..., k:]], -1)
     top = s.max(-1, keepdim=True).values.detach()  # (B, 1)
     e = torch.exp(s - top)  # (B, K + L), ≤ 1
     tail = e[..., :k].flip(-1).cumsum(-1).flip(-1) + e[..., k:].sum(-1, keepdim=True)  # (B, K)
-    return (torch.log(tail) - (s[..., :k] - top)).sum().to(scores.dtype)
+    terms = torch.log(tail) - (s[..., :k] - top)
+    if listed is not None:
+        terms = terms.masked_fill(~listed, 0.0)
+    return terms.sum().to(scores.dtype)
 
 
 LEAN_POOL_PAIRS = 1 << 24  # users × pool above which the pool is kept as sorted keys alone (ListSet)
@@ -64,6 +70,8 @@ class RRDTargets:
         self.cfg = cfg
         self.users = knowledge_users.long()
         self.pool_items = knowledge_items[:, : max(cfg.pool, cfg.k)].long()
+        # a list shorter than the pool (a small catalogue, a user who knows most of it) ends in -1 slots
+        self.padded = bool((self.pool_items < 0).any())
         self.observed = observed
         self.num_items = num_items
         # row of each user in the (U, ·) tables, -1 for users without knowledge
@@ -82,8 +90,9 @@ class RRDTargets:
                 self.interesting = self.interesting.clone()
                 self.pool_items = self.interesting  # the rest of the pool is only needed as keys
             return
-        pool_set = UserItemSet(self.users.repeat_interleave(self.pool_items.shape[1]),
-                               self.pool_items.reshape(-1), num_users, num_items, self.users.device)
+        listed = self.pool_items.reshape(-1) >= 0
+        pool_set = UserItemSet(self.users.repeat_interleave(self.pool_items.shape[1])[listed],
+                               self.pool_items.reshape(-1)[listed], num_users, num_items, self.users.device)
         # uninteresting items come from outside observed ∪ pool: fixed for the block, so the sampler
         # (no rejection rounds) is built once here
         exclude = observed.union(pool_set)
@@ -98,6 +107,8 @@ class RRDTargets:
         if cfg.mode == "sample" and self.pool_items.shape[1] > cfg.k:
             p = self.pool_items.shape[1]
             w = torch.exp(-torch.arange(p, dtype=torch.float32) / cfg.temperature).expand(len(self.users), -1)
+            if self.padded:  # padding drawn only where a list has fewer than k items (then left out of the loss)
+                w = torch.where(self.pool_items.cpu() >= 0, w, torch.full_like(w, 1e-30))
             pos = torch.multinomial(w, cfg.k, replacement=False, generator=generator).sort(dim=1).values
             self.interesting = torch.gather(self.pool_items, 1, pos.to(self.pool_items.device))
         if self.sampler is not None:
@@ -117,10 +128,13 @@ class RRDTargets:
             return torch.zeros((), device=batch_users.device)
         if self.targets.shape[1] != self.interesting.shape[1] + self.uninteresting.shape[1]:
             self.targets = torch.cat([self.interesting, self.uninteresting], 1)
-        scores = model.score(users, self.targets[rows])  # (B, K + L)
+        targets = self.targets[rows]
+        k = self.interesting.shape[1]
+        listed = targets[:, :k] >= 0 if self.padded else None
+        scores = model.score(users, targets.clamp(min=0) if self.padded else targets)  # (B, K + L)
         if self.cfg.score_clamp is not None:
             scores = scores.clamp(max=self.cfg.score_clamp)
-        return ranked_above_loss(scores, self.interesting.shape[1])
+        return ranked_above_loss(scores, k, listed)
 
 
 @register_term("rrd")
