@@ -1,7 +1,7 @@
 """Learning that de-biases: every training option on biased logs with a known truth, and on MovieLens-100K.
 
     python bench/debias.py [jobs/stream.yaml] [--options none,ips,pda,popneg] [--datasets sim,ml-100k]
-                           [--blocks N] [--json out.json]
+                           [--blocks N] [--epochs small|job] [--json out.json]
 
 Datasets: simulated streams (``data.simulate``: drifting tastes, item births, Zipf-like exposure) at three
 exposure skews × two correlations of true quality with popularity, each ingested into a temporary store,
@@ -9,7 +9,7 @@ plus MovieLens-100K (no truth: the inverse-propensity and intervened estimates i
 base block and incremental blocks and run through the job's stages in this process
 (``continual.loop.run_stream_local``, the code the Ray actors run) with the job's teachers, student,
 distillation and continual settings, every model trained with SMALL epochs (``EPOCHS``) so the bench fits
-in ~15 minutes on one core.
+in a few minutes on one core, or (``--epochs job``) with the job's own epochs and best-epoch choice.
 
 Training options (applied to every model, teachers and student alike):
   none     the job's training (biased: learns what the log shows)
@@ -78,11 +78,13 @@ class PopularityRanking(torch.nn.Module):
         return self.counts.unsqueeze(0).repeat(len(users), 1)  # (B, I), a tensor of its own (masked in place)
 
 
-def variant_job(job_dict: dict, option: str, blocks: dict, name: str):
-    """The job with ``option`` in every model's train settings, small epochs, and this bench's blocks."""
+def variant_job(job_dict: dict, option: str, blocks: dict, name: str, epochs: str = "small"):
+    """The job with ``option`` in every model's train settings, this bench's blocks, and ``epochs``: small
+    (``EPOCHS``) or the job's own."""
     def with_option(model: dict) -> dict:
-        base, block = EPOCHS.get(model.get("backbone", "mf"), DEFAULT_EPOCHS)
-        train = {**model.get("train", {}), **OPTIONS[option], "epochs_base": base, "epochs_block": block}
+        train = {**model.get("train", {}), **OPTIONS[option]}
+        if epochs == "small":
+            train["epochs_base"], train["epochs_block"] = EPOCHS.get(model.get("backbone", "mf"), DEFAULT_EPOCHS)
         return {**model, "train": train}
 
     slug = "".join(c if c.isalnum() or c in "-." else "_" for c in name)
@@ -119,8 +121,9 @@ def past_the_log(model, seen, spec, seed: int) -> dict:
     return {f"ips@{K}": ips[f"ips_ndcg@{K}"], f"iv@{K}": evaluate_ranking(model, iv, exclude, (K,))[f"ndcg@{K}"]}
 
 
-def run_one(job_dict: dict, name: str, option: str, store, truth, blocks: dict, n_blocks: int | None) -> dict:
-    job = variant_job(job_dict, option, blocks, name)
+def run_one(job_dict: dict, name: str, option: str, store, truth, blocks: dict, n_blocks: int | None,
+            epochs: str = "small") -> dict:
+    job = variant_job(job_dict, option, blocks, name, epochs)
     b = job.blocks
     plan = store.ensure_plan(b.base_fraction, b.incremental, b.split, job.seed)
     n = plan.num_blocks if n_blocks is None else min(n_blocks, plan.num_blocks)
@@ -226,6 +229,8 @@ def main() -> None:
                     help="print the tables of --json files written by earlier runs (parts of one bench), no training")
     ap.add_argument("--incremental", type=int, default=2, help="incremental blocks after the 50%% base block")
     ap.add_argument("--blocks", type=int, default=None, help="run only the first N blocks")
+    ap.add_argument("--epochs", choices=("small", "job"), default="small",
+                    help="small: 10 base / 3 per block (MultVAE 20 / 5), fast; job: the job's own epochs")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -263,16 +268,16 @@ def main() -> None:
             store, truth = simulated_store(root, *params) if params else movielens_store(root)
             report[name] = {}
             for option in options:
-                report[name][option] = run_one(job_dict, name, option, store, truth, blocks, args.blocks)
+                report[name][option] = run_one(job_dict, name, option, store, truth, blocks, args.blocks, args.epochs)
                 print(f"  {name} {option}: {report[name][option]['seconds']:.0f}s", flush=True)
             print_dataset(name, report[name], truth is not None)
     print_changes(report)
     print(f"\ntotal {time.perf_counter() - t_start:.0f}s")
     print(f"reproduce: python bench/debias.py {args.job} --options {args.options} --datasets {args.datasets} "
-          f"--incremental {args.incremental}" + (f" --blocks {args.blocks}" if args.blocks else ""))
+          f"--incremental {args.incremental} --epochs {args.epochs}" + (f" --blocks {args.blocks}" if args.blocks else ""))
     if args.json:
         args.json.write_text(json.dumps({"job": args.job, "job_spec": job_dict,
-                                         "epochs": {"default": DEFAULT_EPOCHS, **EPOCHS},
+                                         "epochs": {"default": DEFAULT_EPOCHS, **EPOCHS} if args.epochs == "small" else "job",
                                          "simulation": SIM, "datasets": report}, indent=2, default=str))
 
 
