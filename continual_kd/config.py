@@ -359,6 +359,9 @@ class RRDTermSpec(_Spec):
     mode: Literal["direct", "sample"] = "direct"  # direct: top-k as is | sample: k of the pool, p ∝ exp(-rank/T)
     temperature: float = Field(10.0, gt=0)
     score_clamp: float | None = Field(None, gt=0)  # scores clamped to ≤ this in the loss (CCD: 10)
+    # uninteresting items drawn ∝ (training count + 1)^e instead of uniformly (0). Uniform draws from outside
+    # the top-N are mostly unpopular items, so RRD also teaches that the tail ranks low
+    uninteresting_exponent: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _pool(self):

@@ -128,3 +128,18 @@ def test_a_list_shorter_than_the_pool_counts_only_its_items():
                          UserItemSet([0], [7], 2, 12), 2, 12)
     sampled.resample(torch.Generator().manual_seed(0))  # user 0 has 2 listed items for k = 3: no error
     assert set(sampled.interesting[0].tolist()) >= {3, 5} and torch.isfinite(sampled.loss(model, users))
+
+
+def test_uninteresting_items_drawn_by_popularity_avoid_the_pool_and_follow_the_weights():
+    num_items = 40
+    pool = torch.tensor([[0, 1, 2, 3]])
+    popularity = torch.zeros(num_items)
+    popularity[10], popularity[11] = 99.0, 24.0  # (count + 1)^1: item 10 is 4× item 11, 100× an item never seen
+    observed = UserItemSet([0], [12], 1, num_items)
+    t = RRDTargets(RRDConfig(k=2, pool=4, uninteresting=4000, uninteresting_exponent=1.0), torch.tensor([0]), pool,
+                   observed, 1, num_items, item_popularity=popularity)
+    t.resample(torch.Generator().manual_seed(0))
+    drawn = torch.bincount(t.uninteresting[0], minlength=num_items)
+    assert int(drawn[[0, 1, 2, 3, 12]].sum()) == 0  # never the pool or a known item
+    assert 3.3 < float(drawn[10]) / float(drawn[11]) < 4.8
+    assert float(drawn[10]) > 0.5 * 4000 * 100 / (100 + 25 + 34)  # most of the mass goes to the popular items

@@ -54,6 +54,7 @@ class RRDConfig:
     mode: str = "direct"  # "direct": teacher top-K as is; "sample": K of the pool, p(r) ∝ exp(-r/T)
     temperature: float = 10.0  # T of the "sample" mode
     score_clamp: float | None = None  # clamp student scores in the loss (CCD uses 10)
+    uninteresting_exponent: float = 0.0  # uninteresting items ∝ (popularity + 1)^e (0: uniform)
 
 
 class RRDTargets:
@@ -64,7 +65,7 @@ class RRDTargets:
     """
 
     def __init__(self, cfg: RRDConfig, knowledge_users: torch.Tensor, knowledge_items: torch.Tensor,
-                 observed: UserItemSet, num_users: int, num_items: int):
+                 observed: UserItemSet, num_users: int, num_items: int, item_popularity: torch.Tensor | None = None):
         if knowledge_items.shape[1] < cfg.k:
             raise ValueError(f"teacher knowledge has {knowledge_items.shape[1]} items per user, RRD needs k={cfg.k}")
         self.cfg = cfg
@@ -80,11 +81,17 @@ class RRDTargets:
         self.interesting = self.pool_items[:, : cfg.k]
         self.uninteresting = self.pool_items[:, :0]
         self.targets = self.interesting
-        self.sampler = self.pool_keys = None
-        if self.pool_items.numel() > LEAN_POOL_PAIRS:
+        self.sampler = self.pool_keys = self.weights = None
+        if cfg.uninteresting_exponent > 0 and item_popularity is not None:  # drawn ∝ popularity by rejection
+            pop = torch.zeros(num_items)
+            counts = item_popularity.detach().float().cpu()[:num_items]
+            pop[: len(counts)] = counts
+            self.weights = (pop + 1.0) ** cfg.uninteresting_exponent
+        if self.pool_items.numel() > LEAN_POOL_PAIRS or self.weights is not None:
             # many users × a long pool (300k × 500 at 10M interactions): the pool's sorted keys alone
             # (8 bytes a pair, no union with the observed pairs), uninteresting items drawn by rejection
-            # against both; a draw lands in either with probability (pool + degree) / items, small here
+            # against both; a draw lands in either with probability (pool + degree) / items, small here.
+            # Popularity-weighted draws (uninteresting_exponent) take this path too
             self.pool_keys = ListSet(self.users, self.pool_items, num_users, num_items)
             if cfg.mode != "sample":
                 self.interesting = self.interesting.clone()
@@ -115,7 +122,7 @@ class RRDTargets:
             self.uninteresting = self.sampler.sample(self.users, cfg.uninteresting, generator)
         else:
             self.uninteresting = sample_excluding(self.users, cfg.uninteresting, self.num_items,
-                                                  [self.observed, self.pool_keys], generator)
+                                                  [self.observed, self.pool_keys], generator, weights=self.weights)
         self.targets = torch.cat([self.interesting, self.uninteresting], 1)  # (U, K + L): one score call
 
     def loss(self, model, batch_users: torch.Tensor) -> torch.Tensor:
@@ -144,9 +151,10 @@ class RRDTerm(KDTerm):
     def __init__(self, spec, ctx: TermContext):
         super().__init__(spec, ctx)
         cfg = RRDConfig(weight=spec.weight, k=spec.k, pool=spec.pool, uninteresting=spec.uninteresting,
-                        mode=spec.mode, temperature=spec.temperature, score_clamp=spec.score_clamp)
+                        mode=spec.mode, temperature=spec.temperature, score_clamp=spec.score_clamp,
+                        uninteresting_exponent=spec.uninteresting_exponent)
         self.targets = RRDTargets(cfg, ctx.users, ctx.fused_items(max(spec.pool, spec.k)), ctx.known,
-                                  ctx.num_users, ctx.num_items)
+                                  ctx.num_users, ctx.num_items, item_popularity=ctx.item_popularity)
 
     def resample(self, generator: torch.Generator, epoch: int) -> None:
         self.targets.resample(generator)
