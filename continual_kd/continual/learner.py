@@ -322,26 +322,26 @@ class Learner:
         NDCG@20 and each candidate power's fused-list NDCG@20, summed over the block's validation users) joins
         what earlier blocks gave; the power with the most so far weights the teachers by their NDCG@20 so far
         (a small block's validation alone would pick a different teacher every block)."""
-        from ..distill.fusion import choose_power, fusion_evidence, sharpened_weights
+        from ..distill.fusion import choose_power, fusion_evidence, sharpened_weights, without
 
         relevant, hidden = valid
         users = torch.as_tensor(knowledge[0].users, dtype=torch.int64, device=self.device)
         inside = users < relevant.num_users
         users = users[inside]
         rows = torch.nonzero(relevant.degree[users] > 0).squeeze(1)  # listed users with validation pairs
-        lists = [torch.as_tensor(k.items, dtype=torch.int64, device=self.device)[inside][rows] for k in knowledge]
+        users = users[rows]
+        lists = [without(torch.as_tensor(k.items, dtype=torch.int64, device=self.device)[inside][rows], users, hidden)
+                 for k in knowledge]  # what evaluation would mask, taken out once
         ev = self.fusion_evidence
         n = len(rows)
         ev["users"] = ev.get("users", 0.0) + n
         teacher_sums = [ev.get(f"teacher{t}", 0.0) for t in range(len(lists))]
-        ndcgs_now, _ = fusion_evidence(lists, users[rows], relevant, hidden, fusion, num_items=self.model.num_items,
-                                       powers=())
-        for t, value in enumerate(ndcgs_now):
+        ndcgs_now, _ = fusion_evidence(lists, users, relevant, None, fusion, num_items=self.model.num_items, powers=())
+        for t, value in enumerate(ndcgs_now if n else ()):  # (no validation user listed: nothing to add)
             teacher_sums[t] += value * n
             ev[f"teacher{t}"] = teacher_sums[t]
         ndcgs = [v / max(ev["users"], 1.0) for v in teacher_sums]  # every block's validation users so far
-        _, sums = fusion_evidence(lists, users[rows], relevant, hidden, fusion, num_items=self.model.num_items,
-                                  ndcgs=ndcgs)
+        _, sums = fusion_evidence(lists, users, relevant, None, fusion, num_items=self.model.num_items, ndcgs=ndcgs)
         for power, total in sums.items():
             ev[f"power{power}"] = ev.get(f"power{power}", 0.0) + total
         power = choose_power({p: ev.get(f"power{p}", 0.0) for p in sums})

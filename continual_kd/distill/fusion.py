@@ -175,8 +175,9 @@ def fusion_evidence(item_lists: list[torch.Tensor], users: torch.Tensor, relevan
     the teachers' NDCG to sharpen, default those just measured).
 
     ``item_lists``: one (U, N_t) list per teacher for ``users`` (best first); ``relevant``: the held-out
-    pairs; ``hidden``: pairs no ranking may show (taken out of the lists first, as evaluation masks them)."""
-    lists = [without(lst, users, hidden) for lst in item_lists]
+    pairs; ``hidden``: pairs no ranking may show (taken out of the lists first, as evaluation masks them;
+    None: the lists are taken as they are)."""
+    lists = item_lists if hidden is None else [without(lst, users, hidden) for lst in item_lists]
     measured = [float(list_ndcg(lst, users, relevant, k).mean()) if len(users) else float("nan") for lst in lists]
     ndcgs = measured if ndcgs is None else ndcgs
     sums = {}
