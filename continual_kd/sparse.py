@@ -130,6 +130,15 @@ class UserItemSet:
                            self.keys.device)
 
 
+def popularity_weights(counts: torch.Tensor, num_items: int, exponent: float) -> torch.Tensor:
+    """(num_items,) CPU float weights (count + 1)^exponent for ``sample_excluding`` (an item past ``counts``
+    has count 0)."""
+    pop = torch.zeros(num_items)
+    counts = counts.detach().float().cpu()[:num_items]
+    pop[: len(counts)] = counts
+    return (pop + 1.0) ** exponent
+
+
 def sample_excluding(users: torch.Tensor, count: int, num_items: int, exclude: list, generator: torch.Generator,
                      rounds: int = 20, weights: torch.Tensor | None = None) -> torch.Tensor:
     """(B, count) items drawn uniformly (or ∝ ``weights``, (num_items,) CPU floats) for each of

@@ -14,7 +14,7 @@ import torch
 
 from ..config import TrainSpec
 from ..distill.base import Batch, KDTerm
-from ..sparse import UserItemSet, sample_excluding
+from ..sparse import UserItemSet, popularity_weights, sample_excluding
 from .debias import loss_shaping
 from .optim import SlowRows, make_optimizer
 
@@ -82,9 +82,7 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
         block_users, block_items = users, items
         neg_weights = None
         if spec.negatives == "popularity" and item_popularity is not None:
-            pop = item_popularity.detach().float().cpu()
-            neg_weights = torch.ones(model.num_items)
-            neg_weights[: len(pop)] = (pop[: model.num_items] + 1.0) ** spec.negative_exponent
+            neg_weights = popularity_weights(item_popularity, model.num_items, spec.negative_exponent)
         # train.debias (continual/debias.py): IPS weights / PDA's popularity factor, handed to base_loss
         shaping = loss_shaping(spec, model.num_items, block_items, item_popularity)
         shaped = {} if shaping is None else {"shaping": shaping}

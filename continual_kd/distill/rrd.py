@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sparse import ComplementSampler, ListSet, UserItemSet, sample_excluding
+from ..sparse import ComplementSampler, ListSet, UserItemSet, popularity_weights, sample_excluding
 from .base import Batch, KDTerm, TermContext, register_term
 
 
@@ -83,10 +83,7 @@ class RRDTargets:
         self.targets = self.interesting
         self.sampler = self.pool_keys = self.weights = None
         if cfg.uninteresting_exponent > 0 and item_popularity is not None:  # drawn ∝ popularity by rejection
-            pop = torch.zeros(num_items)
-            counts = item_popularity.detach().float().cpu()[:num_items]
-            pop[: len(counts)] = counts
-            self.weights = (pop + 1.0) ** cfg.uninteresting_exponent
+            self.weights = popularity_weights(item_popularity, num_items, cfg.uninteresting_exponent)
         if self.pool_items.numel() > LEAN_POOL_PAIRS or self.weights is not None:
             # many users × a long pool (300k × 500 at 10M interactions): the pool's sorted keys alone
             # (8 bytes a pair, no union with the observed pairs), uninteresting items drawn by rejection
