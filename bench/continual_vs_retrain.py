@@ -55,9 +55,9 @@ def method_overrides(job: dict) -> dict[str, dict]:
     }
 
 
-def run_method(job, store, plan) -> dict:
+def run_method(job, store, plan, device: str = "cpu") -> dict:
     """Per block: pooled / per-block NDCG@20 of every model and each model's update seconds."""
-    learners = make_learners(job)
+    learners = make_learners(job, device)
     blocks = []
 
     def on_block(r):
@@ -130,8 +130,11 @@ def main() -> None:
     ap.add_argument("--methods", default="retrain,finetune,job,ccd")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the models train and score")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"--device cuda: this torch ({torch.__version__}) sees no CUDA device")
     out = {}
     for path in args.jobs:
         job = load_job(path)
@@ -143,10 +146,11 @@ def main() -> None:
         for name in args.methods.split(","):
             print(f"{path} [{name}]", flush=True)
             variant = parse_job({**job.to_dict(), **overrides[name]}, f"{path} [{name}]")
-            report[name] = run_method(variant, store, plan)
+            report[name] = run_method(variant, store, plan, args.device)
         out[path] = report
         print_stream(path, report)
-    print(f"\nreproduce: python bench/continual_vs_retrain.py {' '.join(args.jobs)} --methods {args.methods}")
+    device = f" --device {args.device}" if args.device != "cpu" else ""
+    print(f"\nreproduce: python bench/continual_vs_retrain.py {' '.join(args.jobs)} --methods {args.methods}{device}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2, default=str))
 

@@ -2,6 +2,7 @@
 
     python bench/scale.py [--sizes 0.1M,1M,3M,10M] [--fixed 0.3M,1M,3M] [--threads 1] [--json out.json]
     python bench/scale.py --upkeep 1M,10M     # only the known-pair / eval-set upkeep per block, no training
+    python bench/scale.py --sizes 1M,10M --device cuda --threads 16   # the models on a CUDA GPU
 
 The job of the issue's measurement: one MF-64 teacher → an MF-8 student with RRD (k 40, pool 500),
 3 epochs per block, a base block of 50% + 3 incremental blocks, on `ckd data synthetic` streams
@@ -14,7 +15,8 @@ committed in the store's catalog as ``ckd submit`` does. Printed per stream:
   knowledge, update student, evaluate, snapshot, commit; rows/s of the updates (block rows × epochs /
   update s: per-epoch validation included) and of training alone (pairs stepped, replay included, over
   the epochs' training seconds, KD terms' resampling included);
-  the process's memory peak (RSS high-water mark, and above the RSS before the stream was read);
+  the process's memory peak (RSS high-water mark, and above the RSS before the stream was read; on
+  ``--device cuda`` also the GPU's peak of allocated memory);
   the knowledge and evaluation calls again on the final models beside a bare ``matmul + topk`` over the
   same users, items and chunks (no masks, no metrics): the floor they are measured against.
 
@@ -109,23 +111,35 @@ def bare_topk(model, users: torch.Tensor, k: int) -> float:
     """Seconds of (U_chunk @ Iᵀ).topk(k) over ``users`` in the chunks top_k_items uses: the floor."""
     u_all, i_all = model.embeddings()
     step = users_per_chunk(model.num_items)
+    users = users.to(u_all.device)
+    sync()
     t0 = time.perf_counter()
     with torch.no_grad():
         for start in range(0, len(users), step):
             torch.topk(u_all[users[start:start + step]] @ i_all.T, k, dim=1)
+    sync()
     return time.perf_counter() - t0
+
+
+def sync() -> None:
+    """Wait for queued CUDA work, so that a timer stops when the work is done (no-op on the CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def floor_check(learner, seen, block: int, size: int) -> dict:
     """The teacher's knowledge call and one evaluation, each beside the bare matmul + topk of its users."""
     users = learner._users(seen, block)
     known = learner.pairs.known(seen, block)
+    sync()
     t0 = time.perf_counter()
     top_k_items(learner.model, users, size, known)
+    sync()
     knowledge = time.perf_counter() - t0
     relevant, hidden = learner.pairs.eval_sets(seen, block, TEST)
     t0 = time.perf_counter()
-    evaluate_ranking(learner.model, relevant, hidden, (10, 20, 50), keep_relevant=True)
+    evaluate_ranking(learner.model, relevant, hidden, (10, 20, 50), device=learner.device, keep_relevant=True)
+    sync()
     evaluation = time.perf_counter() - t0
     eval_users = torch.nonzero(relevant.degree > 0).flatten()
     return {"knowledge_users": len(users), "knowledge_s": knowledge, "knowledge_bare_s": bare_topk(learner.model, users, size),
@@ -134,17 +148,19 @@ def floor_check(learner, seen, block: int, size: int) -> dict:
 
 
 def run_stream(label: str, users: int, items: int, rows: int, root: Path, floor: bool = True,
-               optimizer: str = "lazy_adam") -> dict:
-    from continual_kd.runtime.coordinator import _manifest, block_results, manifest_digest
+               optimizer: str = "lazy_adam", device: str = "cpu") -> dict:
+    from continual_kd.manifest import block_manifest, block_results, manifest_digest
     from continual_kd.snapshots import write_snapshot
 
     store, build_s = ensure_stream(root, users, items, rows)
     runs = Path(tempfile.mkdtemp(prefix="runs-", dir=root))
     job = job_for(store.root, runs, optimizer)
     plan = source_plan(store, job)
-    learners = make_learners(job)
+    learners = make_learners(job, device)
     out = {"stream": label, "users": users, "items": items, "interactions": rows, "build_s": build_s,
-           "blocks": [], "rss_before": MemoryPeak.rss()}
+           "device": device, "blocks": [], "rss_before": MemoryPeak.rss()}
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     history = []
     with MemoryPeak() as mem:
         for k in range(plan.num_blocks):
@@ -159,7 +175,7 @@ def run_stream(label: str, users: int, items: int, rows: int, root: Path, floor:
                      "updates": {n: u.get("seconds") for n, u in res.updates.items()}}
             history.append(entry)
             t0 = time.perf_counter()
-            manifest = _manifest(job, plan, store, k, states, res, history)
+            manifest = block_manifest(job, plan, store, k, states, res, history)
             snap = write_snapshot(runs, k, {n: s["weights"] for n, s in states.items()}, manifest)
             stages["snapshot"] = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -184,6 +200,8 @@ def run_stream(label: str, users: int, items: int, rows: int, root: Path, floor:
         if floor:
             out["floor"] = floor_check(learners[teacher], seen, plan.num_blocks - 1, 500)
     out["peak_rss"] = max(mem.peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    if device == "cuda":
+        out["gpu_peak"] = torch.cuda.max_memory_allocated()
     return out
 
 
@@ -250,7 +268,7 @@ def summary(r: dict) -> dict:
 def print_table(results: list[dict]) -> None:
     head = ["stream", "users × items", "rows/block", "build s"] + ["read", *STAGES] + [
         "block s", "teacher rows/s", "student rows/s", "teacher training rows/s", "student training rows/s",
-        "peak GB", "+GB"]
+        "peak GB", "+GB", "GPU peak GB"]
     print("\n| " + " | ".join(head) + " |\n|" + " --- |" * len(head))
     for r in results:
         s = summary(r)
@@ -260,7 +278,8 @@ def print_table(results: list[dict]) -> None:
                  f"{r['build_s']:.0f}"] + [f"{s['stages'][x]:.2f}" for x in ["read", *STAGES]] + [
             f"{s['block_s']:.1f}", f"{rate[0]:,.0f}", f"{rate[-1]:,.0f}", f"{train[0]:,.0f}", f"{train[-1]:,.0f}",
             f"{r['peak_rss'] / 2**30:.2f}",
-            f"{(r['peak_rss'] - r['rss_before']) / 2**30:.2f}"]
+            f"{(r['peak_rss'] - r['rss_before']) / 2**30:.2f}",
+            f"{r['gpu_peak'] / 2**30:.2f}" if "gpu_peak" in r else "–"]
         print("| " + " | ".join(cells) + " |")
     print("\nknowledge (teacher top-500 of the last block's users) and evaluation (its test users, top-50) on the "
           "final teacher, beside a bare matmul + topk over the same users and chunks:")
@@ -285,10 +304,14 @@ def main() -> None:
     ap.add_argument("--no-floor", action="store_true", help="skip the bare matmul + topk comparison")
     ap.add_argument("--optimizer", default="lazy_adam", choices=("lazy_adam", "adam"),
                     help="the models' train.optimizer (adam: dense steps over the whole tables)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="where the models train and score (the stream's store work stays on the CPU)")
     ap.add_argument("--upkeep", default="", help="only the pair-state upkeep per block (no training) at these sizes, "
                                                  "e.g. 1M,10M: rebuilt from history vs kept and extended")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"--device cuda: this torch ({torch.__version__}) sees no CUDA device")
     root = Path(args.stores)
     root.mkdir(parents=True, exist_ok=True)
     if args.upkeep:
@@ -302,11 +325,11 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(results, indent=1, default=float))
 
     for label in [s for s in args.sizes.split(",") if s]:
-        results.append(run_stream(label, *SIZES[label], root, not args.no_floor, args.optimizer))
+        results.append(run_stream(label, *SIZES[label], root, not args.no_floor, args.optimizer, args.device))
         save()
     for label in [s for s in args.fixed.split(",") if s]:
         results.append(run_stream(f"{label} fixed", FIXED_USERS, FIXED_ITEMS, rows_of(label), root, not args.no_floor,
-                                  args.optimizer))
+                                  args.optimizer, args.device))
         save()
     print_table(results)
     if args.json:

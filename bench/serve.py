@@ -123,7 +123,7 @@ def wait_for_block(port: int, block: int, timeout: float = 300.0) -> float | Non
 
 def commit_copied_snapshot(snapshot: Path, runs: Path, store_root: Path, job) -> None:
     """Move a snapshot trained elsewhere into the served job's folder (rename: whole or absent) and commit it."""
-    from continual_kd.runtime.coordinator import manifest_digest
+    from continual_kd.manifest import manifest_digest
     from continual_kd.stream import StreamStore
 
     tmp = runs / f".tmp-{snapshot.name}-bench"

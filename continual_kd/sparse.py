@@ -21,10 +21,16 @@ def keys_contain(keys: torch.Tensor, num_users: int, num_items: int, users: torc
     return (keys[pos] == q) & inside
 
 
+def as_ids(values, device) -> torch.Tensor:
+    """int64 ids on ``device`` from a tensor on any device, a NumPy array or a list."""
+    if torch.is_tensor(values):
+        return values.to(device=device, dtype=torch.int64)
+    return torch.as_tensor(np.asarray(values), dtype=torch.int64, device=device)
+
+
 class UserItemSet:
     def __init__(self, users, items, num_users: int, num_items: int, device: str | torch.device = "cpu"):
-        users = torch.as_tensor(np.asarray(users), dtype=torch.int64, device=device)
-        items = torch.as_tensor(np.asarray(items), dtype=torch.int64, device=device)
+        users, items = as_ids(users, device), as_ids(items, device)
         self.num_users, self.num_items = int(num_users), int(num_items)
         keys = torch.unique(users * self.num_items + items)  # sorted, deduplicated
         self.keys = keys
@@ -54,8 +60,7 @@ class UserItemSet:
         so adding a block costs its rows plus a copy, not a sort of the whole history."""
         device = self.keys.device
         nu, ni = max(self.num_users, int(num_users or 0)), max(self.num_items, int(num_items or 0))
-        users = torch.as_tensor(np.asarray(users) if not torch.is_tensor(users) else users, dtype=torch.int64).to(device)
-        items = torch.as_tensor(np.asarray(items) if not torch.is_tensor(items) else items, dtype=torch.int64).to(device)
+        users, items = as_ids(users, device), as_ids(items, device)
         old = self.keys if ni == self.num_items else self.users * ni + self.items  # order kept: (user, item)
         new = torch.unique(users * ni + items)
         if len(old):

@@ -68,7 +68,7 @@ def _damage(path: Path) -> None:
 def _commit_damaged_copy(runs: Path, store_root: Path, job, source: int, block: int) -> None:
     """Commit block ``block`` as the coordinator does, its snapshot a copy of block ``source``'s, then damage
     its student file (a disk fault between the commit and the server's load)."""
-    from continual_kd.runtime.coordinator import manifest_digest
+    from continual_kd.manifest import manifest_digest
     from continual_kd.stream import StreamStore
 
     copy = runs / f"block-{block:04d}"

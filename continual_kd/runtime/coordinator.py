@@ -25,7 +25,6 @@ from typing import Callable
 import ray
 from ray.exceptions import RayActorError
 
-from ..checksums import file_sha256
 from ..config import LIVE_KEEP_LAST, JobSpec
 from ..continual import BlockResult, model_key, run_block
 from ..continual.snapshot_eval import learner_states
@@ -33,6 +32,7 @@ from ..data.sources import open_source, source_plan
 from ..errors import CkdError
 from ..eval.metrics import undefined_as_none
 from ..locks import single_driver
+from ..manifest import block_manifest, block_results, manifest_digest
 from ..snapshots import (MANIFEST, block_dir_name, list_snapshots, prune_snapshots, remove_job_snapshots, resolve_snapshot,
                          write_snapshot)
 from ..stream import BlockPlan, StreamStore
@@ -76,30 +76,6 @@ def failpoint(point: str) -> None:
     not yet committed) or ``commit:<k>`` (block k committed)."""
     if os.environ.get("CKD_FAILPOINT") == point:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def manifest_digest(snapshot_path: Path) -> str:
-    """The manifest's sha256: it lists every file's checksum, so it identifies the whole snapshot."""
-    return file_sha256(Path(snapshot_path) / MANIFEST)
-
-
-def block_results(entry: dict) -> dict[str, dict[str, float | None]]:
-    """A history entry's numbers per model, as the catalog's ``block_results`` rows take them: the test
-    metrics of the block, plasticity / stability / H-mean, ``valid/<metric>``, ``seconds/update``,
-    ``pooled/<metric>`` (every block's test pairs at once) and ``choice/best_epoch`` (and epochs run)."""
-    rows: dict[str, dict[str, float | None]] = {}
-    for model, metrics in (entry.get("metrics") or {}).items():
-        rows[model] = dict(metrics)
-        rows[model].update((entry.get("continual") or {}).get(model) or {})
-        rows[model].update({f"valid/{k}": v for k, v in ((entry.get("valid") or {}).get(model) or {}).items()})
-        seconds = (entry.get("updates") or {}).get(model)
-        if seconds is not None:
-            rows[model]["seconds/update"] = seconds
-        rows[model].update({f"pooled/{k}": v for k, v in ((entry.get("pooled") or {}).get(model) or {}).items()
-                            if k != "users"})
-        choice = (entry.get("choice") or {}).get(model) or {}
-        rows[model].update({f"choice/{k}": v for k, v in choice.items() if isinstance(v, (int, float))})
-    return rows
 
 
 def _recover(job: JobSpec, store: StreamStore, runs: Path, restart: bool, emit: Progress) -> _Recovery:
@@ -260,7 +236,7 @@ def run_job(job: JobSpec, address: str | None = None, restart: bool = False, pro
                                    "valid_ndcg@20": u.get("valid_ndcg@20"), "replay_rows": u.get("replay_rows")}
                                for n, u in res.updates.items()}})
                 history = [*result.history, entry]
-                manifest = _manifest(job, plan, store, k, states, res, history)
+                manifest = block_manifest(job, plan, store, k, states, res, history)
                 snap = write_snapshot(runs, k, {n: s["weights"] for n, s in states.items()}, manifest)
                 failpoint(f"snapshot:{k}")
                 store.commit_block(job.name, job.config_hash(), plan.plan_id, k, manifest["rows_covered"],
@@ -417,32 +393,3 @@ def _run_block(job: JobSpec, k: int, block_refs: list, actors: dict, emit: Progr
     return run_block(job, k, RayExecutor(actors, block_refs, k), previous_valid, on_stage)
 
 
-def _manifest(job: JobSpec, plan: BlockPlan, store: StreamStore, k: int, states: dict, res: BlockResult,
-              history: list[dict]) -> dict:
-    info = plan.blocks[k]
-    specs = {model_key("teacher", t.name): ("teacher", t) for t in job.teachers}
-    specs["student"] = ("student", job.student)
-    return {
-        "job": job.name,
-        "config_hash": job.config_hash(),
-        "job_spec": job.to_dict(),
-        "plan_id": plan.plan_id,
-        "store": str(Path(store.root).resolve()),
-        "num_blocks": plan.num_blocks,
-        "rows_covered": sum(b.rows for b in plan.blocks[: k + 1]),
-        "ts_end": info.ts_end,
-        "id_space": {"num_users": info.num_users, "num_items": info.num_items},
-        "model_info": {
-            n: {"role": role, "spec_name": spec.name, "backbone": spec.backbone, "dim": spec.dim,
-                "num_users": states[n]["num_users"], "num_items": states[n]["num_items"],
-                "parameters": res.updates[n]["parameters"],
-                # settings train.grid chose on validation, and the epoch kept by best-epoch choice
-                "chosen": res.updates[n].get("chosen", {}), "best_epoch": res.updates[n].get("best_epoch")}
-            for n, (role, spec) in specs.items()
-        },
-        "metrics": undefined_as_none(res.metrics),
-        "pooled": undefined_as_none(res.pooled),
-        "continual": undefined_as_none(res.continual),
-        "valid": undefined_as_none(res.valid),
-        "history": history,
-    }

@@ -54,6 +54,9 @@ SEGMENTS_DIR = "segments"
 STAGING_DIR = ".staging"
 # DuckDB's memory while an ingest classifies its rows; beyond it DuckDB spills to the ingest's work folder.
 INGEST_MEMORY_LIMIT = os.environ.get("CKD_INGEST_MEMORY", "128MB")
+# DuckDB's threads for that work: each thread holds its own buffers inside the one memory limit, so on a many-core
+# machine (16 cores) a 10M-row ingest ran out of the 128 MB with one thread per core; 4 fit it (override here)
+INGEST_THREADS = int(os.environ.get("CKD_INGEST_THREADS", "0")) or min(os.cpu_count() or 1, 4)
 
 
 @dataclass
@@ -756,6 +759,7 @@ def _sql_path(path: Path | str) -> str:
 def _tune(con: duckdb.DuckDBPyConnection, work: Path) -> None:
     """Bound DuckDB's memory for the ingest's joins and sorts; beyond it they spill to the work folder."""
     con.execute(f"SET memory_limit = '{INGEST_MEMORY_LIMIT}'")
+    con.execute(f"SET threads = {INGEST_THREADS}")
     con.execute(f"SET temp_directory = {_sql_path(work / 'spill')}")
     con.execute("SET preserve_insertion_order = false")
     con.execute("SET enable_progress_bar = false")

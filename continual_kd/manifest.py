@@ -1,0 +1,70 @@
+"""What a committed block records, without Ray: the snapshot's manifest, its digest, and the per-model rows
+of the catalog's ``block_results`` (used by the coordinator and by the benches that commit blocks in one
+process)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checksums import file_sha256
+from .config import JobSpec
+from .continual import BlockResult, model_key
+from .eval.metrics import undefined_as_none
+from .snapshots import MANIFEST
+from .stream import BlockPlan, StreamStore
+
+
+def manifest_digest(snapshot_path: Path) -> str:
+    """The manifest's sha256: it lists every file's checksum, so it identifies the whole snapshot."""
+    return file_sha256(Path(snapshot_path) / MANIFEST)
+
+
+def block_results(entry: dict) -> dict[str, dict[str, float | None]]:
+    """A history entry's numbers per model, as the catalog's ``block_results`` rows take them: the test
+    metrics of the block, plasticity / stability / H-mean, ``valid/<metric>``, ``seconds/update``,
+    ``pooled/<metric>`` (every block's test pairs at once) and ``choice/best_epoch`` (and epochs run)."""
+    rows: dict[str, dict[str, float | None]] = {}
+    for model, metrics in (entry.get("metrics") or {}).items():
+        rows[model] = dict(metrics)
+        rows[model].update((entry.get("continual") or {}).get(model) or {})
+        rows[model].update({f"valid/{k}": v for k, v in ((entry.get("valid") or {}).get(model) or {}).items()})
+        seconds = (entry.get("updates") or {}).get(model)
+        if seconds is not None:
+            rows[model]["seconds/update"] = seconds
+        rows[model].update({f"pooled/{k}": v for k, v in ((entry.get("pooled") or {}).get(model) or {}).items()
+                            if k != "users"})
+        choice = (entry.get("choice") or {}).get(model) or {}
+        rows[model].update({f"choice/{k}": v for k, v in choice.items() if isinstance(v, (int, float))})
+    return rows
+
+
+
+def block_manifest(job: JobSpec, plan: BlockPlan, store: StreamStore, k: int, states: dict, res: BlockResult,
+              history: list[dict]) -> dict:
+    info = plan.blocks[k]
+    specs = {model_key("teacher", t.name): ("teacher", t) for t in job.teachers}
+    specs["student"] = ("student", job.student)
+    return {
+        "job": job.name,
+        "config_hash": job.config_hash(),
+        "job_spec": job.to_dict(),
+        "plan_id": plan.plan_id,
+        "store": str(Path(store.root).resolve()),
+        "num_blocks": plan.num_blocks,
+        "rows_covered": sum(b.rows for b in plan.blocks[: k + 1]),
+        "ts_end": info.ts_end,
+        "id_space": {"num_users": info.num_users, "num_items": info.num_items},
+        "model_info": {
+            n: {"role": role, "spec_name": spec.name, "backbone": spec.backbone, "dim": spec.dim,
+                "num_users": states[n]["num_users"], "num_items": states[n]["num_items"],
+                "parameters": res.updates[n]["parameters"],
+                # settings train.grid chose on validation, and the epoch kept by best-epoch choice
+                "chosen": res.updates[n].get("chosen", {}), "best_epoch": res.updates[n].get("best_epoch")}
+            for n, (role, spec) in specs.items()
+        },
+        "metrics": undefined_as_none(res.metrics),
+        "pooled": undefined_as_none(res.pooled),
+        "continual": undefined_as_none(res.continual),
+        "valid": undefined_as_none(res.valid),
+        "history": history,
+    }
