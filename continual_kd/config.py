@@ -251,6 +251,9 @@ class TrainSpec(_Spec):
     # that has converged is perturbed by Adam's first steps at the from-scratch rate (each coordinate moves
     # ~lr per step whatever its gradient's size) and forgets what the block does not repeat
     lr_block: float | None = Field(None, gt=0)
+    # warm updates ramp their rate linearly from ~0 up to lr over this many epochs' worth of steps (the
+    # first epoch's batches; 0: none): Adam's restart moves without its shake, then the full rate
+    warmup_block: float = Field(0.0, ge=0)
     weight_decay: float = Field(1e-4, ge=0)  # L2 on the rows a batch touches (summed), not on absent users/items
     batch_size: int = Field(1024, ge=1)
     # an epoch has at least this many batches: on a small block (or a small data set) the batch shrinks to

@@ -105,3 +105,26 @@ def test_mf_learns_with_either_optimizer_and_leaves_dense_gradients_after(optimi
     loss = model.base_loss(u[:4], i[:4], i[4:8])
     loss.backward()
     assert not model.user_emb.grad.is_sparse
+
+
+@pytest.mark.parametrize("make", [lambda p: torch.optim.Adam([p], lr=0.1), lambda p: LazyAdam([p], lr=0.1)])
+def test_warmup_ramps_the_rate_and_then_gives_it_back(make):
+    """train.warmup_block: the first steps of an update take lr·t/T (Adam's first step moves each coordinate
+    by about its rate, so step t moves ~0.1·t/4), then the full rate again, in either optimizer."""
+    from continual_kd.continual.optim import SlowRows
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = make(p)
+    stepper = SlowRows(opt, None, 1.0)
+    stepper.ramp(4)
+    moves, rates = [], []
+    for _ in range(6):
+        before = p.detach().clone()
+        opt.zero_grad()
+        (p * torch.tensor([1.0, -2.0, 3.0])).sum().backward()  # constant gradient: Adam's step is its rate
+        stepper.step()
+        rates.append(opt.param_groups[0]["lr"])
+        moves.append(float((p.detach() - before).abs().max()))
+    assert moves[:4] == pytest.approx([0.025, 0.05, 0.075, 0.1], rel=1e-3)
+    assert moves[4:] == pytest.approx([0.1, 0.1], rel=1e-3)
+    assert rates == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])  # the group's rate: lr again after the ramp

@@ -281,7 +281,8 @@ class Learner:
                 train_spec = train_spec.model_copy(update={"patience": train_spec.patience_block})
             slow_rows = (train_spec.lr_block / train_spec.lr, slow) if slow and train_spec.lr_block is not None else None
             fit = self._fit(seen, block, u, i, known, epochs, train_spec, knowledge, terms, fusion, weights,
-                            trajectory, scope, trained, valid, draw, keep=len(grid) > 1, slow_rows=slow_rows)
+                            trajectory, scope, trained, valid, draw, keep=len(grid) > 1, slow_rows=slow_rows,
+                            warmup=train_spec.warmup_block if warm else 0.0)
             fits.append((overrides, fit))
         if len(grid) > 1:
             overrides, fit = choose_fit(fits, self.spec.train.grid_prefer, self.spec.train.grid_tolerance)
@@ -358,7 +359,7 @@ class Learner:
         return [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))] or [{}]
 
     def _fit(self, seen, block, u, i, known, epochs, train_spec, knowledge, terms, fusion, weights, trajectory,
-             scope, trained, valid, draw, keep: bool = False, slow_rows=None) -> dict:
+             scope, trained, valid, draw, keep: bool = False, slow_rows=None, warmup: float = 0.0) -> dict:
         """One training run of the update (one grid combination): terms built afresh, the same seed."""
         gen = torch.Generator().manual_seed(derive_seed(self.seed, self.spec.name, "train", block))
         built = self._build_terms(seen, block, knowledge, terms, fusion, weights, known, epochs, scope, trained)
@@ -385,7 +386,7 @@ class Learner:
                             draw_counted if draw is not None else None,
                             self.pairs.item_counts(seen)
                             if train_spec.negatives == "popularity" or train_spec.debias != "none" else None,
-                            parallel=self.parallel, slow_rows=slow_rows)
+                            parallel=self.parallel, slow_rows=slow_rows, warmup=warmup)
         if best is not None:
             best.restore()
         carried = {}

@@ -144,8 +144,26 @@ class SlowRows:
         self.native = isinstance(opt, LazyAdam)
         if self.native:
             opt.row_scale = {p: (n, self.ratio) for p, n in self.rows.items()}
+        self.warmup, self.steps, self.base_lr = 0, 0, [g["lr"] for g in opt.param_groups]
+
+    def ramp(self, steps: int) -> None:
+        """The next ``steps`` steps take the rate from lr/steps up to lr linearly (``train.warmup_block``):
+        Adam's first steps after a restart move every touched weight by about lr whatever its gradient,
+        which shakes a model that had converged; the ramp lets the moments settle first."""
+        self.warmup, self.steps = max(int(steps), 0), 0
 
     def step(self) -> None:
+        if self.steps < self.warmup:
+            scale = (self.steps + 1) / self.warmup
+            for group, lr in zip(self.opt.param_groups, self.base_lr):
+                group["lr"] = lr * scale
+        self.steps += 1
+        self._step()
+        if self.steps == self.warmup:
+            for group, lr in zip(self.opt.param_groups, self.base_lr):
+                group["lr"] = lr
+
+    def _step(self) -> None:
         if self.native or not self.rows:
             self.opt.step()
             return

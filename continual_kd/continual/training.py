@@ -41,7 +41,7 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
                  on_epoch_end: Callable[[int], bool | None] | None = None,
                  replay: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None,
                  item_popularity: torch.Tensor | None = None, parallel=None,
-                 slow_rows: tuple[float, dict] | None = None) -> list[EpochLog]:
+                 slow_rows: tuple[float, dict] | None = None, warmup: float = 0.0) -> list[EpochLog]:
     """Train ``model`` for ``epochs`` on the (users, items) positives; negatives avoid ``known``.
 
     ``terms``: KD terms (``distill.base.KDTerm``); each draws its targets in ``resample(generator,
@@ -60,6 +60,8 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
     its part of each batch, and DDP sums the gradients over the workers: the same steps as one worker.
     ``slow_rows = (ratio, {parameter: n})``: the rows [0, n) of those parameters step at ratio × ``spec.lr``
     (``optim.SlowRows``; a warm update's ``train.lr_block`` for what the model had before the block).
+    ``warmup``: the rate ramps linearly up to ``spec.lr`` over this many epochs' worth of steps (counted on the
+    first epoch's batches; a warm update's ``train.warmup_block``).
     """
     terms = [t for t in terms if t.weight > 0]
     base_weight = min([t.base_weight for t in terms], default=1.0)
@@ -100,6 +102,8 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
                 users = torch.unique(users)
             n = len(users)
             size = epoch_batch_size(spec, n)
+            if epoch == 0 and warmup > 0:
+                stepper.ramp(round(warmup * -(-n // size)))
             perm = torch.randperm(n, generator=generator).to(device)
             u_all = users[perm]
             if by_user:  # the model's loss reads the users' whole rows; no positives/negatives to draw
