@@ -332,6 +332,11 @@ class ModelSpec(_Spec):
     dropout: float = Field(0.5, ge=0, lt=1)  # MultVAE input dropout
     beta: float = Field(0.2, ge=0)  # MultVAE KL weight
     init: Literal["neighbor", "random"] = "neighbor"  # new users/items start: neighbor (1-hop mean) | random
+    # ranking after training: score − β · log(1 + training count of the item), β chosen after every update on the
+    # block's validation among these candidates (0 always one): the largest whose validation NDCG@20 is within
+    # rank_penalty_tolerance (relative) of β = 0's. Training never sees it; evaluation, knowledge and serving do
+    rank_penalty: _tuple(Annotated[float, Field(ge=0)]) = ()
+    rank_penalty_tolerance: float = Field(0.01, ge=0, lt=1)
     train: TrainSpec = TrainSpec()
     resources: ResourceSpec = ResourceSpec()
     # > 1: under Ray (ckd submit) the model's updates run data-parallel on this many Ray Train workers

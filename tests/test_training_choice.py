@@ -448,3 +448,46 @@ def test_teacher_weights_chosen_on_validation_add_up_over_blocks_and_survive_a_r
     restored = Learner(job.student, job.seed, role="student")
     restored.load(student.state())
     assert restored.fusion_evidence == pytest.approx(ev)
+
+
+def test_rank_penalty_is_chosen_on_validation_ranks_everything_after_and_survives_a_restore(tmp_path, monkeypatch):
+    """rank_penalty: the largest β whose validation NDCG@20 stays within the tolerance of β = 0's; the model then
+    ranks by score − β·log(1 + count) (evaluation, knowledge), never while it trains, and a restored learner
+    ranks the same way."""
+    from continual_kd.eval import top_k_items
+
+    job, store, plan = _job(tmp_path, monkeypatch)
+    spec = job.teachers[0].model_copy(update={"rank_penalty": (0.01, 0.03, 0.1, 50.0), "rank_penalty_tolerance": 0.05})
+    seen = store.read_blocks(plan.plan_id, 0)
+    learner = Learner(spec, job.seed, role="teacher")
+    log = learner.update(seen, 0)
+    figures = {g["beta"]: g["valid_ndcg@20"] for g in log["rank_penalty_grid"]}
+    assert set(figures) == {0.0, 0.01, 0.03, 0.1, 50.0}
+    assert figures[50.0] < 0.95 * figures[0.0]  # a huge penalty ranks by unpopularity: out of the tolerance
+    beta = max(b for b, v in figures.items() if v >= 0.95 * figures[0.0])
+    assert beta > 0  # a small penalty costs less than the tolerance here
+    assert log["rank_penalty"] == learner.penalty_beta == beta
+    # the model ranks with the penalty: the validation figure is the chosen β's
+    assert learner.validate(seen, 0, job.eval)["ndcg@20"] == pytest.approx(figures[beta], abs=1e-6)
+    popularity = learner.pairs.popularity(seen)
+    users = torch.arange(5)
+    raw = learner.model.__class__.full_scores(learner.model, users)
+    assert torch.allclose(learner.model.full_scores(users), raw - beta * torch.log1p(popularity), atol=1e-6)
+    # saved with the weights, installed again on load: the same lists
+    restored = Learner(spec, job.seed, role="teacher")
+    restored.load(learner.state())
+    assert restored.penalty_beta == beta
+    known = learner.pairs.known(seen, 0)
+    assert torch.equal(top_k_items(restored.model, users, 10, known)[0], top_k_items(learner.model, users, 10, known)[0])
+    # a later update trains and validates on the model's own scores: the penalty is off until it is chosen again
+    seen1 = store.read_blocks(plan.plan_id, 1)
+    seen_during = []
+    original = learner.model.__class__.base_loss
+
+    def spy(model, *args, **kwargs):
+        seen_during.append("full_scores" in model.__dict__)
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(learner.model.__class__, "base_loss", spy)
+    learner.update(seen1, 1)
+    assert seen_during and not any(seen_during)

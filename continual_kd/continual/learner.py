@@ -31,6 +31,7 @@ from ..models.base import rows_before
 from ..sparse import UserItemSet
 from ..types import TEST, TRAIN, VALID, Interactions, Knowledge
 from ..distill.replay import PROXY_PREFIX
+from . import rank_penalty
 from .pairs import PairState
 from .training import BestEpoch, train_epochs
 
@@ -131,6 +132,8 @@ class Learner:
         # distill.teacher_weights: chosen — validation NDCG@20 summed over every block so far: "teacher{t}" of
         # teacher t's lists, "power{p}" of the lists fused with power p, "users" the validation users counted
         self.fusion_evidence: dict[str, float] = {}
+        self.penalty: torch.Tensor | None = None  # rank_penalty: β · log(1 + count) (I,), on full_scores; None: off
+        self.penalty_beta = 0.0
         self.pairs = PairState(device)  # known pairs, counts, eval sets: kept between blocks (continual/pairs.py)
         self.parallel = None  # on a Ray Train worker: its part of data-parallel training (runtime/train.py)
 
@@ -152,6 +155,9 @@ class Learner:
             weights[f"{AUX}chosen.{name}"] = torch.tensor(float(value), dtype=torch.float64)
         for key, total in self.fusion_evidence.items():
             weights[f"{AUX}fusion.{key}"] = torch.tensor(float(total), dtype=torch.float64)
+        if self.penalty is not None:
+            weights[f"{AUX}rank_penalty"] = self.penalty.detach().cpu()
+            weights[f"{AUX}rank_penalty_beta"] = torch.tensor(self.penalty_beta, dtype=torch.float64)
         return {"block": self.block, "num_users": self.model.num_users, "num_items": self.model.num_items,
                 "weights": weights}
 
@@ -167,6 +173,9 @@ class Learner:
         self.term_state = {}
         self.chosen = {k[len("chosen."):]: float(v) for k, v in aux.items() if k.startswith("chosen.")}
         self.fusion_evidence = {k[len("fusion."):]: float(v) for k, v in aux.items() if k.startswith("fusion.")}
+        self.penalty = aux["rank_penalty"].to(self.device) if "rank_penalty" in aux else None
+        self.penalty_beta = float(aux.get("rank_penalty_beta", 0.0))
+        rank_penalty.install(self.model, self.penalty)
         for k, v in aux.items():
             if k.startswith("term."):
                 term, key = k[len("term."):].split(".", 1)
@@ -176,6 +185,7 @@ class Learner:
         """No model yet (a restored actor before block 0)."""
         self.model, self.block, self.proxies, self.term_state, self.chosen = None, -1, None, {}, {}
         self.fusion_evidence = {}
+        self.penalty, self.penalty_beta = None, 0.0
         self._trajectory, self._trajectory_of = [], None
 
     def num_parameters(self) -> int:
@@ -241,6 +251,8 @@ class Learner:
             kept = self.proxies, self.term_state, self.chosen, self.fusion_evidence
             self.reset()
             self.proxies, self.term_state, self.chosen, self.fusion_evidence = kept
+        if self.model is not None:
+            rank_penalty.install(self.model, None)  # training and its validation rank by the model's own scores
         trained = self.model is not None and self.block >= 0  # it learned something before this update
         had = (self.model.num_users, self.model.num_items) if trained else None  # its rows before this block
         self.grow(seen, block)
@@ -303,6 +315,7 @@ class Learner:
                 self.proxies = Proxies.from_spec(proxies)
             self.proxies.update(self.model)
         self.block = block
+        penalty_grid = self._choose_penalty(seen, valid)
         logs = fit["logs"]
         return {
             "model": self.spec.name, "block": block, "epochs": len(logs), "best_epoch": fit["best_epoch"],
@@ -314,9 +327,32 @@ class Learner:
             "seconds": time.perf_counter() - t0, "started_at": started, "ended_at": time.time(),
             # training alone (KD terms included; not validation, knowledge building or the grid's other fits)
             "train_seconds": sum(log.seconds for log in logs), "trained_rows": sum(log.rows for log in logs),
+            "rank_penalty": self.penalty_beta,
+            "rank_penalty_grid": [{"beta": b, "valid_ndcg@20": v} for b, v in penalty_grid.items()],
             "base_loss": logs[-1].base_loss if logs else float("nan"),
             "kd_loss": logs[-1].kd_loss if logs else float("nan"),
         }
+
+    def _choose_penalty(self, seen: Interactions, valid) -> dict[float, float]:
+        """``rank_penalty``: β chosen on this block's validation (kept as it was when the block has none),
+        the penalty from this block's training counts, installed on the model's ``full_scores``."""
+        if not self.spec.rank_penalty:
+            return {}
+        popularity = self.pairs.popularity(seen)
+        figures = {}
+        if valid is not None:
+            relevant, exclude = valid
+            step = users_per_chunk(self.model.num_items)
+
+            def ndcg() -> float:
+                out = evaluate_ranking(self.model, relevant, exclude, (20,), step, self.device)
+                return out["ndcg@20"] or 0.0
+
+            self.penalty_beta, figures = rank_penalty.choose(self.model, self.spec.rank_penalty,
+                                                             self.spec.rank_penalty_tolerance, popularity, ndcg)
+        self.penalty = rank_penalty.penalty_of(self.penalty_beta, popularity)
+        rank_penalty.install(self.model, self.penalty)
+        return figures
 
     def _fusion_weights(self, knowledge: list[Knowledge], fusion: str, valid) -> tuple[list[float], dict]:
         """Teachers' fusion weights chosen on validation pairs: this block's evidence (each teacher's lists'
