@@ -298,3 +298,16 @@ def test_a_live_plan_cuts_and_reads_blocks_past_32767(tmp_path):
     with store._connect(write=False) as con:
         assert catalog.scalar(con, "SELECT max(block) FROM plan_rows") == 32_769
         assert catalog.scalar(con, "SELECT block FROM block_digests WHERE rows = 1 ORDER BY block DESC LIMIT 1") == 32_768
+
+
+def test_an_ingest_bounds_duckdb_threads_as_well_as_memory(tmp_path):
+    """On a many-core machine one DuckDB thread per core ran a 10M-row ingest out of the 128 MB budget (each
+    thread buffers inside the one limit): the ingest's connection takes at most 4 threads."""
+    from continual_kd.stream import store as store_module
+
+    con = duckdb.connect(str(tmp_path / "x.duckdb"))
+    con.execute("SET threads = 16")
+    store_module._tune(con, tmp_path)
+    threads = con.execute("SELECT current_setting('threads')").fetchone()[0]
+    assert threads == store_module.INGEST_THREADS <= 4
+    assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] != ""
