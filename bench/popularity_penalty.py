@@ -22,25 +22,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from continual_kd.config import parse_job  # noqa: E402
+from continual_kd.continual import rank_penalty  # noqa: E402
 from continual_kd.continual.snapshot_eval import learners_from_snapshot  # noqa: E402
 from continual_kd.data.sources import open_source  # noqa: E402
 from continual_kd.snapshots import resolve_snapshot  # noqa: E402
 from continual_kd.types import TEST, VALID  # noqa: E402
 
 TAIL, POP = "recall@20/tail", "avgpop@20"
-
-
-def penalised(model, penalty: torch.Tensor):
-    """``model.full_scores`` less ``penalty`` (I,) on its items (items past it: no penalty)."""
-    raw = model.full_scores
-
-    def full_scores(users):
-        s = raw(users)
-        n = min(s.shape[1], len(penalty))
-        s[:, :n] -= penalty[:n]
-        return s
-
-    return raw, full_scores
 
 
 def main() -> None:
@@ -62,20 +50,16 @@ def main() -> None:
     print(f"{'model':18s} {'beta':>5s} {'valid ndcg@20':>14s} {'ndcg@20':>8s} {'tail R@20':>9s} {'avgpop@20':>9s}")
     for name, learner in learners_from_snapshot(snap).items():
         learner.observe(seen)
-        penalty_of = torch.log1p(learner.pairs.popularity(seen))
-        model = learner.model
-        for beta in betas:
-            raw, adjusted = penalised(model, beta * penalty_of)
-            model.full_scores = adjusted
-            try:
-                valid = learner.evaluate(seen, [snap.block], job.eval, VALID)[snap.block]
-                test = learner.evaluate(seen, blocks, job.eval, TEST)
-            finally:
-                model.full_scores = raw
+        popularity = learner.pairs.popularity(seen)
+        for beta in betas:  # the option's own penalty (continual/rank_penalty.py), installed on the model
+            rank_penalty.install(learner.model, rank_penalty.penalty_of(beta, popularity))
+            valid = learner.evaluate(seen, [snap.block], job.eval, VALID)[snap.block]
+            test = learner.evaluate(seen, blocks, job.eval, TEST)
             mean = {k: float(np.mean([test[b][k] for b in blocks if test[b].get(k) is not None]))
                     for k in ("ndcg@20", TAIL, POP)}
             print(f"{name:18s} {beta:5.2f} {valid['ndcg@20']:14.4f} {mean['ndcg@20']:8.4f} {mean[TAIL]:9.4f} "
                   f"{mean[POP]:9.1f}", flush=True)
+        rank_penalty.install(learner.model, learner.penalty)  # back to what the snapshot ranks with
     print(f"\nreproduce: python bench/popularity_penalty.py {args.runs} --snapshot {args.snapshot} --betas {args.betas}")
 
 
