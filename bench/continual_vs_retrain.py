@@ -1,6 +1,7 @@
 """Continual updates against retraining from scratch: pooled and per-block NDCG@20, and their cost.
 
     python bench/continual_vs_retrain.py [JOB ...] [--methods retrain,finetune,job,ccd] [--json out.json]
+                                         [--seeds N] [--set PATH=JSON ...]
 
 Default streams: MovieLens-100K's default job (jobs/stream.yaml) and the synthetic stream with new users
 and items in every block (jobs/synthetic-stream.yaml). For each stream every method runs the job's
@@ -18,6 +19,11 @@ valid masked) and on each block's own test pairs. Printed: per model the final s
 NDCG@20 and the mean over blocks of the per-block figure, with the ratio to the same model retrained;
 the student's ratio to the best retrained teacher; per block the pooled NDCG@20 of every method and
 the seconds of each model's update next to the retrain's.
+
+``--seeds N`` runs every stream with job seeds 0..N-1 (each seed its own models and its own cut of the
+blocks into train / valid / test) and closes with each model's final ratio to its retrain per seed and
+their mean: one seed's ratio moves by ±.03 (issue 19, session 11). ``--set`` overrides a job setting as
+in ``bench/robustness.py`` (``--set teachers.1.train.lr_block=0.001``).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from continual_kd.config import load_job, parse_job  # noqa: E402
 from continual_kd.continual import make_learners, run_stream_local  # noqa: E402
 from continual_kd.data.sources import open_source  # noqa: E402
+from robustness import set_path  # noqa: E402  (bench/robustness.py: one ``a.b.c=JSON`` override)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JOBS = ["jobs/stream.yaml", "jobs/synthetic-stream.yaml"]
@@ -124,6 +131,23 @@ def print_stream(path: str, report: dict) -> None:
             print(f"    update s ({'/'.join(methods)}; job/retrain): " + "  ".join(secs))
 
 
+def print_seeds(path: str, per_seed: dict) -> None:
+    """Each model's final pooled NDCG@20 ÷ its retrain's, per seed and their mean (needs retrain)."""
+    finals = {seed: {m: r["blocks"][-1]["pooled"] for m, r in report.items()} for seed, report in per_seed.items()}
+    first = next(iter(finals.values()))
+    if "retrain" not in first:
+        return
+    methods = [m for m in first if m != "retrain"]
+    print(f"\n{path}: final pooled NDCG@20 ÷ the same model retrained, per seed ({', '.join(map(str, finals))}) and mean")
+    for m in methods:
+        for model in first[m]:
+            ratios = [_ratio(f[m].get(model), f["retrain"].get(model)) for f in finals.values()]
+            print(f"  {m:9s} {model:18s} " + " ".join(f"{r:.3f}" for r in ratios) + f"   mean {_mean(ratios):.3f}")
+        best = [_ratio(f[m].get("student"), max(v for k, v in f["retrain"].items() if k.startswith("teacher:")))
+                for f in finals.values()]
+        print(f"  {m:9s} {'student / best T':18s} " + " ".join(f"{r:.3f}" for r in best) + f"   mean {_mean(best):.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("jobs", nargs="*", default=DEFAULT_JOBS)
@@ -131,26 +155,38 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the models train and score")
+    ap.add_argument("--seeds", type=int, default=1, help="run each stream with job seeds 0..N-1 and average the ratios")
+    ap.add_argument("--set", action="append", default=[], metavar="PATH=JSON",
+                    help="override a job setting, e.g. --set teachers.1.train.lr_block=0.001 (repeatable)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit(f"--device cuda: this torch ({torch.__version__}) sees no CUDA device")
     out = {}
     for path in args.jobs:
-        job = load_job(path)
-        store = open_source(job.source)
-        b = job.blocks
-        plan = store.ensure_plan(b.base_fraction, b.incremental, b.split, job.seed)
-        overrides = method_overrides(job.to_dict())
-        report = {}
-        for name in args.methods.split(","):
-            print(f"{path} [{name}]", flush=True)
-            variant = parse_job({**job.to_dict(), **overrides[name]}, f"{path} [{name}]")
-            report[name] = run_method(variant, store, plan, args.device)
-        out[path] = report
-        print_stream(path, report)
+        base = json.loads(json.dumps(load_job(path).to_dict(), default=str))  # tuples → lists for --set
+        for item in args.set:
+            set_path(base, item)
+        per_seed = {}
+        for seed in range(args.seeds) if args.seeds > 1 else [base["seed"]]:
+            job = parse_job({**base, "seed": seed}, path)
+            store = open_source(job.source)
+            b = job.blocks
+            plan = store.ensure_plan(b.base_fraction, b.incremental, b.split, job.seed)
+            overrides = method_overrides(job.to_dict())
+            report = {}
+            for name in args.methods.split(","):
+                print(f"{path} [{name}] seed {seed}", flush=True)
+                variant = parse_job({**job.to_dict(), **overrides[name]}, f"{path} [{name}]")
+                report[name] = run_method(variant, store, plan, args.device)
+            per_seed[seed] = report
+            print_stream(f"{path} (seed {seed})", report)
+        out[path] = per_seed[next(iter(per_seed))] if len(per_seed) == 1 else {"seeds": per_seed}
+        if len(per_seed) > 1:
+            print_seeds(path, per_seed)
     device = f" --device {args.device}" if args.device != "cpu" else ""
-    print(f"\nreproduce: python bench/continual_vs_retrain.py {' '.join(args.jobs)} --methods {args.methods}{device}")
+    extra = (f" --seeds {args.seeds}" if args.seeds > 1 else "") + "".join(f" --set '{item}'" for item in args.set)
+    print(f"\nreproduce: python bench/continual_vs_retrain.py {' '.join(args.jobs)} --methods {args.methods}{device}{extra}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2, default=str))
 

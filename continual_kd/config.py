@@ -127,7 +127,7 @@ class SourceSpec(_Spec):
         for k in SPLIT_FILES:
             if self.dataset == "files" and not getattr(self, k):
                 raise _Bad(k, "dataset files needs the train, valid and test files", _Raw("no file"),
-                           f"write e.g. source: {{dataset: files, train: train.csv, valid: valid.csv, test: test.csv}}")
+                           "write e.g. source: {dataset: files, train: train.csv, valid: valid.csv, test: test.csv}")
             if self.dataset != "files" and getattr(self, k):
                 raise _Bad(k, f"only dataset files reads split files (dataset is {self.dataset})", getattr(self, k),
                            "set dataset: files or remove the key")
@@ -356,7 +356,13 @@ class ModelSpec(_Spec):
 # Every term: ``name`` (its key in distill.base.TERMS) and ``weight`` (λ on its summed loss).
 
 
-class RRDTermSpec(_Spec):
+class _Term(_Spec):
+    # distill.feedback only: the teachers (by name) this term trains; empty: every teacher. E.g. `keep` for the
+    # teachers that forget, not for one that keeps up with retraining on its own
+    models: _tuple(str) = ()
+
+
+class RRDTermSpec(_Term):
     """RRD: the other side's top-k in order (Plackett-Luce) above sampled uninteresting items."""
 
     name: Literal["rrd"] = "rrd"
@@ -378,7 +384,7 @@ class RRDTermSpec(_Spec):
         return self
 
 
-class IRRRDTermSpec(_Spec):
+class IRRRDTermSpec(_Term):
     """IR-RRD: the same listwise loss item-side (each item's top users against uninteresting users)."""
 
     name: Literal["ir_rrd"] = "ir_rrd"
@@ -395,7 +401,7 @@ class IRRRDTermSpec(_Spec):
         return self
 
 
-class UnKDTermSpec(_Spec):
+class UnKDTermSpec(_Term):
     """UnKD: pairs sampled inside popularity groups of equal interaction mass."""
 
     name: Literal["unkd"] = "unkd"
@@ -413,7 +419,7 @@ class UnKDTermSpec(_Spec):
         return self
 
 
-class HetCompTermSpec(_Spec):
+class HetCompTermSpec(_Term):
     """HetComp: trajectories, dynamic knowledge construction, the two-phase loss."""
 
     name: Literal["hetcomp"] = "hetcomp"
@@ -427,7 +433,7 @@ class HetCompTermSpec(_Spec):
     with_bpr: bool = False  # the authors' student learns from the KD loss only
 
 
-class BDTermSpec(_Spec):
+class BDTermSpec(_Term):
     """BD: BCE towards σ(other/τ) on items drawn by the rank gap between the two models."""
 
     name: Literal["bd"] = "bd"
@@ -439,7 +445,7 @@ class BDTermSpec(_Spec):
     refresh: int = Field(10, ge=1)  # epochs between refreshing the own ranks
 
 
-class ReplayTermSpec(_Spec):
+class ReplayTermSpec(_Term):
     """CCD's replay: items the knowledge ranks in its top and above the model, label σ(score)."""
 
     name: Literal["replay"] = "replay"
@@ -452,7 +458,7 @@ class ReplayTermSpec(_Spec):
     source: Literal["proxies", "peers"] = "proxies"  # peers: the knowledge handed over (e.g. the student's)
 
 
-class KeepTermSpec(_Spec):
+class KeepTermSpec(_Term):
     """A model keeps its own pre-block top-k order (RRD against its knowledge from before the update)."""
 
     name: Literal["keep"] = "keep"
@@ -461,7 +467,7 @@ class KeepTermSpec(_Spec):
     uninteresting: int = Field(40, ge=1)
 
 
-class RDTermSpec(_Spec):
+class RDTermSpec(_Term):
     """RD: the other side's top-k as extra positives, weighted by position and rank discrepancy."""
 
     name: Literal["rd"] = "rd"
@@ -474,7 +480,7 @@ class RDTermSpec(_Spec):
     renormalize: bool = True  # static·dynamic renormalised to sum 1 per user (the reference)
 
 
-class CDTermSpec(_Spec):
+class CDTermSpec(_Term):
     """CD: items drawn from the other side's ranking by rank, BCE to its soft label σ(score/T)."""
 
     name: Literal["cd"] = "cd"
@@ -485,7 +491,7 @@ class CDTermSpec(_Spec):
     temperature: float = Field(2.0, gt=0)  # T of the soft label σ(score/T)
 
 
-class DETermSpec(_Spec):
+class DETermSpec(_Term):
     """DE: experts map the model's user/item rows to the other side's, picked by Gumbel-softmax."""
 
     name: Literal["de"] = "de"
@@ -497,14 +503,14 @@ class DETermSpec(_Spec):
     hard_tau: float = Field(1e-2, ge=0)  # below this τ, one expert per entity (the τ → 0 limit); 0: never
 
 
-class FTDTermSpec(_Spec):
+class FTDTermSpec(_Term):
     """FTD: the student's cosine matrix of the batch's users and items matches the teacher's."""
 
     name: Literal["ftd"] = "ftd"
     weight: float = Field(1e-3, ge=0)  # λ in BPR + λ·FTD (summed over every entity pair)
 
 
-class HTDTermSpec(_Spec):
+class HTDTermSpec(_Term):
     """HTD: group assignment (DE's experts) + entity-level and group-level topology."""
 
     name: Literal["htd"] = "htd"
@@ -517,7 +523,7 @@ class HTDTermSpec(_Spec):
     tau_end: float = Field(1e-10, gt=0)  # ... to tau_end
 
 
-class SKDTermSpec(_Spec):
+class SKDTermSpec(_Term):
     """SKD: the student's scores match the path teacher's (per user, up to an affine map) on pairs drawn
     from its top-k (structured-knowledge distillation, distill/skd.py)."""
 
@@ -528,7 +534,7 @@ class SKDTermSpec(_Spec):
     pairs: int = Field(20, ge=2)  # pairs per user and epoch
 
 
-class RationaleTermSpec(_Spec):
+class RationaleTermSpec(_Term):
     """Rationale distillation: the model's item embeddings predict (through a projection the term owns) each
     item's rationale embedding — its title, genres and knowledge-graph facts as text, TF-IDF + LSA
     (distill/rationale.py). Needs item knowledge in the store (``ckd data movielens-100k --kg``, ``ckd ingest-kg``)."""
@@ -760,6 +766,14 @@ class JobSpec(_Spec):
                     raise _Bad(f"distill.{which}[{i}].source", "replays the student's proxies, which are off",
                                t.source, "set continual.proxies (e.g. {stability: 0.9, plasticity: 0.1}) "
                                          "or use source: peers")
+                if t.models and which == "terms":
+                    raise _Bad(f"distill.terms[{i}].models", "chooses teachers, which only feedback terms train "
+                               "(distill.terms train the student)", list(t.models), "drop models, or move the term "
+                               "to distill.feedback")
+                unknown = [m for m in t.models if m not in [x.name for x in self.teachers]]
+                if unknown:
+                    raise _Bad(f"distill.{which}[{i}].models", "names no teacher of this job", unknown[0],
+                               f"use names from {', '.join(m.name for m in self.teachers)}")
                 if t.name == "skd" and which == "terms" and t.teacher is not None and \
                         t.teacher not in [m.name for m in self.teachers]:
                     raise _Bad(f"distill.terms[{i}].teacher", "names no teacher of this job", t.teacher,
@@ -865,7 +879,10 @@ def _path(loc) -> str:
 
 def _keys(loc) -> str:
     model = _model_at(loc)
-    return ", ".join(model.model_fields) if model else "see docs/ARCHITECTURE.md"
+    if not model:
+        return "see docs/ARCHITECTURE.md"
+    shared = set(_Term.model_fields) if issubclass(model, _Term) else set()  # a term's own keys first
+    return ", ".join([f for f in model.model_fields if f not in shared] + [f for f in model.model_fields if f in shared])
 
 
 def _describe(err: dict) -> str:

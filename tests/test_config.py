@@ -116,7 +116,7 @@ BAD = [
                                "layers, hidden, dropout, beta, init, rank_penalty, rank_penalty_tolerance, train, resources, workers"),
     ({"teachers": T, "distill": {"terms": [{"name": "unkd", "pair": 3}]}},
      "distill.terms[0].pair: unknown key (got 3); the keys of distill.terms[0] are name, weight, groups, pairs, "
-     "per_group, temperature"),
+     "per_group, temperature, models"),
     ({"continual": {"proxy": None}}, "continual.proxy: unknown key (got null); the keys of continual are strategy, "
                                      "replay, replay_by, knowledge_users, order, proxies"),
     ({"teachers": "mf"}, "teachers: must be a list (got 'mf'); write a YAML list: [a, b] or one '- ' line per element"),
@@ -225,6 +225,11 @@ BAD = [
       "distill": {"feedback": [{"name": "hetcomp", "checkpoints": 3}]}},
      "distill.feedback[0].checkpoints: must be ≤ the epochs of every update (student.train.epochs_base is 2) "
      "(got 3); lower checkpoints to 2 or raise student.train.epochs_base"),
+    ({"teachers": T, "distill": {"feedback": [{"name": "bd"}, {"name": "keep", "models": ["t", "gcn"]}]}},
+     "distill.feedback[1].models: names no teacher of this job (got 'gcn'); use names from t"),
+    ({"teachers": T, "distill": {"terms": [{"name": "rrd", "models": ["t"]}]}},
+     "distill.terms[0].models: chooses teachers, which only feedback terms train (distill.terms train the student) "
+     "(got ['t']); drop models, or move the term to distill.feedback"),
     ({"teachers": T, "distill": {"terms": [{"name": "replay"}]}},
      "distill.terms[0].source: replays the student's proxies, which are off (got 'proxies'); set continual.proxies "
      "(e.g. {stability: 0.9, plasticity: 0.1}) or use source: peers"),

@@ -39,6 +39,9 @@ METHODS = {
                 "{name: unkd, weight: 0.05, groups: 3, pairs: 6, per_group: 20}]}\n",
     "hetcomp": "distill: {terms: [{name: hetcomp, checkpoints: 2, k: 20, observed: 3, dkc_every: 2}]}\n",
     "bd": "distill: {terms: [{name: bd, weight: 0.5}], feedback: [{name: bd, weight: 0.5}]}\n",
+    # a feedback term for some teachers only (`models`): `keep` trains gcn, the others learn by BD alone
+    "bd+keep": "distill: {terms: [{name: rrd, k: 10, pool: 30, uninteresting: 10}], "
+               "feedback: [{name: bd, weight: 0.5}, {name: keep, k: 10, uninteresting: 10, models: [gcn]}]}\n",
     "ccd": """distill:
   terms:
     - {name: rrd, k: 10, pool: 30, uninteresting: 10, score_clamp: 10}
@@ -108,7 +111,11 @@ def test_in_process_and_ray_give_the_same_metrics(ray_cluster, tiny_job, tmp_pat
     last = local[-1].updates
     distill = job.distill
     assert sorted(last["student"]["terms"]) == sorted(t.name for t in distill.terms)
-    assert sorted(last["teacher:gcn"]["terms"]) == sorted(t.name for t in distill.feedback)
+    for teacher in job.teachers:  # each teacher trained by the feedback terms meant for it
+        assert sorted(last[f"teacher:{teacher.name}"]["terms"]) == sorted(t.name for t in distill.feedback
+                                                                          if not t.models or teacher.name in t.models)
+    if method == "bd+keep":
+        assert "keep" in last["teacher:gcn"]["terms"] and "keep" not in last["teacher:mf"]["terms"]
     if distill.feedback:  # the collaborative direction trains the teachers with a KD loss
         assert last["teacher:mf"]["kd_loss"] > 0
     assert local[-1].continual["student"]["hmean/ndcg@20"] is not None

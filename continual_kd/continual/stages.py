@@ -152,12 +152,22 @@ def student_feedback(run: BlockRun, ex: Executor) -> None:
                                        **knowledge_request(run.job.distill.feedback))
 
 
+def feedback_terms(job: JobSpec, teacher: str) -> tuple:
+    """The ``distill.feedback`` terms that train ``teacher`` (a term's ``models``: its teachers; empty: all)."""
+    return tuple(t for t in job.distill.feedback if not t.models or teacher in t.models)
+
+
 def update_teachers(run: BlockRun, ex: Executor) -> None:
     job = run.job
     feedback = run.knowledge.get("student", [])
-    handles = ex.call(run.teachers, "update", knowledge=feedback, terms=job.distill.feedback,
-                      fusion=job.distill.fusion, **update_options(job), **teacher_update_options(job))
-    run.updates.update(zip(run.teachers, ex.get(handles)))
+    groups: dict[tuple, list[str]] = {}  # teachers with the same feedback terms: one call (they run in parallel)
+    for name in run.teachers:
+        groups.setdefault(feedback_terms(job, name.split(":", 1)[-1]), []).append(name)
+    handles = {}
+    for terms, names in groups.items():
+        handles.update(zip(names, ex.call(names, "update", knowledge=feedback, terms=terms, fusion=job.distill.fusion,
+                                          **update_options(job), **teacher_update_options(job))))
+    run.updates.update(zip(run.teachers, ex.get([handles[n] for n in run.teachers])))
 
 
 def teacher_knowledge(run: BlockRun, ex: Executor) -> None:
