@@ -616,6 +616,8 @@ EVAL_MASKS = ("standard", "train", "all_seen")  # eval/protocol.py's MASKS (conf
 MASK_LABELS = {"standard": "train + valid masked", "train": "train masked", "all_seen": "every seen pair masked"}
 EXCLUDE_TO_MASK = {"known": "standard", "train": "train"}  # issue 11's spelling `eval: {exclude: ...}`
 # options read only by `ckd evaluate` (estimates past the log): not part of a lineage's identity
+# bumped whenever the default of an existing setting changes (config_hash: only non-default settings are hashed)
+DEFAULTS_VERSION = 1
 EVAL_ONLY_FIELDS = ("ips_exponent", "ips_clip", "intervened_per_item", "mar_test", "mar_positive", "truth_items")
 
 
@@ -799,15 +801,27 @@ class JobSpec(_Spec):
         return self.model_dump()
 
     def config_hash(self) -> str:
-        """Identity of the lineage: everything that changes results (not where or how fast it runs)."""
-        d = self.to_dict()
+        """Identity of the lineage: everything that changes results (not where or how fast it runs).
+
+        Only the settings that differ from their defaults are hashed, with ``DEFAULTS_VERSION``: a release that
+        adds an option (its default keeps the old behaviour) leaves every lineage as it was, so a stream carries
+        on after an upgrade; a release that changes a default bumps the version (tests/test_config.py holds the
+        defaults and fails until it is bumped), and every lineage that relied on it starts anew."""
+        d = self.model_dump(exclude_defaults=True)
         for k in ("runtime", "snapshots", "tune"):
-            d.pop(k)
-        for m in [d["student"], *d["teachers"]]:
-            m.pop("resources")
-            m.pop("workers")  # data-parallel updates give the same numbers (to float rounding)
+            d.pop(k, None)
+        models = [(d.setdefault("student", {}), self.student)] + list(zip(d.get("teachers", []), self.teachers))
+        for dumped, spec in models:
+            dumped.pop("resources", None)
+            dumped.pop("workers", None)  # data-parallel updates give the same numbers (to float rounding)
+            dumped["name"] = spec.name  # a name left at its default still tells two models apart
+        for which in ("terms", "feedback"):
+            if which in d.get("distill", {}):  # a term's name is its kind, even where it is the field's default
+                d["distill"][which] = [{**t, "name": spec.name} for t, spec in
+                                       zip(d["distill"][which], getattr(self.distill, which))]
         for k in EVAL_ONLY_FIELDS:
-            d["eval"].pop(k, None)
+            d.get("eval", {}).pop(k, None)
+        d["defaults"] = DEFAULTS_VERSION
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -357,3 +357,42 @@ def test_backbone_names_are_the_literal_choices():
     assert BACKBONE_NAMES == ("mf", "lightgcn", "multvae", "pathrec")
     for name in BACKBONE_NAMES:
         assert parse_job({"student": {"backbone": name}}).student.backbone == name
+
+
+def _flat(value, prefix: str = "") -> dict:
+    """{"a.b.c": leaf} of nested dicts (lists and tuples are leaves)."""
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: value}
+
+
+def test_defaults_are_recorded_so_a_changed_default_bumps_the_lineage():
+    """config_hash hashes only non-default settings, so a changed default would silently continue lineages
+    trained under the old one: every default is recorded here, and changing one needs DEFAULTS_VERSION bumped
+    and the record rewritten (new settings may be added without either)."""
+    from continual_kd.config import DEFAULTS_VERSION, TERM_SPECS, ModelSpec
+
+    record = json.loads((Path(__file__).parent / "data" / "config_defaults.json").read_text())
+    now = {"job": JobSpec().model_dump(mode="json"), "model": ModelSpec().model_dump(mode="json"),
+           "terms": {n: c().model_dump(mode="json") for n, c in TERM_SPECS.items()}}
+    recorded, current = _flat({k: record[k] for k in ("job", "model", "terms")}), _flat(now)
+    changed = sorted(k for k, v in recorded.items() if k in current and current[k] != v)
+    if record["version"] == DEFAULTS_VERSION:
+        assert not changed, (f"defaults changed: {changed}; bump config.DEFAULTS_VERSION and rewrite "
+                             "tests/data/config_defaults.json (lineages relying on them must start anew)")
+    else:
+        pytest.fail(f"DEFAULTS_VERSION is {DEFAULTS_VERSION}, the record {record['version']}: rewrite "
+                    "tests/data/config_defaults.json with the current defaults")
+
+
+def test_a_setting_left_at_its_default_does_not_change_the_lineage():
+    """Written out or left out, a default is the same job: an upgrade that adds an option keeps every lineage."""
+    base = {"teachers": T, "distill": {"terms": [{"name": "rrd"}], "feedback": [{"name": "keep"}]}}
+    spelled = {"teachers": [{"name": "t", "backbone": "mf", "train": {"lr_block": None, "warmup_block": 0.0}}],
+               "distill": {"terms": [{"name": "rrd", "weight": 0.01}], "feedback": [{"name": "keep", "models": []}],
+                           "fusion": "rank"}, "student": {"name": "student", "rank_penalty": []}}
+    assert parse_job(base).config_hash() == parse_job(spelled).config_hash()
+    # a term at all its defaults is still told apart by its kind, a model by its name
+    assert parse_job({"teachers": T, "distill": {"terms": [{"name": "unkd"}]}}).config_hash() != \
+        parse_job({"teachers": T, "distill": {"terms": [{"name": "rrd"}]}}).config_hash()
+    assert parse_job({"teachers": [{"name": "a"}]}).config_hash() != parse_job({"teachers": [{"name": "b"}]}).config_hash()
