@@ -22,7 +22,8 @@ the seconds of each model's update next to the retrain's.
 
 ``--seeds N`` runs every stream with job seeds 0..N-1 (each seed its own models and its own cut of the
 blocks into train / valid / test) and closes with each model's final ratio to its retrain per seed and
-their mean: one seed's ratio moves by ±.03 (issue 19, session 11). ``--set`` overrides a job setting as
+their mean: one seed's ratio moves by ±.03 (issue 19, session 11); ``--json`` then holds
+``{job: {"seeds": {seed: {method: …}}}}`` instead of ``{job: {method: …}}``. ``--set`` overrides a job setting as
 in ``bench/robustness.py`` (``--set teachers.1.train.lr_block=0.001``).
 """
 
@@ -143,7 +144,8 @@ def print_seeds(path: str, per_seed: dict) -> None:
         for model in first[m]:
             ratios = [_ratio(f[m].get(model), f["retrain"].get(model)) for f in finals.values()]
             print(f"  {m:9s} {model:18s} " + " ".join(f"{r:.3f}" for r in ratios) + f"   mean {_mean(ratios):.3f}")
-        best = [_ratio(f[m].get("student"), max(v for k, v in f["retrain"].items() if k.startswith("teacher:")))
+        best = [_ratio(f[m].get("student"), max((v for k, v in f["retrain"].items()
+                                                  if k.startswith("teacher:") and v is not None), default=None))
                 for f in finals.values()]
         print(f"  {m:9s} {'student / best T':18s} " + " ".join(f"{r:.3f}" for r in best) + f"   mean {_mean(best):.3f}")
 

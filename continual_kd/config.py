@@ -821,8 +821,27 @@ class JobSpec(_Spec):
                                        zip(d["distill"][which], getattr(self.distill, which))]
         for k in EVAL_ONLY_FIELDS:
             d.get("eval", {}).pop(k, None)
+        if d.get("eval") == {}:  # only evaluation-only settings: the same lineage as none
+            d.pop("eval")
         d["defaults"] = DEFAULTS_VERSION
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def lineage_aliases(self) -> tuple[str, ...]:
+        """Hashes this job had under earlier releases' ``config_hash`` (every field, defaults included; before
+        terms had ``models``): a stream committed by such a release is relabelled and carries on."""
+        d = self.to_dict()
+        for k in ("runtime", "snapshots", "tune"):
+            d.pop(k)
+        for m in [d["student"], *d["teachers"]]:
+            m.pop("resources")
+            m.pop("workers")
+        for k in EVAL_ONLY_FIELDS:
+            d["eval"].pop(k, None)
+        for which in ("terms", "feedback"):
+            for t in d["distill"][which]:
+                if not t.get("models"):
+                    t.pop("models", None)
+        return (hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16],)
 
 
 # ------------------------------------------------------------------------- errors → one sentence

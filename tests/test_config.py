@@ -360,31 +360,43 @@ def test_backbone_names_are_the_literal_choices():
 
 
 def _flat(value, prefix: str = "") -> dict:
-    """{"a.b.c": leaf} of nested dicts (lists and tuples are leaves)."""
-    if isinstance(value, dict):
+    """{"a.b.c": leaf} of nested dicts (lists, tuples and empty dicts are leaves)."""
+    if isinstance(value, dict) and value:
         return {k: v for key, sub in value.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
     return {prefix[:-1]: value}
 
 
+def _spec_defaults() -> dict:
+    """Every job-spec class that has defaults for all its fields → its defaults (nested ones included)."""
+    import inspect
+
+    import continual_kd.config as config
+
+    out = {}
+    for name, cls in inspect.getmembers(config, inspect.isclass):
+        if issubclass(cls, config._Spec) and cls.__module__ == config.__name__ and not name.startswith("_"):
+            try:
+                out[name] = cls().model_dump(mode="json")
+            except ValidationError:  # a required field (the tune search space): nothing to default
+                continue
+    return out
+
+
 def test_defaults_are_recorded_so_a_changed_default_bumps_the_lineage():
     """config_hash hashes only non-default settings, so a changed default would silently continue lineages
-    trained under the old one: every default is recorded here, and changing one needs DEFAULTS_VERSION bumped
-    and the record rewritten (new settings may be added without either)."""
-    from continual_kd.config import DEFAULTS_VERSION, TERM_SPECS, ModelSpec
+    trained under the old one: every default is recorded here, and changing (or removing) one needs
+    DEFAULTS_VERSION bumped and the record rewritten; new settings may be added without either."""
+    from continual_kd.config import DEFAULTS_VERSION
 
     record = json.loads((Path(__file__).parent / "data" / "config_defaults.json").read_text())
-    now = {"job": JobSpec().model_dump(mode="json"), "model": ModelSpec().model_dump(mode="json"),
-           "terms": {n: c().model_dump(mode="json") for n, c in TERM_SPECS.items()}}
-    recorded, current = _flat({k: record[k] for k in ("job", "model", "terms")}), _flat(now)
-    changed = sorted(k for k, v in recorded.items() if k in current and current[k] != v)
-    if record["version"] == DEFAULTS_VERSION:
-        assert not changed, (f"defaults changed: {changed}; bump config.DEFAULTS_VERSION and rewrite "
-                             "tests/data/config_defaults.json (lineages relying on them must start anew)")
-    else:
+    if record["version"] != DEFAULTS_VERSION:
         pytest.fail(f"DEFAULTS_VERSION is {DEFAULTS_VERSION}, the record {record['version']}: rewrite "
-                    "tests/data/config_defaults.json with the current defaults")
-
-
+                    "tests/data/config_defaults.json with the current defaults (_spec_defaults)")
+    recorded, current = _flat(record["specs"]), _flat(_spec_defaults())
+    changed = sorted(k for k, v in recorded.items() if k not in current or current[k] != v)
+    assert not changed, (f"defaults changed: {changed}; bump config.DEFAULTS_VERSION and rewrite "
+                         "tests/data/config_defaults.json (lineages relying on them must start anew)")
+    assert "ProxySpec.stability" in recorded and "TrainSpec.grid" in recorded  # optional and empty ones too
 def test_a_setting_left_at_its_default_does_not_change_the_lineage():
     """Written out or left out, a default is the same job: an upgrade that adds an option keeps every lineage."""
     base = {"teachers": T, "distill": {"terms": [{"name": "rrd"}], "feedback": [{"name": "keep"}]}}

@@ -256,3 +256,23 @@ def test_keep_reads_the_models_own_list_and_replay_the_proxies(tiny_job):
     teacher.update(store.read_blocks(plan.plan_id, 0), 0)
     log = teacher.update(seen, 1, knowledge=[handed], terms=[replay])
     assert log["terms"] == ["replay"]
+
+
+def test_a_stream_committed_under_the_previous_lineage_hash_carries_on(ray_cluster, tiny_job, monkeypatch):
+    """Blocks committed by a release that hashed the job's lineage the old way (every field): the next submit
+    relabels them (commits and results) and resumes after them, as if nothing had changed."""
+    from continual_kd.config import JobSpec
+    from continual_kd.stream.store import StreamStore
+
+    job = load_job(tiny_job("upgrade"))
+    new, old = job.config_hash(), job.lineage_aliases()[0]
+    assert new != old
+    with monkeypatch.context() as m:  # the previous release
+        m.setattr(JobSpec, "config_hash", lambda self: self.lineage_aliases()[0])
+        first = run_job(job, max_blocks=2)
+    store = StreamStore.open(job.source.store)
+    assert [c["lineage"] for c in store.committed_blocks(job.name)] == [old, old]
+    resumed = run_job(job)  # this release
+    assert [r.block for r in first.results] == [0, 1] and [r.block for r in resumed.results] == [2]
+    assert [c["lineage"] for c in store.committed_blocks(job.name)] == [new] * 3
+    assert {r["lineage"] for r in store.results(job.name)} == {new}

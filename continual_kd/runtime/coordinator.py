@@ -85,6 +85,11 @@ def _recover(job: JobSpec, store: StreamStore, runs: Path, restart: bool, emit: 
         n = store.revoke_commits(job.name, None, 0, "restart requested")
         emit({"type": "info", "message": f"--restart: revoked {n} committed blocks, removed {len(removed)} "
                                          f"snapshot(s) from {runs}"})
+    for alias in job.lineage_aliases():  # committed by a release that hashed the same job differently
+        if alias != lineage and store.committed_blocks(job.name, alias, include_revoked=True):
+            n = store.relabel_lineage(job.name, alias, lineage)
+            emit({"type": "info", "message": f"lineage {alias} (an earlier release's hash of this job) is now "
+                                             f"{lineage}: {n} commit(s) carried over"})
     others = [c for c in store.committed_blocks(job.name) if c["lineage"] != lineage]
     if others:
         raise CkdError(
@@ -118,7 +123,7 @@ def _recover(job: JobSpec, store: StreamStore, runs: Path, restart: bool, emit: 
         except CkdError:
             break  # damaged: it will be rewritten
         m = snap.manifest
-        if m.get("config_hash") != lineage:
+        if m.get("config_hash") not in (lineage, *job.lineage_aliases()):
             raise CkdError(
                 f"{runs}: holds snapshots of a different job configuration (config {m.get('config_hash')}, "
                 f"this file is {lineage}); pass --restart to discard them, or set snapshots.dir in the job file"

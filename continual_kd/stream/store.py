@@ -192,6 +192,22 @@ class StreamStore:
         return [{"job": j, "lineage": lin, "blocks": list(b or []), "revoked": int(r), "last_commit": str(t)}
                 for j, lin, b, r, t in rows]
 
+    def relabel_lineage(self, job: str, old: str, new: str) -> int:
+        """The job's commits (and their results) of lineage ``old`` become lineage ``new``, in one transaction
+        (an upgrade that changed how the lineage is hashed, not the configuration) → how many commits."""
+        self._upgrade_schema()
+        with self._connect(write=True) as con:
+            con.execute("BEGIN")
+            try:
+                n = con.execute("UPDATE commits SET lineage = ? WHERE job = ? AND lineage = ? RETURNING commit_id",
+                                [new, job, old]).fetchall()
+                con.execute("UPDATE block_results SET lineage = ? WHERE job = ? AND lineage = ?", [new, job, old])
+                con.execute("COMMIT")
+            except BaseException:
+                _rollback(con)
+                raise
+        return len(n)
+
     def revoke_commits(self, job: str, lineage: str | None, from_block: int, reason: str) -> int:
         """Mark the job's active commits of blocks ≥ from_block as revoked (kept for the record)."""
         self._upgrade_schema()
