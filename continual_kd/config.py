@@ -615,9 +615,9 @@ class ContinualSpec(_Spec):
 EVAL_MASKS = ("standard", "train", "all_seen")  # eval/protocol.py's MASKS (config must not import torch)
 MASK_LABELS = {"standard": "train + valid masked", "train": "train masked", "all_seen": "every seen pair masked"}
 EXCLUDE_TO_MASK = {"known": "standard", "train": "train"}  # issue 11's spelling `eval: {exclude: ...}`
-# options read only by `ckd evaluate` (estimates past the log): not part of a lineage's identity
 # bumped whenever the default of an existing setting changes (config_hash: only non-default settings are hashed)
 DEFAULTS_VERSION = 1
+# options read only by `ckd evaluate` (estimates past the log): not part of a lineage's identity
 EVAL_ONLY_FIELDS = ("ips_exponent", "ips_clip", "intervened_per_item", "mar_test", "mar_positive", "truth_items")
 
 
