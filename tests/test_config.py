@@ -45,7 +45,7 @@ def test_job_files_keep_their_settings_in_the_terms_form():
         RRDTermSpec(weight=0.01, k=40, pool=500, uninteresting=40),
         UnKDTermSpec(weight=0.05, groups=4, pairs=32, per_group=200, temperature=20.0))
     assert (stream.distill.fusion, stream.distill.teacher_weights) == ("rank", "uniform")
-    assert stream.continual == ContinualSpec(strategy="warm", order="teachers_first", proxies=None, replay=1.0,
+    assert stream.continual == ContinualSpec(strategy="warm", order="teachers_first", proxies=None, replay=2.0,
                                              knowledge_users="all")
 
     het = load_job(ROOT / "jobs" / "hetcomp.yaml")
