@@ -826,6 +826,10 @@ class JobSpec(_Spec):
         d["defaults"] = DEFAULTS_VERSION
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
+    def is_lineage(self, digest: str | None) -> bool:
+        """Whether a stored hash (a commit's lineage, a snapshot's config_hash) names this job's lineage."""
+        return digest == self.config_hash() or digest in self.lineage_aliases()
+
     def lineage_aliases(self) -> tuple[str, ...]:
         """Hashes this job had under earlier releases' ``config_hash`` (every field, defaults included; before
         terms had ``models``): a stream committed by such a release is relabelled and carries on."""

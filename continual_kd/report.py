@@ -69,8 +69,8 @@ def ensemble_history(job_dir: Path, manifest: dict, blocks: list[int], device: s
         except CkdError as e:
             notes.append(f"ensemble at block {k} skipped: {e}")
             continue
-        if snap.manifest.get("config_hash") != manifest.get("config_hash") and \
-                {snap.manifest.get("config_hash"), manifest.get("config_hash")} - {job.config_hash(), *job.lineage_aliases()}:
+        ours, final = snap.manifest.get("config_hash"), manifest.get("config_hash")
+        if ours != final and not (job.is_lineage(ours) and job.is_lineage(final)):
             notes.append(f"ensemble at block {k} skipped: its snapshot is of another configuration")
             continue
         learners = learners_from_snapshot(snap, device)

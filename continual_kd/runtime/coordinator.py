@@ -123,7 +123,7 @@ def _recover(job: JobSpec, store: StreamStore, runs: Path, restart: bool, emit: 
         except CkdError:
             break  # damaged: it will be rewritten
         m = snap.manifest
-        if m.get("config_hash") not in (lineage, *job.lineage_aliases()):
+        if not job.is_lineage(m.get("config_hash")):
             raise CkdError(
                 f"{runs}: holds snapshots of a different job configuration (config {m.get('config_hash')}, "
                 f"this file is {lineage}); pass --restart to discard them, or set snapshots.dir in the job file"
