@@ -19,6 +19,10 @@ Training options (applied to every model, teachers and student alike):
            γ·log m added to its training logits
   popneg   train.negatives: popularity — negatives drawn ∝ (count + 1)^0.5 (MultVAE draws no negatives:
            it is trained as with none)
+  mar      calibrate: mar — trained as with none, then every model's ranking calibrated after each update on
+           the stream's missing-at-random sample (UNIFORM_PER_USER items drawn uniformly per user, labelled
+           by the truth, collected over the stream; continual/calibrate.py). MovieLens-100K has no such
+           sample: there it is none
 
 After the last block, every model is scored on the pooled test pairs of all blocks (train + valid masked):
 logged NDCG@20, average popularity and coverage of the top-20; with a truth, the share of the best
@@ -39,6 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,15 +51,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from continual_kd.config import load_job, parse_job  # noqa: E402
 from continual_kd.continual import make_learners, run_stream_local  # noqa: E402
 from continual_kd.continual.snapshot_eval import _truth_figures, _truth_inputs, truth_index  # noqa: E402
-from continual_kd.data.simulate import SimulationConfig, simulate  # noqa: E402
+from continual_kd.data.simulate import SimulationConfig, simulate, uniform_sample  # noqa: E402
 from continual_kd.eval import evaluate_ranking  # noqa: E402
 from continual_kd.eval.estimates import intervened_split, popularity_propensity  # noqa: E402
 from continual_kd.eval.protocol import eval_sets, training_popularity  # noqa: E402
 from continual_kd.sparse import UserItemSet  # noqa: E402
+from continual_kd.stream.labelled import ingest_labelled_file  # noqa: E402
 from continual_kd.stream.store import StreamStore  # noqa: E402
 from continual_kd.types import TEST  # noqa: E402
 
-OPTIONS = {"none": {}, "ips": {"debias": "ips"}, "pda": {"debias": "pda"}, "popneg": {"negatives": "popularity"}}
+OPTIONS = {"none": {}, "ips": {"debias": "ips"}, "pda": {"debias": "pda"}, "popneg": {"negatives": "popularity"},
+           "mar": {}}
+MODEL_OPTIONS = {"mar": {"calibrate": "mar"}}  # options that are a model's setting, not its train's
+UNIFORM_PER_USER = 10  # the simulated streams' missing-at-random sample: items shown uniformly to each user
 SKEWS = (0.6, 1.0, 1.4)  # Zipf exponent of the exposure propensity
 CORRELATIONS = (0.0, 0.5)  # correlation of true quality with exposure popularity
 SIM = dict(users=500, items=700, clicks=20_000)  # per simulated stream (6 periods, drift, births: defaults)
@@ -85,7 +94,7 @@ def variant_job(job_dict: dict, option: str, blocks: dict, name: str, epochs: st
         train = {**model.get("train", {}), **OPTIONS[option]}
         if epochs == "small":
             train["epochs_base"], train["epochs_block"] = EPOCHS.get(model.get("backbone", "mf"), DEFAULT_EPOCHS)
-        return {**model, "train": train}
+        return {**model, **MODEL_OPTIONS.get(option, {}), "train": train}
 
     slug = "".join(c if c.isalnum() or c in "-." else "_" for c in name)
     spec = {**job_dict, "name": f"debias-{slug}-{option}", "blocks": blocks,
@@ -93,11 +102,16 @@ def variant_job(job_dict: dict, option: str, blocks: dict, name: str, epochs: st
     return parse_job(spec, f"bench/debias.py [{name}, {option}]")
 
 
-def simulated_store(root: Path, skew: float, correlation: float):
-    """A temporary store holding one simulated stream, and (truth, store ids → truth ids)."""
+def simulated_store(root: Path, skew: float, correlation: float, uniform: int = UNIFORM_PER_USER):
+    """A temporary store holding one simulated stream and its missing-at-random sample (``uniform`` items
+    shown uniformly to each user, labelled by the truth: what ``calibrate: mar`` learns from), and its truth."""
     table, truth = simulate(SimulationConfig(**SIM, exposure_skew=skew, quality_popularity=correlation, seed=0))
     store = StreamStore.open(root, create=True)
     store.ingest_table(table, source=f"simulate skew={skew} rho={correlation}")
+    if uniform > 0:
+        path = root / "uniform.parquet"
+        pq.write_table(uniform_sample(truth, uniform, seed=0), path)
+        ingest_labelled_file(store, path)
     return store, truth
 
 

@@ -240,6 +240,28 @@ def ingest_kg(
         _print_kg_report(ingest_triples_file(st, f))
 
 
+@app.command("ingest-labelled")
+@_guard
+def ingest_labelled(
+    files: Annotated[list[Path], typer.Argument(help="CSV/Parquet files: user, item, label (0/1 or a rating), "
+                                                     "optional timestamp (seconds) — collected under uniform exposure.")],
+    store: StoreOpt,
+):
+    """Add a missing-at-random labelled sample to a stream store: models with `calibrate: mar` calibrate their
+    ranking on the rows collected up to each block (continual/calibrate.py)."""
+    from .stream import StreamStore
+    from .stream.labelled import ingest_labelled_file
+
+    st = StreamStore.open(store, create=True)
+    for f in files:
+        r = ingest_labelled_file(st, f)
+        if r.already_ingested:
+            out.print(_m("[yellow]{}[/]: already ingested (content {}); store unchanged", r.source, r.content_hash[:12]))
+            continue
+        out.print(_m("[bold]{}[/]: {:,} labelled rows taken ({:,} positive), {:,} dropped (no user, item or numeric "
+                     "label)", r.source, r.rows_taken, r.positives, r.rows_dropped))
+
+
 @data_app.command("movielens-100k")
 @_guard
 def data_movielens(store: StoreOpt = Path("stores/ml-100k"),
@@ -287,10 +309,14 @@ def data_simulate(
     quality_popularity: Annotated[float, typer.Option(help="Correlation of true item quality with exposure popularity, -1..1.")] = 0.0,
     taste: float = 4.0, quality: float = 1.0, offset: float = -3.0, seed: int = 0,
     fmt: Annotated[str, typer.Option("--format", help="parquet or csv.")] = "parquet",
+    uniform: Annotated[int, typer.Option(help="Also OUT/uniform.<format>: every user shown this many items drawn "
+                                              "uniformly (user, item, label, timestamp), a missing-at-random sample "
+                                              "for `ckd ingest-labelled`.", min=0)] = 0,
 ):
     """A click stream from a known truth: tastes drift, items are born, exposure follows popularity, clicks
     follow true preference. Ingest it with `ckd ingest OUT/stream.parquet --store S`; evaluate against
-    the truth with `ckd evaluate --truth OUT/truth.npz`."""
+    the truth with `ckd evaluate --truth OUT/truth.npz`; with --uniform N, a labelled sample collected under
+    uniform exposure as well, which `ckd ingest-labelled` stores for models with `calibrate: mar`."""
     import time
 
     from .data.simulate import SimulationConfig, write_simulation
@@ -300,7 +326,7 @@ def data_simulate(
                            exposure_skew=exposure_skew, quality_popularity=quality_popularity, taste=taste,
                            quality=quality, offset=offset, seed=seed)
     t0 = time.perf_counter()
-    stream, truth_path, n = write_simulation(out_dir, cfg, fmt)
+    stream, truth_path, n = write_simulation(out_dir, cfg, fmt, uniform_per_user=uniform)
     out.print(_m("{} clicks of {} users on {} items in {:.1f} s: {} (truth: {})", f"{n:,}", f"{users:,}",
                  f"{items:,}", time.perf_counter() - t0, stream, truth_path), highlight=False)
 

@@ -276,6 +276,10 @@ class TrainSpec(_Spec):
     ips_exponent: float = Field(0.5, ge=0)
     ips_clip: float = Field(0.05, gt=0, le=1)
     pda_gamma: float = Field(0.1, ge=0)
+    # this model's replay of earlier blocks in warm updates (× the block's training rows per epoch); None:
+    # continual.replay. A graph model, whose update re-propagates the whole history, may want more of it
+    # than a model batched by user, whose replay already touches nearly every user
+    replay: float | None = Field(None, ge=0)
     patience: int = Field(10, ge=0)
     # patience of warm updates (a trained model continuing on a new block); None: patience. A warm model
     # often peaks within a few epochs of an update, and each further epoch of waiting costs a full pass
@@ -337,6 +341,12 @@ class ModelSpec(_Spec):
     # rank_penalty_tolerance (relative) of β = 0's. Training never sees it; evaluation, knowledge and serving do
     rank_penalty: _tuple(Annotated[float, Field(ge=0)]) = ()
     rank_penalty_tolerance: float = Field(0.01, ge=0, lt=1)
+    # mar: after every update the model's ranking is calibrated on the missing-at-random labelled sample in the
+    # store (`ckd ingest-labelled`; rows collected up to the block): σ(a·score + b + β·log(1 + count) + δ_item)
+    # fitted to the labels, the model then ranks by score + (β·log(1 + count) + δ_item) / a (continual/calibrate.py);
+    # calibrate_l2: candidates for δ's L2, chosen by 4-fold log-loss on the sample. none: off
+    calibrate: Literal["none", "mar"] = "none"
+    calibrate_l2: _tuple(Annotated[float, Field(gt=0)]) = (0.3, 1.0, 3.0, 10.0, 30.0)
     train: TrainSpec = TrainSpec()
     resources: ResourceSpec = ResourceSpec()
     # > 1: under Ray (ckd submit) the model's updates run data-parallel on this many Ray Train workers
@@ -346,6 +356,12 @@ class ModelSpec(_Spec):
     @model_validator(mode="after")
     def _name(self):
         _check_name(self.name)
+        if self.calibrate != "none" and self.rank_penalty:
+            raise _Bad("calibrate", "both a calibration and a popularity penalty on one ranking",
+                       f"{self.calibrate} with rank_penalty {list(self.rank_penalty)}",
+                       "keep one: calibrate: mar learns its popularity term from the labelled sample")
+        if self.calibrate != "none" and not self.calibrate_l2:
+            raise _Bad("calibrate_l2", "no candidate", [], "give at least one L2 weight > 0")
         return self
 
     def backbone_params(self) -> dict:

@@ -79,8 +79,9 @@ class Interactions:
             np.concatenate([p.split for p in parts]),
             max(p.num_users for p in parts),
             max(p.num_items for p in parts),
-            # item knowledge (graph, rationales) rides along with the blocks (the newest read wins)
-            {key: value for key in ("item_graph", "item_rationales")
+            # item knowledge (graph, rationales) and the labelled sample ride along with the blocks (the newest
+            # read wins)
+            {key: value for key in ("item_graph", "item_rationales", "labelled")
              if (value := next((p.meta[key] for p in reversed(parts) if p.meta.get(key) is not None), None)) is not None},
         )
 

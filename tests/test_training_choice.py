@@ -235,6 +235,14 @@ def test_replay_draws_only_history_and_from_every_earlier_block(tmp_path, monkey
     # training alone is logged apart from the update (its per-epoch validation): every pair stepped, replay included
     assert log["trained_rows"] == log["epochs"] * (log["train_rows"] + log["replay_rows"])
     assert 0 < log["train_seconds"] < log["seconds"]
+    # a model's own train.replay overrides the job's (continual.replay), 0 included
+    for own in (3.0, 0.0):
+        mine = Learner(job.teachers[0].model_copy(update={"train": job.teachers[0].train.model_copy(
+            update={"replay": own})}), job.seed, role="teacher")
+        run_stream_local(job, lambda k: store.read_blocks(plan.plan_id, k), 2, learners={"teacher:mf": mine,
+                         "student": Learner(job.student, job.seed)})
+        log = mine.update(seen, 2, replay=1.5)
+        assert log["replay_rows"] == round(own * log["train_rows"])
 
 
 def test_retrain_equals_a_model_trained_from_scratch_on_everything(tmp_path, monkeypatch):

@@ -32,6 +32,7 @@ from ..sparse import UserItemSet
 from ..types import TEST, TRAIN, VALID, Interactions, Knowledge
 from ..distill.replay import PROXY_PREFIX
 from . import rank_penalty
+from .calibrate import calibrate
 from .pairs import PairState
 from .training import BestEpoch, train_epochs
 
@@ -267,6 +268,8 @@ class Learner:
         scope = "all" if retrain or knowledge_users == "all" else "block"  # whose lists the knowledge holds
         knowledge = flatten_knowledge(knowledge)
         draw = None
+        if self.spec.train.replay is not None:  # the model's own share of history, over the job's
+            replay = self.spec.train.replay
         if not retrain and replay > 0 and block > 0:
             draw = self._replay_sampler(seen, block, int(round(replay * len(positives))), replay_by)
         valid = None
@@ -316,6 +319,7 @@ class Learner:
             self.proxies.update(self.model)
         self.block = block
         penalty_grid = self._choose_penalty(seen, valid)
+        calibration = self._calibrate(seen) if self.spec.calibrate == "mar" else None
         logs = fit["logs"]
         return {
             "model": self.spec.name, "block": block, "epochs": len(logs), "best_epoch": fit["best_epoch"],
@@ -329,6 +333,7 @@ class Learner:
             "train_seconds": sum(log.seconds for log in logs), "trained_rows": sum(log.rows for log in logs),
             "rank_penalty": self.penalty_beta,
             "rank_penalty_grid": [{"beta": b, "valid_ndcg@20": v} for b, v in penalty_grid.items()],
+            **({"calibration": calibration} if calibration is not None else {}),
             "base_loss": logs[-1].base_loss if logs else float("nan"),
             "kd_loss": logs[-1].kd_loss if logs else float("nan"),
         }
@@ -353,6 +358,32 @@ class Learner:
         self.penalty = rank_penalty.penalty_of(self.penalty_beta, popularity)
         rank_penalty.install(self.model, self.penalty)
         return figures
+
+    def _calibrate(self, seen: Interactions) -> dict:
+        """``calibrate: mar``: the model's ranking calibrated on the labelled sample that came with the blocks
+        (``meta["labelled"]``: rows collected up to this block), installed like a rank penalty (kept as it
+        was when no sample came). → what was fitted, for the update's log."""
+        sample = seen.meta.get("labelled")
+        if sample is None:
+            rank_penalty.install(self.model, self.penalty)
+            return {"rows": 0}
+        users, items, labels = (torch.as_tensor(x) for x in sample)
+        ok = (users < self.model.num_users) & (items < self.model.num_items)
+        users, items, labels = users[ok], items[ok], labels[ok]
+        with torch.no_grad():  # the model's own scores of the sample's pairs, one chunk of users at a time
+            uniq, where = torch.unique(users, return_inverse=True)
+            scores = torch.empty(len(users), dtype=torch.float32)
+            step = users_per_chunk(self.model.num_items)
+            for start in range(0, len(uniq), step):
+                rows = (where >= start) & (where < start + step)
+                full = self.model.full_scores(uniq[start : start + step].to(self.device)).float().cpu()
+                scores[rows] = full[where[rows] - start, items[rows]]
+        vector, info = calibrate(scores, items, labels, self.pairs.popularity(seen), self.model.num_items,
+                                 self.spec.calibrate_l2, derive_seed(self.seed, self.spec.name, "calibrate"))
+        if vector is not None:  # fitted: the result replaces the last one
+            self.penalty, self.penalty_beta = vector.to(self.device), 0.0
+        rank_penalty.install(self.model, self.penalty)
+        return info
 
     def _fusion_weights(self, knowledge: list[Knowledge], fusion: str, valid) -> tuple[list[float], dict]:
         """Teachers' fusion weights chosen on validation pairs: this block's evidence (each teacher's lists'

@@ -36,6 +36,7 @@ from .synthetic import _arrivals, _around, _unit  # the same latent-space helper
 CHUNK_CELLS = 1 << 22  # user × item cells drawn at a time (~16 MB of float32 uniforms)
 PILOT_USERS = 512  # users whose preferences estimate the expected clicks when solving for c
 TRUTH_FILE = "truth.npz"
+UNIFORM_STEM = "uniform"  # OUT/uniform.parquet: the missing-at-random labelled sample (--uniform N)
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,34 @@ def simulate(cfg: SimulationConfig) -> tuple[pa.Table, SimulationTruth]:
     return table, truth
 
 
+def uniform_sample(truth: SimulationTruth, per_user: int, seed: int = 0, start_ts: int | None = None,
+                   period_seconds: int | None = None) -> pa.Table:
+    """A missing-at-random labelled sample: every user is shown ``per_user`` items drawn uniformly among the
+    items that exist at a uniform time after the user arrived, and clicks with its true preference then
+    (columns user, item, label 0/1, timestamp) — what a uniform-exposure slot collects (Yahoo!R3, Coat).
+    Its own random stream (the log is unchanged); no Python loop per user."""
+    cfg = truth.config
+    start_ts = cfg["start_ts"] if start_ts is None else start_ts
+    period_seconds = cfg["period_seconds"] if period_seconds is None else period_seconds
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2,)))
+    U, P = truth.num_users, truth.user_factors.shape[0]
+    users = np.repeat(np.arange(U), per_user)
+    start = truth.user_arrival[users]
+    when = start + rng.random(len(users)) * (P - start)
+    period = np.minimum(when.astype(np.int64), P - 1)
+    by_birth = np.argsort(truth.item_birth, kind="stable")
+    alive = np.searchsorted(truth.item_birth[by_birth], np.arange(P), side="right")  # items born ≤ each period
+    pick = np.minimum((rng.random(len(users)) * alive[period]).astype(np.int64), alive[period] - 1)
+    ok = alive[period] > 0
+    users, items, period, when = users[ok], by_birth[pick[ok]], period[ok], when[ok]
+    logit = truth.taste * np.einsum("nd,nd->n", truth.user_factors[period, users], truth.item_factors[items]) \
+        + truth.quality * truth.item_quality[items] + truth.offset
+    label = (rng.random(len(users)) < _sigmoid(logit)).astype(np.int8)
+    return pa.table({"user": _names("u", U, users), "item": _names("i", truth.num_items, items),
+                     "label": pa.array(label, pa.int8()),
+                     "timestamp": pa.array(start_ts + (when * period_seconds).astype(np.int64), pa.int64())})
+
+
 def truth_clicks_per_weight(truth: SimulationTruth, users: np.ndarray) -> np.ndarray:
     """(I,) Σ over ``users`` of E_t[pref(u, i, t)] (what θ_i multiplies into expected clicks)."""
     saved = truth.propensity
@@ -216,11 +245,10 @@ def _solve_propensity(weight: np.ndarray, per_item: np.ndarray, clicks: int) -> 
     return np.minimum(1.0, math.exp(hi) * weight)
 
 
-def write_simulation(out: str | Path, cfg: SimulationConfig, fmt: str = "parquet") -> tuple[Path, Path, int]:
-    """Write OUT/stream.<fmt> and OUT/truth.npz; → (stream path, truth path, clicks)."""
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
+def write_simulation(out: str | Path, cfg: SimulationConfig, fmt: str = "parquet",
+                     uniform_per_user: int = 0) -> tuple[Path, Path, int]:
+    """Write OUT/stream.<fmt> and OUT/truth.npz (and, with ``uniform_per_user``, OUT/uniform.<fmt>: a
+    missing-at-random labelled sample, ``uniform_sample``); → (stream path, truth path, clicks)."""
     if fmt not in ("parquet", "csv"):
         raise CkdError(f"--format {fmt!r}: use parquet or csv")
     out = Path(out)
@@ -229,15 +257,24 @@ def write_simulation(out: str | Path, cfg: SimulationConfig, fmt: str = "parquet
     table, truth = simulate(cfg)
     out.mkdir(parents=True, exist_ok=True)
     stream = out / f"stream.{fmt}"
-    tmp = stream.with_name(stream.name + ".tmp")
+    _write_table(table, stream, fmt)
+    if uniform_per_user > 0:
+        _write_table(uniform_sample(truth, uniform_per_user, cfg.seed), out / f"{UNIFORM_STEM}.{fmt}", fmt)
+    path = out / TRUTH_FILE
+    save_truth(truth, path)
+    return stream, path, table.num_rows
+
+
+def _write_table(table: pa.Table, path: Path, fmt: str) -> None:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(path.name + ".tmp")
     if fmt == "parquet":
         pq.write_table(table, tmp)
     else:
         pacsv.write_csv(table, tmp)
-    tmp.replace(stream)
-    path = out / TRUTH_FILE
-    save_truth(truth, path)
-    return stream, path, table.num_rows
+    tmp.replace(path)
 
 
 def save_truth(truth: SimulationTruth, path: Path) -> None:

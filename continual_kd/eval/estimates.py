@@ -117,11 +117,11 @@ def labelled_metrics(model, users: torch.Tensor, items: torch.Tensor, labels: to
     return out
 
 
-def read_labelled_file(path: str | Path, user_ids: dict[str, int], item_ids: dict[str, int],
-                       positive: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """A missing-at-random test file (CSV / Parquet; columns user, item, label) in dense ids:
-    (users (N,), items (N, n) padded with -1, labels (N, n) bool = label ≥ positive, rows dropped because
-    their user or item is unknown to the store)."""
+def read_labelled_columns(path: str | Path, what: str = "eval.mar_test"):
+    """A labelled file (CSV / Parquet; columns user, item, label and optionally timestamp / ts) →
+    (external users, external items, labels float64 (NaN where missing), timestamps int64 or None).
+    ``what`` names it in errors."""
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -130,18 +130,38 @@ def read_labelled_file(path: str | Path, user_ids: dict[str, int], item_ids: dic
     try:
         table = pq.read_table(path) if path.suffix.lower() in (".parquet", ".pq") else pacsv.read_csv(path)
     except (OSError, ValueError) as e:
-        raise CkdError(f"eval.mar_test {path}: cannot read it ({e}); give a CSV or Parquet file with user, item "
+        raise CkdError(f"{what} {path}: cannot read it ({e}); give a CSV or Parquet file with user, item "
                        f"and label columns") from None
     missing = [c for c in ("user", "item", "label") if c not in table.column_names]
     if missing:
-        raise CkdError(f"eval.mar_test {path}: no column {missing[0]!r} (it has {', '.join(table.column_names)}); "
+        raise CkdError(f"{what} {path}: no column {missing[0]!r} (it has {', '.join(table.column_names)}); "
                        f"name the columns user, item and label")
-    ext_u = [str(x) for x in table.column("user").to_pylist()]
-    ext_i = [str(x) for x in table.column("item").to_pylist()]
+    ext_u = [None if x is None else str(x) for x in table.column("user").to_pylist()]
+    ext_i = [None if x is None else str(x) for x in table.column("item").to_pylist()]
     try:
-        label = np.asarray(pc.cast(table.column("label"), "float64").to_numpy(zero_copy_only=False))
+        label = np.asarray(pc.cast(table.column("label"), "float64").to_numpy(zero_copy_only=False), dtype=np.float64)
     except Exception:  # noqa: BLE001 - any cast failure is the file's
-        raise CkdError(f"eval.mar_test {path}: the label column is not numeric; use 0/1 or ratings") from None
+        raise CkdError(f"{what} {path}: the label column is not numeric; use 0/1 or ratings") from None
+    ts = None
+    name = next((c for c in ("timestamp", "ts") if c in table.column_names), None)
+    if name is not None:
+        try:
+            col = table.column(name)
+            if pa.types.is_timestamp(col.type):
+                col = pc.cast(pc.cast(col, "timestamp[s]"), "int64")
+            ts = np.asarray(pc.cast(col, "int64").to_numpy(zero_copy_only=False))
+        except Exception:  # noqa: BLE001
+            raise CkdError(f"{what} {path}: the {name} column is not a time (seconds since the epoch or a "
+                           f"timestamp), or has empty cells") from None
+    return ext_u, ext_i, label, ts
+
+
+def read_labelled_file(path: str | Path, user_ids: dict[str, int], item_ids: dict[str, int],
+                       positive: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """A missing-at-random test file (CSV / Parquet; columns user, item, label) in dense ids:
+    (users (N,), items (N, n) padded with -1, labels (N, n) bool = label ≥ positive, rows dropped because
+    their user or item is unknown to the store)."""
+    ext_u, ext_i, label, _ = read_labelled_columns(path)
     u = np.array([user_ids.get(x, -1) for x in ext_u], dtype=np.int64)
     i = np.array([item_ids.get(x, -1) for x in ext_i], dtype=np.int64)
     ok = (u >= 0) & (i >= 0) & np.isfinite(label)

@@ -94,6 +94,12 @@ CREATE TABLE IF NOT EXISTS live_segments (
     unplanned BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS segment_hours (
     segment_id INTEGER NOT NULL, first_offset BIGINT NOT NULL, rows BIGINT NOT NULL, hour BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS labelled_ingests (
+    ingest_id INTEGER PRIMARY KEY, content_hash VARCHAR NOT NULL UNIQUE, source VARCHAR NOT NULL,
+    rows_read BIGINT NOT NULL, rows_taken BIGINT NOT NULL, created_at TIMESTAMP NOT NULL);
+CREATE TABLE IF NOT EXISTS labelled (
+    ingest_id INTEGER NOT NULL, "user" VARCHAR NOT NULL, item VARCHAR NOT NULL, label DOUBLE NOT NULL,
+    ts BIGINT NOT NULL);
 CREATE VIEW IF NOT EXISTS results AS
     SELECT r.job, r.lineage, r.block, r.model, r.metric, r.value FROM block_results r
     JOIN commits c ON c.commit_id = r.commit_id WHERE c.revoked_at IS NULL;

@@ -45,6 +45,7 @@ from continual_kd.stream.segments import (
 )
 from continual_kd.stream.compact import block_digest, record_digest
 from continual_kd.stream.kg import read_item_graph
+from continual_kd.stream.labelled import read_labelled
 from continual_kd.stream.rationale import read_item_rationales
 from continual_kd.stream.plan import BlockInfo, BlockPlan, compute_plan, plan_id_for, validate_plan_args
 from continual_kd.stream.live import Cursor, LivePolicy, block_split, cut_blocks, live_plan_id, next_window_end
@@ -656,13 +657,16 @@ class StreamStore:
             info = plan.blocks[last]
             graph = read_item_graph(con, info.num_items)  # item knowledge, if any was ingested (stream/kg.py)
             rationales = read_item_rationales(con, info.num_items, graph)  # its texts per item (stream/rationale.py)
+            # the missing-at-random labelled sample collected by the block's end, if any (stream/labelled.py)
+            labelled = read_labelled(con, info.num_users, info.num_items, info.ts_end)
         return Interactions(
             users=np.asarray(data["user"], dtype=np.int64), items=np.asarray(data["item"], dtype=np.int64),
             ts=np.asarray(data["ts"], dtype=np.int64), weight=np.asarray(data["weight"], dtype=np.float32),
             block=np.asarray(data["block"], dtype=np.int32), split=np.asarray(data["split"], dtype=np.int8),
             num_users=info.num_users, num_items=info.num_items,
             meta={"plan_id": plan_id, "blocks": (first, last), **({"item_graph": graph} if graph is not None else {}),
-                  **({"item_rationales": rationales} if rationales is not None else {})},
+                  **({"item_rationales": rationales} if rationales is not None else {}),
+                  **({"labelled": labelled} if labelled is not None else {})},
         )
 
     # --- inspection ------------------------------------------------------------------------

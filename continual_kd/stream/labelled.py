@@ -1,0 +1,91 @@
+"""A missing-at-random labelled sample in the store's catalog: (user, item, label, time) rows collected under
+uniform exposure (each user shown items drawn uniformly, clicked or not), which models with ``calibrate: mar``
+learn from (continual/calibrate.py). The log says what users did with what they were shown; this says what
+they think of items nobody chose to show them.
+
+Rows keep their *external* ids (a sample may name users or items before their first interaction); they
+join the dense ids when blocks are read (``read_labelled``), for the users and items known at that block and
+the rows collected up to its end (a row without a time counts from the start). The same file again is a
+no-op; rows without a user, an item or a numeric label are dropped and counted; one ingest is one transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from continual_kd.errors import CkdError
+from continual_kd.eval.estimates import read_labelled_columns
+from continual_kd.stream import catalog
+from continual_kd.stream.ingest import MAX_ID_CHARS, file_content_hash
+
+ALWAYS = -(2**62)  # the time of a row without one: usable from the first block on
+
+
+@dataclass
+class LabelledIngestReport:
+    source: str
+    content_hash: str
+    rows_read: int
+    rows_taken: int
+    rows_dropped: int
+    positives: int
+    already_ingested: bool
+
+
+def ingest_labelled_file(store, path: str | Path) -> LabelledIngestReport:
+    """``ckd ingest-labelled FILE``: a labelled sample (user, item, label[, timestamp]) into the catalog."""
+    path = Path(path)
+    if not path.is_file():
+        raise CkdError(f"ingest-labelled {path}: no such file")
+    users, items, label, ts = read_labelled_columns(path, "ingest-labelled")
+    content_hash = file_content_hash(path)
+    u = np.array(users, dtype=object)
+    i = np.array(items, dtype=object)
+    ok = np.array([x is not None and 0 < len(x) <= MAX_ID_CHARS for x in users], dtype=bool) \
+        & np.array([x is not None and 0 < len(x) <= MAX_ID_CHARS for x in items], dtype=bool) & np.isfinite(label)
+    when = np.full(len(label), ALWAYS, dtype=np.int64) if ts is None else ts
+    table = pa.table({"user": pa.array(u[ok].tolist(), pa.string()), "item": pa.array(i[ok].tolist(), pa.string()),
+                      "label": pa.array(label[ok], pa.float64()), "ts": pa.array(when[ok], pa.int64())})
+    with store._connect(write=True) as con:
+        prior = con.sql("SELECT rows_read, rows_taken FROM labelled_ingests WHERE content_hash = ?",
+                        params=[content_hash]).fetchall()
+        if prior:
+            return LabelledIngestReport(str(path), content_hash, int(prior[0][0]), 0, 0, 0, True)
+        with catalog.transaction(con):
+            ingest_id = int(catalog.scalar(con, "SELECT coalesce(max(ingest_id) + 1, 0) FROM labelled_ingests"))
+            con.register("_ckd_labelled", table)
+            con.execute("INSERT INTO labelled SELECT ?, \"user\", item, label, ts FROM _ckd_labelled", [ingest_id])
+            con.unregister("_ckd_labelled")
+            con.execute("INSERT INTO labelled_ingests VALUES (?, ?, ?, ?, ?, now())",
+                        [ingest_id, content_hash, str(path), len(label), int(ok.sum())])
+    return LabelledIngestReport(str(path), content_hash, len(label), int(ok.sum()), int((~ok).sum()),
+                                int((label[ok] > 0).sum()), False)
+
+
+def read_labelled(con: duckdb.DuckDBPyConnection, num_users: int, num_items: int, ts_end: int):
+    """(users, items, labels float32) in dense ids: the rows collected by ``ts_end`` whose user and item are
+    among the first ``num_users`` / ``num_items``; None when the catalog holds no sample."""
+    if not catalog.scalar(con, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'labelled'"):
+        return None  # a catalog from before labelled samples, opened read-only
+    if not int(catalog.scalar(con, "SELECT count(*) FROM labelled")):
+        return None
+    data = con.sql('SELECT u.dense_id AS u, i.dense_id AS i, l.label FROM labelled l '
+                   'JOIN users u ON u.external_id = l."user" JOIN items i ON i.external_id = l.item '
+                   'WHERE u.dense_id < ? AND i.dense_id < ? AND l.ts <= ? ORDER BY l.ingest_id, u.dense_id, i.dense_id',
+                   params=[int(num_users), int(num_items), int(ts_end)]).fetchnumpy()
+    return (np.asarray(data["u"], dtype=np.int64), np.asarray(data["i"], dtype=np.int64),
+            np.asarray(data["label"], dtype=np.float32))
+
+
+def labelled_status(store) -> dict:
+    with store._connect(write=False) as con:
+        if not catalog.scalar(con, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'labelled'"):
+            return {"ingests": 0, "rows": 0, "positives": 0}
+        n, pos = con.sql("SELECT count(*), coalesce(sum(CASE WHEN label > 0 THEN 1 ELSE 0 END), 0) FROM labelled").fetchall()[0]
+        return {"ingests": int(catalog.scalar(con, "SELECT count(*) FROM labelled_ingests")), "rows": int(n),
+                "positives": int(pos)}

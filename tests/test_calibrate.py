@@ -1,0 +1,179 @@
+"""Calibration on a missing-at-random labelled sample (a model's `calibrate: mar`): the simulator's uniform
+sample, its ingest into the store and its arrival with the blocks (only what was collected by then), the fit
+on hand-made cases, and a calibrated model's ranking — evaluated, handed over and kept in its snapshot."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from continual_kd.config import EvalSpec, ModelSpec, TrainSpec, parse_job
+from continual_kd.continual.calibrate import calibrate
+from continual_kd.continual.learner import Learner
+from continual_kd.data.simulate import SimulationConfig, simulate, uniform_sample, write_simulation
+from continual_kd.errors import CkdError
+from continual_kd.stream import StreamStore
+from continual_kd.stream.labelled import ingest_labelled_file
+
+SIM = dict(users=300, items=200, clicks=6_000, periods=3, dim=8, seed=4)
+
+
+def _dense(table, column):
+    return np.array([int(x[1:]) for x in table.column(column).to_pylist()])
+
+
+def test_the_uniform_sample_shows_items_uniformly_and_labels_them_by_the_truth():
+    _, truth = simulate(SimulationConfig(**SIM))
+    per_user = 60
+    sample = uniform_sample(truth, per_user, seed=4)
+    u, i = _dense(sample, "user"), _dense(sample, "item")
+    label = sample.column("label").to_numpy()
+    ts = sample.column("timestamp").to_numpy()
+    assert np.array_equal(np.bincount(u, minlength=truth.num_users), np.full(truth.num_users, per_user))
+    cfg = truth.config
+    period = np.minimum((ts - cfg["start_ts"]) // cfg["period_seconds"], cfg["periods"] - 1)
+    assert np.all(truth.item_birth[i] <= period) and np.all(truth.user_arrival[u] <= period)  # both existed then
+    # uniform, not by exposure: items of period 0 are shown about equally often (a Zipf log is far from it)
+    old = truth.item_birth == 0
+    counts = np.bincount(i, minlength=truth.num_items)[old]
+    assert counts.std() / counts.mean() < 0.35
+    # labelled with the truth's preference at the time: the click rate matches its expectation
+    pref = np.array([truth.preference(np.array([uu]), int(p))[0, ii] for uu, ii, p in zip(u[:3000], i[:3000],
+                                                                                          period[:3000])])
+    assert abs(label[:3000].mean() - pref.mean()) < 4 * np.sqrt(pref.mean() / 3000)
+    assert uniform_sample(truth, per_user, seed=4).equals(sample)  # seeded
+
+
+def _hidden_quality_case(n_items=60, rows=20_000, seed=0):
+    """Scores that follow popularity; labels that follow a quality the scores do not know."""
+    g = torch.Generator().manual_seed(seed)
+    popularity = torch.arange(n_items, 0, -1).double() ** 2  # item 0 the most popular
+    quality = torch.randn(n_items, generator=g, dtype=torch.float64)
+    items = torch.randint(n_items, (rows,), generator=g)
+    scores = torch.log1p(popularity)[items].float() + 0.01 * torch.randn(rows, generator=g)
+    labels = torch.bernoulli(torch.sigmoid(2 * quality[items] - 1), generator=g)
+    return scores, items, labels, popularity, quality
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+def test_calibration_finds_the_quality_the_scores_miss():
+    scores, items, labels, popularity, quality = _hidden_quality_case()
+    vector, info = calibrate(scores, items, labels, popularity, len(popularity), (0.3, 1.0, 3.0))
+    assert info["rows"] == len(labels) and info["l2"] in (0.3, 1.0, 3.0)
+    assert abs(info["a"]) < 0.1  # the scores know nothing the labels use: the item offsets decide
+    ranked = torch.log1p(popularity).float() - vector  # what the model ranks by once calibrated
+    assert abs(_spearman(torch.log1p(popularity), quality)) < 0.3  # the raw ranking knows nothing of quality
+    assert _spearman(ranked, quality) > 0.8
+    # scores that carry half of what the labels follow keep their weight, and the rest is found
+    g = torch.Generator().manual_seed(2)
+    half = torch.randn(len(quality), generator=g, dtype=torch.float64)
+    truth = 2 * quality + 2 * half
+    labels = torch.bernoulli(torch.sigmoid(truth[items] - 1), generator=g)
+    vector, info = calibrate(half[items].float(), items, labels, popularity, len(popularity), (1.0,))
+    assert info["a"] > 0.3
+    assert _spearman(half.float() - vector, truth) > 0.85 > _spearman(half, truth) + 0.1
+    # too few rows, or one label value only: nothing fitted
+    assert calibrate(scores[:5], items[:5], labels[:5], popularity, 60, (1.0,))[0] is None
+    assert calibrate(scores, items, torch.zeros(len(scores)), popularity, 60, (1.0,))[0] is None
+
+
+def _store_with_sample(tmp_path, timestamps=True):
+    stream, _, _ = write_simulation(tmp_path / "sim", SimulationConfig(**SIM), uniform_per_user=10)
+    store = StreamStore.open(tmp_path / "store", create=True)
+    store.ingest_file(stream)
+    sample = pq.read_table(tmp_path / "sim" / "uniform.parquet")
+    if not timestamps:
+        sample = sample.drop(["timestamp"])
+        pq.write_table(sample, tmp_path / "sim" / "uniform.parquet")
+    report = ingest_labelled_file(store, tmp_path / "sim" / "uniform.parquet")
+    return store, sample, report
+
+
+def test_the_sample_is_stored_once_and_arrives_with_the_blocks_collected_by_then(tmp_path):
+    store, sample, report = _store_with_sample(tmp_path)
+    assert report.rows_taken == sample.num_rows == 10 * SIM["users"] and not report.already_ingested
+    assert ingest_labelled_file(store, tmp_path / "sim" / "uniform.parquet").already_ingested  # the same file: no-op
+    plan = store.ensure_plan(0.5, 2, (0.8, 0.1, 0.1), 0)
+    ts = sample.column("timestamp").to_numpy()
+    ext_u, ext_i = sample.column("user").to_pylist(), sample.column("item").to_pylist()
+    sizes = []
+    for k in range(plan.num_blocks):
+        seen = store.read_blocks(plan.plan_id, k)
+        users, items, labels = seen.meta["labelled"]
+        info = plan.blocks[k]
+        # the rows collected by the block's end whose user and item the stream has shown by then
+        known_u = set(store.external_ids("user", np.arange(info.num_users)))
+        known_i = set(store.external_ids("item", np.arange(info.num_items)))
+        expected = [t <= info.ts_end and u in known_u and i in known_i for t, u, i in zip(ts, ext_u, ext_i)]
+        assert len(users) == sum(expected) > 0
+        assert users.max() < seen.num_users and items.max() < seen.num_items
+        assert set(np.unique(labels)) <= {0.0, 1.0}
+        sizes.append(len(users))
+    assert sizes[0] < sizes[1] < sizes[2] <= sample.num_rows
+    # external ids map to the store's dense ids: the pairs read back are pairs of the file
+    pairs = set(zip(store.external_ids("user", users), store.external_ids("item", items)))
+    assert pairs <= set(zip(ext_u, ext_i))
+
+
+def test_rows_without_a_time_count_from_the_first_block_and_bad_files_are_refused(tmp_path):
+    store, sample, _ = _store_with_sample(tmp_path, timestamps=False)
+    plan = store.ensure_plan(0.5, 2, (0.8, 0.1, 0.1), 0)
+    users, _, _ = store.read_blocks(plan.plan_id, 0).meta["labelled"]
+    known_u = set(store.external_ids("user", np.arange(plan.blocks[0].num_users)))
+    known_i = set(store.external_ids("item", np.arange(plan.blocks[0].num_items)))
+    expected = sum(u in known_u and i in known_i for u, i in zip(sample.column("user").to_pylist(),
+                                                                sample.column("item").to_pylist()))
+    assert len(users) == expected > 0.8 * sample.num_rows  # not held back by time: only by ids unknown yet
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user,item,rating\nu1,i1,1\n")
+    with pytest.raises(CkdError, match=r"bad\.csv: no column 'label'"):
+        ingest_labelled_file(store, bad)
+    import continual_kd.cli as cli_module
+
+    r = CliRunner().invoke(cli_module.app, ["ingest-labelled", str(bad), "--store", str(tmp_path / "store")])
+    assert r.exit_code == 2 and "bad.csv" in r.output
+    words = tmp_path / "words.csv"
+    words.write_text("user,item,label\nu1,i1,yes\n")
+    with pytest.raises(CkdError, match="label column is not numeric"):
+        ingest_labelled_file(store, words)
+    holes = tmp_path / "holes.parquet"  # rows without a user or a label are dropped and counted
+    pq.write_table(pa.table({"user": ["u1", None, "u2"], "item": ["i1", "i2", "i3"], "label": [1.0, 0.0, None]}), holes)
+    r = ingest_labelled_file(store, holes)
+    assert (r.rows_read, r.rows_taken, r.rows_dropped) == (3, 1, 2)
+
+
+def test_a_calibrated_model_ranks_by_its_calibration_everywhere_and_keeps_it(tmp_path):
+    store, _, _ = _store_with_sample(tmp_path)
+    plan = store.ensure_plan(0.5, 1, (0.8, 0.1, 0.1), 0)
+    seen = store.read_blocks(plan.plan_id, 1)
+    train = TrainSpec(epochs_base=3, epochs_block=1, select="last", batch_size=256)
+    plain = Learner(ModelSpec(name="m", backbone="mf", dim=8, train=train), seed=0)
+    calibrated = Learner(ModelSpec(name="m", backbone="mf", dim=8, train=train, calibrate="mar"), seed=0)
+    for learner in (plain, calibrated):
+        learner.update(store.read_blocks(plan.plan_id, 0), 0)
+        log = learner.update(seen, 1)
+    assert "calibration" not in log or plain is not learner
+    cal = log["calibration"]
+    assert cal["rows"] == len(seen.meta["labelled"][0]) and cal["a"] > 0 and cal["l2"] in ModelSpec().calibrate_l2
+    # the same weights (training never sees the calibration), a different ranking wherever it ranks
+    for a, b in zip(plain.model.state_dict().values(), calibrated.model.state_dict().values()):
+        assert torch.equal(a, b)
+    users = torch.arange(20)
+    assert not torch.equal(plain.model.full_scores(users), calibrated.model.full_scores(users))
+    assert not np.array_equal(plain.knowledge(seen, 1, 20).items, calibrated.knowledge(seen, 1, 20).items)
+    assert plain.evaluate(seen, [1], EvalSpec(ks=[20])) != calibrated.evaluate(seen, [1], EvalSpec(ks=[20]))
+    # a snapshot ranks as the job did
+    again = Learner(calibrated.spec, seed=0)
+    again.load(calibrated.state())
+    assert torch.equal(again.model.full_scores(users), calibrated.model.full_scores(users))
+    # one ranking, one adjustment: a popularity penalty beside it is refused
+    with pytest.raises(CkdError, match="calibrate"):
+        parse_job({"name": "j", "student": {"calibrate": "mar", "rank_penalty": [0.1]}}, "job.yaml")
