@@ -811,6 +811,12 @@ def status(
     _print_tables(out, segment_tables(s["segments"], out.width, wide), None, wide)
     q = s.get("quarantine", {})
     out.print(_m("quarantine: {}", ", ".join(f"{n:,} × {r}" for r, n in q.items()) if q else "empty"))
+    from .stream.labelled import labelled_status
+
+    s["labelled"] = labelled_status(st)
+    if s["labelled"]["rows"]:
+        out.print(_m("missing-at-random sample: {:,} labelled rows ({:,} positive) from {} ingest(s)",
+                     s["labelled"]["rows"], s["labelled"]["positives"], s["labelled"]["ingests"]))
     for plan in s.get("plans", []):
         out.print(_m("plan {}: {}", plan["plan_id"], ", ".join(f"b{b['index']}={b['rows']:,}" for b in plan["blocks"])))
         if plan.get("policy"):  # a live plan: blocks appended as data arrive

@@ -101,6 +101,10 @@ def test_the_sample_is_stored_once_and_arrives_with_the_blocks_collected_by_then
     store, sample, report = _store_with_sample(tmp_path)
     assert report.rows_taken == sample.num_rows == 10 * SIM["users"] and not report.already_ingested
     assert ingest_labelled_file(store, tmp_path / "sim" / "uniform.parquet").already_ingested  # the same file: no-op
+    from continual_kd.stream.labelled import labelled_status
+
+    positives = int((sample.column("label").to_numpy() > 0).sum())
+    assert labelled_status(store) == {"ingests": 1, "rows": sample.num_rows, "positives": positives}
     plan = store.ensure_plan(0.5, 2, (0.8, 0.1, 0.1), 0)
     ts = sample.column("timestamp").to_numpy()
     ext_u, ext_i = sample.column("user").to_pylist(), sample.column("item").to_pylist()
@@ -177,3 +181,56 @@ def test_a_calibrated_model_ranks_by_its_calibration_everywhere_and_keeps_it(tmp
     # one ranking, one adjustment: a popularity penalty beside it is refused
     with pytest.raises(CkdError, match="calibrate"):
         parse_job({"name": "j", "student": {"calibrate": "mar", "rank_penalty": [0.1]}}, "job.yaml")
+
+
+@pytest.mark.slow
+def test_under_ray_the_sample_travels_with_the_blocks_and_calibrates_as_in_process(ray_cluster, tiny_job, tmp_path):
+    """`calibrate: mar` on a teacher and the student, a labelled sample in the store: the Ray actors get it
+    with the blocks and rank exactly as the in-process stages do; the snapshot holds the calibration."""
+    import math
+
+    from continual_kd.continual import run_stream_local
+    from continual_kd.data.sources import open_source
+    from continual_kd.runtime.coordinator import run_job
+    from continual_kd.snapshots import resolve_snapshot
+
+    job = _with_calibration(tiny_job("cal"))
+    store = open_source(job.source)
+    seen = store.read_blocks(store.ensure_plan(job.blocks.base_fraction, job.blocks.incremental, job.blocks.split,
+                                               job.seed).plan_id, job.blocks.incremental)
+    g = np.random.default_rng(0)  # a sample over the stream's ids and times: labels follow a hidden item quality
+    users = g.integers(0, seen.num_users, 3000)
+    items = g.integers(0, seen.num_items, 3000)
+    quality = g.standard_normal(seen.num_items)
+    path = tmp_path / "uniform.csv"
+    pa_table = pa.table({"user": store.external_ids("user", users), "item": store.external_ids("item", items),
+                         "label": (g.random(3000) < 1 / (1 + np.exp(-(2 * quality[items] - 1)))).astype(np.int8),
+                         "timestamp": g.integers(int(seen.ts.min()), int(seen.ts.max()) + 1, 3000)})
+    import pyarrow.csv as pacsv
+
+    pacsv.write_csv(pa_table, path)
+    ingest_labelled_file(store, path)
+    ray_result = run_job(job)
+    local = run_stream_local(job, lambda k: store.read_blocks(ray_result.plan.plan_id, k), ray_result.plan.num_blocks)
+    for a, b in zip(local, ray_result.results):
+        for model in a.metrics:
+            for key, value in a.metrics[model].items():
+                other = b.metrics[model][key]
+                assert (math.isnan(value) and math.isnan(other)) or math.isclose(value, other, rel_tol=1e-5,
+                                                                                 abs_tol=1e-7), (a.block, model, key)
+        for model in ("student", "teacher:mf32"):
+            assert a.updates[model]["calibration"]["rows"] == b.updates[model]["calibration"]["rows"] > 0
+    sizes = [r.updates["student"]["calibration"]["rows"] for r in local]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]  # more of the sample by each later block
+    weights = resolve_snapshot(ray_result.runs_dir, "latest")[0].load_states()["student"]
+    assert "aux.rank_penalty" in weights and float(weights["aux.rank_penalty"].abs().sum()) > 0
+
+
+def _with_calibration(path):
+    text = path.read_text()
+    text = text.replace("student:\n", "student:\n  calibrate: mar\n").replace("    backbone: mf\n",
+                                                                            "    backbone: mf\n    calibrate: mar\n", 1)
+    path.write_text(text)
+    from continual_kd.config import load_job
+
+    return load_job(path)

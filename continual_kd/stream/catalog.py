@@ -124,7 +124,7 @@ CREATE VIEW IF NOT EXISTS results AS
 TABLES = ("meta", "users", "items", "segments", "ingests", "quarantine", "plans", "plan_blocks", "plan_rows",
           "commits", "block_results", "kg_relations", "kg_entities", "kg_triples", "item_entities", "item_attributes",
           "kg_ingests", "kg_quarantine", "block_digests", "live_state", "live_ids", "live_segments",
-          "segment_hours")
+          "segment_hours", "labelled_ingests", "labelled")
 # tables with a block column (SMALLINT in catalogs made before it was widened)
 BLOCK_TABLES = ("plan_blocks", "plan_rows", "commits", "block_results", "block_digests")
 
