@@ -223,11 +223,11 @@ def print_changes(report: dict) -> None:
     for option in options:
         for model in models:
             cells = []
-            if sims:
-                rel = [report[n][option]["rows"][model]["share"] / report[n]["none"]["rows"][model]["share"] - 1
-                       for n in sims if "none" in report[n]]
+            rel = [report[n][option]["rows"][model]["share"] / report[n]["none"]["rows"][model]["share"] - 1
+                   for n in sims if "none" in report[n] and option in report[n]]
+            if rel:  # (without option none in the run there is nothing to compare with)
                 cells.append(f"share {np.mean(rel):+.1%} ({min(rel):+.1%}…{max(rel):+.1%})")
-            if "ml-100k" in report and "none" in report["ml-100k"]:
+            if "ml-100k" in report and "none" in report["ml-100k"] and option in report["ml-100k"]:
                 a, b = report["ml-100k"][option]["rows"][model], report["ml-100k"]["none"]["rows"][model]
                 cells.append(f"ML NDCG@20 {a['ndcg'] / b['ndcg'] - 1:+.1%}  iv@20 {a['iv'] / b['iv'] - 1:+.1%}")
             print(f"  {option:<7} {_short(model):<10} " + "  |  ".join(cells))
