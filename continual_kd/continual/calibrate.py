@@ -82,5 +82,5 @@ def calibrate(scores: torch.Tensor, items: torch.Tensor, labels: torch.Tensor, p
         losses[float(lam)] = total / n
     lam = min(losses, key=losses.get)
     a, beta, offset = _fit(x, items, y, log_pop, lam, num_items)
-    info.update({"l2": lam, "a": a, "beta": beta, "log_loss": losses})
+    info.update({"l2": lam, "a": a, "beta": beta, "log_loss": {str(k): v for k, v in losses.items()}})
     return (-offset * float(sigma) / max(a, A_FLOOR)).float(), info
