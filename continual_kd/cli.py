@@ -244,8 +244,10 @@ def ingest_kg(
 @_guard
 def ingest_labelled(
     files: Annotated[list[Path], typer.Argument(help="CSV/Parquet files: user, item, label (0/1 or a rating), "
-                                                     "optional timestamp (seconds) — collected under uniform exposure.")],
+                                                     "optional timestamp — collected under uniform exposure.")],
     store: StoreOpt,
+    positive: Annotated[float, typer.Option(help="A label ≥ this is a positive (1), below it a negative (0): "
+                                                 "e.g. 4 for 1–5 ratings.")] = 1.0,
 ):
     """Add a missing-at-random labelled sample to a stream store: models with `calibrate: mar` calibrate their
     ranking on the rows collected up to each block (continual/calibrate.py)."""
@@ -254,12 +256,16 @@ def ingest_labelled(
 
     st = StreamStore.open(store, create=True)
     for f in files:
-        r = ingest_labelled_file(st, f)
+        r = ingest_labelled_file(st, f, positive)
         if r.already_ingested:
             out.print(_m("[yellow]{}[/]: already ingested (content {}); store unchanged", r.source, r.content_hash[:12]))
             continue
-        out.print(_m("[bold]{}[/]: {:,} labelled rows taken ({:,} positive), {:,} dropped (no user, item or numeric "
-                     "label)", r.source, r.rows_taken, r.positives, r.rows_dropped))
+        out.print(_m("[bold]{}[/]: {:,} labelled rows taken ({:,} positive, label ≥ {}), {:,} dropped (no user, item, "
+                     "numeric label or readable time); {:,} name a user and item the store knows now", r.source,
+                     r.rows_taken, r.positives, positive, r.rows_dropped, r.rows_known))
+        if r.rows_taken and r.positives in (0, r.rows_taken):
+            out.print(_m("[yellow]every label is {}: nothing to calibrate on (for ratings, set --positive)",
+                         "positive" if r.positives else "negative"))
 
 
 @data_app.command("movielens-100k")

@@ -64,14 +64,16 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
-def test_calibration_finds_the_quality_the_scores_miss():
-    scores, items, labels, popularity, quality = _hidden_quality_case()
+@pytest.mark.parametrize("rows", [5_000, 20_000])
+def test_calibration_finds_the_quality_the_scores_miss(rows):
+    scores, items, labels, popularity, quality = _hidden_quality_case(rows=rows)
     vector, info = calibrate(scores, items, labels, popularity, len(popularity), (0.3, 1.0, 3.0))
     assert info["rows"] == len(labels) and info["l2"] in (0.3, 1.0, 3.0)
-    assert abs(info["a"]) < 0.1  # the scores know nothing the labels use: the item offsets decide
+    assert 0 < info["a"] < 0.1  # the scores know nothing the labels use: the item offsets decide
     ranked = torch.log1p(popularity).float() - vector  # what the model ranks by once calibrated
     assert abs(_spearman(torch.log1p(popularity), quality)) < 0.3  # the raw ranking knows nothing of quality
     assert _spearman(ranked, quality) > 0.8
+    assert abs(_spearman(ranked, torch.log1p(popularity))) < 0.4  # and it is not popularity again
     # scores that carry half of what the labels follow keep their weight, and the rest is found
     g = torch.Generator().manual_seed(2)
     half = torch.randn(len(quality), generator=g, dtype=torch.float64)
@@ -148,10 +150,20 @@ def test_rows_without_a_time_count_from_the_first_block_and_bad_files_are_refuse
     words.write_text("user,item,label\nu1,i1,yes\n")
     with pytest.raises(CkdError, match="label column is not numeric"):
         ingest_labelled_file(store, words)
-    holes = tmp_path / "holes.parquet"  # rows without a user or a label are dropped and counted
-    pq.write_table(pa.table({"user": ["u1", None, "u2"], "item": ["i1", "i2", "i3"], "label": [1.0, 0.0, None]}), holes)
+    holes = tmp_path / "holes.parquet"  # rows without a user, a label or a time are dropped and counted
+    pq.write_table(pa.table({"user": ["u1", None, "u2", "u3"], "item": ["i1", "i2", "i3", "i4"],
+                             "label": [1.0, 0.0, None, 1.0], "timestamp": [1_600_000_000, 1, 2, None]}), holes)
     r = ingest_labelled_file(store, holes)
-    assert (r.rows_read, r.rows_taken, r.rows_dropped) == (3, 1, 2)
+    assert (r.rows_read, r.rows_taken, r.rows_dropped, r.rows_known) == (4, 1, 3, 1)
+    # ratings: a label ≥ positive is a 1; ids read as `ckd ingest` reads them (trimmed); times in milliseconds
+    ratings = tmp_path / "ratings.csv"
+    ratings.write_text("user,item,label,timestamp\n u1 ,i1,5,1600000000000\nu1,i2,2,1600000000000\n")
+    r = ingest_labelled_file(store, ratings, positive=4)
+    assert (r.rows_taken, r.positives, r.rows_known) == (2, 1, 2)
+    with store._connect(write=False) as con:
+        rows = con.sql("SELECT \"user\", item, label, ts FROM labelled l JOIN labelled_ingests g USING (ingest_id) "
+                       "WHERE g.source LIKE '%ratings.csv' ORDER BY item").fetchall()
+    assert rows == [("u1", "i1", 1.0, 1_600_000_000), ("u1", "i2", 0.0, 1_600_000_000)]
 
 
 def test_a_calibrated_model_ranks_by_its_calibration_everywhere_and_keeps_it(tmp_path):
@@ -161,11 +173,12 @@ def test_a_calibrated_model_ranks_by_its_calibration_everywhere_and_keeps_it(tmp
     train = TrainSpec(epochs_base=3, epochs_block=1, select="last", batch_size=256)
     plain = Learner(ModelSpec(name="m", backbone="mf", dim=8, train=train), seed=0)
     calibrated = Learner(ModelSpec(name="m", backbone="mf", dim=8, train=train, calibrate="mar"), seed=0)
-    for learner in (plain, calibrated):
+    logs = {}
+    for key, learner in (("plain", plain), ("calibrated", calibrated)):
         learner.update(store.read_blocks(plan.plan_id, 0), 0)
-        log = learner.update(seen, 1)
-    assert "calibration" not in log or plain is not learner
-    cal = log["calibration"]
+        logs[key] = learner.update(seen, 1)
+    assert "calibration" not in logs["plain"]
+    cal = logs["calibrated"]["calibration"]
     assert cal["rows"] == len(seen.meta["labelled"][0]) and cal["a"] > 0 and cal["l2"] in ModelSpec().calibrate_l2
     # the same weights (training never sees the calibration), a different ranking wherever it ranks
     for a, b in zip(plain.model.state_dict().values(), calibrated.model.state_dict().values()):

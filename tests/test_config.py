@@ -113,7 +113,8 @@ BAD = [
     ({"colour": "red"}, "colour: unknown top-level key (got 'red'); the top-level keys are name, seed, source, "
                         "blocks, teachers, student, distill, continual, eval, snapshots, runtime, tune"),
     ({"student": {"dims": 8}}, "student.dims: unknown key (got 8); the keys of student are name, backbone, dim, "
-                               "layers, hidden, dropout, beta, init, rank_penalty, rank_penalty_tolerance, train, resources, workers"),
+                               "layers, hidden, dropout, beta, init, rank_penalty, rank_penalty_tolerance, calibrate, "
+                               "calibrate_l2, train, resources, workers"),
     ({"teachers": T, "distill": {"terms": [{"name": "unkd", "pair": 3}]}},
      "distill.terms[0].pair: unknown key (got 3); the keys of distill.terms[0] are name, weight, groups, pairs, "
      "per_group, temperature, models"),
@@ -121,7 +122,8 @@ BAD = [
                                      "replay, replay_by, knowledge_users, order, proxies"),
     ({"teachers": "mf"}, "teachers: must be a list (got 'mf'); write a YAML list: [a, b] or one '- ' line per element"),
     ({"teachers": ["mf"]}, "teachers[0]: must be a mapping (got 'mf'); write key: value pairs (name, backbone, dim, "
-                           "layers, hidden, dropout, beta, init, rank_penalty, rank_penalty_tolerance, train, resources, workers)"),
+                           "layers, hidden, dropout, beta, init, rank_penalty, rank_penalty_tolerance, calibrate, "
+                           "calibrate_l2, train, resources, workers)"),
     ({"blocks": {"split": [0.5, 0.5]}}, "blocks.split: needs 3 values (train, valid, test) (got [0.5, 0.5]); "
                                         "write e.g. [0.8, 0.1, 0.1]"),
     ({"blocks": {"split": [0.5, 0.3, 0.1]}}, "blocks.split: three non-negative fractions (train, valid, test) summing "

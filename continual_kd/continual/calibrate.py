@@ -13,9 +13,10 @@ per-item offset with an L2 penalty λ‖δ‖² (λ chosen by K-fold log-loss on
 candidates). β learns from the uniform labels how much of the log's popularity is exposure; δ_i what the
 sample says of an item beyond it (its quality). The model then ranks by z + (β · log(1 + n_i) + δ_i) / a —
 installed as a per-item vector on ``full_scores`` exactly as ``rank_penalty`` (continual/rank_penalty.py):
-training never sees it; evaluation, the knowledge a teacher hands the student, snapshots and serving do.
-Where the sample finds (almost) no signal in the model's scores (a below ``A_FLOOR``), a is taken as
-``A_FLOOR``: the sample's item offsets decide the ranking and the model's scores break their ties.
+training never sees it; evaluation, the ranked lists a teacher hands the student, snapshots and serving do (the
+vectors BD reads and CCD's proxies are the model's own). a is fitted as ``A_FLOOR`` + softplus(·): where the
+sample finds (almost) no signal in the model's scores, the item offsets — fitted for that small a — decide the
+ranking and the scores break their ties.
 
 Vectorised: one L-BFGS fit over (a, b, β, δ) per candidate and fold; no loop per user or item.
 """
@@ -31,15 +32,18 @@ A_FLOOR = 1e-3  # the least weight the model's (standardised) scores keep agains
 
 
 def _fit(x: torch.Tensor, items: torch.Tensor, labels: torch.Tensor, log_pop: torch.Tensor, lam: float,
-         num_items: int, iterations: int = 200) -> tuple[float, float, torch.Tensor]:
-    """(a, β, offset (I,) = b + β·log_pop + δ) maximising the penalised likelihood of ``labels``."""
-    a, b, beta = (torch.zeros((), dtype=torch.float64, requires_grad=True) for _ in range(3))
+         num_items: int, iterations: int = 200) -> tuple[float, float, float, torch.Tensor]:
+    """(a, b, β, item offset (I,) = β·log_pop + δ) maximising the penalised likelihood of ``labels``, with
+    a = A_FLOOR + softplus(ã) ≥ A_FLOOR: the offsets are fitted for the weight the ranking will use."""
+    raw_a, b, beta = (torch.zeros((), dtype=torch.float64, requires_grad=True) for _ in range(3))
     delta = torch.zeros(num_items, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([a, b, beta, delta], max_iter=iterations, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([raw_a, b, beta, delta], max_iter=iterations, history_size=10,
+                            line_search_fn="strong_wolfe")
     n = len(labels)
 
     def closure():
         opt.zero_grad()
+        a = A_FLOOR + F.softplus(raw_a)
         z = a * x + b + beta * log_pop[items] + delta[items]
         loss = F.binary_cross_entropy_with_logits(z, labels) + lam * (delta * delta).sum() / n
         loss.backward()
@@ -47,7 +51,8 @@ def _fit(x: torch.Tensor, items: torch.Tensor, labels: torch.Tensor, log_pop: to
 
     opt.step(closure)
     with torch.no_grad():
-        return float(a), float(beta), (b + beta * log_pop + delta).detach()
+        a = float(A_FLOOR + F.softplus(raw_a))
+        return a, float(b), float(beta), (beta * log_pop + delta).detach()
 
 
 def calibrate(scores: torch.Tensor, items: torch.Tensor, labels: torch.Tensor, popularity: torch.Tensor,
@@ -76,11 +81,13 @@ def calibrate(scores: torch.Tensor, items: torch.Tensor, labels: torch.Tensor, p
         total = 0.0
         for f in range(FOLDS):
             train, test = fold != f, fold == f
-            a, _, offset = _fit(x[train], items[train], y[train], log_pop, lam, num_items)
-            total += float(F.binary_cross_entropy_with_logits(a * x[test] + offset[items[test]], y[test],
+            a, b, _, offset = _fit(x[train], items[train], y[train], log_pop, lam, num_items)
+            total += float(F.binary_cross_entropy_with_logits(a * x[test] + b + offset[items[test]], y[test],
                                                               reduction="sum"))
         losses[float(lam)] = total / n
     lam = min(losses, key=losses.get)
-    a, beta, offset = _fit(x, items, y, log_pop, lam, num_items)
-    info.update({"l2": lam, "a": a, "beta": beta, "log_loss": {str(k): v for k, v in losses.items()}})
-    return (-offset * float(sigma) / max(a, A_FLOOR)).float(), info
+    a, b, beta, offset = _fit(x, items, y, log_pop, lam, num_items)
+    info.update({"l2": lam, "a": a, "b": b, "beta": beta, "log_loss": {str(k): v for k, v in losses.items()}})
+    # the intercept b ranks nothing: left out, an item past the vector's end (born after the fit) counts as
+    # an item the sample never showed and the log never counted
+    return (-offset * float(sigma) / a).float(), info

@@ -117,14 +117,15 @@ def labelled_metrics(model, users: torch.Tensor, items: torch.Tensor, labels: to
     return out
 
 
-def read_labelled_columns(path: str | Path, what: str = "eval.mar_test"):
-    """A labelled file (CSV / Parquet; columns user, item, label and optionally timestamp / ts) →
-    (external users, external items, labels float64 (NaN where missing), timestamps int64 or None).
-    ``what`` names it in errors."""
-    import pyarrow as pa
+def read_labelled_columns(path: str | Path, what: str = "eval.mar_test", times: bool = False):
+    """A labelled file (CSV / Parquet; columns user, item, label and, with ``times``, optionally timestamp / ts)
+    → (external users and items as `ckd ingest` reads ids — trimmed, None where missing —, labels float64 (NaN
+    where missing), (seconds int64, bad-time mask) or None). ``what`` names it in errors."""
     import pyarrow.compute as pc
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
+
+    from ..stream.ingest import _ids, _timestamps
 
     path = Path(path)
     try:
@@ -136,24 +137,18 @@ def read_labelled_columns(path: str | Path, what: str = "eval.mar_test"):
     if missing:
         raise CkdError(f"{what} {path}: no column {missing[0]!r} (it has {', '.join(table.column_names)}); "
                        f"name the columns user, item and label")
-    ext_u = [None if x is None else str(x) for x in table.column("user").to_pylist()]
-    ext_i = [None if x is None else str(x) for x in table.column("item").to_pylist()]
+    ext_u = _ids(table.column("user").combine_chunks(), str(path), "user").to_pylist()
+    ext_i = _ids(table.column("item").combine_chunks(), str(path), "item").to_pylist()
     try:
         label = np.asarray(pc.cast(table.column("label"), "float64").to_numpy(zero_copy_only=False), dtype=np.float64)
     except Exception:  # noqa: BLE001 - any cast failure is the file's
         raise CkdError(f"{what} {path}: the label column is not numeric; use 0/1 or ratings") from None
-    ts = None
-    name = next((c for c in ("timestamp", "ts") if c in table.column_names), None)
+    name = next((c for c in ("timestamp", "ts") if c in table.column_names), None) if times else None
+    when = None
     if name is not None:
-        try:
-            col = table.column(name)
-            if pa.types.is_timestamp(col.type):
-                col = pc.cast(pc.cast(col, "timestamp[s]"), "int64")
-            ts = np.asarray(pc.cast(col, "int64").to_numpy(zero_copy_only=False))
-        except Exception:  # noqa: BLE001
-            raise CkdError(f"{what} {path}: the {name} column is not a time (seconds since the epoch or a "
-                           f"timestamp), or has empty cells") from None
-    return ext_u, ext_i, label, ts
+        seconds, bad, out_of_range = _timestamps(table.column(name).combine_chunks())
+        when = (seconds, bad | out_of_range)
+    return ext_u, ext_i, label, when
 
 
 def read_labelled_file(path: str | Path, user_ids: dict[str, int], item_ids: dict[str, int],
@@ -161,7 +156,7 @@ def read_labelled_file(path: str | Path, user_ids: dict[str, int], item_ids: dic
     """A missing-at-random test file (CSV / Parquet; columns user, item, label) in dense ids:
     (users (N,), items (N, n) padded with -1, labels (N, n) bool = label ≥ positive, rows dropped because
     their user or item is unknown to the store)."""
-    ext_u, ext_i, label, _ = read_labelled_columns(path)
+    ext_u, ext_i, label, _ = read_labelled_columns(path)  # (its times are not used)
     u = np.array([user_ids.get(x, -1) for x in ext_u], dtype=np.int64)
     i = np.array([item_ids.get(x, -1) for x in ext_i], dtype=np.int64)
     ok = (u >= 0) & (i >= 0) & np.isfinite(label)

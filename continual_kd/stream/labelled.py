@@ -5,8 +5,9 @@ they think of items nobody chose to show them.
 
 Rows keep their *external* ids (a sample may name users or items before their first interaction); they
 join the dense ids when blocks are read (``read_labelled``), for the users and items known at that block and
-the rows collected up to its end (a row without a time counts from the start). The same file again is a
-no-op; rows without a user, an item or a numeric label are dropped and counted; one ingest is one transaction.
+the rows collected up to its end (a file without a time column counts from the start). Labels are stored
+as 0/1 (≥ ``positive``). The same file again is a no-op; rows without a user, an item, a numeric label or (in a
+file with times) a readable time are dropped and counted; one ingest is one transaction.
 """
 
 from __future__ import annotations
@@ -32,28 +33,34 @@ class LabelledIngestReport:
     content_hash: str
     rows_read: int
     rows_taken: int
-    rows_dropped: int
+    rows_dropped: int  # no user, item, numeric label or readable time
     positives: int
     already_ingested: bool
+    rows_known: int = 0  # taken rows whose user and item the store knows now (the rest wait for the stream)
 
 
-def ingest_labelled_file(store, path: str | Path) -> LabelledIngestReport:
-    """``ckd ingest-labelled FILE``: a labelled sample (user, item, label[, timestamp]) into the catalog."""
+def ingest_labelled_file(store, path: str | Path, positive: float = 1.0) -> LabelledIngestReport:
+    """``ckd ingest-labelled FILE``: a labelled sample (user, item, label[, timestamp]) into the catalog, each
+    label stored as 1 when ≥ ``positive`` (ratings: e.g. 4), else 0. Ids are read as ``ckd ingest`` reads
+    them; times likewise (seconds, milliseconds or ISO text)."""
     path = Path(path)
     if not path.is_file():
         raise CkdError(f"ingest-labelled {path}: no such file")
-    users, items, label, ts = read_labelled_columns(path, "ingest-labelled")
+    users, items, label, when = read_labelled_columns(path, "ingest-labelled", times=True)
     content_hash = file_content_hash(path)
-    u = np.array(users, dtype=object)
-    i = np.array(items, dtype=object)
-    ok = np.array([x is not None and 0 < len(x) <= MAX_ID_CHARS for x in users], dtype=bool) \
-        & np.array([x is not None and 0 < len(x) <= MAX_ID_CHARS for x in items], dtype=bool) & np.isfinite(label)
-    when = np.full(len(label), ALWAYS, dtype=np.int64) if ts is None else ts
-    table = pa.table({"user": pa.array(u[ok].tolist(), pa.string()), "item": pa.array(i[ok].tolist(), pa.string()),
-                      "label": pa.array(label[ok], pa.float64()), "ts": pa.array(when[ok], pa.int64())})
+    ok = np.array([x is not None and len(x) <= MAX_ID_CHARS for x in users], dtype=bool) \
+        & np.array([x is not None and len(x) <= MAX_ID_CHARS for x in items], dtype=bool) & np.isfinite(label)
+    if when is None:
+        ts = np.full(len(label), ALWAYS, dtype=np.int64)
+    else:
+        ts, bad_time = when
+        ok &= ~bad_time
+    binary = (np.nan_to_num(label, nan=-np.inf) >= positive).astype(np.float64)
+    table = pa.table({"user": pa.array(np.array(users, dtype=object)[ok].tolist(), pa.string()),
+                      "item": pa.array(np.array(items, dtype=object)[ok].tolist(), pa.string()),
+                      "label": pa.array(binary[ok], pa.float64()), "ts": pa.array(ts[ok], pa.int64())})
     with store._connect(write=True) as con:
-        prior = con.sql("SELECT rows_read, rows_taken FROM labelled_ingests WHERE content_hash = ?",
-                        params=[content_hash]).fetchall()
+        prior = con.sql("SELECT rows_read FROM labelled_ingests WHERE content_hash = ?", params=[content_hash]).fetchall()
         if prior:
             return LabelledIngestReport(str(path), content_hash, int(prior[0][0]), 0, 0, 0, True)
         with catalog.transaction(con):
@@ -63,8 +70,10 @@ def ingest_labelled_file(store, path: str | Path) -> LabelledIngestReport:
             con.unregister("_ckd_labelled")
             con.execute("INSERT INTO labelled_ingests VALUES (?, ?, ?, ?, ?, now())",
                         [ingest_id, content_hash, str(path), len(label), int(ok.sum())])
+        known = int(catalog.scalar(con, 'SELECT count(*) FROM labelled l JOIN users u ON u.external_id = l."user" '
+                                        'JOIN items i ON i.external_id = l.item WHERE l.ingest_id = ?', [ingest_id]))
     return LabelledIngestReport(str(path), content_hash, len(label), int(ok.sum()), int((~ok).sum()),
-                                int((label[ok] > 0).sum()), False)
+                                int(binary[ok].sum()), False, known)
 
 
 def read_labelled(con: duckdb.DuckDBPyConnection, num_users: int, num_items: int, ts_end: int):
@@ -76,7 +85,8 @@ def read_labelled(con: duckdb.DuckDBPyConnection, num_users: int, num_items: int
         return None
     data = con.sql('SELECT u.dense_id AS u, i.dense_id AS i, l.label FROM labelled l '
                    'JOIN users u ON u.external_id = l."user" JOIN items i ON i.external_id = l.item '
-                   'WHERE u.dense_id < ? AND i.dense_id < ? AND l.ts <= ? ORDER BY l.ingest_id, u.dense_id, i.dense_id',
+                   'WHERE u.dense_id < ? AND i.dense_id < ? AND l.ts <= ? '
+                   'ORDER BY l.ingest_id, u.dense_id, i.dense_id, l.ts, l.label',
                    params=[int(num_users), int(num_items), int(ts_end)]).fetchnumpy()
     return (np.asarray(data["u"], dtype=np.int64), np.asarray(data["i"], dtype=np.int64),
             np.asarray(data["label"], dtype=np.float32))
