@@ -101,6 +101,20 @@ def _ray_executable() -> str:
     return found
 
 
+def _free_port() -> int:
+    """A port no process listens on now (the kernel's choice)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _agent_port() -> list[str]:
+    """Each raylet's dashboard agent on a port of its own: Ray's default (52365) is one per machine, so a second
+    node here — or any other Ray on this machine, e.g. an embedded one — leaves a node without its agent, and a
+    head without one refuses Jobs API submissions ("No available agent")."""
+    return ["--dashboard-agent-listen-port", str(_free_port())]
+
+
 def _port_free(port: int) -> bool:
     for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
         try:
@@ -243,12 +257,13 @@ def cluster_up(workers: int, cpus_per_worker: float | None = None, gpus_per_work
         head = _ray_start(["--head", "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port",
                            str(dashboard_port), "--include-dashboard", "true", "--num-cpus", f"{head_cpus:g}",
                            "--num-gpus", "0", "--resources", json.dumps({state["nodes"][0]["resource"]: 1}),
-                           "--temp-dir", temp_dir, "--object-store-memory", store], env, "head")
+                           "--temp-dir", temp_dir, "--object-store-memory", store, *_agent_port()], env, "head")
         _finish(head, "head", timeout_s)
         for n in state["nodes"][1:]:  # one after the other: raylets joining at once can time out on a small box
             _finish(_ray_start(["--address", state["address"], "--num-cpus", f"{cpus_per_worker:g}", "--num-gpus",
                                 str(gpus_per_worker), "--resources", json.dumps({n["resource"]: 1}), "--temp-dir",
-                                temp_dir, "--object-store-memory", store], env, n["name"]), f"worker {n['name']}",
+                                temp_dir, "--object-store-memory", store, *_agent_port()], env, n["name"]),
+                    f"worker {n['name']}",
                     timeout_s)
         wait_for_nodes(state, timeout_s)
     except BaseException:
