@@ -119,8 +119,8 @@ def labelled_metrics(model, users: torch.Tensor, items: torch.Tensor, labels: to
 
 def read_labelled_columns(path: str | Path, what: str = "eval.mar_test", times: bool = False):
     """A labelled file (CSV / Parquet; columns user, item, label and, with ``times``, optionally timestamp / ts)
-    → (external users and items as `ckd ingest` reads ids — trimmed, None where missing —, labels float64 (NaN
-    where missing), (seconds int64, bad-time mask) or None). ``what`` names it in errors."""
+    → (external users and items as `ckd ingest` reads ids — pyarrow strings, trimmed, null where missing —, labels
+    float64 (NaN where missing), (seconds int64, bad-time mask) or None). ``what`` names it in errors."""
     import pyarrow.compute as pc
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -137,8 +137,8 @@ def read_labelled_columns(path: str | Path, what: str = "eval.mar_test", times: 
     if missing:
         raise CkdError(f"{what} {path}: no column {missing[0]!r} (it has {', '.join(table.column_names)}); "
                        f"name the columns user, item and label")
-    ext_u = _ids(table.column("user").combine_chunks(), str(path), "user").to_pylist()
-    ext_i = _ids(table.column("item").combine_chunks(), str(path), "item").to_pylist()
+    ext_u = _ids(table.column("user").combine_chunks(), str(path), "user")
+    ext_i = _ids(table.column("item").combine_chunks(), str(path), "item")
     try:
         label = np.asarray(pc.cast(table.column("label"), "float64").to_numpy(zero_copy_only=False), dtype=np.float64)
     except Exception:  # noqa: BLE001 - any cast failure is the file's
@@ -157,8 +157,8 @@ def read_labelled_file(path: str | Path, user_ids: dict[str, int], item_ids: dic
     (users (N,), items (N, n) padded with -1, labels (N, n) bool = label ≥ positive, rows dropped because
     their user or item is unknown to the store)."""
     ext_u, ext_i, label, _ = read_labelled_columns(path)  # (its times are not used)
-    u = np.array([user_ids.get(x, -1) for x in ext_u], dtype=np.int64)
-    i = np.array([item_ids.get(x, -1) for x in ext_i], dtype=np.int64)
+    u = np.array([user_ids.get(x, -1) for x in ext_u.to_pylist()], dtype=np.int64)
+    i = np.array([item_ids.get(x, -1) for x in ext_i.to_pylist()], dtype=np.int64)
     ok = (u >= 0) & (i >= 0) & np.isfinite(label)
     users, items, labels = group_by_user(u[ok], i[ok], label[ok] >= positive)
     return users, items, labels, int((~ok).sum())

@@ -18,6 +18,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from continual_kd.errors import CkdError
 from continual_kd.eval.estimates import read_labelled_columns
@@ -48,16 +49,17 @@ def ingest_labelled_file(store, path: str | Path, positive: float = 1.0) -> Labe
         raise CkdError(f"ingest-labelled {path}: no such file")
     users, items, label, when = read_labelled_columns(path, "ingest-labelled", times=True)
     content_hash = file_content_hash(path)
-    ok = np.array([x is not None and len(x) <= MAX_ID_CHARS for x in users], dtype=bool) \
-        & np.array([x is not None and len(x) <= MAX_ID_CHARS for x in items], dtype=bool) & np.isfinite(label)
+    ok = np.isfinite(label)
+    for ids in (users, items):  # present and not absurdly long (a whole line in one field)
+        ok &= pc.fill_null(pc.less_equal(pc.utf8_length(ids), MAX_ID_CHARS), False).to_numpy(zero_copy_only=False)
     if when is None:
         ts = np.full(len(label), ALWAYS, dtype=np.int64)
     else:
         ts, bad_time = when
         ok &= ~bad_time
     binary = (np.nan_to_num(label, nan=-np.inf) >= positive).astype(np.float64)
-    table = pa.table({"user": pa.array(np.array(users, dtype=object)[ok].tolist(), pa.string()),
-                      "item": pa.array(np.array(items, dtype=object)[ok].tolist(), pa.string()),
+    keep = pa.array(ok)
+    table = pa.table({"user": users.filter(keep), "item": items.filter(keep),
                       "label": pa.array(binary[ok], pa.float64()), "ts": pa.array(ts[ok], pa.int64())})
     with store._connect(write=True) as con:
         prior = con.sql("SELECT rows_read FROM labelled_ingests WHERE content_hash = ?", params=[content_hash]).fetchall()
