@@ -78,10 +78,14 @@ def ingest_labelled_file(store, path: str | Path, positive: float = 1.0) -> Labe
                                 int(binary[ok].sum()), False, known)
 
 
+def _has_table(con: duckdb.DuckDBPyConnection) -> bool:
+    return bool(catalog.scalar(con, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'labelled'"))
+
+
 def read_labelled(con: duckdb.DuckDBPyConnection, num_users: int, num_items: int, ts_end: int):
     """(users, items, labels float32) in dense ids: the rows collected by ``ts_end`` whose user and item are
     among the first ``num_users`` / ``num_items``; None when the catalog holds no sample."""
-    if not catalog.scalar(con, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'labelled'"):
+    if not _has_table(con):
         return None  # a catalog from before labelled samples, opened read-only
     if not int(catalog.scalar(con, "SELECT count(*) FROM labelled")):
         return None
@@ -96,7 +100,7 @@ def read_labelled(con: duckdb.DuckDBPyConnection, num_users: int, num_items: int
 
 def labelled_status(store) -> dict:
     with store._connect(write=False) as con:
-        if not catalog.scalar(con, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'labelled'"):
+        if not _has_table(con):
             return {"ingests": 0, "rows": 0, "positives": 0}
         n, pos = con.sql("SELECT count(*), coalesce(sum(CASE WHEN label > 0 THEN 1 ELSE 0 END), 0) FROM labelled").fetchall()[0]
         return {"ingests": int(catalog.scalar(con, "SELECT count(*) FROM labelled_ingests")), "rows": int(n),
