@@ -481,6 +481,15 @@ class KeepTermSpec(_Term):
     weight: float = Field(0.01, ge=0)
     k: int = Field(40, ge=1)
     uninteresting: int = Field(40, ge=1)
+    # whose order is kept: all (every user the model had a list for) | absent (only users without training
+    # pairs in this block: what the block says about a user replaces the old order, the rest is kept)
+    users: Literal["all", "absent"] = "all"
+    # weights chosen again at every warm update (one fit each, on the block's validation): the largest whose
+    # NDCG@20 is within `tolerance` (relative) of the best fit's; 0 is a fit without the term. Empty: `weight`.
+    # How much keeping an old order costs differs by stream (users who come back vs users who pass through),
+    # so no one weight fits every stream
+    weights: _tuple(Annotated[float, Field(ge=0)]) = ()
+    tolerance: float = Field(0.01, ge=0, lt=1)
 
 
 class RDTermSpec(_Term):

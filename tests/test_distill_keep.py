@@ -91,3 +91,23 @@ def test_training_pulls_a_drifted_model_back_to_its_old_order():
         opt.step()
     after = overlap()
     assert before < 0.4 and after > 0.9, (before, after)
+
+
+def test_absent_keeps_only_the_users_the_block_has_no_pairs_for():
+    """users: absent drops the old lists of the block's users (the block speaks for them): their rows get
+    no keep loss, the others' loss is as with users: all."""
+    model = build_backbone("mf", num_users=3, num_items=6, dim=2)
+    lists = np.array([[0, 1, 2, 3], [1, 2, 3, 4], [2, 3, 4, 5]])
+    own = Knowledge("self", 0, np.arange(3), lists, np.zeros((3, 4), np.float32))
+    ctx = TermContext(model, [], UserItemSet([], [], 3, 6), 3, 6, 1, 1, own=[own], block_users=torch.tensor([1]))
+    every = build_terms([keep_spec(k=2)], ctx)[0]
+    absent = build_terms([keep_spec(k=2, users="absent")], ctx)[0]
+    assert every.targets.row.tolist() == [0, 1, 2] and absent.targets.row.tolist() == [0, -1, 1]
+    for term in (every, absent):
+        term.resample(torch.Generator().manual_seed(0), 0)
+    only_block_user = Batch(torch.tensor([1]), torch.tensor([0]), torch.tensor([5]))
+    assert float(absent.loss(model, only_block_user, 0).detach()) == 0.0 < float(every.loss(model, only_block_user, 0).detach())
+    others = Batch(torch.tensor([0, 2]), torch.tensor([0, 0]), torch.tensor([5, 5]))
+    absent.targets.uninteresting.copy_(every.targets.uninteresting[[0, 2]])  # the same draws for the same users
+    absent.targets.targets = torch.cat([absent.targets.interesting, absent.targets.uninteresting], 1)
+    assert float(absent.loss(model, others, 0).detach()) == pytest.approx(float(every.loss(model, others, 0).detach()), rel=1e-6)

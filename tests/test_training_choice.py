@@ -370,6 +370,50 @@ def test_grid_block_chooses_the_warm_rate_on_each_blocks_validation(tmp_path, mo
         spec.train.model_validate({**spec.train.model_dump(), "grid_block": {"lr_block": []}})
 
 
+def test_choose_keep_takes_the_largest_weight_within_the_tolerance():
+    from continual_kd.continual.learner import KEEP_WEIGHT, choose_keep, with_keep_weight
+    from continual_kd.config import BDTermSpec, KeepTermSpec
+
+    fits = [({KEEP_WEIGHT: 0.0}, {"valid": 0.200}), ({KEEP_WEIGHT: 0.001}, {"valid": 0.201}),
+            ({KEEP_WEIGHT: 0.003}, {"valid": 0.198}), ({KEEP_WEIGHT: 0.01}, {"valid": 0.180})]
+    assert choose_keep(fits, 0.0)[0] == {KEEP_WEIGHT: 0.001}        # the best fit alone
+    assert choose_keep(fits, 0.02)[0] == {KEEP_WEIGHT: 0.003}       # .198 ≥ .98 × .201
+    assert choose_keep(fits, 0.2)[0] == {KEEP_WEIGHT: 0.01}
+    assert choose_keep([({KEEP_WEIGHT: 0.0}, {"valid": None}), ({KEEP_WEIGHT: 0.003}, {"valid": None})], 0.01)[0] == {
+        KEEP_WEIGHT: 0.003}                                          # nothing to judge by: the largest
+    specs = [BDTermSpec(), KeepTermSpec(weight=0.01, weights=(0.0, 0.003))]
+    assert [s.name for s in with_keep_weight(specs, 0.0)] == ["bd"]  # weight 0: a fit without the term
+    assert with_keep_weight(specs, 0.003)[1].weight == 0.003 and with_keep_weight(specs, None)[1].weight == 0.01
+
+
+def test_keep_weights_are_chosen_on_each_blocks_validation(tmp_path, monkeypatch):
+    """keep's `weights`: every warm update fits once per weight from the same start (0: without the term)
+    and keeps the choose_keep fit — the same weights as an update with that weight alone; the base block
+    has nothing to keep and fits once."""
+    import copy
+
+    from continual_kd.config import KeepTermSpec
+    from continual_kd.continual.learner import KEEP_WEIGHT, choose_keep
+
+    job, store, plan = _job(tmp_path, monkeypatch)
+    seen0, seen1 = store.read_blocks(plan.plan_id, 0), store.read_blocks(plan.plan_id, 1)
+    learner = Learner(job.teachers[0], job.seed, role="teacher")
+    terms = [KeepTermSpec(weight=0.5, weights=(0.0, 0.05, 5.0), tolerance=0.05)]
+    assert learner.update(seen0, 0, terms=terms)["grid"] == []
+    start = copy.deepcopy(learner)
+    log = learner.update(seen1, 1, terms=terms)
+    assert [g[KEEP_WEIGHT] for g in log["grid"]] == [0.0, 0.05, 5.0]
+    assert len({g["valid_ndcg@20"] for g in log["grid"]}) > 1  # the term changed what was learned
+    fits = [({KEEP_WEIGHT: g[KEEP_WEIGHT]}, {"valid": g["valid_ndcg@20"]}) for g in log["grid"]]
+    chosen = choose_keep(fits, 0.05)[0][KEEP_WEIGHT]
+    assert log["chosen_block"] == {KEEP_WEIGHT: chosen}
+    assert log["terms"] == ([] if chosen == 0 else ["keep"])
+    alone = start.update(seen1, 1, terms=[] if chosen == 0 else [KeepTermSpec(weight=chosen)])
+    assert alone["valid_ndcg@20"] == pytest.approx(log["valid_ndcg@20"], abs=1e-9)
+    for (k, a), b in zip(learner.model.state_dict().items(), start.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 @pytest.mark.parametrize("lazy", [False, True])
 def test_slow_rows_scale_the_step_of_the_given_rows_only(lazy):
     from continual_kd.continual.optim import LazyAdam, SlowRows

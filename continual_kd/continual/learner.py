@@ -117,6 +117,29 @@ def choose_fit(fits: list[tuple[dict, dict]], prefer: str = "accuracy", toleranc
     return min(close, key=lambda f: (f[1]["valid_avgpop"], -ndcg(f))) if close else best
 
 
+KEEP_WEIGHT = "keep_weight"  # a warm update's grid key: the weight of the model's `keep` term (its `weights`)
+
+
+def with_keep_weight(terms, weight: float | None) -> list:
+    """The term specs with `keep`'s weight set (None: as they are; 0: no keep term)."""
+    if weight is None:
+        return list(terms)
+    return [s.model_copy(update={"weight": float(weight)}) if getattr(s, "name", "") == "keep" else s
+            for s in terms if not (getattr(s, "name", "") == "keep" and weight == 0)]
+
+
+def choose_keep(fits: list[tuple[dict, dict]], tolerance: float) -> tuple[dict, dict]:
+    """keep's weight: of the fits whose validation NDCG@20 is within ``tolerance`` (relative) of the best
+    one's, the largest weight (the most of the old order kept that this block's validation allows); no
+    validation figure: the largest weight."""
+    scored = [f for f in fits if f[1]["valid"] is not None]
+    if not scored:
+        return max(fits, key=lambda f: f[0][KEEP_WEIGHT])
+    best = max(f[1]["valid"] for f in scored)
+    close = [f for f in scored if f[1]["valid"] >= (1 - tolerance) * best]
+    return max(close, key=lambda f: (f[0][KEEP_WEIGHT], f[1]["valid"]))
+
+
 class Learner:
     def __init__(self, spec: ModelSpec, seed: int, device: str = "cpu", role: str = "student"):
         self.spec = spec
@@ -283,6 +306,9 @@ class Learner:
         warm = had is not None and not retrain  # a trained model continuing on a new block
         if warm and self.spec.train.grid_block:  # chosen again at every warm update, on this block's validation
             grid = [{**g, **w} for g in grid for w in self._grid(self.spec.train.grid_block)]
+        keep_choice = next((s for s in terms if getattr(s, "name", "") == "keep" and getattr(s, "weights", ())), None)
+        if warm and keep_choice is not None and valid is not None:  # keep's weight, chosen at every warm update
+            grid = [{**g, KEEP_WEIGHT: w} for g in grid for w in keep_choice.weights]
         # train.lr_block: what the model had before this block steps at the warm rate (new rows at lr)
         slowed = self.spec.train.lr_block is not None or "lr_block" in self.spec.train.grid_block
         slow = rows_before(self.model, *had) if slowed and warm else None
@@ -291,16 +317,21 @@ class Learner:
         for overrides in grid:
             if start is not None:
                 self.model.load_state_dict(start)
-            train_spec = self.spec.train.model_copy(update={**self.chosen, **overrides})
+            settings = {k: v for k, v in overrides.items() if k != KEEP_WEIGHT}
+            train_spec = self.spec.train.model_copy(update={**self.chosen, **settings})
             if warm and train_spec.patience_block is not None:
                 train_spec = train_spec.model_copy(update={"patience": train_spec.patience_block})
             slow_rows = (train_spec.lr_block / train_spec.lr, slow) if slow and train_spec.lr_block is not None else None
-            fit = self._fit(seen, block, u, i, known, epochs, train_spec, knowledge, terms, fusion, weights,
+            fit = self._fit(seen, block, u, i, known, epochs, train_spec, knowledge,
+                            with_keep_weight(terms, overrides.get(KEEP_WEIGHT)), fusion, weights,
                             trajectory, scope, trained, valid, draw, keep=len(grid) > 1, slow_rows=slow_rows,
                             warmup=train_spec.warmup_block if warm else 0.0)
             fits.append((overrides, fit))
         if len(grid) > 1:
-            overrides, fit = choose_fit(fits, self.spec.train.grid_prefer, self.spec.train.grid_tolerance)
+            if KEEP_WEIGHT in overrides:
+                overrides, fit = choose_keep(fits, keep_choice.tolerance)
+            else:
+                overrides, fit = choose_fit(fits, self.spec.train.grid_prefer, self.spec.train.grid_tolerance)
             self.model.load_state_dict(fit["weights"])
             self._trajectory = fit["trajectory"]
             self.term_state.update(fit["carried"])
@@ -325,7 +356,8 @@ class Learner:
             "model": self.spec.name, "block": block, "epochs": len(logs), "best_epoch": fit["best_epoch"],
             "valid_ndcg@20": fit["valid"], "train_rows": len(positives), "replay_rows": fit["replay_rows"],
             "terms": fit["terms"], "chosen": dict(self.chosen), **(fusion_choice or {}),
-            "chosen_block": {name: float(v) for name, v in overrides.items() if name in self.spec.train.grid_block},
+            "chosen_block": {name: float(v) for name, v in overrides.items()
+                             if name in self.spec.train.grid_block or name == KEEP_WEIGHT},
             "grid": [{**o, "valid_ndcg@20": f["valid"], "valid_avgpop@20": f["valid_avgpop"], "best_epoch": f["best_epoch"]}
                      for o, f in fits] if len(fits) > 1 else [],
             "seconds": time.perf_counter() - t0, "started_at": started, "ended_at": time.time(),
@@ -511,7 +543,8 @@ class Learner:
                           num_items=self.model.num_items, block=block, epochs=epochs, device=self.device,
                           role=self.role, fusion=fusion,
                           weights=weights if weights is not None and len(weights) == len(knowledge) else None,
-                          item_popularity=self.pairs.item_counts(seen), own=own, meta=seen.meta)
+                          item_popularity=self.pairs.item_counts(seen), own=own, meta=seen.meta,
+                          block_users=self._users(seen, block, "block") if "keep" in names else None)
         built = []
         for s in specs:
             cls = TERMS[s.name]

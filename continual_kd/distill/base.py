@@ -49,6 +49,7 @@ class TermContext:
     own: list[Knowledge] = field(default_factory=list)  # the model's own lists: its pre-update top-K, proxies
     state: dict | None = None  # what this term carried from the previous block (``KDTerm.carry``)
     meta: dict = field(default_factory=dict)  # what rode along with the blocks (Interactions.meta: item knowledge)
+    block_users: torch.Tensor | None = None  # (B,) users with training pairs in this block (ascending)
 
     def tensor(self, array, dtype=torch.int64) -> torch.Tensor:
         return torch.as_tensor(array, dtype=dtype, device=self.device)

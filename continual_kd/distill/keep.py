@@ -30,10 +30,13 @@ class KeepTerm(KDTerm):
         if not ctx.own:
             raise ValueError("keep needs the model's own pre-update knowledge (ctx.own is empty)")
         own = ctx.own[0]
-        items = ctx.tensor(own.items)  # (U, N) best first
+        users, items = ctx.tensor(own.users), ctx.tensor(own.items)  # (U,), (U, N) best first
+        if getattr(spec, "users", "all") == "absent" and ctx.block_users is not None:
+            absent = ~torch.isin(users, ctx.block_users)
+            users, items = users[absent], items[absent]
         cfg = RRDConfig(weight=spec.weight, k=int(spec.k), pool=items.shape[1], uninteresting=int(spec.uninteresting),
                         mode="direct")
-        self.targets = RRDTargets(cfg, ctx.tensor(own.users), items, ctx.known, ctx.num_users, ctx.num_items)
+        self.targets = RRDTargets(cfg, users, items, ctx.known, ctx.num_users, ctx.num_items)
 
     def resample(self, generator: torch.Generator, epoch: int) -> None:
         self.targets.resample(generator)
