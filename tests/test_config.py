@@ -9,6 +9,7 @@ import yaml
 from pydantic import ValidationError
 
 from continual_kd.config import (BACKBONE_NAMES, TERM_NAMES, ContinualSpec, DistillSpec, HetCompTermSpec,
+                                 KeepTermSpec,
                                  JobSpec, ProxySpec, RRDTermSpec, SyntheticSpec, UnKDTermSpec, load_job, parse_job)
 from continual_kd.errors import CkdError
 
@@ -45,6 +46,9 @@ def test_job_files_keep_their_settings_in_the_terms_form():
         RRDTermSpec(weight=0.01, k=40, pool=500, uninteresting=40),
         UnKDTermSpec(weight=0.05, groups=4, pairs=32, per_group=200, temperature=20.0))
     assert (stream.distill.fusion, stream.distill.teacher_weights) == ("rank", "uniform")
+    assert [t.name for t in stream.distill.feedback] == ["bd", "keep"]
+    assert stream.distill.feedback[1] == KeepTermSpec(weight=0.001, k=40, uninteresting=40, users="absent",
+                                                      models=("lightgcn",))
     assert stream.continual == ContinualSpec(strategy="warm", order="teachers_first", proxies=None, replay=2.0,
                                              knowledge_users="all")
 
