@@ -370,6 +370,46 @@ def test_grid_block_chooses_the_warm_rate_on_each_blocks_validation(tmp_path, mo
         spec.train.model_validate({**spec.train.model_dump(), "grid_block": {"lr_block": []}})
 
 
+def test_shrink_and_perturb_starts_a_warm_update_from_a_shrunk_noisy_copy(tmp_path, monkeypatch):
+    """train.shrink_block / perturb_block: before a warm update every parameter is θ·shrink + perturb·std(θ)·ε
+    (seeded: the same learner twice gives the same weights); the base block and a retrain are untouched."""
+    import copy
+
+    job, store, plan = _job(tmp_path, monkeypatch)
+    seen0, seen1 = store.read_blocks(plan.plan_id, 0), store.read_blocks(plan.plan_id, 1)
+    spec = job.teachers[0].model_copy(update={"backbone": "multvae", "dim": 8, "hidden": 16})
+
+    def learner(**train):
+        return Learner(spec.model_copy(update={"train": spec.train.model_copy(update=train)}), job.seed, role="teacher")
+
+    plain, shrunk = learner(), learner(shrink_block=0.5)
+    plain.update(seen0, 0), shrunk.update(seen0, 0)
+    before = {k: v.clone() for k, v in shrunk.model.state_dict().items()}
+    for k, v in plain.model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # the base block trains as without the setting
+    still = copy.deepcopy(shrunk)
+    still.spec = still.spec.model_copy(update={"train": still.spec.train.model_copy(update={"epochs_block": 0})})
+    still._shrink_perturb(1)  # what a warm update starts from (then it grows to the block's ids)
+    for k, v in still.model.state_dict().items():
+        assert torch.allclose(v, 0.5 * before[k]), k
+    noisy_a, noisy_b = copy.deepcopy(plain), copy.deepcopy(plain)
+    for one in (noisy_a, noisy_b):
+        one.spec = one.spec.model_copy(update={"train": one.spec.train.model_copy(
+            update={"shrink_block": 1.0, "perturb_block": 0.1})})
+        one._shrink_perturb(1)
+    w = "encoder.0.weight" if "encoder.0.weight" in before else max(before, key=lambda k: before[k].numel())
+    diff = noisy_a.model.state_dict()[w] - before[w]
+    assert float(diff.std()) == pytest.approx(0.1 * float(before[w].std()), rel=0.2)
+    assert torch.equal(noisy_a.model.state_dict()[w], noisy_b.model.state_dict()[w])  # seeded
+    log = shrunk.update(seen1, 1)  # a warm update with the setting trains and moves on from there
+    assert log["epochs"] >= 1
+    retrained = learner(shrink_block=0.5)
+    reference = learner()
+    retrained.update(seen1, 1, strategy="retrain"), reference.update(seen1, 1, strategy="retrain")
+    for a, b in zip(retrained.model.state_dict().values(), reference.model.state_dict().values()):
+        assert torch.equal(a, b)  # a retrain is a new model: nothing to shrink
+
+
 def test_choose_keep_takes_the_largest_weight_within_the_tolerance():
     from continual_kd.continual.learner import KEEP_WEIGHT, choose_keep, with_keep_weight
     from continual_kd.config import BDTermSpec, KeepTermSpec

@@ -279,6 +279,8 @@ class Learner:
             rank_penalty.install(self.model, None)  # training and its validation rank by the model's own scores
         trained = self.model is not None and self.block >= 0  # it learned something before this update
         had = (self.model.num_users, self.model.num_items) if trained else None  # its rows before this block
+        if trained and not retrain and self.spec.train.shrink_block is not None:
+            self._shrink_perturb(block)
         self.grow(seen, block)
         if retrain:
             positives = seen.select(model_pairs_mask(seen, block))
@@ -369,6 +371,18 @@ class Learner:
             "base_loss": logs[-1].base_loss if logs else float("nan"),
             "kd_loss": logs[-1].kd_loss if logs else float("nan"),
         }
+
+    @torch.no_grad()
+    def _shrink_perturb(self, block: int) -> None:
+        """``train.shrink_block`` / ``perturb_block``: θ ← shrink · θ + perturb · std(θ) · ε for every parameter,
+        before a warm update (the noise from this model's and block's own seed)."""
+        shrink, perturb = self.spec.train.shrink_block, self.spec.train.perturb_block
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.spec.name, "shrink", block))
+        for p in self.model.parameters():
+            p.mul_(shrink)
+            if perturb > 0 and p.numel() > 1:
+                noise = torch.randn(p.shape, generator=gen).to(device=p.device, dtype=p.dtype)
+                p.add_(noise, alpha=perturb * float(p.std()) / shrink)  # std(θ) before the shrink
 
     def _choose_penalty(self, seen: Interactions, valid) -> dict[float, float]:
         """``rank_penalty``: β chosen on this block's validation (kept as it was when the block has none),
