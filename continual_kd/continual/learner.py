@@ -379,10 +379,10 @@ class Learner:
         shrink, perturb = self.spec.train.shrink_block, self.spec.train.perturb_block
         gen = torch.Generator().manual_seed(derive_seed(self.seed, self.spec.name, "shrink", block))
         for p in self.model.parameters():
+            scale = perturb * float(p.std()) if perturb > 0 and p.numel() > 1 else 0.0  # std(θ) before the shrink
             p.mul_(shrink)
-            if perturb > 0 and p.numel() > 1:
-                noise = torch.randn(p.shape, generator=gen).to(device=p.device, dtype=p.dtype)
-                p.add_(noise, alpha=perturb * float(p.std()) / shrink)  # std(θ) before the shrink
+            if scale > 0:
+                p.add_(torch.randn(p.shape, generator=gen).to(device=p.device, dtype=p.dtype), alpha=scale)
 
     def _choose_penalty(self, seen: Interactions, valid) -> dict[float, float]:
         """``rank_penalty``: β chosen on this block's validation (kept as it was when the block has none),
