@@ -307,8 +307,9 @@ class TrainSpec(_Spec):
     grid_prefer: Literal["accuracy", "less_popular"] = "accuracy"
     grid_tolerance: float = Field(0.01, ge=0, lt=1)
     # chosen again at every warm update on that block's validation (not kept): e.g. {lr_block: [0.005,
-    # 0.001]} trains the update once per warm rate and keeps the better (a value equal to lr: no slowing)
-    grid_block: dict[Literal["lr_block"], _tuple(Annotated[float, Field(gt=0)])] = {}
+    # 0.001]} trains the update once per warm rate and keeps the better (a value equal to lr: no slowing);
+    # {shrink_block: [1.0, 0.9]}: once per shrink of the warm start (with perturb_block's noise), the better kept
+    grid_block: dict[Literal["lr_block", "shrink_block"], _tuple(Annotated[float, Field(gt=0)])] = {}
 
     @model_validator(mode="after")
     def _grid(self):
@@ -320,6 +321,8 @@ class TrainSpec(_Spec):
         for name, values in self.grid_block.items():
             if not values:
                 raise _Bad(f"grid_block.{name}", "an empty list of candidates", [], "give at least one value or drop the key")
+            if name == "shrink_block" and any(v > 1 for v in values):
+                raise _Bad(f"grid_block.{name}", "a shrink above 1", list(values), "use values in (0, 1]")
         if (self.grid or self.grid_block) and self.select != "best_valid":
             raise _Bad("grid", "a grid without validation to choose by", self.select,
                        "set select: best_valid (the grid is chosen on the base block's validation NDCG@20)")

@@ -388,14 +388,14 @@ def test_shrink_and_perturb_starts_a_warm_update_from_a_shrunk_noisy_copy(tmp_pa
     for k, v in plain.model.state_dict().items():
         assert torch.equal(v, before[k]), k  # the base block trains as without the setting
     still = copy.deepcopy(shrunk)
-    still._shrink_perturb(1)  # what a warm update starts from (then it grows to the block's ids)
+    still._shrink_perturb(1, 0.5)  # what a warm update starts from (then it grows to the block's ids)
     for k, v in still.model.state_dict().items():
         assert torch.allclose(v, 0.5 * before[k]), k
     noisy_a, noisy_b = copy.deepcopy(plain), copy.deepcopy(plain)
     for one in (noisy_a, noisy_b):
         one.spec = one.spec.model_copy(update={"train": one.spec.train.model_copy(
             update={"shrink_block": 1.0, "perturb_block": 0.1})})
-        one._shrink_perturb(1)
+        one._shrink_perturb(1, 1.0)
     w = "encoder.0.weight" if "encoder.0.weight" in before else max(before, key=lambda k: before[k].numel())
     diff = noisy_a.model.state_dict()[w] - before[w]
     assert float(diff.std()) == pytest.approx(0.1 * float(before[w].std()), rel=0.2)
@@ -407,6 +407,46 @@ def test_shrink_and_perturb_starts_a_warm_update_from_a_shrunk_noisy_copy(tmp_pa
     retrained.update(seen1, 1, strategy="retrain"), reference.update(seen1, 1, strategy="retrain")
     for a, b in zip(retrained.model.state_dict().values(), reference.model.state_dict().values()):
         assert torch.equal(a, b)  # a retrain is a new model: nothing to shrink
+
+
+def test_grid_block_chooses_the_shrink_of_each_warm_start_on_validation(tmp_path, monkeypatch):
+    """train.grid_block.shrink_block: every warm update fits once per shrink from the same (grown) start, the
+    rows the model had shrunk and perturbed, and keeps the better validation NDCG@20 — the same weights as
+    that shrink alone; the new rows are not shrunk."""
+    import copy
+
+    job, store, plan = _job(tmp_path, monkeypatch)
+    seen0, seen1 = store.read_blocks(plan.plan_id, 0), store.read_blocks(plan.plan_id, 1)
+    spec = job.teachers[0].model_copy(update={"backbone": "multvae", "dim": 8, "hidden": 16})
+    train = spec.train.model_copy(update={"grid_block": {"shrink_block": (1.0, 0.3)}, "perturb_block": 0.01})
+    learner = Learner(spec.model_copy(update={"train": train}), job.seed, role="teacher")
+    learner.update(seen0, 0)
+    start = copy.deepcopy(learner)
+    log = learner.update(seen1, 1)
+    assert [g["shrink_block"] for g in log["grid"]] == [1.0, 0.3]
+    assert log["grid"][0]["valid_ndcg@20"] != log["grid"][1]["valid_ndcg@20"]  # two different fits
+    best = max(log["grid"], key=lambda g: g["valid_ndcg@20"])
+    assert log["chosen_block"] == {"shrink_block": best["shrink_block"]}
+    alone = start
+    alone.spec = alone.spec.model_copy(update={"train": alone.spec.train.model_copy(
+        update={"grid_block": {"shrink_block": (best["shrink_block"],)}})})
+    alone.update(seen1, 1)
+    for (k, a), b in zip(learner.model.state_dict().items(), alone.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    # the start of a fit: the rows it had shrunk, the rows grown for the block (here: the last 10 items) as they were
+    grown = copy.deepcopy(start)
+    grown.grow(seen1, 1)
+    had = grown.model.num_items - 10
+    fresh = {k: v.clone() for k, v in grown.model.state_dict().items()}
+    from continual_kd.models.base import rows_before
+
+    grown.spec = grown.spec.model_copy(update={"train": grown.spec.train.model_copy(update={"perturb_block": 0.0})})
+    grown._shrink_perturb(1, 0.3, rows_before(grown.model, grown.model.num_users, had))
+    after = grown.model.state_dict()
+    assert torch.allclose(after["item_out"][:had], 0.3 * fresh["item_out"][:had])
+    assert torch.equal(after["item_out"][had:], fresh["item_out"][had:])
+    with pytest.raises(Exception, match="shrink above 1"):
+        spec.train.model_validate({**spec.train.model_dump(), "grid_block": {"shrink_block": [1.5]}})
 
 
 def test_choose_keep_takes_the_largest_weight_within_the_tolerance():

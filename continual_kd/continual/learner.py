@@ -279,8 +279,9 @@ class Learner:
             rank_penalty.install(self.model, None)  # training and its validation rank by the model's own scores
         trained = self.model is not None and self.block >= 0  # it learned something before this update
         had = (self.model.num_users, self.model.num_items) if trained else None  # its rows before this block
-        if trained and not retrain and self.spec.train.shrink_block is not None:
-            self._shrink_perturb(block)
+        shrink_grid = "shrink_block" in self.spec.train.grid_block  # the shrink chosen per fit below instead
+        if trained and not retrain and self.spec.train.shrink_block is not None and not shrink_grid:
+            self._shrink_perturb(block, self.spec.train.shrink_block)
         self.grow(seen, block)
         if retrain:
             positives = seen.select(model_pairs_mask(seen, block))
@@ -319,6 +320,9 @@ class Learner:
         for overrides in grid:
             if start is not None:
                 self.model.load_state_dict(start)
+                getattr(self.model, "restart_noise", lambda: None)()  # a model's own noise (MultVAE) as well
+            if warm and "shrink_block" in overrides:  # the rows it had before the block, as a plain shrink would
+                self._shrink_perturb(block, overrides["shrink_block"], rows_before(self.model, *had))
             settings = {k: v for k, v in overrides.items() if k != KEEP_WEIGHT}
             train_spec = self.spec.train.model_copy(update={**self.chosen, **settings})
             if warm and train_spec.patience_block is not None:
@@ -373,12 +377,18 @@ class Learner:
         }
 
     @torch.no_grad()
-    def _shrink_perturb(self, block: int) -> None:
+    def _shrink_perturb(self, block: int, shrink: float, rows: dict | None = None) -> None:
         """``train.shrink_block`` / ``perturb_block``: θ ← shrink · θ + perturb · std(θ) · ε for every parameter,
-        before a warm update (the noise from this model's and block's own seed)."""
-        shrink, perturb = self.spec.train.shrink_block, self.spec.train.perturb_block
+        before a warm update (the noise from this model's and block's own seed). ``rows`` (parameter → leading
+        rows, ``rows_before``): only those rows (a model already grown to the block: what it had before; the
+        new rows stay as grown); a parameter it lacks (0-d) is left as it is."""
+        perturb = self.spec.train.perturb_block
         gen = torch.Generator().manual_seed(derive_seed(self.seed, self.spec.name, "shrink", block))
         for p in self.model.parameters():
+            if rows is not None:
+                if p not in rows:
+                    continue
+                p = p[: rows[p]]
             scale = perturb * float(p.std()) if perturb > 0 and p.numel() > 1 else 0.0  # std(θ) before the shrink
             p.mul_(shrink)
             if scale > 0:

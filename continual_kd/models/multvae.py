@@ -109,6 +109,11 @@ class MultVAE(nn.Module):
         flat = torch.repeat_interleave(starts, deg) + torch.arange(len(first), device=device) - first
         return self._cols[flat], offsets, deg
 
+    def restart_noise(self) -> None:
+        """The noise starts again from where the last ``observe`` set it (fits of one update from the same start
+        draw the same noise)."""
+        self._generator = None
+
     def _noise(self) -> torch.Generator:
         device = self.item_in.device
         if self._generator is None or self._generator.device != device:
