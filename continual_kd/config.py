@@ -258,7 +258,8 @@ class TrainSpec(_Spec):
     # NeurIPS'20): every parameter θ ← shrink_block · θ + perturb_block · std(θ) · ε, ε ~ N(0, 1), seeded (None:
     # as it was). A network warm-started from a converged state generalises worse than one trained afresh, and
     # shrinking restores its gradients' reach while keeping what it knew (MultVAE, λ 0.7: pooled NDCG@20 on the
-    # synthetic stream 0.965 → 1.006 of retraining; not a default: the student's MovieLens validation −1% — RESULTS.md)
+    # synthetic stream 0.965 → 1.006 of retraining, but the student's MovieLens validation −1%; the default jobs
+    # choose it per update instead, grid_block: {shrink_block: [1.0, 0.7]} — RESULTS.md)
     shrink_block: float | None = Field(None, gt=0, le=1)
     perturb_block: float = Field(0.0, ge=0)
     weight_decay: float = Field(1e-4, ge=0)  # L2 on the rows a batch touches (summed), not on absent users/items

@@ -51,6 +51,10 @@ def test_job_files_keep_their_settings_in_the_terms_form():
                                                       models=("lightgcn",))
     assert stream.continual == ContinualSpec(strategy="warm", order="teachers_first", proxies=None, replay=2.0,
                                              knowledge_users="all")
+    vae = next(t for t in stream.teachers if t.backbone == "multvae").train  # its warm start chosen per update
+    assert (vae.grid_block, vae.perturb_block, vae.shrink_block) == ({"shrink_block": (1.0, 0.7)}, 0.01, None)
+    synthetic = load_job(ROOT / "jobs" / "synthetic-stream.yaml")  # the stream of issue 19's bench: the same models
+    assert [t.model_dump() for t in synthetic.teachers] == [t.model_dump() for t in stream.teachers]
 
     het = load_job(ROOT / "jobs" / "hetcomp.yaml")
     assert het.distill.terms == (HetCompTermSpec(weight=1.0, checkpoints=4, k=50, observed=10, early_weight=0.01,
