@@ -235,3 +235,30 @@ def test_multvae_scores_are_deterministic_in_eval_mode_and_training_noise_is_see
         losses.append(model.base_loss(users, items, items))
     assert torch.equal(losses[0], losses[1])
     assert not torch.equal(losses[0], model.base_loss(users, items, items))  # the noise moves on
+
+
+def test_lightgcn_list_scores_and_gradients_equal_plain_indexing():
+    """score(users, (B, L) items) and base_loss through the cheaper row gathers: the same values and gradients
+    as indexing the propagated tables directly (many ids, so the gathers' large-batch backward is used too)."""
+    torch.manual_seed(0)
+    model = build_backbone("lightgcn", 30, 40, dim=8, layers=2).double()
+    model.observe(torch.randint(0, 30, (200,)), torch.randint(0, 40, (200,)))
+    users, items = torch.randint(0, 30, (300,)), torch.randint(0, 40, (300, 60))
+    pos, neg = torch.randint(0, 40, (300,)), torch.randint(0, 40, (300,))
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return model.user_emb.grad.clone(), model.item_emb.grad.clone()
+
+    ours = model.score(users, items)
+    ue, ie = model._propagate()
+    plain = torch.einsum("bd,bld->bl", ue[users], ie[items])
+    assert torch.allclose(ours, plain)
+    for a, b in zip(grads(ours.pow(2).sum()), grads(plain.pow(2).sum())):
+        assert torch.allclose(a, b)
+    ue, ie = model._propagate()
+    reference = -torch.nn.functional.logsigmoid((ue[users] * ie[pos]).sum(-1) - (ue[users] * ie[neg]).sum(-1)).sum()
+    assert torch.allclose(model.base_loss(users, pos, neg), reference)
+    for a, b in zip(grads(model.base_loss(users, pos, neg)), grads(reference)):
+        assert torch.allclose(a, b)
