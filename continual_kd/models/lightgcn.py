@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..gather import gather_rows
-from .base import grow_tables, register
+from .base import grow_tables, pair_dot, register
 from .debias import LossShaping, bpr_loss
 
 INIT_STD = 0.01  # N(0, 0.01) as BPR-MF, and as the protocol's random init for new rows
@@ -192,7 +192,7 @@ class LightGCN(nn.Module):
     # ------------------------------------------------------------------ protocol
     def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         ue, ie = self._propagate()
-        return _dot(gather_rows(ue, users), gather_rows(ie, items))
+        return pair_dot(gather_rows(ue, users), gather_rows(ie, items))
 
     def full_scores(self, users: torch.Tensor) -> torch.Tensor:
         ue, ie = self._propagate()  # propagated once, reused across chunks while nothing changes
@@ -227,14 +227,6 @@ class LightGCN(nn.Module):
                            generator, INIT_STD)
         self.user_emb, self.item_emb = nn.Parameter(u), nn.Parameter(i)
         self._graph_changed()  # same edges, larger id spaces: rebuilt on next use
-
-
-def _dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(B, d) · (B, d) → (B,), or (B, d) · (B, L, d) → (B, L) (a broadcast product: about half einsum's time,
-    forward and backward, on the CPU for RRD-sized lists)."""
-    if v.dim() == 3:
-        return (u.unsqueeze(1) * v).sum(-1)
-    return (u * v).sum(-1)
 
 
 def _same_key(a: tuple, b: tuple) -> bool:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..gather import gather_rows
-from .base import grow_tables, register
+from .base import grow_tables, pair_dot, register
 from .debias import LossShaping, bpr_loss
 
 INIT_STD = 0.01
@@ -39,9 +39,7 @@ class BPRMF(nn.Module):
     def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         u = self._rows(self.user_emb, users)  # (B, d)
         v = self._rows(self.item_emb, items)  # (B, d) or (B, L, d)
-        if v.dim() == 3:  # (B, L): a broadcast product, far cheaper than einsum's batched (L, d) × (d, 1) products
-            return (u.unsqueeze(1) * v).sum(-1)
-        return (u * v).sum(-1)
+        return pair_dot(u, v)
 
     def full_scores(self, users: torch.Tensor) -> torch.Tensor:
         return self.user_emb[users] @ self.item_emb.T  # (B, I)
