@@ -264,6 +264,9 @@ class TrainSpec(_Spec):
     perturb_block: float = Field(0.0, ge=0)
     weight_decay: float = Field(1e-4, ge=0)  # L2 on the rows a batch touches (summed), not on absent users/items
     batch_size: int = Field(1024, ge=1)
+    # the batch size of warm updates (None: batch_size). A graph model's step propagates the whole graph whatever
+    # the batch, so its update's cost follows its steps, and the graph grows with the history
+    batch_size_block: int | None = Field(None, ge=1)
     # an epoch has at least this many batches: on a small block (or a small data set) the batch shrinks to
     # ceil(rows / min_batches) so that the epochs still take enough steps to learn (0: always batch_size).
     # Batches of 1024 over a 3,000-pair block are 3 Adam steps an epoch: the cap and the patience then
@@ -311,6 +314,10 @@ class TrainSpec(_Spec):
     # 0.001]} trains the update once per warm rate and keeps the better (a value equal to lr: no slowing);
     # {shrink_block: [1.0, 0.9]}: once per shrink of the warm start (with perturb_block's noise), the better kept
     grid_block: dict[Literal["lr_block", "shrink_block"], _tuple(Annotated[float, Field(gt=0)])] = {}
+    # > 0: grid_block's combinations race instead of each training to its end — every one trains this many epochs
+    # (each on its own copy of the model), then only the one with the best validation NDCG@20 so far (grid_prefer
+    # as for the grid) goes on; its model is the one its run alone would give. 0: every combination to its end
+    grid_block_probe: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _grid(self):

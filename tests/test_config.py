@@ -53,6 +53,7 @@ def test_job_files_keep_their_settings_in_the_terms_form():
                                              knowledge_users="all")
     vae = next(t for t in stream.teachers if t.backbone == "multvae").train  # its warm start chosen per update
     assert (vae.grid_block, vae.perturb_block, vae.shrink_block) == ({"shrink_block": (1.0, 0.7)}, 0.01, None)
+    assert vae.grid_block_probe == 3  # raced: only the better start after 3 epochs trains on
     synthetic = load_job(ROOT / "jobs" / "synthetic-stream.yaml")  # the stream of issue 19's bench: the same models
     assert [t.model_dump() for t in synthetic.teachers] == [t.model_dump() for t in stream.teachers]
 

@@ -30,7 +30,8 @@ def test_every_row_touched_is_exactly_adam():
     assert torch.allclose(lazy, dense, atol=1e-6)
 
 
-@pytest.mark.parametrize("rows", [5, 1000])  # ids × 16 ≥ rows: scratch table and mask; < rows: sorted ids
+@pytest.mark.parametrize("rows", [5, 40, 1000])  # ids ≥ rows / 4: the whole table masked; ids × 16 ≥ rows: scratch
+# table and mask, touched rows gathered; < rows: sorted ids
 def test_tape_rows_step_exactly_like_adam_and_untouched_rows_stay(rows):
     torch.manual_seed(0)
     start = torch.randn(rows, 3)
@@ -55,6 +56,33 @@ def test_tape_rows_step_exactly_like_adam_and_untouched_rows_stay(rows):
     # the scratch table is left all zeros for the next step
     for total, touched in opt_l.tape._scratch.values():
         assert not total.any() and not touched.any()
+
+
+def test_masked_step_equals_the_gathered_rows_step_with_slow_rows(monkeypatch):
+    """A table whose ids cover most of it steps under the touched mask (optim.MASKED_ABOVE): the same weights and
+    moments as gathering the touched rows, the untouched rows bit for bit as they were, slow rows included."""
+    from continual_kd.continual import optim
+    from continual_kd.continual.optim import SlowRows
+
+    torch.manual_seed(0)
+    start = torch.randn(50, 4)
+    steps = [(torch.randint(0, 50, (30,)), torch.randn(30, 4)) for _ in range(5)]
+    out = {}
+    for name, above in (("masked", 0.0), ("rows", 1e9)):
+        monkeypatch.setattr(optim, "MASKED_ABOVE", above)
+        table = torch.nn.Parameter(start.clone())
+        opt = LazyAdam([table], lr=0.05)
+        stepper = SlowRows(opt, {table: 20}, 0.2)  # rows [0, 20) at a fifth of the rate
+        for ids, target in steps:
+            opt.zero_grad()
+            ((opt.tape.lookup(table, ids) - target) ** 2).sum().backward()
+            stepper.step()
+        out[name] = (table.detach().clone(), opt.state[table]["m"].clone(), opt.state[table]["v"].clone())
+    for a, b in zip(out["masked"], out["rows"]):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    never = torch.ones(50, dtype=torch.bool)
+    never[torch.cat([ids for ids, _ in steps])] = False
+    assert never.any() and torch.equal(out["masked"][0][never], start[never])
 
 
 def test_rows_not_touched_do_not_move_and_dense_gradients_take_adam():

@@ -352,7 +352,7 @@ def test_grid_block_chooses_the_warm_rate_on_each_blocks_validation(tmp_path, mo
     train = spec.train.model_copy(update={"grid": {"weight_decay": (1e-4, 1e-2)}, "grid_block": {"lr_block": (spec.train.lr, 1e-7)}})
     learner = Learner(spec.model_copy(update={"train": train}), job.seed, role="teacher")
     base = learner.update(seen0, 0)
-    assert [set(g) - {"valid_ndcg@20", "valid_avgpop@20", "best_epoch"} for g in base["grid"]] == [{"weight_decay"}] * 2
+    assert [set(g) - {"valid_ndcg@20", "valid_avgpop@20", "best_epoch", "epochs"} for g in base["grid"]] == [{"weight_decay"}] * 2
     chosen = dict(learner.chosen)
     start = copy.deepcopy(learner)
     log = learner.update(seen1, 1)
@@ -447,6 +447,45 @@ def test_grid_block_chooses_the_shrink_of_each_warm_start_on_validation(tmp_path
     assert torch.equal(after["item_out"][had:], fresh["item_out"][had:])
     with pytest.raises(Exception, match="shrink above 1"):
         spec.train.model_validate({**spec.train.model_dump(), "grid_block": {"shrink_block": [1.5]}})
+
+
+@pytest.mark.parametrize("backbone", ["multvae", "lightgcn"])
+def test_grid_block_probe_races_the_warm_starts_and_the_winner_is_its_own_run(tmp_path, monkeypatch, backbone):
+    """train.grid_block_probe: every shrink trains `probe` epochs on its own copy of the model; the one with the
+    best validation so far goes on to its end and its weights are those of that shrink alone; the others stop
+    after the probe (their epochs in the log), and the full grid would have trained more."""
+    import copy
+
+    job, store, plan = _job(tmp_path, monkeypatch)
+    seen0, seen1 = store.read_blocks(plan.plan_id, 0), store.read_blocks(plan.plan_id, 1)
+    spec = job.teachers[0].model_copy(update={"backbone": backbone, "dim": 8, "hidden": 16})
+    train = spec.train.model_copy(update={"grid_block": {"shrink_block": (1.0, 0.3)}, "perturb_block": 0.01,
+                                          "grid_block_probe": 2, "epochs_block": 6, "patience_block": 0})
+    learner = Learner(spec.model_copy(update={"train": train}), job.seed, role="teacher")
+    learner.update(seen0, 0)
+    start = copy.deepcopy(learner)
+    full = copy.deepcopy(learner)
+    log = learner.update(seen1, 1)
+    assert [g["shrink_block"] for g in log["grid"]] == [1.0, 0.3]
+    winner = log["chosen_block"]["shrink_block"]
+    assert log["epochs"] == 6
+    # each alone, for six epochs: the winner's run is the race's model; the probe's figures are the runs' first two
+    alone = {}
+    for shrink in (1.0, 0.3):
+        other = copy.deepcopy(start)
+        other.spec = other.spec.model_copy(update={"train": other.spec.train.model_copy(
+            update={"grid_block": {"shrink_block": (shrink,)}})})
+        alone[shrink] = other.update(seen1, 1)
+        if shrink == winner:
+            for (k, a), b in zip(learner.model.state_dict().items(), other.model.state_dict().values()):
+                assert torch.equal(a, b), k
+    loser = next(g for g in log["grid"] if g["shrink_block"] != winner)
+    won = next(g for g in log["grid"] if g["shrink_block"] == winner)
+    assert won["valid_ndcg@20"] == alone[winner]["valid_ndcg@20"]
+    assert loser["epochs"] == 2 and loser["best_epoch"] <= 2 and won["epochs"] == 6  # stopped after the probe
+    # without the probe every shrink runs its six epochs
+    full.spec = full.spec.model_copy(update={"train": full.spec.train.model_copy(update={"grid_block_probe": 0})})
+    assert [g["epochs"] for g in full.update(seen1, 1)["grid"]] == [6, 6]
 
 
 def test_choose_keep_takes_the_largest_weight_within_the_tolerance():

@@ -13,7 +13,9 @@ validation pairs nor any test pair (not as positives, graph edges or input rows)
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import itertools
 import time
 from dataclasses import replace
 
@@ -34,7 +36,7 @@ from ..distill.replay import PROXY_PREFIX
 from . import rank_penalty
 from .calibrate import calibrate
 from .pairs import PairState
-from .training import BestEpoch, train_epochs
+from .training import BestEpoch, iter_epochs
 
 AUX = "aux."  # prefix of non-model tensors (proxies, KD term state) inside a saved state's weights
 
@@ -315,10 +317,19 @@ class Learner:
         # train.lr_block: what the model had before this block steps at the warm rate (new rows at lr)
         slowed = self.spec.train.lr_block is not None or "lr_block" in self.spec.train.grid_block
         slow = rows_before(self.model, *had) if slowed and warm else None
+        # train.grid_block_probe: the warm grid raced — every combination trains that many epochs on its own copy
+        # of the model, and only the best on validation so far goes on to its end
+        probe = self.spec.train.grid_block_probe if (warm and self.spec.train.grid_block and len(grid) > 1
+                                                     and valid is not None and trajectory is None
+                                                     and KEEP_WEIGHT not in grid[0]) else 0
         start = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if len(grid) > 1 else None
-        fits = []
+        origin = self.model  # the race's copies start from it
+        fits, runs = [], []
         for overrides in grid:
             if start is not None:
+                if probe:  # a copy of its own, so that every run can be paused and taken up again
+                    getattr(origin, "restart_noise", lambda: None)()  # (a torch generator does not copy)
+                    self.model = copy.deepcopy(origin)
                 self.model.load_state_dict(start)
                 getattr(self.model, "restart_noise", lambda: None)()  # a model's own noise (MultVAE) as well
             if warm and "shrink_block" in overrides:  # the rows it had before the block, as a plain shrink would
@@ -327,13 +338,26 @@ class Learner:
             train_spec = self.spec.train.model_copy(update={**self.chosen, **settings})
             if warm and train_spec.patience_block is not None:
                 train_spec = train_spec.model_copy(update={"patience": train_spec.patience_block})
+            if warm and train_spec.batch_size_block is not None:
+                train_spec = train_spec.model_copy(update={"batch_size": train_spec.batch_size_block})
             slow_rows = (train_spec.lr_block / train_spec.lr, slow) if slow and train_spec.lr_block is not None else None
-            fit = self._fit(seen, block, u, i, known, epochs, train_spec, knowledge,
-                            with_keep_weight(terms, overrides.get(KEEP_WEIGHT)), fusion, weights,
-                            trajectory, scope, trained, valid, draw, keep=len(grid) > 1, slow_rows=slow_rows,
-                            warmup=train_spec.warmup_block if warm else 0.0)
-            fits.append((overrides, fit))
-        if len(grid) > 1:
+            fit_args = (seen, block, u, i, known, epochs, train_spec, knowledge,
+                        with_keep_weight(terms, overrides.get(KEEP_WEIGHT)), fusion, weights,
+                        trajectory, scope, trained, valid, draw, len(grid) > 1, slow_rows,
+                        train_spec.warmup_block if warm else 0.0)
+            if probe:
+                run = self._begin_fit(*fit_args)
+                self._advance(run, probe)
+                runs.append((overrides, run))
+            else:
+                fits.append((overrides, self._fit(*fit_args)))
+        if probe:
+            overrides, fit = self._race(runs)
+            fits = [(o, fit if o is overrides else self._probe_figures(r)) for o, r in runs]
+            kept = {name: float(v) for name, v in overrides.items() if name in self.spec.train.grid}
+            if kept:
+                self.chosen = kept
+        elif len(grid) > 1:
             if KEEP_WEIGHT in overrides:
                 overrides, fit = choose_keep(fits, keep_choice.tolerance)
             else:
@@ -364,8 +388,8 @@ class Learner:
             "terms": fit["terms"], "chosen": dict(self.chosen), **(fusion_choice or {}),
             "chosen_block": {name: float(v) for name, v in overrides.items()
                              if name in self.spec.train.grid_block or name == KEEP_WEIGHT},
-            "grid": [{**o, "valid_ndcg@20": f["valid"], "valid_avgpop@20": f["valid_avgpop"], "best_epoch": f["best_epoch"]}
-                     for o, f in fits] if len(fits) > 1 else [],
+            "grid": [{**o, "valid_ndcg@20": f["valid"], "valid_avgpop@20": f["valid_avgpop"], "best_epoch": f["best_epoch"],
+                      "epochs": len(f["logs"])} for o, f in fits] if len(fits) > 1 else [],
             "seconds": time.perf_counter() - t0, "started_at": started, "ended_at": time.time(),
             # training alone (KD terms included; not validation, knowledge building or the grid's other fits)
             "train_seconds": sum(log.seconds for log in logs), "trained_rows": sum(log.rows for log in logs),
@@ -475,8 +499,6 @@ class Learner:
 
     def _grid(self, grid: dict | None = None) -> list[dict]:
         """Every combination of ``grid`` (default ``train.grid``; one empty combination without a grid)."""
-        import itertools
-
         grid = self.spec.train.grid if grid is None else grid
         names = sorted(grid)
         return [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))] or [{}]
@@ -484,6 +506,15 @@ class Learner:
     def _fit(self, seen, block, u, i, known, epochs, train_spec, knowledge, terms, fusion, weights, trajectory,
              scope, trained, valid, draw, keep: bool = False, slow_rows=None, warmup: float = 0.0) -> dict:
         """One training run of the update (one grid combination): terms built afresh, the same seed."""
+        run = self._begin_fit(seen, block, u, i, known, epochs, train_spec, knowledge, terms, fusion, weights,
+                              trajectory, scope, trained, valid, draw, keep, slow_rows, warmup)
+        self._advance(run)
+        return self._end_fit(run, keep)
+
+    def _begin_fit(self, seen, block, u, i, known, epochs, train_spec, knowledge, terms, fusion, weights, trajectory,
+                   scope, trained, valid, draw, keep: bool = False, slow_rows=None, warmup: float = 0.0) -> dict:
+        """A training run of ``self.model`` set up, no epoch trained yet: ``_advance`` trains it, ``_end_fit``
+        closes it (a warm grid's race holds several, each on its own copy of the model)."""
         gen = torch.Generator().manual_seed(derive_seed(self.seed, self.spec.name, "train", block))
         built = self._build_terms(seen, block, knowledge, terms, fusion, weights, known, epochs, scope, trained)
         self._trajectory, self._trajectory_of = [], (block, scope)
@@ -504,12 +535,54 @@ class Learner:
             replayed[0] = len(ru)
             return ru, ri
 
-        logs = train_epochs(self.model, u, i, known, epochs, train_spec, gen, built,
-                            (lambda e: any([bool(h(e)) for h in hooks])) if hooks else None,
-                            draw_counted if draw is not None else None,
-                            self.pairs.item_counts(seen)
-                            if train_spec.negatives == "popularity" or train_spec.debias != "none" else None,
-                            parallel=self.parallel, slow_rows=slow_rows, warmup=warmup)
+        epochs_left = iter_epochs(self.model, u, i, known, epochs, train_spec, gen, built,
+                                  (lambda e: any([bool(h(e)) for h in hooks])) if hooks else None,
+                                  draw_counted if draw is not None else None,
+                                  self.pairs.item_counts(seen)
+                                  if train_spec.negatives == "popularity" or train_spec.debias != "none" else None,
+                                  parallel=self.parallel, slow_rows=slow_rows, warmup=warmup)
+        return {"model": self.model, "epochs": epochs_left, "logs": [], "built": built, "best": best,
+                "replayed": replayed, "done": False}
+
+    @staticmethod
+    def _advance(run: dict, epochs: int | None = None) -> bool:
+        """Train ``run`` for up to ``epochs`` more epochs (None: to its end: the cap or an early stop); True when
+        it has ended."""
+        if run["done"]:
+            return True
+        for _ in range(epochs) if epochs is not None else itertools.count():
+            log = next(run["epochs"], None)
+            if log is None:
+                run["done"] = True
+                break
+            run["logs"].append(log)
+        return run["done"]
+
+    def _race(self, runs: list[tuple[dict, dict]]) -> tuple[dict, dict]:
+        """A warm grid's race (``train.grid_block_probe``): of the runs paused after their probe epochs, the one
+        ``choose_fit`` takes on the best validation NDCG@20 so far goes on to its end and becomes the model; the
+        others stop where they are. → (its combination, its fit)."""
+        overrides, _ = choose_fit([(o, self._probe_figures(r)) for o, r in runs], self.spec.train.grid_prefer,
+                                  self.spec.train.grid_tolerance)
+        for o, run in runs:
+            if o is not overrides:
+                run["epochs"].close()
+        run = next(r for o, r in runs if o is overrides)
+        self.model = run["model"]
+        self._advance(run)
+        return overrides, self._end_fit(run)
+
+    @staticmethod
+    def _probe_figures(run: dict) -> dict:
+        """A raced run's validation so far, as a fit reports it."""
+        best = run["best"]
+        return {"valid": best.best, "valid_avgpop": best.best_avgpop, "best_epoch": best.best_epoch,
+                "logs": run["logs"]}
+
+    def _end_fit(self, run: dict, keep: bool = False) -> dict:
+        """Close ``run`` (an unfinished one stops where it is) and put its best validation epoch back."""
+        run["epochs"].close()
+        best, built, logs = run["best"], run["built"], run["logs"]
         if best is not None:
             best.restore()
         carried = {}
@@ -521,10 +594,10 @@ class Learner:
             self.term_state.update(carried)
         return {"logs": logs, "terms": [t.name for t in built], "carried": carried,
                 "best_epoch": best.best_epoch if best is not None else len(logs),
-                "valid": best.best if best is not None else None, "replay_rows": replayed[0],
+                "valid": best.best if best is not None else None, "replay_rows": run["replayed"][0],
                 "valid_avgpop": best.best_avgpop if best is not None else None,
                 "trajectory": list(self._trajectory),
-                "weights": {k: v.detach().clone() for k, v in self.model.state_dict().items()} if keep else None}
+                "weights": {k: v.detach().clone() for k, v in run["model"].state_dict().items()} if keep else None}
 
     def _replay_sampler(self, seen: Interactions, block: int, n: int, by: str):
         """A draw of ``n`` (user, item) pairs from what the model may know of blocks before ``block``:

@@ -22,6 +22,10 @@ import torch
 
 
 SORT_BELOW = 16  # ids × this < table rows: distinct rows by sorting the ids, not by a scratch table and mask
+# ids ≥ table rows × this: the step runs over the whole table under the touched mask instead of gathering and
+# scattering the touched rows (RRD's ~80 items per user touch most of a 100k-item table every step, and ten
+# row gathers/scatters of half the table cost several times ten plain passes over all of it — issue 12)
+MASKED_ABOVE = 0.25
 
 
 class RowTape:
@@ -31,7 +35,9 @@ class RowTape:
     forgets them. A scratch table (zeros, the table's shape, kept between steps) takes the sums by one
     accumulating ``index_put_``; the touched rows come from a mask, and are zeroed again after reading. A
     table far longer than its ids (a 300k-user table, a few thousand user ids a batch) sorts the ids
-    instead: no scan of the whole table per step."""
+    instead: no scan of the whole table per step. A table whose ids cover a large part of it is handed over
+    whole instead (``masked``): the scratch sums and the touched mask, for a step over every row under the
+    mask (zeroed by ``release`` after the step)."""
 
     def __init__(self):
         self.entries: dict[torch.Tensor, list] = {}
@@ -48,7 +54,9 @@ class RowTape:
         self.entries.clear()
 
     @torch.no_grad()
-    def gradients(self, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def gradients(self, table: torch.Tensor, masked: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, their summed gradients); with ``masked`` and ids covering ≥ MASKED_ABOVE of the table,
+        (the table-shaped sums, the touched mask) instead — call ``release(table)`` once they are used."""
         entries = [(ids, leaf.grad) for ids, leaf in self.entries.pop(table, []) if leaf.grad is not None]
         if not entries:
             return None
@@ -66,11 +74,20 @@ class RowTape:
         total, touched = scratch
         total.index_put_((ids,), grads, accumulate=True)  # on the CPU far cheaper than index_add_ for many ids
         touched[ids] = True
+        if masked and len(ids) >= MASKED_ABOVE * table.shape[0]:
+            return total, touched
         rows = torch.nonzero(touched).flatten()  # ascending, each once
         values = total.index_select(0, rows)
         total.index_fill_(0, rows, 0.0)
         touched[rows] = False
         return rows, values
+
+    @torch.no_grad()
+    def release(self, table: torch.Tensor) -> None:
+        """Zero the scratch sums and mask handed over whole by ``gradients(table, masked=True)``."""
+        total, touched = self._scratch[table]
+        total.zero_()
+        touched.zero_()
 
 
 class LazyAdam(torch.optim.Optimizer):
@@ -88,7 +105,7 @@ class LazyAdam(torch.optim.Optimizer):
             lr, (b1, b2), eps = group["lr"], group["betas"], group["eps"]
             for p in group["params"]:
                 g = p.grad
-                taped = self.tape.gradients(p)
+                taped = self.tape.gradients(p, masked=g is None)
                 if taped is not None and g is not None:  # the table was also read densely: one dense gradient
                     g, taped = g.index_add(0, taped[0], taped[1].to(g.dtype)), None
                 if g is not None and g.is_sparse:
@@ -106,7 +123,10 @@ class LazyAdam(torch.optim.Optimizer):
                 m, v = state["m"], state["v"]
                 # torch.optim.Adam's step: lr / (1 - b1^t) · m / (sqrt(v / (1 - b2^t)) + eps)
                 step_size, bc2_sqrt = lr / (1 - b1 ** t), (1 - b2 ** t) ** 0.5
-                if taped is not None:  # the rows stepped alone
+                if taped is not None and taped[1].dtype == torch.bool:  # most rows touched: every row, masked
+                    self._masked_step(p, m, v, *taped, b1, b2, eps, step_size, bc2_sqrt)
+                    self.tape.release(p)
+                elif taped is not None:  # the rows stepped alone
                     rows, values = taped
                     m_rows = m.index_select(0, rows).mul_(b1).add_(values, alpha=1 - b1)
                     v_rows = v.index_select(0, rows).mul_(b2).addcmul_(values, values, value=1 - b2)
@@ -129,6 +149,22 @@ class LazyAdam(torch.optim.Optimizer):
                         p.addcdiv_(m, v.sqrt().div_(bc2_sqrt).add_(eps), value=-step_size)
         self.tape.clear()
         return loss
+
+    def _masked_step(self, p, m, v, g, touched, b1, b2, eps, step_size, bc2_sqrt) -> None:
+        """The rows' step of ``step`` over the whole table: ``g`` is zero off the ``touched`` rows, whose
+        moments decay (factor b1, b2 there, 1 elsewhere) and whose weights move; the other rows are left
+        bit for bit as they were — the same arithmetic as gathering the touched rows, without the gathers."""
+        shape = (-1,) + (1,) * (p.dim() - 1)
+        mask = touched.view(shape)
+        m.mul_(torch.where(mask, b1, 1.0).to(m.dtype)).add_(g, alpha=1 - b1)
+        v.mul_(torch.where(mask, b2, 1.0).to(v.dtype)).addcmul_(g, g, value=1 - b2)
+        update = m / v.sqrt().div_(bc2_sqrt).add_(eps)
+        scale = mask.to(update.dtype)
+        if p in self.row_scale:
+            n, ratio = self.row_scale[p]
+            scale = scale.clone()
+            scale[:n] *= ratio
+        p.add_(update.mul_(scale), alpha=-step_size)
 
 
 class SlowRows:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -36,12 +36,17 @@ def epoch_batch_size(spec: TrainSpec, n: int) -> int:
     return max(1, min(spec.batch_size, -(-n // spec.min_batches)))
 
 
-def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserItemSet, epochs: int,
-                 spec: TrainSpec, generator: torch.Generator, terms: Sequence[KDTerm] = (),
-                 on_epoch_end: Callable[[int], bool | None] | None = None,
-                 replay: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None,
-                 item_popularity: torch.Tensor | None = None, parallel=None,
-                 slow_rows: tuple[float, dict] | None = None, warmup: float = 0.0) -> list[EpochLog]:
+def train_epochs(*args, **kwargs) -> list[EpochLog]:
+    """Every epoch of ``iter_epochs`` (the same arguments) at once: the logs of the epochs trained."""
+    return list(iter_epochs(*args, **kwargs))
+
+
+def iter_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserItemSet, epochs: int,
+                spec: TrainSpec, generator: torch.Generator, terms: Sequence[KDTerm] = (),
+                on_epoch_end: Callable[[int], bool | None] | None = None,
+                replay: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                item_popularity: torch.Tensor | None = None, parallel=None,
+                slow_rows: tuple[float, dict] | None = None, warmup: float = 0.0) -> Iterator[EpochLog]:
     """Train ``model`` for ``epochs`` on the (users, items) positives; negatives avoid ``known``.
 
     ``terms``: KD terms (``distill.base.KDTerm``); each draws its targets in ``resample(generator,
@@ -62,13 +67,14 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
     (``optim.SlowRows``; a warm update's ``train.lr_block`` for what the model had before the block).
     ``warmup``: the rate ramps linearly up to ``spec.lr`` over this many epochs' worth of steps (counted on the
     first epoch's batches; a warm update's ``train.warmup_block``).
+    Each epoch's log is yielded once its hooks have run, so a caller may pause a run between epochs and take
+    it up again (a warm grid's race, ``Learner.update``); closing the iterator ends the run as a stop would.
     """
     terms = [t for t in terms if t.weight > 0]
     base_weight = min([t.base_weight for t in terms], default=1.0)
-    logs: list[EpochLog] = []
     n = len(users)
     if n == 0 or epochs == 0:
-        return logs
+        return
     device = users.device
     # L2 only on what the batch touches (model.regularization), not Adam's weight_decay: that
     # would shrink every user/item absent from the block by ~lr per step and erase old knowledge
@@ -135,18 +141,19 @@ def train_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserIte
                 stepper.step()
             if parallel is not None:
                 base_sum, kd_sum = parallel.total(base_sum), parallel.total(kd_sum)
-            logs.append(EpochLog(epoch, float(base_sum) / n, float(kd_sum) / n, time.perf_counter() - started, pairs))
+            log = EpochLog(epoch, float(base_sum) / n, float(kd_sum) / n, time.perf_counter() - started, pairs)
             model.eval()
             for term in terms:
                 term.on_epoch_end(model, epoch + 1)
-            if on_epoch_end is not None and on_epoch_end(epoch + 1):
+            stop = on_epoch_end is not None and on_epoch_end(epoch + 1)
+            yield log
+            if stop:
                 break
             model.train()
     finally:  # also when a step fails: the model leaves the loop in eval mode, with dense gradients
         model.eval()
         if hasattr(model, "row_tape"):
             model.row_tape = None  # dense gradients again outside this update's steps
-    return logs
 
 
 class BestEpoch:
