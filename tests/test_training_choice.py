@@ -488,6 +488,34 @@ def test_grid_block_probe_races_the_warm_starts_and_the_winner_is_its_own_run(tm
     assert [g["epochs"] for g in full.update(seen1, 1)["grid"]] == [6, 6]
 
 
+def test_batch_size_block_is_the_warm_updates_batch_and_the_base_block_keeps_its_own(tmp_path, monkeypatch):
+    """train.batch_size_block: the base block trains with batch_size, every warm update with batch_size_block —
+    the same weights as a model whose batch_size is changed to it after the base block."""
+    import copy
+
+    job, store, plan = _job(tmp_path, monkeypatch)
+    seen0, seen1 = store.read_blocks(plan.plan_id, 0), store.read_blocks(plan.plan_id, 1)
+    spec = job.teachers[0].model_copy(update={"backbone": "lightgcn", "dim": 8})
+    small = spec.model_copy(update={"train": spec.train.model_copy(update={"batch_size": 64})})
+    split = Learner(small.model_copy(update={"train": small.train.model_copy(update={"batch_size_block": 256})}),
+                    job.seed, role="teacher")
+    plain = Learner(small, job.seed, role="teacher")
+    split.update(seen0, 0)
+    plain.update(seen0, 0)
+    for a, b in zip(split.model.state_dict().values(), plain.model.state_dict().values()):
+        assert torch.equal(a, b)  # the base block: batch_size
+    same, other = copy.deepcopy(plain), plain
+    same.spec = same.spec.model_copy(update={"train": same.spec.train.model_copy(update={"batch_size": 256})})
+    split.update(seen1, 1)
+    same.update(seen1, 1)
+    other.update(seen1, 1)
+    for (k, a), b, c in zip(split.model.state_dict().items(), same.model.state_dict().values(),
+                            other.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert any(not torch.equal(a, c) for a, c in zip(split.model.state_dict().values(),
+                                                      other.model.state_dict().values()))
+
+
 def test_choose_keep_takes_the_largest_weight_within_the_tolerance():
     from continual_kd.continual.learner import KEEP_WEIGHT, choose_keep, with_keep_weight
     from continual_kd.config import BDTermSpec, KeepTermSpec

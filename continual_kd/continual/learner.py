@@ -119,6 +119,18 @@ def choose_fit(fits: list[tuple[dict, dict]], prefer: str = "accuracy", toleranc
     return min(close, key=lambda f: (f[1]["valid_avgpop"], -ndcg(f))) if close else best
 
 
+def race_copy(model):
+    """A copy of ``model`` for one run of a warm grid's race: its own parameters and state, sharing what the
+    backbone names in ``shared_on_copy`` (the observed pairs and the graph it reads, which ``observe`` replaces
+    and nothing changes in place) instead of copying the history once per candidate."""
+    memo = {}
+    for name in getattr(model, "shared_on_copy", ()):
+        value = getattr(model, name, None)
+        if value is not None:
+            memo[id(value)] = value
+    return copy.deepcopy(model, memo)
+
+
 KEEP_WEIGHT = "keep_weight"  # a warm update's grid key: the weight of the model's `keep` term (its `weights`)
 
 
@@ -321,7 +333,7 @@ class Learner:
         # of the model, and only the best on validation so far goes on to its end
         probe = self.spec.train.grid_block_probe if (warm and self.spec.train.grid_block and len(grid) > 1
                                                      and valid is not None and trajectory is None
-                                                     and KEEP_WEIGHT not in grid[0]) else 0
+                                                     and KEEP_WEIGHT not in grid[0] and self.parallel is None) else 0
         start = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if len(grid) > 1 else None
         origin = self.model  # the race's copies start from it
         fits, runs = [], []
@@ -329,7 +341,7 @@ class Learner:
             if start is not None:
                 if probe:  # a copy of its own, so that every run can be paused and taken up again
                     getattr(origin, "restart_noise", lambda: None)()  # (a torch generator does not copy)
-                    self.model = copy.deepcopy(origin)
+                    self.model = race_copy(origin)
                 self.model.load_state_dict(start)
                 getattr(self.model, "restart_noise", lambda: None)()  # a model's own noise (MultVAE) as well
             if warm and "shrink_block" in overrides:  # the rows it had before the block, as a plain shrink would

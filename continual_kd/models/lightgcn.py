@@ -101,6 +101,7 @@ def pairs_adjacency(pairs, num_users: int, num_items: int, dtype: torch.dtype = 
 class LightGCN(nn.Module):
     observes_pairs = True  # observe(..., pairs=UserItemSet): the Learner's kept pair set, graph built without a sort
     needs_item_major = True  # ... and it needs the set's item-major copy (pairs.by_item)
+    shared_on_copy = ("_edges", "_pairs", "_adj")  # the graph: replaced by observe and grow, never changed in place
 
     def __init__(self, num_users: int, num_items: int, dim: int = 64, layers: int = 2):
         super().__init__()

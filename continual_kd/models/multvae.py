@@ -37,6 +37,7 @@ INIT_STD = 0.01  # new items' random rows, as the protocol's random init
 @register("multvae")
 class MultVAE(nn.Module):
     batch_unit = "user"  # the training loop batches users (a whole row each), not interactions
+    shared_on_copy = ("_indptr", "_cols")  # the observed rows: replaced by observe, never changed in place
     observes_pairs = True  # observe(..., pairs=UserItemSet): the rows are the Learner's kept CSR (no sort)
 
     def __init__(self, num_users: int, num_items: int, dim: int = 200, hidden: int = 600,
