@@ -18,7 +18,8 @@ After each block k every model is scored on the pooled test pairs of blocks ≤ 
 valid masked) and on each block's own test pairs. Printed: per model the final snapshot's pooled
 NDCG@20 and the mean over blocks of the per-block figure, with the ratio to the same model retrained;
 the student's ratio to the best retrained teacher; per block the pooled NDCG@20 of every method and
-the seconds of each model's update next to the retrain's.
+the seconds of each model's update next to the retrain's, and the four models' together (issue 19's time goal:
+their updates ÷ their retrains, ≤ 1/3 by the last block).
 
 ``--seeds N`` runs every stream with job seeds 0..N-1 (each seed its own models and its own cut of the
 blocks into train / valid / test) and closes with each model's final ratio to its retrain per seed and
@@ -130,6 +131,13 @@ def print_stream(path: str, report: dict) -> None:
         print(f"  block {k}: {pooled}")
         if secs:
             print(f"    update s ({'/'.join(methods)}; job/retrain): " + "  ".join(secs))
+        if k and "job" in row and "retrain" in row:  # issue 19's time goal: all models' updates ÷ their retrains
+            job_s, re_s = _total_seconds(row["job"]), _total_seconds(row["retrain"])
+            print(f"    all models: {job_s:.1f} / {re_s:.1f} s = {_ratio(job_s, re_s):.2f}x")
+
+
+def _total_seconds(block: dict) -> float:
+    return sum(v for v in block["seconds"].values() if v is not None)
 
 
 def print_seeds(path: str, per_seed: dict) -> None:
@@ -148,6 +156,14 @@ def print_seeds(path: str, per_seed: dict) -> None:
                                                   if k.startswith("teacher:") and v is not None), default=None))
                 for f in finals.values()]
         print(f"  {m:9s} {'student / best T':18s} " + " ".join(f"{r:.3f}" for r in best) + f"   mean {_mean(best):.3f}")
+    if "job" in first:  # the time goal per block over the seeds: Σ update seconds ÷ Σ retrain seconds
+        blocks = len(next(iter(per_seed.values()))["job"]["blocks"])
+        cells = []
+        for k in range(1, blocks):
+            job_s = sum(_total_seconds(r["job"]["blocks"][k]) for r in per_seed.values())
+            re_s = sum(_total_seconds(r["retrain"]["blocks"][k]) for r in per_seed.values())
+            cells.append(f"block {k} {_ratio(job_s, re_s):.2f}x")
+        print("  all models' update ÷ retrain seconds, summed over the seeds: " + "  ".join(cells))
 
 
 def main() -> None:
