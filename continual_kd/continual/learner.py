@@ -334,14 +334,16 @@ class Learner:
         probe = self.spec.train.grid_block_probe if (warm and self.spec.train.grid_block and len(grid) > 1
                                                      and valid is not None and trajectory is None
                                                      and KEEP_WEIGHT not in grid[0] and self.parallel is None) else 0
-        start = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if len(grid) > 1 else None
-        origin = self.model  # the race's copies start from it
+        # the same start for every fit: the race copies the untouched model, the sequential grid reloads it
+        sequential = len(grid) > 1 and not probe
+        start = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if sequential else None
+        origin = self.model
         fits, runs = [], []
         for overrides in grid:
-            if start is not None:
-                if probe:  # a copy of its own, so that every run can be paused and taken up again
-                    getattr(origin, "restart_noise", lambda: None)()  # (a torch generator does not copy)
-                    self.model = race_copy(origin)
+            if probe:  # a copy of its own, so that every run can be paused and taken up again
+                getattr(origin, "restart_noise", lambda: None)()  # its noise from the start (a generator does not copy)
+                self.model = race_copy(origin)
+            elif start is not None:
                 self.model.load_state_dict(start)
                 getattr(self.model, "restart_noise", lambda: None)()  # a model's own noise (MultVAE) as well
             if warm and "shrink_block" in overrides:  # the rows it had before the block, as a plain shrink would
