@@ -1,8 +1,9 @@
 """Every distillation method on the peer's own ground: MovieLens-100K, its split, BPR-MF 128 → BPR-MF 16.
 
     python bench/head_to_head.py [--json PATH] [--methods "no KD,RRD,HTD"] [--epochs 1000] [--patience 30]
-                                 [--lr 0.001] [--batch-size 2048] [--teacher-wd 3e-5,1e-4,3e-4,1e-3]
-                                 [--student-wd 1e-4] [--student-dim 16] [--term rrd.k=100 ...]
+                                 [--lr 0.001] [--batch-size 2048] [--teacher-wd 1e-5,3e-5,1e-4,3e-4,1e-3]
+                                 [--teacher-hard 1,2,4,8] [--student-wd 1e-4] [--student-hard 1,4,8,16]
+                                 [--student-dim 16] [--term rrd.k=100 ...] [--teacher-train KEY=VALUE ...]
 
 The split (the one woriazzc/KDs and RecBole-style scripts use): dense ids = sorted original ids - 1;
 every user's items sorted by item id, then shuffled with one ``numpy.random.default_rng(0)`` (users in
@@ -11,7 +12,8 @@ ascending dense id order), cut at l = max(⌊0.8n⌋, 1), r = ⌊0.9n⌋ into tr
 validation items stay in the ranking as negatives, as the peer's evaluator does); every model is kept
 at its best validation NDCG@20 epoch (``train.select: best_valid``).
 
-The teachers are trained once (BPR-MF 128, its L2 chosen on validation from ``--teacher-wd``; for
+The teachers are trained once (BPR-MF 128, its L2 and its hard negatives — ``train.hard_negatives``, dynamic
+negative sampling — chosen on validation from ``--teacher-wd`` × ``--teacher-hard``; for
 HetComp also LightGCN and MultVAE, with their trajectories) and every method trains a fresh BPR-MF 16
 student from them through the library's own stages (``continual.stages``: teacher knowledge → update
 student, on the in-process executor). A method whose term is not registered (yet) is reported n/a.
@@ -32,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -100,6 +103,13 @@ def movielens_split() -> Interactions:
 # ---------------------------------------------------------------------------------------- a method
 
 
+def grid_of(values: dict[str, list]) -> dict:
+    """Train settings: a single value set as it is, several chosen on validation (``train.grid``)."""
+    fixed = {k: v[0] for k, v in values.items() if len(v) == 1}
+    grid = {k: v for k, v in values.items() if len(v) > 1}
+    return {**fixed, **({"grid": grid} if grid else {})}
+
+
 def job_for(terms: list[dict], teachers: list[dict], args) -> "object":
     train = {"epochs_base": args.epochs, "select": "best_valid", "patience": args.patience,
              "batch_size": args.batch_size, "lr": args.lr}
@@ -107,14 +117,17 @@ def job_for(terms: list[dict], teachers: list[dict], args) -> "object":
     for t in teachers:
         t = dict(t)
         overrides = t.pop("train_overrides", {})
-        grid = {"grid": {"weight_decay": args.teacher_wd}} if t["backbone"] == "mf" and len(args.teacher_wd) > 1 else {}
-        wd = {"weight_decay": args.teacher_wd[0]} if t["backbone"] == "mf" and len(args.teacher_wd) == 1 else {}
-        teacher_specs.append({**t, "train": {**train, **overrides, **grid, **wd}})
+        mf = {}
+        if t["backbone"] == "mf":  # the MF teacher's L2 and hard negatives chosen on validation
+            mf = {**grid_of({"weight_decay": args.teacher_wd, "hard_negatives": args.teacher_hard}), **args.teacher_train}
+        teacher_specs.append({**t, "train": {**train, **overrides, **mf}})
     terms = [{**t, **args.term.get(t["name"], {})} for t in terms]
+    # HetComp's student learns from its KD loss alone (no BPR term): no negatives to choose
+    hard = [1] if any(t["name"] == "hetcomp" for t in terms) else args.student_hard
     job = {"name": "head-to-head", "seed": args.seed, "teachers": teacher_specs,
            "student": {"name": "student", "backbone": "mf", "dim": args.student_dim,
-                       "train": {**train, **({"grid": {"weight_decay": args.student_wd}} if len(args.student_wd) > 1
-                                             else {"weight_decay": args.student_wd[0]})}},
+                       "train": {**train, **grid_of({"weight_decay": args.student_wd, "hard_negatives": hard}),
+                                 **args.student_train}},
            "distill": {"terms": terms, "feedback": []}, "eval": {"ks": [20], "exclude": "train"}}
     return parse_job(job, "bench/head_to_head.py")
 
@@ -164,7 +177,7 @@ def run_method(seen: Interactions, name: str, teachers: dict, args) -> dict:
     return {"ndcg@20": ev["test"]["ndcg@20"], "recall@20": ev["test"]["recall@20"],
             "rows_per_s": log["trained_rows"] / train_s if train_s > 0 else None, "parameters": ev["parameters"],
             "best_epoch": log.get("best_epoch"), "epochs": log.get("epochs"),
-            "valid_ndcg@20": log.get("valid_ndcg@20"), "update_seconds": seconds}
+            "valid_ndcg@20": log.get("valid_ndcg@20"), "update_seconds": seconds, "chosen": log.get("chosen")}
 
 
 def parse_term_settings(items: list[str]) -> dict[str, dict]:
@@ -195,17 +208,27 @@ def main() -> None:
     ap.add_argument("--patience", type=int, default=30, help="epochs without a validation gain before stopping")
     ap.add_argument("--lr", type=float, default=0.001)
     ap.add_argument("--batch-size", type=int, default=2048)
-    ap.add_argument("--teacher-wd", type=lambda s: [float(x) for x in s.split(",")], default=[3e-5, 1e-4, 3e-4, 1e-3],
+    ap.add_argument("--teacher-wd", type=lambda s: [float(x) for x in s.split(",")], default=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3],
                     help="the MF teacher's L2 candidates, chosen on validation (one value: fixed)")
     ap.add_argument("--student-wd", type=lambda s: [float(x) for x in s.split(",")], default=[1e-4],
                     help="the student's L2 (several: chosen on validation)")
+    ap.add_argument("--teacher-hard", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8],
+                    help="the MF teacher's train.hard_negatives, chosen on validation among these (1: plain BPR)")
+    ap.add_argument("--student-hard", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8, 16],
+                    help="the student's train.hard_negatives, chosen on validation among these per method")
     ap.add_argument("--student-dim", type=int, default=16, help="the student's dimension (the peer's: 16)")
     ap.add_argument("--term", action="append", default=[], metavar="NAME.KEY=VALUE",
                     help="a term setting for every method using that term, e.g. rrd.mode=sample (repeatable)")
+    ap.add_argument("--teacher-train", action="append", default=[], metavar="KEY=VALUE",
+                    help="a train setting of the MF teachers (e.g. hard_negatives=8), YAML value")
+    ap.add_argument("--student-train", action="append", default=[], metavar="KEY=VALUE",
+                    help="a train setting of the student (e.g. hard_negatives=8), YAML value")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     args.term = parse_term_settings(args.term)
+    args.teacher_train, args.student_train = (
+        {k: yaml.safe_load(v) for k, v in (x.split("=", 1) for x in xs)} for xs in (args.teacher_train, args.student_train))
     torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -236,7 +259,8 @@ def main() -> None:
         r = results[m]
         print(f"{m}: NDCG@20 {_fmt(r['ndcg@20'], '.4f')}  Recall@20 {_fmt(r['recall@20'], '.4f')}  "
               f"{_fmt(r['rows_per_s'], ',.0f')} rows/s  valid NDCG@20 {_fmt(r.get('valid_ndcg@20'), '.4f')} "
-              f"(best epoch {r.get('best_epoch')})  {r.get('note', '')}", file=sys.stderr, flush=True)
+              f"(best epoch {r.get('best_epoch')}{', chosen ' + str(r['chosen']) if r.get('chosen') else ''})  "
+              f"{r.get('note', '')}", file=sys.stderr, flush=True)
 
     header = f"{'method':<14} {'NDCG@20':>8} {'Recall@20':>9} {'rows/s':>10} {'params':>8}   peer NDCG / Recall / rows/s"
     print(header)

@@ -240,7 +240,7 @@ class BlockSpec(_Spec):
 # -------------------------------------------------------------------------------------- models
 
 
-GRID_FIELDS = ("lr", "weight_decay", "negative_exponent")  # TrainSpec fields a grid may choose on validation
+GRID_FIELDS = ("lr", "weight_decay", "negative_exponent", "hard_negatives")  # TrainSpec fields a grid may choose on validation
 
 
 class TrainSpec(_Spec):
@@ -279,6 +279,10 @@ class TrainSpec(_Spec):
     # (popular items are drawn more often as negatives, which pushes against popularity bias)
     negatives: Literal["uniform", "popularity"] = "uniform"
     negative_exponent: float = Field(0.5, ge=0)
+    # dynamic negative sampling (DNS, Zhang et al. SIGIR'13): each positive's negative is the one the model scores
+    # highest, at that batch, of this many candidates drawn as `negatives` says (1: the draw itself). Hard
+    # negatives are the items the model wrongly ranks near the top — often popular ones
+    hard_negatives: int = Field(1, ge=1)
     # de-biasing of the model's own loss (continual/debias.py): none | ips: each positive pair's term
     # weighted by 1/p of its item, p = clip((training count / max)^ips_exponent, ips_clip, 1), weights
     # self-normalised to mean 1 over the update's positives (Saito et al. WSDM'20) | pda: trained on
@@ -326,6 +330,9 @@ class TrainSpec(_Spec):
                 raise _Bad(f"grid.{name}", "an empty list of candidates", [], "give at least one value or drop the key")
             if name == "lr" and any(v <= 0 for v in values):
                 raise _Bad(f"grid.{name}", "a learning rate ≤ 0", list(values), "use values > 0")
+            if name == "hard_negatives" and any(v < 1 or v != int(v) for v in values):
+                raise _Bad(f"grid.{name}", "a candidate count that is not a whole number ≥ 1", list(values),
+                           "use whole numbers ≥ 1 (1: the drawn negative itself)")
         for name, values in self.grid_block.items():
             if not values:
                 raise _Bad(f"grid_block.{name}", "an empty list of candidates", [], "give at least one value or drop the key")

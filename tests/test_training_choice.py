@@ -689,3 +689,53 @@ def test_rank_penalty_is_chosen_on_validation_ranks_everything_after_and_survive
     monkeypatch.setattr(learner.model.__class__, "base_loss", spy)
     learner.update(seen1, 1)
     assert seen_during and not any(seen_during)
+
+
+def test_hard_negatives_take_the_highest_scored_candidate_and_avoid_known_pairs(monkeypatch):
+    """train.hard_negatives (dynamic negative sampling): each positive's negative is the candidate the model
+    scores highest at that batch, the candidates drawn as train.negatives says (known pairs avoided)."""
+    from continual_kd.config import TrainSpec
+    from continual_kd.continual.training import hardest, train_epochs
+    from continual_kd.models.mf import BPRMF
+
+    model = BPRMF(3, 6, dim=2)
+    with torch.no_grad():  # user u prefers items by a fixed order: item scores 0..5 along the first axis
+        model.user_emb.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [1.0, 0.0]]))
+        model.item_emb.copy_(torch.tensor([[float(i), 0.0] for i in range(6)]))
+    users = torch.tensor([0, 1, 2])
+    candidates = torch.tensor([[0, 3, 1], [0, 3, 1], [5, 4, 2]])
+    assert hardest(model, users, candidates).tolist() == [3, 0, 5]
+    # in training: with more candidates the drawn negatives are the harder ones, and never known pairs
+    known = UserItemSet(np.array([0, 0]), np.array([5, 4]), 3, 6)  # user 0 knows its two best-scored items
+    seen = []
+    original = BPRMF.base_loss
+
+    def spy(self, u, pos, neg, **kw):
+        seen.append(neg.clone())
+        return original(self, u, pos, neg, **kw)
+
+    monkeypatch.setattr(BPRMF, "base_loss", spy)
+    means = {}
+    for m in (1, 4):
+        seen.clear()
+        model_m = BPRMF(3, 6, dim=2)
+        model_m.load_state_dict(model.state_dict())
+        spec = TrainSpec(lr=1e-9, batch_size=4096, weight_decay=0.0, hard_negatives=m)
+        pos = torch.zeros(2000, dtype=torch.int64)  # user 0, item 0, 2000 times
+        train_epochs(model_m, pos.clone(), pos, known, 1, spec, torch.Generator().manual_seed(0))
+        neg = torch.cat(seen)
+        assert len(neg) == 2000 and not bool(((neg == 5) | (neg == 4)).any())
+        means[m] = float(neg.float().mean())
+    # items 0-3 are drawn: one uniform draw averages 1.5, the best-scored (highest id) of four 2.62
+    assert means[1] == pytest.approx(1.5, abs=0.1) and means[4] == pytest.approx(2.62, abs=0.05)
+
+
+def test_grid_of_hard_negatives_takes_whole_counts():
+    from continual_kd.config import TrainSpec
+    from continual_kd.errors import CkdError
+
+    assert TrainSpec(grid={"hard_negatives": [1, 4]}).grid["hard_negatives"] == (1, 4)
+    with pytest.raises((CkdError, ValueError), match="whole number"):
+        TrainSpec(grid={"hard_negatives": [1.5]})
+    with pytest.raises((CkdError, ValueError)):
+        TrainSpec(hard_negatives=0)

@@ -116,13 +116,17 @@ def iter_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserItem
                 p_all = n_all = u_all
             else:
                 p_all = items[perm]
-                n_all = sample_excluding(u_all, 1, model.num_items, [known], generator,
-                                         weights=neg_weights).squeeze(1)  # (n,)
+                candidates = int(spec.hard_negatives)  # a grid's choice arrives as a float
+                n_all = sample_excluding(u_all, candidates, model.num_items, [known], generator,
+                                         weights=neg_weights)  # (n, candidates)
+                n_all = n_all.squeeze(1) if candidates == 1 else n_all
             base_sum = kd_sum = torch.zeros((), device=device)  # summed on the device: no host sync per batch
             for start in range(0, n, size):
                 batch = Batch(u_all[start : start + size], p_all[start : start + size], n_all[start : start + size])
                 if parallel is not None:  # this worker's part of the batch
                     batch = parallel.shard(batch)
+                if batch.neg.dim() == 2:  # train.hard_negatives: the candidate the model scores highest now
+                    batch = Batch(batch.users, batch.pos, hardest(model, batch.users, batch.neg))
                 with batch_scope():  # the batch's losses may share one forward of the model (LightGCN)
                     loss = model.base_loss(batch.users, batch.pos, batch.neg, **shaped)
                     base_sum = base_sum + loss.detach()
@@ -154,6 +158,13 @@ def iter_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserItem
         model.eval()
         if hasattr(model, "row_tape"):
             model.row_tape = None  # dense gradients again outside this update's steps
+
+
+@torch.no_grad()
+def hardest(model, users: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """(B,) the highest-scored of each user's (B, M) candidate negatives (dynamic negative sampling)."""
+    best = model.score(users, candidates).argmax(1, keepdim=True)
+    return candidates.gather(1, best).squeeze(1)
 
 
 class BestEpoch:
