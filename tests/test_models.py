@@ -219,6 +219,28 @@ def test_lightgcn_batch_scope_propagates_once_with_the_same_gradients():
         assert model.embeddings()[0] is not first
 
 
+def test_lightgcn_hard_negatives_come_from_the_batch_propagation():
+    """train.hard_negatives on a graph model: the candidates are scored from the propagation the batch's loss
+    then reuses (no second one), with the scores of the model and no gradient through the choice."""
+    from continual_kd.continual.training import hardest
+
+    torch.manual_seed(0)
+    model = build_backbone("lightgcn", 6, 7, dim=4, layers=2)
+    model.observe(torch.tensor([0, 1, 2, 3, 4, 5, 5]), torch.tensor([0, 1, 2, 4, 6, 3, 5]))
+    u, p = torch.tensor([0, 3, 5]), torch.tensor([0, 4, 3])
+    candidates = torch.tensor([[6, 1, 2], [0, 1, 5], [2, 4, 6]])
+    with torch.no_grad():
+        expected = candidates.gather(1, model.score(u, candidates).argmax(1, keepdim=True)).squeeze(1)
+    with model.batch_scope():
+        neg = hardest(model, u, candidates)
+        shared = model.embeddings()[0]
+        assert model._batch_cache is not None and shared is model._batch_cache[1]  # the loss's own forward
+        loss = model.base_loss(u, p, neg)
+    assert torch.equal(neg, expected)
+    loss.backward()
+    assert model.user_emb.grad is not None
+
+
 def test_multvae_scores_are_deterministic_in_eval_mode_and_training_noise_is_seeded():
     torch.manual_seed(0)
     model = build_backbone("multvae", 4, 6, **BACKBONE_CASES["multvae"])

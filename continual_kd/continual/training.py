@@ -125,9 +125,9 @@ def iter_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserItem
                 batch = Batch(u_all[start : start + size], p_all[start : start + size], n_all[start : start + size])
                 if parallel is not None:  # this worker's part of the batch
                     batch = parallel.shard(batch)
-                if batch.neg.dim() == 2:  # train.hard_negatives: the candidate the model scores highest now
-                    batch = Batch(batch.users, batch.pos, hardest(model, batch.users, batch.neg))
                 with batch_scope():  # the batch's losses may share one forward of the model (LightGCN)
+                    if batch.neg.dim() == 2:  # train.hard_negatives: the candidate the model scores highest now
+                        batch = Batch(batch.users, batch.pos, hardest(model, batch.users, batch.neg))
                     loss = model.base_loss(batch.users, batch.pos, batch.neg, **shaped)
                     base_sum = base_sum + loss.detach()
                     loss = base_weight * loss
@@ -160,11 +160,17 @@ def iter_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserItem
             model.row_tape = None  # dense gradients again outside this update's steps
 
 
-@torch.no_grad()
 def hardest(model, users: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """(B,) the highest-scored of each user's (B, M) candidate negatives (dynamic negative sampling)."""
-    best = model.score(users, candidates).argmax(1, keepdim=True)
-    return candidates.gather(1, best).squeeze(1)
+    """(B,) the highest-scored of each user's (B, M) candidate negatives (dynamic negative sampling). A model
+    with ``candidate_scores`` scores them from the forward its batch shares (LightGCN's propagation, inside
+    its ``batch_scope``); any other by ``score`` without gradients."""
+    own = getattr(model, "candidate_scores", None)
+    if own is not None:
+        scores = own(users, candidates)
+    else:
+        with torch.no_grad():
+            scores = model.score(users, candidates)
+    return candidates.gather(1, scores.argmax(1, keepdim=True)).squeeze(1)
 
 
 class BestEpoch:

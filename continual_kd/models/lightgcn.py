@@ -195,6 +195,12 @@ class LightGCN(nn.Module):
         ue, ie = self._propagate()
         return pair_dot(gather_rows(ue, users), gather_rows(ie, items))
 
+    def candidate_scores(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Scores without gradients from the propagation a training batch shares (``batch_scope``): choosing
+        hard negatives (``train.hard_negatives``) costs no propagation of its own."""
+        ue, ie = self._propagate()
+        return pair_dot(gather_rows(ue.detach(), users), gather_rows(ie.detach(), items))
+
     def full_scores(self, users: torch.Tensor) -> torch.Tensor:
         ue, ie = self._propagate()  # propagated once, reused across chunks while nothing changes
         return ue[users] @ ie.T  # (B, I)
