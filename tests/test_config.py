@@ -54,6 +54,9 @@ def test_job_files_keep_their_settings_in_the_terms_form():
     vae = next(t for t in stream.teachers if t.backbone == "multvae").train  # its warm start chosen per update
     assert (vae.grid_block, vae.perturb_block, vae.shrink_block) == ({"shrink_block": (1.0, 0.7)}, 0.01, None)
     assert vae.grid_block_probe == 3  # raced: only the better start after 3 epochs trains on
+    by_name = {t.backbone: t.train for t in stream.teachers}  # hard negatives (DNS) or not, chosen on validation
+    assert by_name["mf"].grid == {"weight_decay": (0.0001, 0.001, 0.01), "hard_negatives": (1, 4)}
+    assert by_name["lightgcn"].grid == {"hard_negatives": (1, 4)} and stream.student.train.hard_negatives == 1
     synthetic = load_job(ROOT / "jobs" / "synthetic-stream.yaml")  # the stream of issue 19's bench: the same models
     assert [t.model_dump() for t in synthetic.teachers] == [t.model_dump() for t in stream.teachers]
 
