@@ -165,13 +165,14 @@ def sample_excluding(users: torch.Tensor, count: int, num_items: int, exclude: l
     u = users.unsqueeze(1).expand(-1, count).reshape(-1)  # (B·count,) row-major, as the draw
     draw = draw_items((len(users), count)).to(device).reshape(-1)
     tests = [_membership(s) for s in exclude]
-    at = torch.arange(len(draw), device=device)  # the draws still to test
+    at = None  # the draws still to test (None: every one — the first round gathers nothing)
     for _ in range(rounds):
-        uu, dd = u[at], draw[at]
+        uu, dd = (u, draw) if at is None else (u[at], draw[at])
         bad = torch.zeros_like(dd, dtype=torch.bool)
         for test in tests:
             bad |= test(uu, dd)
-        at = at[bad]  # in row-major order: the replacements land where the whole-batch mask put them
+        # in row-major order: the replacements land where the whole-batch mask put them
+        at = bad.nonzero().squeeze(1) if at is None else at[bad]
         if len(at) == 0:
             break
         draw[at] = draw_items((len(at),)).to(device)
