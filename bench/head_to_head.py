@@ -1,9 +1,10 @@
 """Every distillation method on the peer's own ground: MovieLens-100K, its split, BPR-MF 128 → BPR-MF 16.
 
     python bench/head_to_head.py [--json PATH] [--methods "no KD,RRD,HTD"] [--epochs 1000] [--patience 30]
-                                 [--lr 0.001] [--batch-size 2048] [--teacher-wd 1e-5,3e-5,1e-4,3e-4,1e-3]
-                                 [--teacher-hard 1,2,4,8] [--student-wd 1e-4] [--student-hard 1,4,8,16]
-                                 [--student-dim 16] [--term rrd.k=100 ...] [--teacher-train KEY=VALUE ...]
+                                 [--lr 0.001] [--batch-size 2048] [--teacher-wd 1e-5,1e-4,1e-3]
+                                 [--teacher-hard 2,4,8] [--teacher-lr 2.5e-4,5e-4,1e-3] [--student-wd 1e-4]
+                                 [--student-hard 1,4,8,16] [--student-lr 0.001] [--student-dim 16]
+                                 [--term rrd.k=100 ...] [--teacher-train KEY=VALUE ...]
 
 The split (the one woriazzc/KDs and RecBole-style scripts use): dense ids = sorted original ids - 1;
 every user's items sorted by item id, then shuffled with one ``numpy.random.default_rng(0)`` (users in
@@ -12,8 +13,9 @@ ascending dense id order), cut at l = max(⌊0.8n⌋, 1), r = ⌊0.9n⌋ into tr
 validation items stay in the ranking as negatives, as the peer's evaluator does); every model is kept
 at its best validation NDCG@20 epoch (``train.select: best_valid``).
 
-The teachers are trained once (BPR-MF 128, its L2 and its hard negatives — ``train.hard_negatives``, dynamic
-negative sampling — chosen on validation from ``--teacher-wd`` × ``--teacher-hard``; for
+The teachers are trained once (BPR-MF 128, its L2, its hard negatives — ``train.hard_negatives``, dynamic
+negative sampling — and its learning rate chosen on validation from ``--teacher-wd`` × ``--teacher-hard`` ×
+``--teacher-lr``; for
 HetComp also LightGCN and MultVAE, with their trajectories) and every method trains a fresh BPR-MF 16
 student from them through the library's own stages (``continual.stages``: teacher knowledge → update
 student, on the in-process executor). A method whose term is not registered (yet) is reported n/a.
@@ -119,14 +121,16 @@ def job_for(terms: list[dict], teachers: list[dict], args) -> "object":
         overrides = t.pop("train_overrides", {})
         mf = {}
         if t["backbone"] == "mf":  # the MF teacher's L2 and hard negatives chosen on validation
-            mf = {**grid_of({"weight_decay": args.teacher_wd, "hard_negatives": args.teacher_hard}), **args.teacher_train}
+            mf = {**grid_of({"weight_decay": args.teacher_wd, "hard_negatives": args.teacher_hard,
+                             "lr": args.teacher_lr}), **args.teacher_train}
         teacher_specs.append({**t, "train": {**train, **overrides, **mf}})
     terms = [{**t, **args.term.get(t["name"], {})} for t in terms]
     # HetComp's student learns from its KD loss alone (no BPR term): no negatives to choose
     hard = [1] if any(t["name"] == "hetcomp" for t in terms) else args.student_hard
     job = {"name": "head-to-head", "seed": args.seed, "teachers": teacher_specs,
            "student": {"name": "student", "backbone": "mf", "dim": args.student_dim,
-                       "train": {**train, **grid_of({"weight_decay": args.student_wd, "hard_negatives": hard}),
+                       "train": {**train, **grid_of({"weight_decay": args.student_wd, "hard_negatives": hard,
+                                                      "lr": args.student_lr}),
                                  **args.student_train}},
            "distill": {"terms": terms, "feedback": []}, "eval": {"ks": [20], "exclude": "train"}}
     return parse_job(job, "bench/head_to_head.py")
@@ -208,12 +212,16 @@ def main() -> None:
     ap.add_argument("--patience", type=int, default=30, help="epochs without a validation gain before stopping")
     ap.add_argument("--lr", type=float, default=0.001)
     ap.add_argument("--batch-size", type=int, default=2048)
-    ap.add_argument("--teacher-wd", type=lambda s: [float(x) for x in s.split(",")], default=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3],
+    ap.add_argument("--teacher-wd", type=lambda s: [float(x) for x in s.split(",")], default=[1e-5, 1e-4, 1e-3],
                     help="the MF teacher's L2 candidates, chosen on validation (one value: fixed)")
     ap.add_argument("--student-wd", type=lambda s: [float(x) for x in s.split(",")], default=[1e-4],
                     help="the student's L2 (several: chosen on validation)")
-    ap.add_argument("--teacher-hard", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8],
+    ap.add_argument("--teacher-hard", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 8],
                     help="the MF teacher's train.hard_negatives, chosen on validation among these (1: plain BPR)")
+    ap.add_argument("--teacher-lr", type=lambda s: [float(x) for x in s.split(",")], default=[2.5e-4, 5e-4, 1e-3],
+                    help="the MF teacher's learning rate candidates, chosen on validation")
+    ap.add_argument("--student-lr", type=lambda s: [float(x) for x in s.split(",")], default=None,
+                    help="the student's learning rate candidates, chosen on validation (default: --lr)")
     ap.add_argument("--student-hard", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8, 16],
                     help="the student's train.hard_negatives, chosen on validation among these per method")
     ap.add_argument("--student-dim", type=int, default=16, help="the student's dimension (the peer's: 16)")
@@ -227,6 +235,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     args.term = parse_term_settings(args.term)
+    args.student_lr = args.student_lr or [args.lr]
     args.teacher_train, args.student_train = (
         {k: yaml.safe_load(v) for k, v in (x.split("=", 1) for x in xs)} for xs in (args.teacher_train, args.student_train))
     torch.set_num_threads(args.threads)
