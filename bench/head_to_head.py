@@ -120,7 +120,7 @@ def job_for(terms: list[dict], teachers: list[dict], args) -> "object":
         t = dict(t)
         overrides = t.pop("train_overrides", {})
         mf = {}
-        if t["backbone"] == "mf":  # the MF teacher's L2 and hard negatives chosen on validation
+        if t["backbone"] == "mf":  # the MF teacher's L2, hard negatives and rate chosen on validation
             mf = {**grid_of({"weight_decay": args.teacher_wd, "hard_negatives": args.teacher_hard,
                              "lr": args.teacher_lr}), **args.teacher_train}
         teacher_specs.append({**t, "train": {**train, **overrides, **mf}})
