@@ -2,6 +2,7 @@
 
     python bench/rrd_step.py                 # both shapes, each in its own process, one torch thread
     python bench/rrd_step.py 10M             # one shape
+    python bench/rrd_step.py --threads 2     # torch's intra-op threads (both cores of the 2-core box)
 
 One epoch of ``continual.training.train_epochs`` at the shapes of an incremental block of
 ``bench/scale.py``'s streams: 1M = 50k users × 20k items, 167k block rows from 45k users with teacher
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 SHAPES = {"1M": (50_000, 20_000, 45_000, 166_667, 400_000), "10M": (300_000, 100_000, 283_000, 1_666_667, 3_300_000)}
 
 
-def measure(label: str) -> dict:
+def measure(label: str, threads: int = 1) -> dict:
     import torch
 
     from continual_kd.config import TrainSpec
@@ -35,7 +36,7 @@ def measure(label: str) -> dict:
     from continual_kd.models.mf import BPRMF
     from continual_kd.sparse import UserItemSet
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     num_users, num_items, with_knowledge, rows, history = SHAPES[label]
     g = torch.Generator().manual_seed(0)
     users = torch.randperm(num_users, generator=g)[:with_knowledge]
@@ -70,15 +71,16 @@ def measure(label: str) -> dict:
 
 
 def main() -> None:
+    threads = int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else 1
     if "--child" in sys.argv:
         label = sys.argv[1]
-        r = measure(label)
+        r = measure(label, threads)
         print(f"{label:>4}: no KD {r['no KD']:>9,.0f} rows/s   RRD {r['RRD']:>8,.0f} rows/s   "
               f"RRD resample {r['resample_s']:.2f} s", flush=True)
         return
     labels = [a for a in sys.argv[1:] if a in SHAPES] or list(SHAPES)
     for label in labels:  # each shape in a fresh process: no cache or allocator state carried over
-        subprocess.run([sys.executable, __file__, label, "--child"], check=True)
+        subprocess.run([sys.executable, __file__, label, "--child", "--threads", str(threads)], check=True)
     print("reproduce: python bench/rrd_step.py " + " ".join(sys.argv[1:]))
 
 
