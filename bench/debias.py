@@ -28,8 +28,10 @@ After the last block, every model is scored on the pooled test pairs of all bloc
 logged NDCG@20, average popularity and coverage of the top-20; with a truth, the share of the best
 achievable true relevance in the top-20 (share@20) and NDCG@5 on 100 uniformly drawn items per user
 labelled by the truth (tNDCG@5); on MovieLens, the self-normalised inverse-propensity NDCG@20 (ips@20) and
-NDCG@20 on the intervened test split (iv@20). A "popularity" row ranks by training popularity. Then the
-student's ratios to the best teacher and to popularity, and each option's change over none per model.
+NDCG@20 on the intervened test split (iv@20). A "popularity" row ranks by training popularity, an "ensemble"
+row by the teachers' uniform rank fusion (``continual.ensemble``: the ranking the student's knowledge is drawn
+from, over every item). Then the student's ratios to the best teacher (t), to popularity (p) and to the
+ensemble (e), and each option's change over none per model.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from continual_kd.config import load_job, parse_job  # noqa: E402
 from continual_kd.continual import make_learners, run_stream_local  # noqa: E402
+from continual_kd.continual.ensemble import RankFusionEnsemble  # noqa: E402
 from continual_kd.continual.snapshot_eval import _truth_figures, _truth_inputs, truth_index  # noqa: E402
 from continual_kd.data.simulate import SimulationConfig, simulate, uniform_sample  # noqa: E402
 from continual_kd.eval import evaluate_ranking  # noqa: E402
@@ -150,13 +153,15 @@ def run_one(job_dict: dict, name: str, option: str, store, truth, blocks: dict, 
     models = {key: lr.model for key, lr in learners.items()}
     counts = training_popularity(seen)
     models["popularity"] = PopularityRanking(counts)
+    relevant, exclude = eval_sets(seen, None, TEST, "cpu", job.eval.mask)
+    models["ensemble"] = RankFusionEnsemble([lr.model for key, lr in learners.items() if key != "student"],
+                                            exclude=exclude)
     truth_set = None
     if truth is not None:
         ti = truth_index(truth, store.external_ids("user", np.arange(seen.num_users)),
                          store.external_ids("item", np.arange(seen.num_items)))
         truth_set = _truth_inputs(ti, seen, job.eval, "cpu", job.seed)
     rows = {}
-    relevant, exclude = eval_sets(seen, None, TEST, "cpu", job.eval.mask)
     for key, model in models.items():
         logged = evaluate_ranking(model, relevant, exclude, (K,), item_popularity=counts)
         row = {"ndcg": logged[f"ndcg@{K}"], "avgpop": logged[f"avgpop@{K}"], "coverage": logged[f"coverage@{K}"]}
@@ -184,8 +189,9 @@ def student_ratios(rows: dict, metrics: list[str]) -> dict:
     out = {}
     for m in metrics:
         best = max(rows[t][m] for t in teachers) if teachers else float("nan")
-        out[m] = {"to_best_teacher": _ratio(rows["student"][m], best), "to_popularity": _ratio(rows["student"][m],
-                                                                                               rows["popularity"][m])}
+        out[m] = {"to_best_teacher": _ratio(rows["student"][m], best),
+                  "to_popularity": _ratio(rows["student"][m], rows["popularity"][m]),
+                  "to_ensemble": _ratio(rows["student"][m], rows["ensemble"][m]) if "ensemble" in rows else math.nan}
     return out
 
 
@@ -210,6 +216,7 @@ def print_dataset(name: str, by_option: dict, truth: bool) -> None:
         print(f"{option:<7} {'student/':<10} " + " ".join(f"{ratios[c]['to_best_teacher']:>8.2f}t" for c in cols)
               + f"   ({rep['seconds']:.0f}s)")
         print(f"{'':<7} {'':<10} " + " ".join(f"{ratios[c]['to_popularity']:>8.2f}p" for c in cols))
+        print(f"{'':<7} {'':<10} " + " ".join(f"{ratios[c]['to_ensemble']:>8.2f}e" for c in cols))
 
 
 def print_changes(report: dict) -> None:
