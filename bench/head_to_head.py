@@ -4,7 +4,8 @@
                                  [--lr 0.001] [--batch-size 2048] [--teacher-wd 1e-5,1e-4,1e-3]
                                  [--teacher-hard 2,4,8] [--teacher-lr 2.5e-4,5e-4,1e-3] [--student-wd 1e-4]
                                  [--student-hard 1,4,8,16] [--student-lr 0.001] [--student-dim 16]
-                                 [--term rrd.k=100 ...] [--teacher-train KEY=VALUE ...]
+                                 [--term rrd.k=100 ...] [--teacher-train KEY=VALUE ...] [--seed 0]
+    python bench/head_to_head.py --merge s0.json s1.json ...   # runs of several seeds: mean, min–max, ÷ peer
 
 The split (the one woriazzc/KDs and RecBole-style scripts use): dense ids = sorted original ids - 1;
 every user's items sorted by item id, then shuffled with one ``numpy.random.default_rng(0)`` (users in
@@ -23,7 +24,10 @@ student, on the in-process executor). A method whose term is not registered (yet
 Printed per method: test NDCG@20 and Recall@20, training rows per second per epoch (the epoch's
 resampling, batches and KD terms; validation and the terms' one-off construction excluded) and the
 served student's parameters; ``--json PATH`` writes ``{method: {"ndcg@20", "recall@20", "rows_per_s",
-"parameters", "valid_ndcg@20"}}`` (the teachers as ``teacher:<name>`` rows) plus ``"split"`` (row counts).
+"parameters", "valid_ndcg@20"}}`` (the teachers as ``teacher:<name>`` rows) plus ``"split"`` (row counts) and
+``"seed"``. One seed's figures move by about ±.002 (every model's initialisation and draws): ``--merge`` reads the
+JSON of runs with different ``--seed`` (run side by side, one process each) and prints each method's mean over them,
+its range, its validation mean and its ratio to the peer's figure — the figures a comparison should quote.
 """
 
 from __future__ import annotations
@@ -198,8 +202,49 @@ def parse_term_settings(items: list[str]) -> dict[str, dict]:
     return out
 
 
+def merge_runs(runs: list[dict]) -> dict[str, dict]:
+    """Per method (and teacher row) present in every run: n, the mean, min and max of test NDCG@20, the means of
+    Recall@20, validation NDCG@20 and rows/s, and the mean's ratio to the peer's NDCG@20 (None without one)."""
+    rows = [{k: v for k, v in run.items() if isinstance(v, dict) and k != "split"} for run in runs]
+    out: dict[str, dict] = {}
+    for method in rows[0] if rows else ():
+        cells = [r[method] for r in rows if method in r]
+        if len(cells) < len(rows):
+            continue
+
+        def mean(key):
+            values = [c.get(key) for c in cells]
+            return None if any(v is None for v in values) else float(np.mean(values))
+
+        ndcgs = [c.get("ndcg@20") for c in cells]
+        peer = PEER.get("teacher" if method.startswith("teacher:") else method)
+        m = mean("ndcg@20")
+        out[method] = {"n": len(cells), "ndcg@20": m, "ndcg_min": None if m is None else min(ndcgs),
+                       "ndcg_max": None if m is None else max(ndcgs), "recall@20": mean("recall@20"),
+                       "valid_ndcg@20": mean("valid_ndcg@20"), "rows_per_s": mean("rows_per_s"),
+                       "to_peer": None if m is None or peer is None else m / peer[0],
+                       "seeds": [run.get("seed") for run in runs]}
+    return out
+
+
+def print_merged(merged: dict[str, dict]) -> None:
+    header = (f"{'method':<14} {'n':>2} {'NDCG@20':>8} {'min–max':>13} {'Recall@20':>9} {'valid':>7} {'rows/s':>10}"
+              f"   ÷ peer NDCG")
+    print(header)
+    print("-" * len(header))
+    for method, r in merged.items():
+        span = "n/a" if r["ndcg@20"] is None else f"{r['ndcg_min']:.4f}–{r['ndcg_max']:.4f}"
+        print(f"{method:<14} {r['n']:>2} {_fmt(r['ndcg@20'], '>8.4f')} {span:>13} {_fmt(r['recall@20'], '>9.4f')} "
+              f"{_fmt(r['valid_ndcg@20'], '>7.4f')} {_fmt(r['rows_per_s'], '>10,.0f')}   "
+              f"{_fmt(r['to_peer'], '.3f')}")
+    seeds = next(iter(merged.values()), {}).get("seeds")
+    print(f"seeds: {seeds}")
+
+
 def _fmt(x, spec: str) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return format("n/a", spec.split(".")[0].rstrip(",") + "s")  # the column's width kept
+    return format(x, spec)
 
 
 def main() -> None:
@@ -233,7 +278,12 @@ def main() -> None:
                     help="a train setting of the student (e.g. hard_negatives=8), YAML value")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="print the mean over the --json files of earlier runs (e.g. one per --seed); no training")
     args = ap.parse_args()
+    if args.merge:
+        print_merged(merge_runs([json.loads(p.read_text()) for p in args.merge]))
+        return
     args.term = parse_term_settings(args.term)
     args.student_lr = args.student_lr or [args.lr]
     args.teacher_train, args.student_train = (
@@ -290,7 +340,7 @@ def main() -> None:
         for key, t in teacher_metrics.items():  # the teachers as rows of the same shape (no student rows/s)
             out[key] = {"ndcg@20": t["ndcg@20"], "recall@20": t["recall@20"], "rows_per_s": None,
                         "parameters": t["parameters"]}
-        out["split"] = counts
+        out["split"], out["seed"] = counts, args.seed
         args.json.write_text(json.dumps(out, indent=2, default=float))
 
 
