@@ -282,7 +282,14 @@ def main() -> None:
                     help="print the mean over the --json files of earlier runs (e.g. one per --seed); no training")
     args = ap.parse_args()
     if args.merge:
-        print_merged(merge_runs([json.loads(p.read_text()) for p in args.merge]))
+        runs = []
+        for path in args.merge:
+            try:
+                runs.append(json.loads(path.read_text()))
+            except (OSError, ValueError) as e:
+                print(f"--merge: {path}: not a JSON file of this bench ({e})", file=sys.stderr)
+                raise SystemExit(2)
+        print_merged(merge_runs(runs))
         return
     args.term = parse_term_settings(args.term)
     args.student_lr = args.student_lr or [args.lr]
