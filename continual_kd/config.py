@@ -240,7 +240,7 @@ class BlockSpec(_Spec):
 # -------------------------------------------------------------------------------------- models
 
 
-GRID_FIELDS = ("lr", "weight_decay", "negative_exponent", "hard_negatives")  # TrainSpec fields a grid may choose on validation
+GRID_FIELDS = ("lr", "weight_decay", "negative_exponent", "hard_negatives", "kd_scale")  # TrainSpec fields a grid may choose on validation
 
 
 class TrainSpec(_Spec):
@@ -295,6 +295,11 @@ class TrainSpec(_Spec):
     # continual.replay. A graph model, whose update re-propagates the whole history, may want more of it
     # than a model batched by user, whose replay already touches nearly every user
     replay: float | None = Field(None, ge=0)
+    # every KD term this model learns by (distill.terms for the student, distill.feedback for a teacher) has its
+    # weight multiplied by this (1: as the job writes them). In the grid it chooses on the base block's
+    # validation how hard the model follows the other side's lists: a sparse stream's student gains from a
+    # stronger pull where MovieLens-100K's does not (docs/RESULTS.md)
+    kd_scale: float = Field(1.0, ge=0)
     patience: int = Field(10, ge=0)
     # patience of warm updates (a trained model continuing on a new block); None: patience. A warm model
     # often peaks within a few epochs of an update, and each further epoch of waiting costs a full pass

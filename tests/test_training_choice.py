@@ -165,6 +165,36 @@ def test_grid_is_chosen_on_validation_and_recorded_in_the_state(tmp_path, monkey
     assert later["grid"] == [] and later["chosen"] == {"weight_decay": winner}
 
 
+def test_kd_scale_multiplies_every_term_weight_and_the_grid_chooses_it(tmp_path, monkeypatch):
+    """train.kd_scale: the KD terms' weights × the scale (a scale of 2 trains exactly as the terms at twice their
+    weight); in the grid it is chosen on the base block's validation like any other setting."""
+    job, store, plan = _job(tmp_path, monkeypatch)
+    seen = store.read_blocks(plan.plan_id, 0)
+    teacher = Learner(job.teachers[0], job.seed, role="teacher")
+    teacher.update(seen, 0)
+    knowledge = [teacher.knowledge(seen, 0, 40)]
+    rrd = job.distill.terms[0]
+
+    def student(scale: float, weight: float, grid: dict | None = None):
+        spec = job.student.model_copy(update={"train": job.student.train.model_copy(
+            update={"kd_scale": scale, "grid": grid or {}})})
+        learner = Learner(spec, job.seed, role="student")
+        log = learner.update(seen, 0, knowledge, [rrd.model_copy(update={"weight": weight})])
+        return learner, log
+
+    scaled, _ = student(2.0, 0.5)
+    doubled, _ = student(1.0, 1.0)
+    plain, _ = student(1.0, 0.5)
+    for name, value in scaled.model.state_dict().items():
+        assert torch.equal(value, doubled.model.state_dict()[name])
+    assert not torch.equal(scaled.model.item_emb, plain.model.item_emb)  # the scale acts
+    chooser, log = student(1.0, 0.5, {"kd_scale": (0.0, 2.0)})
+    scores = {g["kd_scale"]: g["valid_ndcg@20"] for g in log["grid"]}
+    winner = max(scores, key=scores.get)
+    assert chooser.chosen == {"kd_scale": winner} and log["valid_ndcg@20"] == pytest.approx(scores[winner])
+    assert scores[2.0] == pytest.approx(student(2.0, 0.5)[1]["valid_ndcg@20"], abs=1e-6)
+
+
 def test_less_popular_choice_trades_at_most_the_tolerance():
     from continual_kd.continual.learner import choose_fit
 

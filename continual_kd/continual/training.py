@@ -98,7 +98,7 @@ def iter_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserItem
             started = time.perf_counter()
             for term in terms:
                 term.resample(generator, epoch)
-            weights = [term.weight_at(epoch) for term in terms]
+            weights = [term.weight_at(epoch) * spec.kd_scale for term in terms]
             users, items = block_users, block_items
             if replay is not None:
                 ru, ri = replay(generator)
