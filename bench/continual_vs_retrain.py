@@ -190,7 +190,7 @@ def main() -> None:
             job = parse_job({**base, "seed": seed}, path)
             store = open_source(job.source)
             b = job.blocks
-            plan = store.ensure_plan(b.base_fraction, b.incremental, b.split, job.seed)
+            plan = store.ensure_plan(b.base_fraction, b.incremental, b.plan_split, job.seed)
             overrides = method_overrides(job.to_dict())
             report = {}
             for name in args.methods.split(","):

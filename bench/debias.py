@@ -142,7 +142,7 @@ def run_one(job_dict: dict, name: str, option: str, store, truth, blocks: dict, 
             epochs: str = "small") -> dict:
     job = variant_job(job_dict, option, blocks, name, epochs)
     b = job.blocks
-    plan = store.ensure_plan(b.base_fraction, b.incremental, b.split, job.seed)
+    plan = store.ensure_plan(b.base_fraction, b.incremental, b.plan_split, job.seed)
     n = plan.num_blocks if n_blocks is None else min(n_blocks, plan.num_blocks)
     t0 = time.perf_counter()
     learners = make_learners(job)

@@ -56,7 +56,7 @@ def open_store(path: Path) -> StreamStore:
 
 def run(job, store: StreamStore, blocks: int):
     b = job.blocks
-    plan = store.ensure_plan(b.base_fraction, b.incremental, b.split, job.seed)
+    plan = store.ensure_plan(b.base_fraction, b.incremental, b.plan_split, job.seed)
     blocks = min(blocks, plan.num_blocks)
     learners = make_learners(job)
     t0 = time.perf_counter()

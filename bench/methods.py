@@ -138,7 +138,7 @@ def main() -> None:
     job = load_job(args.job)
     store = open_source(job.source)
     b = job.blocks
-    plan = store.ensure_plan(b.base_fraction, b.incremental, b.split, job.seed)
+    plan = store.ensure_plan(b.base_fraction, b.incremental, b.plan_split, job.seed)
     n = plan.num_blocks if args.blocks is None else min(args.blocks, plan.num_blocks)
     specs = method_specs(job.to_dict())
     report = {}

@@ -42,7 +42,7 @@ def main() -> None:
     snap, _ = resolve_snapshot(Path(args.runs), args.snapshot)
     job = parse_job(snap.manifest["job_spec"], f"{snap.path}/manifest.json")
     store = open_source(job.source)
-    plan = store.ensure_plan(job.blocks.base_fraction, job.blocks.incremental, job.blocks.split, job.seed)
+    plan = store.ensure_plan(job.blocks.base_fraction, job.blocks.incremental, job.blocks.plan_split, job.seed)
     seen = store.read_blocks(plan.plan_id, snap.block)
     blocks = list(range(snap.block + 1))
     betas = [float(b) for b in args.betas.split(",")]

@@ -26,7 +26,7 @@ from continual_kd.data.sources import open_source  # noqa: E402
 def run(job, blocks: int | None):
     store = open_source(job.source)
     b = job.blocks
-    plan = store.ensure_plan(b.base_fraction, b.incremental, b.split, job.seed)
+    plan = store.ensure_plan(b.base_fraction, b.incremental, b.plan_split, job.seed)
     n = plan.num_blocks if blocks is None else min(blocks, plan.num_blocks)
     t0 = time.perf_counter()
     results = run_stream_local(job, lambda k: store.read_blocks(plan.plan_id, k), n,

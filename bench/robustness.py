@@ -33,6 +33,7 @@ from continual_kd.config import load_job, parse_job  # noqa: E402
 from continual_kd.continual import make_learners, run_stream_local  # noqa: E402
 from continual_kd.continual.ensemble import evaluate_ensemble  # noqa: E402
 from continual_kd.data.sources import open_source  # noqa: E402
+from continual_kd.types import HOLDOUT  # noqa: E402
 
 USERS, ITEMS = 1500, 1000
 DENSITIES = (0.005, 0.02, 0.06)
@@ -88,6 +89,9 @@ def final_snapshot(results, learners, seen, job) -> dict[str, dict]:
         out[model] = {k: _mean([m.get(k) for m in per_block]) for k in KEYS}
         out[model]["pooled"] = (last.pooled.get(model) or {}).get("ndcg@20")
         out[model]["valid"] = _mean([(r.valid.get(model) or {}).get("ndcg@20") for r in results])
+        if (seen.split == HOLDOUT).any():  # blocks.holdout: the final snapshot on every block's held-out part
+            held = learners[model].evaluate(seen, list(range(last.block + 1)), job.eval, split=HOLDOUT)
+            out[model]["holdout"] = _mean([m.get("ndcg@20") for m in held.values()])
     teachers = [learners[m] for m in learners if m.startswith("teacher:")]
     if teachers:
         ens = evaluate_ensemble(teachers, seen, last.block, job.eval)
@@ -101,7 +105,7 @@ def run_row(job_dict: dict, source: dict, name: str) -> dict:
     job = parse_job({**job_dict, "source": source}, f"robustness [{name}]")
     store = open_source(job.source)
     b = job.blocks
-    plan = store.ensure_plan(b.base_fraction, b.incremental, b.split, job.seed)
+    plan = store.ensure_plan(b.base_fraction, b.incremental, b.plan_split, job.seed)
     learners = make_learners(job)
     t0 = time.perf_counter()
     results = run_stream_local(job, lambda k: store.read_blocks(plan.plan_id, k), plan.num_blocks, learners=learners)
@@ -147,8 +151,9 @@ def print_row(name: str, row: dict) -> None:
     for m, v in models.items():
         pooled = "–" if v.get("pooled") is None else f"{v['pooled']:.4f}"
         valid = "–" if v.get("valid") is None else f"{v['valid']:.4f}"
+        held = "" if v.get("holdout") is None else f"  held-out {v['holdout']:.4f}"
         print(f"  {m:18s} {v['ndcg@20']:8.4f} {pooled:>7s} {v['recall@20/tail']:9.4f} {v['avgpop@20']:9.1f} "
-              f"{v['coverage@20']:7.3f} {valid:>7s}")
+              f"{v['coverage@20']:7.3f} {valid:>7s}{held}")
     print(f"  student / best teacher {s.get('ndcg@20', float('nan')) / best:.3f}   "
           f"student / ensemble {s.get('ndcg@20', float('nan')) / ens:.3f}")
     if row.get("per_seed"):

@@ -943,13 +943,13 @@ def tune(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write every trial's figures as JSON ('-' for stdout).")] = None,
 ):
     """Search the job's tune.space with Ray Tune + ASHA on the first blocks; write the best job file."""
-    from .runtime.tune import run_tune
+    from .runtime.tune import METRICS, run_tune
 
     console = _human(json_path)
     with err.status("tuning: trials run the first blocks; ASHA stops weak ones after each block…"):
         res = run_tune(job_file, address=address, out=out_path, storage=storage,
                        progress=lambda e: err.print(_m("[dim]{}[/]", e["message"])) if e.get("type") == "info" else None)
-    t = Table(title=f"ckd tune {job_file}: student validation NDCG@20 per block (* = best)")
+    t = Table(title=f"ckd tune {job_file}: student {METRICS[res.job.tune.metric][1]} per block (* = best)")
     t.add_column("trial", overflow="fold")
     for i, _ in enumerate(res.space):
         t.add_column(f"f{i + 1}", justify="right")

@@ -195,6 +195,18 @@ class BlockSpec(_Spec):
     # per user inside each block: train / valid / test
     split: Annotated[tuple[Annotated[float, Field(ge=0)], Annotated[float, Field(ge=0)],
                            Annotated[float, Field(ge=0)]], BeforeValidator(_as_tuple)] = (0.8, 0.1, 0.1)
+    # a share of every (block, user) group's rows, taken from train, held out for good: never trained on, never
+    # used to choose an epoch or a grid setting, judged like test (`ckd evaluate`'s held-out figures). The
+    # newest block's validation is all a streaming model can choose on; a choice between whole jobs (ckd tune,
+    # a bench) can use this one, over every block of the final snapshot, without touching test (0: none)
+    holdout: float = Field(0.0, ge=0, lt=1)
+
+    @property
+    def plan_split(self) -> tuple[float, ...]:
+        """The plan's shares: (train, valid, test), or (train − holdout, valid, test, holdout)."""
+        if not self.holdout:
+            return tuple(self.split)
+        return (self.split[0] - self.holdout, self.split[1], self.split[2], self.holdout)
 
     @model_validator(mode="before")
     @classmethod
@@ -212,6 +224,9 @@ class BlockSpec(_Spec):
         if abs(sum(self.split) - 1) > 1e-6 or self.split[0] <= 0:
             raise _Bad("split", "three non-negative fractions (train, valid, test) summing to 1, train > 0",
                        list(self.split), "e.g. [0.8, 0.1, 0.1]")
+        if self.holdout >= self.split[0]:
+            raise _Bad("holdout", "the held-out share is taken from train and must leave some of it", self.holdout,
+                       f"use a value below the train share {self.split[0]:g}, e.g. 0.05")
         if self.window is not None and self.rows is not None:
             raise _Bad("rows", "window and rows exclude each other", self.rows, "keep one block policy")
         if self.live and self.base_fraction is not None and self.base_until is not None:
@@ -774,6 +789,10 @@ class TuneSpec(_Spec):
     reduction_factor: float = Field(2.0, gt=1)  # ASHA keeps the best 1/reduction_factor at each rung
     max_concurrent: int | None = Field(None, ge=1)  # trials at once (default: as many as the CPUs hold)
     cpus_per_trial: float = Field(1.0, gt=0)
+    # what a trial reports after each block: valid (the student's validation NDCG@20 on that block, all a
+    # streaming model has) | holdout (its mean NDCG@20 over the held-out parts of every block run so far —
+    # blocks.holdout: what the final snapshot is judged on, older blocks included, never trained on)
+    metric: Literal["valid", "holdout"] = "valid"
 
     @model_validator(mode="after")
     def _space(self):
@@ -803,6 +822,12 @@ class JobSpec(_Spec):
     @model_validator(mode="after")
     def _consistent(self):
         _check_name(self.name)
+        if self.tune is not None and self.tune.metric == "holdout" and not self.blocks.holdout:
+            raise _Bad("tune.metric", "holdout needs a held-out share to judge trials on", self.tune.metric,
+                       "set blocks.holdout (e.g. 0.05), or use metric: valid")
+        if self.blocks.holdout and self.source.dataset == "files":
+            raise _Bad("blocks.holdout", "a fixed split's files say every row's part; there is no stream to hold "
+                       "a share of out", self.blocks.holdout, "drop blocks.holdout, or hold rows out of the files")
         seen = {}
         for path, m in [*((f"teachers[{i}]", t) for i, t in enumerate(self.teachers)), ("student", self.student)]:
             if m.name in seen:

@@ -201,6 +201,15 @@ def evaluate_tables(res: dict, job: str, block: int, width: int | None, wide: bo
                                        for m in models]) for g in eq]
         tables += fit_tables(f"Recall@{k_main} by UnKD's equal-interaction groups (eq0 = most popular; mean over "
                              f"blocks)", [Column("model", [labels[m] for m in models], "left")], cols, width)
+    if any(f"holdout_ndcg@{k_main}" in res["models"][m]["mean"] for m in models):  # blocks.holdout
+        rows = [(m, key) for m in models for key in (f"holdout_recall@{k_main}", f"holdout_ndcg@{k_main}")]
+        cols = [Column(f"b{b}", [fmt(per_block(m, b).get(key)) for m, key in rows]) for b in blocks]
+        cols.append(Column("mean", [mean_cell(res["models"][m], key, len(blocks)) for m, key in rows]))
+        tables += fit_tables(f"held-out part of each block (blocks.holdout: never trained on nor chosen on; full "
+                             f"ranking, {masked}; mean over blocks 0..{block})",
+                             [Column("model", [labels[m] for m, _ in rows], "left"),
+                              Column("metric", [_metric_label(key.removeprefix("holdout_")) for _, key in rows],
+                                     "left")], cols, width)
     tables += _past_the_log_tables(res, models, labels, k_main, blocks, masked, width)
 
     rows = [(m, key) for m in models for key in (f"ndcg@{k_main}", f"recall@{k_main}")]

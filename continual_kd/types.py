@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 TRAIN, VALID, TEST = 0, 1, 2
-SPLIT_NAMES = {TRAIN: "train", VALID: "valid", TEST: "test"}
+# held out for good (``blocks.holdout``): never trained on, never used to choose an epoch or a setting of the
+# job itself, judged like test — a figure over every block that a choice between jobs may use
+HOLDOUT = 3
+SPLIT_NAMES = {TRAIN: "train", VALID: "valid", TEST: "test", HOLDOUT: "holdout"}
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ class Interactions:
     ts: np.ndarray  # (n,) int64 seconds since the epoch
     weight: np.ndarray  # (n,) float32 (rating or 1.0)
     block: np.ndarray  # (n,) int32 block index (0 = base block; a live plan may pass 32,767 blocks)
-    split: np.ndarray  # (n,) int8 TRAIN / VALID / TEST
+    split: np.ndarray  # (n,) int8 TRAIN / VALID / TEST / HOLDOUT
     num_users: int
     num_items: int
     meta: dict = field(default_factory=dict, compare=False)

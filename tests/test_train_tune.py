@@ -143,3 +143,35 @@ def test_tune_two_trials_write_a_best_job_that_runs(ray_cluster, tiny_job, cli, 
     submitted = [h["valid"]["student"]["ndcg@20"] for h in history]
     assert len(submitted) == 2 and all(math.isfinite(v) for v in submitted)
     assert submitted == pytest.approx(best["per_block"], abs=1e-6)
+
+
+def test_tune_on_the_held_out_share_reports_the_mean_over_every_block_so_far(ray_cluster, tiny_job, cli, tmp_path):
+    """tune.metric: holdout — each trial reports, after each block, its student's mean NDCG@20 over the held-out
+    parts of the blocks run so far; the same job run in-process gives the same figures."""
+    from continual_kd.types import HOLDOUT
+
+    path = tiny_job(name="th")
+    _edit(path, lambda d: (d["blocks"].update(holdout=0.1),
+                           d.update(tune={"space": {"student.dim": {"grid": [4, 8]}}, "num_samples": 1, "blocks": 2,
+                                          "grace_period": 2, "metric": "holdout"})))
+    r = cli("tune", path, "--json", tmp_path / "tune.json", "--storage", tmp_path / "tune-runs")
+    assert r.exit_code == 0, r.output
+    assert "held-out NDCG@20" in r.output
+    trials = json.loads((tmp_path / "tune.json").read_text())["trials"]
+    assert [t["status"] for t in trials] == ["done", "done"]
+    job = load_job(path)
+    store = open_source(job.source)
+    plan = source_plan(store, job)
+    for trial in trials:
+        one = parse_job(with_values(yaml.safe_load(path.read_text()), trial["config"]), str(path))
+        learners = make_learners(one)
+        figures = []
+
+        def held(res):
+            seen = store.read_blocks(plan.plan_id, res.block)
+            per = learners["student"].evaluate(seen, list(range(res.block + 1)), one.eval, split=HOLDOUT)
+            figures.append(sum(m["ndcg@20"] for m in per.values()) / len(per))
+
+        run_stream_local(one, lambda k: store.read_blocks(plan.plan_id, k), 2, on_block=held, learners=learners)
+        assert trial["per_block"] == pytest.approx(figures, abs=1e-6)
+        assert all(0 < f <= 1 for f in figures)

@@ -27,9 +27,9 @@ import torch
 
 from ..eval.protocol import masked_pairs_mask, model_pairs, model_pairs_mask
 from ..sparse import UserItemSet
-from ..types import TEST, TRAIN, VALID, Interactions
+from ..types import HOLDOUT, TEST, TRAIN, VALID, Interactions
 
-SPLITS = 3
+SPLITS = 4  # TRAIN, VALID, TEST, HOLDOUT
 
 
 def fingerprint(seen: Interactions) -> np.ndarray:
@@ -105,7 +105,7 @@ class PairState:
             self._popularity += _counts(i, self.num_items)
             for mask in list(self._hidden):
                 self._hidden[mask] = self._hide(seen, b, mask, self._hidden[mask])
-            for split in (VALID, TEST):  # pooled target sets (every block's split) grow with the block
+            for split in (VALID, TEST, HOLDOUT):  # pooled target sets (every block's split) grow with the block
                 if (split, None) in self._targets:
                     tu, ti = _rows(seen, b, split)
                     self._targets[split, None] = self._targets[split, None].added(tu, ti, self.num_users,

@@ -98,7 +98,7 @@ def evaluate_snapshot(snapshot, seen: Interactions, device: str = "cpu", mask: s
     from ..eval.bias import popularity_groupings
     from ..eval.estimates import intervened_split, popularity_propensity
     from ..eval.protocol import MASK_LABELS, eval_sets, training_popularity
-    from ..types import TEST
+    from ..types import HOLDOUT, TEST
 
     job = parse_job(snapshot.manifest["job_spec"], f"{snapshot.path}/manifest.json")
     spec = job.eval.model_copy(update={**(overrides or {}), **({"mask": mask} if mask else {})})
@@ -122,8 +122,13 @@ def evaluate_snapshot(snapshot, seen: Interactions, device: str = "cpu", mask: s
            "estimates": {"ips_exponent": spec.ips_exponent, "ips_clip": spec.ips_clip,
                          "intervened_per_item": spec.intervened_per_item},
            "pooled_users": float((targets[None][0].degree > 0).sum()), "models": {}}
+    held = bool((seen.split == HOLDOUT).any())  # blocks.holdout: the held-out share judged like test
     for name, learner in learners_from_snapshot(snapshot, device).items():
         per_block = learner.evaluate(seen, blocks, spec)  # observes the seen pairs (graph / input rows)
+        if held:
+            for b, m in learner.evaluate(seen, blocks, spec, split=HOLDOUT).items():
+                per_block[b].update({f"holdout_{k}": v for k, v in m.items()
+                                     if k == "users" or k.startswith(("ndcg@", "recall@"))})
         model = learner.model
         pooled = {}
         for b in [*blocks, None]:
@@ -140,7 +145,8 @@ def evaluate_snapshot(snapshot, seen: Interactions, device: str = "cpu", mask: s
             extra["iv_users"] = ivm["users"]
             if b is not None:
                 per_block[b].update(extra)
-        keys = [k for k in next(iter(per_block.values())) if k not in ("users", "iv_users")] if per_block else []
+        keys = [k for k in next(iter(per_block.values())) if k not in ("users", "iv_users", "holdout_users")] \
+            if per_block else []
         means = {k: defined_mean(m.get(k) for m in per_block.values()) for k in keys}
         out["models"][name] = {"blocks": per_block, "mean": {k: v for k, (v, _) in means.items()},
                                "mean_blocks": {k: n for k, (_, n) in means.items()},

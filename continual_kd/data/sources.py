@@ -114,4 +114,4 @@ def source_plan(store: StreamStore, job) -> BlockPlan:
 
         return store.ensure_fixed_plan(fixed_split_parts(read_fixed_split(job.source)))
     b = job.blocks
-    return store.ensure_plan(b.base_fraction, b.incremental, b.split, job.seed)
+    return store.ensure_plan(b.base_fraction, b.incremental, b.plan_split, job.seed)

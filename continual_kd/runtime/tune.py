@@ -5,7 +5,8 @@ The job file's ``tune:`` section (``config.TuneSpec``) names fields by dotted pa
 trial is the job with those fields changed, run in one process (``continual.loop.run_stream_local``: the
 same stages as ``ckd submit``) on the first ``tune.blocks`` blocks, which the driver reads from the store
 once and hands to every trial through the object store. After each block a trial reports the student's
-validation NDCG@20 on that block, so ASHA (``time_attr`` = blocks done) stops weak trials early; the best
+validation NDCG@20 on that block (``tune.metric: holdout``: its mean NDCG@20 over the held-out parts of every
+block so far, ``blocks.holdout``), so ASHA (``time_attr`` = blocks done) stops weak trials early; the best
 trial among those that ran every block (by the figure on the last one) becomes a job file of its own,
 without the ``tune`` section, that ``ckd submit`` runs.
 """
@@ -27,6 +28,8 @@ from ..config import JobSpec, TuneDomainSpec, load_job, parse_job
 from ..errors import CkdError
 
 METRIC = "valid_ndcg_at_20"  # the student's validation NDCG@20 on the block just run
+HOLDOUT_METRIC = "holdout_ndcg_at_20"  # tune.metric: holdout — its mean NDCG@20 over every held-out part so far
+METRICS = {"valid": (METRIC, "validation NDCG@20"), "holdout": (HOLDOUT_METRIC, "held-out NDCG@20 (mean over blocks)")}
 _TOKEN = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
 
 
@@ -133,25 +136,33 @@ def _figure(value) -> float:
     return float(value) if value is not None and math.isfinite(float(value)) else 0.0
 
 
-def run_trial(config: dict, raw: dict, source: str, blocks: list, threads: int = 1) -> None:
+def run_trial(config: dict, raw: dict, source: str, blocks: list, threads: int = 1, metric: str = "valid") -> None:
     """One trial (a Tune function trainable): the job with ``config``'s values, its first blocks in this
-    process, the student's validation NDCG@20 reported after every block."""
+    process, the student's validation NDCG@20 reported after every block (``metric="holdout"``: its mean
+    NDCG@20 over the held-out parts of the blocks run so far, under ``HOLDOUT_METRIC``)."""
     import torch
     from ray import tune
 
-    from ..continual import run_stream_local
-    from ..types import Interactions
+    from ..continual import make_learners, run_stream_local
+    from ..types import HOLDOUT, Interactions
 
     torch.set_num_threads(threads)
     job = parse_job(with_values(raw, config), source)
+    learners = make_learners(job)
 
     def report(res) -> None:
         student = res.valid.get("student", {})
-        tune.report({METRIC: _figure(student.get("ndcg@20")), "block": res.block,
-                     "test_ndcg_at_20": _figure(res.metrics.get("student", {}).get("ndcg@20")),
-                     "seconds": res.seconds})
+        figures = {METRIC: _figure(student.get("ndcg@20")), "block": res.block,
+                   "test_ndcg_at_20": _figure(res.metrics.get("student", {}).get("ndcg@20")), "seconds": res.seconds}
+        if metric == "holdout":
+            held = learners["student"].evaluate(Interactions.concat(blocks[: res.block + 1]),
+                                                list(range(res.block + 1)), job.eval, split=HOLDOUT)
+            values = [m["ndcg@20"] for m in held.values() if m.get("ndcg@20") is not None]
+            figures[HOLDOUT_METRIC] = _figure(sum(values) / len(values) if values else None)
+        tune.report(figures)
 
-    run_stream_local(job, lambda k: Interactions.concat(blocks[: k + 1]), len(blocks), on_block=report)
+    run_stream_local(job, lambda k: Interactions.concat(blocks[: k + 1]), len(blocks), on_block=report,
+                     learners=learners)
 
 
 # ---------------------------------------------------------------------------------- the search
@@ -161,7 +172,7 @@ def run_trial(config: dict, raw: dict, source: str, blocks: list, threads: int =
 class TrialRow:
     trial: str
     config: dict
-    per_block: list[float]  # the reported validation NDCG@20, one per block run
+    per_block: list[float]  # the reported figure (tune.metric), one per block run
     status: str  # "done" | "stopped" (by ASHA) | "error"
     error: str | None = None
 
@@ -228,18 +239,19 @@ def run_tune(job_file: Path, address: str | None = None, out: Path | None = None
     blocks = [store.read_block(plan.plan_id, k) for k in range(spec.blocks)]
     out = Path(out) if out is not None else job_file.with_name(f"{job_file.stem}-best.yaml")
     trial_raw = {k: v for k, v in raw.items() if k != "tune"}
+    key, label = METRICS[spec.metric]
     emit({"type": "info", "message": f"{spec.num_samples} sample(s) of {len(spec.space)} field(s), first "
-                                     f"{spec.blocks} block(s), ASHA on the student's validation NDCG@20"})
+                                     f"{spec.blocks} block(s), ASHA on the student's {label}"})
     with ray_session(address, job.runtime.num_cpus, namespace=f"ckd-tune-{job.name}"):
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, raw=trial_raw, source=str(job_file), blocks=blocks,
-                                 threads=max(1, int(spec.cpus_per_trial))),
+                                 threads=max(1, int(spec.cpus_per_trial)), metric=spec.metric),
             {"cpu": spec.cpus_per_trial})
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=spec.blocks, grace_period=spec.grace_period,
                                   reduction_factor=spec.reduction_factor)
         tuner = tune.Tuner(
             trainable, param_space=search_space(job),
-            tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, num_samples=spec.num_samples,
+            tune_config=tune.TuneConfig(metric=key, mode="max", scheduler=scheduler, num_samples=spec.num_samples,
                                         max_concurrent_trials=spec.max_concurrent,
                                         search_alg=BasicVariantGenerator(random_state=job.seed)),
             run_config=tune.RunConfig(name=f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(Path(storage).resolve()),
@@ -254,14 +266,14 @@ def run_tune(job_file: Path, address: str | None = None, out: Path | None = None
             else:
                 os.environ["RAY_AIR_NEW_OUTPUT"] = quiet
         experiment = grid.experiment_path
-        rows = [_row(i, r, spec.blocks) for i, r in enumerate(grid)]
+        rows = [_row(i, r, spec.blocks, key) for i, r in enumerate(grid)]
     done = [r for r in rows if r.status == "done"]
     if not done:
         first = next((r.error for r in rows if r.error), "no trial ran every block")
         raise CkdError(f"{job_file}: no trial of the search ran all {spec.blocks} blocks ({first}); fix the job and "
                        f"run `ckd tune` again")
     best = max(done, key=lambda r: r.per_block[-1])
-    header = (f"# {out.name}: the best trial of `ckd tune {job_file}` ({best.trial}: student validation NDCG@20 "
+    header = (f"# {out.name}: the best trial of `ckd tune {job_file}` ({best.trial}: student {label} "
               f"{best.per_block[-1]:.4f} on block {spec.blocks - 1}, {len(rows)} trials)\n"
               + "".join(f"#   {p}: {_plain(v)!r}\n" for p, v in best.config.items())
               + f"# run it with: ckd submit {out}\n")
@@ -271,14 +283,14 @@ def run_tune(job_file: Path, address: str | None = None, out: Path | None = None
     return TuneOutcome(job, rows, best, out, experiment, spec.blocks, list(spec.space))
 
 
-def _row(i: int, result, blocks: int) -> TrialRow:
+def _row(i: int, result, blocks: int, key: str = METRIC) -> TrialRow:
     config = {k: _plain(v) for k, v in (result.config or {}).items()}
     per_block: list[float] = []
     df = result.metrics_dataframe
-    if df is not None and METRIC in df:
-        per_block = [float(v) for v in df[METRIC].tolist()]
-    elif result.metrics and METRIC in result.metrics:
-        per_block = [float(result.metrics[METRIC])]
+    if df is not None and key in df:
+        per_block = [float(v) for v in df[key].tolist()]
+    elif result.metrics and key in result.metrics:
+        per_block = [float(result.metrics[key])]
     name = (result.metrics or {}).get("trial_id") or f"trial {i}"
     if result.error is not None:
         return TrialRow(name, config, per_block, "error", str(result.error).strip().splitlines()[-1][:200])

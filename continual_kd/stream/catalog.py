@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS plan_blocks (
     num_items BIGINT NOT NULL, new_users BIGINT NOT NULL, new_items BIGINT NOT NULL,
     PRIMARY KEY (plan_id, block));
 ALTER TABLE plans ADD COLUMN IF NOT EXISTS policy VARCHAR;
+ALTER TABLE plans ADD COLUMN IF NOT EXISTS split_holdout DOUBLE;
 ALTER TABLE plan_blocks ADD COLUMN IF NOT EXISTS late BIGINT;
 ALTER TABLE plan_blocks ADD COLUMN IF NOT EXISTS bound_start BIGINT;
 ALTER TABLE plan_blocks ADD COLUMN IF NOT EXISTS bound_end BIGINT;
@@ -351,9 +352,11 @@ def write_live_state(con: duckdb.DuckDBPyConnection, plan_id: str, state: dict, 
 
 
 def has_live_plans(con: duckdb.DuckDBPyConnection) -> bool:
-    """False for a catalog made before live block policies (plans.policy, plan_blocks.late: the ALTERs)."""
+    """False for a catalog made before live block policies (plans.policy, plan_blocks.late: the ALTERs) or
+    before held-out shares (plans.split_holdout)."""
     return bool(scalar(con, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'plan_blocks' "
-                            "AND column_name = 'bound_end'"))
+                            "AND column_name = 'bound_end'")) and bool(scalar(
+        con, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'plans' AND column_name = 'split_holdout'"))
 
 
 def narrow_block_tables(con: duckdb.DuckDBPyConnection) -> list[str]:
@@ -474,11 +477,22 @@ def insert_results(con: duckdb.DuckDBPyConnection, commit_id: int, job: str, lin
                     [commit_id, job, lineage, block])
 
 
+def split_columns(split) -> list[float]:
+    """A plan's shares as the plans table holds them: train, valid, test, held out (0 when none)."""
+    return [float(s) for s in split[:3]] + [float(split[3]) if len(split) > 3 else 0.0]
+
+
+def split_of(train, valid, test, holdout) -> tuple[float, ...]:
+    """A plan's shares from the plans table: three, or four where a share is held out."""
+    split = (float(train), float(valid), float(test))
+    return split + (float(holdout),) if holdout else split
+
+
 def insert_plan(con: duckdb.DuckDBPyConnection, plan: dict, blocks: pa.Table, rows: pa.Table) -> None:
     con.execute(
-        "INSERT INTO plans (plan_id, base_fraction, incremental, split_train, split_valid, split_test, seed, "
-        "total_rows, segment_hashes, created_at, policy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [plan["plan_id"], plan["base_fraction"], plan["incremental"], *plan["split"], plan["seed"],
+        "INSERT INTO plans (plan_id, base_fraction, incremental, split_train, split_valid, split_test, split_holdout, "
+        "seed, total_rows, segment_hashes, created_at, policy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [plan["plan_id"], plan["base_fraction"], plan["incremental"], *split_columns(plan["split"]), plan["seed"],
          plan["total_rows"], plan["segment_hashes"], plan["created_at"], plan.get("policy")],
     )
     insert_plan_blocks(con, plan["plan_id"], blocks, rows)

@@ -38,7 +38,7 @@ class LivePolicy:
     rows: int | None  # one block per this many rows
     base_fraction: float | None  # a base block: the first fraction of the rows stored at the first cut, or
     base_until: int | None  # every row before this timestamp (epoch seconds)
-    split: tuple[float, float, float]
+    split: tuple[float, ...]
     seed: int
 
     def __post_init__(self):
@@ -61,7 +61,7 @@ class LivePolicy:
                            "base_until": self.base_until}, sort_keys=True)
 
     @staticmethod
-    def from_json(text: str, split: tuple[float, float, float], seed: int) -> "LivePolicy":
+    def from_json(text: str, split: tuple[float, ...], seed: int) -> "LivePolicy":
         d = json.loads(text)
         return LivePolicy(d["window_s"], d["rows"], d["base_fraction"], d["base_until"], tuple(split), int(seed))
 
@@ -76,7 +76,7 @@ def _human(seconds: int) -> str:
 def policy_of(blocks, seed: int) -> LivePolicy:
     """The live policy of a job's ``blocks`` spec (config.BlockSpec with ``window`` or ``rows``)."""
     return LivePolicy(blocks.window_seconds, blocks.rows, blocks.base_fraction, blocks.base_until,
-                      tuple(blocks.split), int(seed))
+                      tuple(blocks.plan_split), int(seed))
 
 
 def live_plan_id(policy: LivePolicy) -> str:
@@ -171,6 +171,6 @@ def cut_blocks(policy: LivePolicy, cursor: Cursor, ts: np.ndarray, max_ts: int, 
     return cuts
 
 
-def block_split(users: np.ndarray, split: tuple[float, float, float], seed: int, block: int) -> np.ndarray:
+def block_split(users: np.ndarray, split: tuple[float, ...], seed: int, block: int) -> np.ndarray:
     """TRAIN/VALID/TEST for the rows of one live block (in ts, offset order), as the research plan splits."""
     return split_per_user(np.zeros(len(users), dtype=np.int16), users, split, block_seed(seed, block))

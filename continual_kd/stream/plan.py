@@ -1,5 +1,5 @@
 """Block plans (as in CCD): a base block then equal-sized incremental blocks, consecutive in time,
-each split train/valid/test per user. Pure numpy; the store persists and reads the result."""
+each split train/valid/test (and held out, ``blocks.holdout``) per user. Pure numpy; the store persists and reads the result."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from continual_kd.errors import CkdError
-from continual_kd.types import TEST, TRAIN, VALID
+from continual_kd.types import HOLDOUT, TEST, TRAIN, VALID
 
 _EPS = 1e-9  # keeps floor(0.1 * 15 + 0.5) at 2 despite 0.1 * 15 == 1.5000000000000002
 
@@ -36,7 +36,7 @@ class BlockPlan:
     plan_id: str
     base_fraction: float
     incremental: int
-    split: tuple[float, float, float]
+    split: tuple[float, ...]  # train, valid, test[, holdout]: a fourth share only where one is held out
     seed: int
     total_rows: int
     blocks: tuple[BlockInfo, ...]  # len = incremental + 1; blocks[0] is the base block
@@ -51,14 +51,15 @@ class BlockPlan:
         return self.policy is not None
 
 
-def validate_plan_args(base_fraction: float, incremental: int, split: tuple[float, float, float], seed: int) -> None:
+def validate_plan_args(base_fraction: float, incremental: int, split: tuple[float, ...], seed: int) -> None:
     if not (isinstance(base_fraction, Real) and 0.0 < base_fraction < 1.0):
         raise CkdError(f"base_fraction must be strictly between 0 and 1, got {base_fraction!r}; e.g. 0.5.")
     if isinstance(incremental, bool) or not isinstance(incremental, (int, np.integer)) or incremental < 1:
         raise CkdError(f"incremental must be an integer >= 1 (the number of incremental blocks), got {incremental!r}.")
-    if (not isinstance(split, (tuple, list)) or len(split) != 3
+    if (not isinstance(split, (tuple, list)) or len(split) not in (3, 4)
             or any(not isinstance(s, Real) or not s >= 0 for s in split)):
-        raise CkdError(f"split must be three non-negative fractions (train, valid, test), got {split!r}; "
+        raise CkdError(f"split must be three non-negative fractions (train, valid, test) or four (+ held out), "
+                       f"got {split!r}; "
                        f"e.g. (0.8, 0.1, 0.1).")
     if not abs(sum(split) - 1.0) <= 1e-6:
         raise CkdError(f"split fractions must sum to 1, got {split!r} (sum {sum(split):g}); e.g. (0.8, 0.1, 0.1).")
@@ -68,7 +69,7 @@ def validate_plan_args(base_fraction: float, incremental: int, split: tuple[floa
         raise CkdError(f"seed must be a non-negative integer, got {seed!r}.")
 
 
-def plan_id_for(base_fraction: float, incremental: int, split: tuple[float, float, float], seed: int,
+def plan_id_for(base_fraction: float, incremental: int, split: tuple[float, ...], seed: int,
                 segment_hashes: list[str]) -> str:
     key = json.dumps([float(base_fraction), int(incremental), [float(s) for s in split], int(seed),
                       sorted(segment_hashes)])
@@ -90,10 +91,11 @@ def block_sizes(n: int, base_fraction: float, incremental: int) -> np.ndarray:
     return np.concatenate([[base], sizes])
 
 
-def split_per_user(block: np.ndarray, users: np.ndarray, split: tuple[float, float, float],
-                   seed: int) -> np.ndarray:
+def split_per_user(block: np.ndarray, users: np.ndarray, split: tuple[float, ...], seed: int) -> np.ndarray:
     """TRAIN/VALID/TEST per row: in each (block, user) group a seeded random order, the first
-    floor(f_test*n + 0.5) rows test, the next floor(f_valid*n + 0.5) valid, the rest train."""
+    floor(f_test*n + 0.5) rows test, the next floor(f_valid*n + 0.5) valid, the rest train. A fourth share
+    (held out) takes the next floor(f_holdout*n + 0.5) rows after valid (HOLDOUT), never a user's last
+    training row; with three shares every row splits as it always did."""
     n = len(users)
     keys = np.random.default_rng(seed).random(n)
     order = np.lexsort((keys, users, block))  # (n,) grouped by block, then user, random within
@@ -107,6 +109,11 @@ def split_per_user(block: np.ndarray, users: np.ndarray, split: tuple[float, flo
     n_test = np.floor(split[2] * size + 0.5 + _EPS).astype(np.int64)
     n_valid = np.minimum(np.floor(split[1] * size + 0.5 + _EPS).astype(np.int64), size - n_test)
     sorted_split = np.where(rank < n_test, TEST, np.where(rank < n_test + n_valid, VALID, TRAIN)).astype(np.int8)
+    if len(split) > 3 and split[3] > 0:
+        held = np.minimum(np.floor(split[3] * size + 0.5 + _EPS).astype(np.int64),
+                          np.maximum(size - n_test - n_valid - 1, 0))
+        first = n_test + n_valid
+        sorted_split[(rank >= first) & (rank < first + held)] = HOLDOUT
     out = np.empty(n, dtype=np.int8)
     out[order] = sorted_split
     return out
@@ -119,7 +126,7 @@ def _first_seen_counts(ids: np.ndarray, block: np.ndarray, num_blocks: int) -> n
 
 
 def compute_plan(ts: np.ndarray, users: np.ndarray, items: np.ndarray, base_fraction: float,
-                 incremental: int, split: tuple[float, float, float], seed: int
+                 incremental: int, split: tuple[float, ...], seed: int
                  ) -> tuple[list[BlockInfo], np.ndarray, np.ndarray]:
     """Rows must be sorted by (ts, offset). Returns (blocks, block per row int16, split per row int8)."""
     n = len(ts)

@@ -437,7 +437,7 @@ class StreamStore:
     # --- block plans -----------------------------------------------------------------------
 
     def ensure_plan(self, base_fraction: float = 0.5, incremental: int = 5,
-                    split: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0) -> BlockPlan:
+                    split: tuple[float, ...] = (0.8, 0.1, 0.1), seed: int = 0) -> BlockPlan:
         validate_plan_args(base_fraction, incremental, split, seed)
         base_fraction, incremental, seed = float(base_fraction), int(incremental), int(seed)
         split = tuple(float(s) for s in split)
@@ -537,9 +537,11 @@ class StreamStore:
             plan = _load_plan(con, plan_id)
             if plan is None:
                 con.execute(
-                    "INSERT INTO plans (plan_id, base_fraction, incremental, split_train, split_valid, split_test, seed, "
-                    "total_rows, segment_hashes, created_at, policy) VALUES (?, ?, 0, ?, ?, ?, ?, 0, '', ?, ?)",
-                    [plan_id, policy.base_fraction or 0.0, *policy.split, policy.seed, catalog.now_utc(),
+                    "INSERT INTO plans (plan_id, base_fraction, incremental, split_train, split_valid, split_test, "
+                    "split_holdout, seed, total_rows, segment_hashes, created_at, policy) "
+                    "VALUES (?, ?, 0, ?, ?, ?, ?, ?, 0, '', ?, ?)",
+                    [plan_id, policy.base_fraction or 0.0, *catalog.split_columns(policy.split), policy.seed,
+                     catalog.now_utc(),
                      policy.to_json()])
                 plan = _load_plan(con, plan_id)
             stored, max_ts = con.sql("SELECT coalesce(sum(rows), 0), max(ts_max) FROM segments").fetchall()[0]
@@ -871,15 +873,15 @@ def _needs(policy: LivePolicy, cursor: Cursor, pending: int) -> str:
 
 
 def _load_plan(con: duckdb.DuckDBPyConnection, plan_id: str) -> BlockPlan | None:
-    rows = con.sql("SELECT base_fraction, incremental, split_train, split_valid, split_test, seed, total_rows, policy "
-                   "FROM plans WHERE plan_id = ?", params=[plan_id]).fetchall()
+    rows = con.sql("SELECT base_fraction, incremental, split_train, split_valid, split_test, split_holdout, seed, "
+                   "total_rows, policy FROM plans WHERE plan_id = ?", params=[plan_id]).fetchall()
     if not rows:
         return None
-    base_fraction, incremental, train, valid, test, seed, total_rows, policy = rows[0]
+    base_fraction, incremental, train, valid, test, holdout, seed, total_rows, policy = rows[0]
     blocks = con.sql("SELECT block, rows, ts_start, ts_end, num_users, num_items, new_users, new_items, "
                      "coalesce(late, 0), bound_start, bound_end "
                      "FROM plan_blocks WHERE plan_id = ? ORDER BY block", params=[plan_id]).fetchall()
     return BlockPlan(plan_id=plan_id, base_fraction=float(base_fraction), incremental=int(incremental),
-                     split=(float(train), float(valid), float(test)), seed=int(seed), total_rows=int(total_rows),
+                     split=catalog.split_of(train, valid, test, holdout), seed=int(seed), total_rows=int(total_rows),
                      blocks=tuple(BlockInfo(*(int(v) for v in b[:9]), *(None if v is None else int(v) for v in b[9:]))
                                   for b in blocks), policy=policy)
