@@ -52,6 +52,22 @@ def test_the_job_file_takes_a_held_out_share_and_refuses_what_cannot_hold_one():
     assert parse_job({"tune": tune, "blocks": {"holdout": 0.05}}, "job.yaml").tune.metric == "holdout"
 
 
+def test_test_rankings_mask_the_held_out_pairs_and_held_out_rankings_never_mask_a_test_pair():
+    from continual_kd.eval import eval_sets
+    from continual_kd.types import Interactions
+
+    # user 0: item 0 train, 1 held out, 2 test, 3 valid — one block
+    split = np.array([TRAIN, HOLDOUT, TEST, VALID], np.int8)
+    seen = Interactions(np.zeros(4, np.int64), np.arange(4), np.zeros(4, np.int64), np.ones(4, np.float32),
+                        np.zeros(4, np.int32), split, 1, 5)
+    for mask, hidden in (("standard", {0, 1, 3}), ("train", {0, 1}), ("all_seen", {0, 1, 3})):
+        relevant, exclude = eval_sets(seen, 0, TEST, mask=mask)
+        assert set(relevant.items.tolist()) == {2} and set(exclude.items.tolist()) == hidden
+    for mask, hidden in (("standard", {0, 3}), ("train", {0}), ("all_seen", {0, 2, 3})):
+        relevant, exclude = eval_sets(seen, 0, HOLDOUT, mask=mask)
+        assert set(relevant.items.tolist()) == {1} and set(exclude.items.tolist()) == hidden
+
+
 JOB = {"name": "held", "source": {"dataset": "synthetic", "store": "stores/held",
                                   "synthetic": {"users": 150, "items": 120, "interactions": 5000, "periods": 3,
                                                 "seed": 2}},

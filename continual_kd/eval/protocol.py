@@ -13,7 +13,11 @@ them pooled: one test set). For block j the relevant pairs are test(j); which ot
   figure, so it is kept only to compare with old numbers).
 
 The target's own pairs are never masked, whatever the mask (a pair both trained in a later block and
-held out here still counts as a target).
+held out here still counts as a target). The held-out part of ``blocks.holdout`` (HOLDOUT) is masked by
+``standard`` and ``train`` like the training pairs it was taken from: they are the user's known pairs,
+withheld from the models by design, so test figures stay comparable to a run without the held-out share.
+Ranking the held-out part itself, the other blocks' test pairs stay candidates as above: that figure
+never uses a test label.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 import torch
 
 from ..sparse import UserItemSet
-from ..types import TEST, TRAIN, VALID, Interactions
+from ..types import HOLDOUT, TEST, TRAIN, VALID, Interactions
 
 from ..config import EVAL_MASKS as MASKS, MASK_LABELS  # noqa: E402,F401  (one list of masks, in the job spec)
 
@@ -30,9 +34,9 @@ from ..config import EVAL_MASKS as MASKS, MASK_LABELS  # noqa: E402,F401  (one l
 def masked_pairs_mask(seen: Interactions, mask: str = "standard") -> np.ndarray:
     """(n,) bool: the rows of ``seen`` that ``mask`` hides from the ranking (targets excepted later)."""
     if mask == "standard":
-        return (seen.split == TRAIN) | (seen.split == VALID)
+        return (seen.split == TRAIN) | (seen.split == VALID) | (seen.split == HOLDOUT)
     if mask == "train":
-        return seen.split == TRAIN
+        return (seen.split == TRAIN) | (seen.split == HOLDOUT)
     if mask == "all_seen":
         return np.ones(len(seen), dtype=bool)
     raise ValueError(f"unknown evaluation mask {mask!r}; use one of {', '.join(MASKS)}")
