@@ -107,3 +107,19 @@ def tiny_job(tmp_path: Path, monkeypatch):
         return path
 
     return write
+
+
+@pytest.fixture
+def local_snapshot():
+    """Write the snapshot of models trained in-process (``run_stream_local``) as ``ckd submit`` would, under
+    ``runs_dir / job.name``: a writer (runs_dir, job, plan, store, learners)."""
+    from continual_kd.snapshots import write_snapshot
+
+    def write(runs_dir: Path, job, plan, store, learners) -> None:
+        states = {n: lr.state() for n, lr in learners.items()}
+        write_snapshot(Path(runs_dir) / job.name, plan.num_blocks - 1, {n: s["weights"] for n, s in states.items()},
+                       {"job": job.name, "job_spec": job.to_dict(), "plan_id": plan.plan_id, "store": str(store.root),
+                        "model_info": {n: {"num_users": s["num_users"], "num_items": s["num_items"]}
+                                       for n, s in states.items()}})
+
+    return write

@@ -78,7 +78,8 @@ JOB = {"name": "held", "source": {"dataset": "synthetic", "store": "stores/held"
        "eval": {"ks": [10, 20]}, "snapshots": {"dir": "runs/held"}}
 
 
-def test_held_out_pairs_are_never_trained_on_and_evaluate_reports_them(tmp_path, monkeypatch, one_thread):
+def test_held_out_pairs_are_never_trained_on_and_evaluate_reports_them(tmp_path, monkeypatch, one_thread,
+                                                                       local_snapshot):
     """A stream with a held-out share through the stages and a snapshot: the pairs no model may see exclude
     every held-out pair, the plan keeps its four shares in the catalog, and `ckd evaluate` reports each
     block's held-out figures (equal to ranking them directly) in a table and the JSON."""
@@ -87,7 +88,6 @@ def test_held_out_pairs_are_never_trained_on_and_evaluate_reports_them(tmp_path,
     import continual_kd.cli as cli_module
     from continual_kd.continual import make_learners, run_stream_local
     from continual_kd.data.sources import open_source
-    from continual_kd.snapshots import write_snapshot
     from continual_kd.stream import StreamStore
 
     monkeypatch.chdir(tmp_path)
@@ -106,11 +106,7 @@ def test_held_out_pairs_are_never_trained_on_and_evaluate_reports_them(tmp_path,
     known = learners["student"].pairs.known(seen)
     keys = set(zip(known.users.tolist(), known.items.tolist()))
     assert not keys & set(zip(seen.users[held].tolist(), seen.items[held].tolist()))
-    states = {n: lr.state() for n, lr in learners.items()}
-    write_snapshot(tmp_path / "runs" / "held", plan.num_blocks - 1, {n: s["weights"] for n, s in states.items()},
-                   {"job": "held", "job_spec": job.to_dict(), "plan_id": plan.plan_id, "store": str(store.root),
-                    "model_info": {n: {"num_users": s["num_users"], "num_items": s["num_items"]}
-                                   for n, s in states.items()}})
+    local_snapshot(tmp_path / "runs", job, plan, store, learners)
     monkeypatch.setenv("COLUMNS", "200")
     r = CliRunner().invoke(cli_module.app, ["evaluate", "--runs", str(tmp_path / "runs"), "--json", "-"])
     assert r.exit_code == 0, r.output

@@ -76,7 +76,7 @@ def test_files_round_trip_and_ingest(tmp_path):
     assert csv.suffix == ".csv" and n_csv == n
 
 
-def test_evaluate_a_snapshot_against_the_truth(tmp_path, monkeypatch, one_thread):
+def test_evaluate_a_snapshot_against_the_truth(tmp_path, monkeypatch, one_thread, local_snapshot):
     """A simulated stream → store → models trained in-process → snapshot → `ckd evaluate --truth`: the
     truth figures, the pooled figure, the estimates and the mask are in the table and the JSON."""
     import json
@@ -86,7 +86,6 @@ def test_evaluate_a_snapshot_against_the_truth(tmp_path, monkeypatch, one_thread
     import continual_kd.cli as cli_module
     from continual_kd.config import parse_job
     from continual_kd.continual import make_learners, run_stream_local
-    from continual_kd.snapshots import write_snapshot
     from continual_kd.stream import StreamStore
 
     stream, truth_path, _ = write_simulation(tmp_path / "sim", SimulationConfig(
@@ -102,11 +101,7 @@ def test_evaluate_a_snapshot_against_the_truth(tmp_path, monkeypatch, one_thread
     plan = store.ensure_plan(0.5, 1, (0.8, 0.1, 0.1), job.seed)
     learners = make_learners(job)
     run_stream_local(job, lambda k: store.read_blocks(plan.plan_id, k), plan.num_blocks, learners=learners)
-    states = {n: lr.state() for n, lr in learners.items()}
-    write_snapshot(tmp_path / "runs" / "sim", plan.num_blocks - 1, {n: s["weights"] for n, s in states.items()},
-                   {"job": "sim", "job_spec": job.to_dict(), "plan_id": plan.plan_id, "store": str(store.root),
-                    "model_info": {n: {"num_users": s["num_users"], "num_items": s["num_items"]}
-                                   for n, s in states.items()}})
+    local_snapshot(tmp_path / "runs", job, plan, store, learners)
     monkeypatch.setenv("COLUMNS", "200")
     r = CliRunner().invoke(cli_module.app, ["evaluate", "--runs", str(tmp_path / "runs"), "--truth", str(truth_path),
                                             "--json", "-", "--ips-exponent", "0"])
