@@ -441,6 +441,7 @@ class StreamStore:
         validate_plan_args(base_fraction, incremental, split, seed)
         base_fraction, incremental, seed = float(base_fraction), int(incremental), int(seed)
         split = tuple(float(s) for s in split)
+        split = split[:3] if len(split) == 4 and not split[3] else split  # no held-out share: the 3-share plan
         with self._connect(write=True) as con:
             # the ingests that added rows (a compacted segment holds several: `ckd compact` keeps plan ids)
             hashes = [h for (h,) in con.sql("SELECT content_hash FROM ingests WHERE segment_id IS NOT NULL "
