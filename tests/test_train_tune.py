@@ -157,6 +157,7 @@ def test_tune_on_the_held_out_share_reports_the_mean_over_every_block_so_far(ray
     r = cli("tune", path, "--json", tmp_path / "tune.json", "--storage", tmp_path / "tune-runs")
     assert r.exit_code == 0, r.output
     assert "held-out NDCG@20" in r.output
+    assert "drop blocks.holdout" in (tmp_path / "th-best.yaml").read_text()
     trials = json.loads((tmp_path / "tune.json").read_text())["trials"]
     assert [t["status"] for t in trials] == ["done", "done"]
     job = load_job(path)

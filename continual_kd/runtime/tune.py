@@ -276,6 +276,8 @@ def run_tune(job_file: Path, address: str | None = None, out: Path | None = None
     header = (f"# {out.name}: the best trial of `ckd tune {job_file}` ({best.trial}: student {label} "
               f"{best.per_block[-1]:.4f} on block {spec.blocks - 1}, {len(rows)} trials)\n"
               + "".join(f"#   {p}: {_plain(v)!r}\n" for p, v in best.config.items())
+              + ("# chosen on the held-out share: drop blocks.holdout to train the chosen job on every row\n"
+                 if spec.metric == "holdout" else "")
               + f"# run it with: ckd submit {out}\n")
     data = best_job(raw, job, best.config)
     parse_job(data, str(out))  # never write a job file that does not parse
