@@ -119,3 +119,22 @@ def test_held_out_pairs_are_never_trained_on_and_evaluate_reports_them(tmp_path,
         assert student["blocks"][str(b)]["holdout_users"] == direct[b]["users"] > 0
         assert student["blocks"][str(b)]["holdout_ndcg@20"] != student["blocks"][str(b)]["ndcg@20"]
     assert student["mean"]["holdout_ndcg@20"] == pytest.approx(np.mean([direct[b]["ndcg@20"] for b in direct]))
+
+
+def test_a_catalog_from_before_held_out_shares_gets_the_column_on_open_and_keeps_its_plans(tmp_path, monkeypatch):
+    import duckdb
+
+    from continual_kd.data.sources import open_source
+    from continual_kd.stream import StreamStore, catalog
+
+    monkeypatch.chdir(tmp_path)
+    job = parse_job(JOB, "held.yaml")
+    store = open_source(job.source)
+    old = store.ensure_plan(0.5, 2, (0.8, 0.1, 0.1), 0)
+    with duckdb.connect(str(store.root / catalog.CATALOG_FILE)) as con:  # as a catalog of session 19 was
+        con.execute("ALTER TABLE plans DROP COLUMN split_holdout")
+    store = StreamStore.open(store.root)
+    assert store.ensure_plan(0.5, 2, (0.8, 0.1, 0.1), 0) == old  # the same plan, read back whole
+    held = store.ensure_plan(0.5, 2, (0.7, 0.1, 0.1, 0.1), 0)
+    assert held.plan_id != old.plan_id and held.split == pytest.approx((0.7, 0.1, 0.1, 0.1))
+    assert (store.read_blocks(held.plan_id, 2).split == HOLDOUT).any()

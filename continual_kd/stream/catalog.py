@@ -351,12 +351,14 @@ def write_live_state(con: duckdb.DuckDBPyConnection, plan_id: str, state: dict, 
                 "s.segment_id = l.segment_id AND s.first_offset = l.first_offset AND s.rows = l.rows)", [plan_id])
 
 
-def has_live_plans(con: duckdb.DuckDBPyConnection) -> bool:
-    """False for a catalog made before live block policies (plans.policy, plan_blocks.late: the ALTERs) or
-    before held-out shares (plans.split_holdout)."""
-    return bool(scalar(con, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'plan_blocks' "
-                            "AND column_name = 'bound_end'")) and bool(scalar(
-        con, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'plans' AND column_name = 'split_holdout'"))
+PLAN_COLUMNS = (("plan_blocks", "bound_end"), ("plans", "split_holdout"))  # the newest of the ALTERs above
+
+
+def has_plan_columns(con: duckdb.DuckDBPyConnection) -> bool:
+    """False for a catalog made before live block policies (plans.policy, plan_blocks.late, …) or before held-out
+    shares (plans.split_holdout): the ALTERs of the schema add them."""
+    return all(scalar(con, "SELECT count(*) FROM information_schema.columns WHERE table_name = ? AND column_name = ?",
+                      [table, column]) for table, column in PLAN_COLUMNS)
 
 
 def narrow_block_tables(con: duckdb.DuckDBPyConnection) -> list[str]:

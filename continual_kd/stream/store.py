@@ -114,7 +114,7 @@ class StreamStore:
         with self._connect(write=False) as con:
             tables = {t for (t,) in con.sql("SELECT table_name FROM information_schema.tables").fetchall()}
             checksums = "segments" in tables and catalog.has_segment_checksums(con)
-            live = "plan_blocks" in tables and catalog.has_live_plans(con)
+            live = "plan_blocks" in tables and catalog.has_plan_columns(con)
             narrow = catalog.narrow_block_tables(con)  # SMALLINT block columns: widened by create_schema
         if not set(catalog.TABLES) <= tables or not checksums or not live or narrow:
             with self._connect(write=True) as con:
