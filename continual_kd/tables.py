@@ -169,18 +169,24 @@ def evaluate_tables(res: dict, job: str, block: int, width: int | None, wide: bo
 
     blocks = sorted({int(b) for m in models for b in res["models"][m]["blocks"]})
     metric_keys = [f"{name}@{k}" for k in (ks if wide else [k_main]) for name in ("recall", "ndcg")]
-    rows = [(m, key) for m in models for key in metric_keys]
-
-    def per_block(m, b):
-        blocks_of = res["models"][m]["blocks"]
-        return blocks_of.get(b, blocks_of.get(str(b), {}))
-
-    cols = [Column(f"b{b}", [fmt(per_block(m, b).get(key)) for m, key in rows]) for b in blocks]
-    cols.append(Column("mean", [mean_cell(res["models"][m], key, len(blocks)) for m, key in rows]))
     masked = res.get("mask_label", "every seen pair masked")  # a result from before masks were named
-    tables += fit_tables(f"test part of each block (full ranking, {masked}; mean over blocks 0..{block})",
-                         [Column("model", [labels[m] for m, _ in rows], "left"),
-                          Column("metric", [_metric_label(key) for _, key in rows], "left")], cols, width)
+
+    def per_block_table(keys: list[str], part: str, note: str = "", prefix: str = "") -> list:
+        """One row per model × metric (``prefix`` + key), one column per block, and the mean over blocks."""
+        rows = [(m, prefix + key) for m in models for key in keys]
+
+        def cell(m, b, key):
+            blocks_of = res["models"][m]["blocks"]
+            return fmt(blocks_of.get(b, blocks_of.get(str(b), {})).get(key))
+
+        cols = [Column(f"b{b}", [cell(m, b, key) for m, key in rows]) for b in blocks]
+        cols.append(Column("mean", [mean_cell(res["models"][m], key, len(blocks)) for m, key in rows]))
+        return fit_tables(f"{part} ({note}full ranking, {masked}; mean over blocks 0..{block})",
+                          [Column("model", [labels[m] for m, _ in rows], "left"),
+                           Column("metric", [_metric_label(key.removeprefix(prefix)) for _, key in rows], "left")],
+                          cols, width)
+
+    tables += per_block_table(metric_keys, "test part of each block")
 
     cols = [Column(_metric_label(f"{name}@{k}"), [mean_cell(res["models"][m], f"{name}@{k}", len(blocks))
                                                    for m in models]) for k in ks for name in ("recall", "ndcg")]
@@ -202,14 +208,8 @@ def evaluate_tables(res: dict, job: str, block: int, width: int | None, wide: bo
         tables += fit_tables(f"Recall@{k_main} by UnKD's equal-interaction groups (eq0 = most popular; mean over "
                              f"blocks)", [Column("model", [labels[m] for m in models], "left")], cols, width)
     if any(f"holdout_ndcg@{k_main}" in res["models"][m]["mean"] for m in models):  # blocks.holdout
-        rows = [(m, key) for m in models for key in (f"holdout_recall@{k_main}", f"holdout_ndcg@{k_main}")]
-        cols = [Column(f"b{b}", [fmt(per_block(m, b).get(key)) for m, key in rows]) for b in blocks]
-        cols.append(Column("mean", [mean_cell(res["models"][m], key, len(blocks)) for m, key in rows]))
-        tables += fit_tables(f"held-out part of each block (blocks.holdout: never trained on nor chosen on; full "
-                             f"ranking, {masked}; mean over blocks 0..{block})",
-                             [Column("model", [labels[m] for m, _ in rows], "left"),
-                              Column("metric", [_metric_label(key.removeprefix("holdout_")) for _, key in rows],
-                                     "left")], cols, width)
+        tables += per_block_table([f"recall@{k_main}", f"ndcg@{k_main}"], "held-out part of each block",
+                                  "blocks.holdout: never trained on nor chosen on; ", prefix="holdout_")
     tables += _past_the_log_tables(res, models, labels, k_main, blocks, masked, width)
 
     rows = [(m, key) for m in models for key in (f"ndcg@{k_main}", f"recall@{k_main}")]
