@@ -5,6 +5,7 @@
                                  [--teacher-hard 2,4,8] [--teacher-lr 2.5e-4,5e-4,1e-3] [--student-wd 1e-4]
                                  [--student-hard 1,4,8,16] [--student-lr 0.001] [--student-dim 16]
                                  [--term rrd.k=100 ...] [--teacher-train KEY=VALUE ...] [--seed 0]
+                                 [--device cuda]
     python bench/head_to_head.py --merge s0.json s1.json ...   # runs of several seeds: mean, min–max, ÷ peer
 
 The split (the one woriazzc/KDs and RecBole-style scripts use): dense ids = sorted original ids - 1;
@@ -145,7 +146,7 @@ def train_teachers(seen: Interactions, group: str, args) -> tuple[dict, dict]:
     specs = [MF_TEACHER] if group == "mf" else HETCOMP_TEACHERS
     terms = [{"name": "hetcomp"}] if group == "hetcomp" else []
     job = job_for(terms, specs, args)
-    learners = {model_key("teacher", t.name): Learner(t, job.seed, "cpu", role="teacher") for t in job.teachers}
+    learners = {model_key("teacher", t.name): Learner(t, job.seed, args.device, role="teacher") for t in job.teachers}
     run = BlockRun(job, 0, list(learners))
     t0 = time.perf_counter()
     update_teachers(run, InProcessExecutor(learners, seen, 0))
@@ -170,7 +171,7 @@ def run_method(seen: Interactions, name: str, teachers: dict, args) -> dict:
                 "note": f"n/a: term {', '.join(missing)} not registered"}
     teacher_specs = [MF_TEACHER] if group == "mf" else HETCOMP_TEACHERS
     job = job_for(terms, teacher_specs, args)
-    learners = {**teachers, "student": Learner(job.student, job.seed, "cpu", role="student")}
+    learners = {**teachers, "student": Learner(job.student, job.seed, args.device, role="student")}
     ex = InProcessExecutor(learners, seen, 0)
     run = BlockRun(job, 0, [model_key("teacher", t.name) for t in job.teachers])
     if terms:
@@ -278,6 +279,7 @@ def main() -> None:
                     help="a train setting of the student (e.g. hard_negatives=8), YAML value")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the models train and score")
     ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                     help="print the mean over the --json files of earlier runs (e.g. one per --seed); no training")
     args = ap.parse_args()
@@ -296,6 +298,8 @@ def main() -> None:
     args.teacher_train, args.student_train = (
         {k: yaml.safe_load(v) for k, v in (x.split("=", 1) for x in xs)} for xs in (args.teacher_train, args.student_train))
     torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"--device cuda: this torch ({torch.__version__}) sees no CUDA device")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

@@ -3,6 +3,7 @@
     python bench/scale.py [--sizes 0.1M,1M,3M,10M] [--fixed 0.3M,1M,3M] [--threads 1] [--json out.json]
     python bench/scale.py --upkeep 1M,10M     # only the known-pair / eval-set upkeep per block, no training
     python bench/scale.py --sizes 1M,10M --device cuda --threads 16   # the models on a CUDA GPU
+    python bench/scale.py --sizes 1M --device cuda --gpu-chunks cpu    # ... with chunks sized as on the CPU
 
 The job of the issue's measurement: one MF-64 teacher → an MF-8 student with RRD (k 40, pool 500),
 3 epochs per block, a base block of 50% + 3 incremental blocks, on `ckd data synthetic` streams
@@ -46,6 +47,7 @@ from continual_kd.config import SyntheticSpec, parse_job  # noqa: E402
 from continual_kd.continual import make_learners  # noqa: E402
 from continual_kd.continual.loop import run_block_local  # noqa: E402
 from continual_kd.data.sources import build_store, source_plan  # noqa: E402
+from continual_kd.eval import metrics  # noqa: E402
 from continual_kd.eval.metrics import evaluate_ranking, top_k_items, users_per_chunk  # noqa: E402
 from continual_kd.stream.store import StreamStore  # noqa: E402
 from continual_kd.types import TEST, TRAIN  # noqa: E402
@@ -110,7 +112,7 @@ def ensure_stream(root: Path, users: int, items: int, rows: int) -> tuple[Stream
 def bare_topk(model, users: torch.Tensor, k: int) -> float:
     """Seconds of (U_chunk @ Iᵀ).topk(k) over ``users`` in the chunks top_k_items uses: the floor."""
     u_all, i_all = model.embeddings()
-    step = users_per_chunk(model.num_items)
+    step = users_per_chunk(model.num_items, device=u_all.device)
     users = users.to(u_all.device)
     sync()
     t0 = time.perf_counter()
@@ -144,7 +146,7 @@ def floor_check(learner, seen, block: int, size: int) -> dict:
     eval_users = torch.nonzero(relevant.degree > 0).flatten()
     return {"knowledge_users": len(users), "knowledge_s": knowledge, "knowledge_bare_s": bare_topk(learner.model, users, size),
             "eval_users": len(eval_users), "eval_s": evaluation, "eval_bare_s": bare_topk(learner.model, eval_users, 50),
-            "chunk_users": users_per_chunk(learner.model.num_items)}
+            "chunk_users": users_per_chunk(learner.model.num_items, device=learner.device)}
 
 
 def run_stream(label: str, users: int, items: int, rows: int, root: Path, floor: bool = True,
@@ -306,12 +308,17 @@ def main() -> None:
                     help="the models' train.optimizer (adam: dense steps over the whole tables)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                     help="where the models train and score (the stream's store work stays on the CPU)")
+    ap.add_argument("--gpu-chunks", default="free", choices=("free", "cpu"),
+                    help="on --device cuda, chunks of users sized by the GPU's free memory (the default) or by the "
+                         "CPU's 256 MB budget (as before session 21: the comparison)")
     ap.add_argument("--upkeep", default="", help="only the pair-state upkeep per block (no training) at these sizes, "
                                                  "e.g. 1M,10M: rebuilt from history vs kept and extended")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit(f"--device cuda: this torch ({torch.__version__}) sees no CUDA device")
+    if args.gpu_chunks == "cpu":
+        metrics.CUDA_SCORE_SHARE = 0.0  # cuda_budget_mb falls back to the CPU's budget
     root = Path(args.stores)
     root.mkdir(parents=True, exist_ok=True)
     if args.upkeep:

@@ -689,13 +689,16 @@ EXCLUDE_TO_MASK = {"known": "standard", "train": "train"}  # issue 11's spelling
 DEFAULTS_VERSION = 1
 # options read only by `ckd evaluate` (estimates past the log): not part of a lineage's identity
 EVAL_ONLY_FIELDS = ("ips_exponent", "ips_clip", "intervened_per_item", "mar_test", "mar_positive", "truth_items")
+# how many users are scored at once: how fast and in how much memory, never which figures (not identity either)
+EVAL_SPEED_FIELDS = ("chunk_size", "memory_mb")
 
 
 class EvalSpec(_Spec):
     ks: Annotated[tuple[Annotated[int, Field(ge=1)], ...], BeforeValidator(_as_tuple),
                   Field(min_length=1)] = (10, 20, 50)
     chunk_size: int = Field(0, ge=0)  # users scored at once; 0: as many as fit memory_mb (eval.metrics.users_per_chunk)
-    memory_mb: int = Field(256, ge=1)  # memory budget of one chunk of full scores
+    # memory budget of one chunk of full scores; None: 256 MB on the CPU, a quarter of a GPU's free memory (≤ 4 GB)
+    memory_mb: int | None = Field(None, ge=1)
     sample_users: int | None = Field(None, ge=1)  # evaluate a seeded sample of this many users per test set (None: all)
     # what a ranking hides: standard = the user's train + valid pairs (the standard full-ranking protocol)
     # | train = training pairs only (valid items stay as negatives) | all_seen = every seen pair but the
@@ -899,7 +902,7 @@ class JobSpec(_Spec):
             if which in d.get("distill", {}):  # a term's name is its kind, even where it is the field's default
                 d["distill"][which] = [{**t, "name": spec.name} for t, spec in
                                        zip(d["distill"][which], getattr(self.distill, which))]
-        for k in EVAL_ONLY_FIELDS:
+        for k in EVAL_ONLY_FIELDS + EVAL_SPEED_FIELDS:
             d.get("eval", {}).pop(k, None)
         if d.get("eval") == {}:  # only evaluation-only settings: the same lineage as none
             d.pop("eval")
@@ -921,6 +924,8 @@ class JobSpec(_Spec):
             m.pop("workers")
         for k in EVAL_ONLY_FIELDS:
             d["eval"].pop(k, None)
+        if d["eval"].get("memory_mb") is None:  # those releases' default budget, written out in their dumps
+            d["eval"]["memory_mb"] = 256
         for which in ("terms", "feedback"):
             for t in d["distill"][which]:
                 if not t.get("models"):

@@ -399,15 +399,17 @@ def _spec_defaults() -> dict:
 def test_defaults_are_recorded_so_a_changed_default_bumps_the_lineage():
     """config_hash hashes only non-default settings, so a changed default would silently continue lineages
     trained under the old one: every default is recorded here, and changing (or removing) one needs
-    DEFAULTS_VERSION bumped and the record rewritten; new settings may be added without either."""
-    from continual_kd.config import DEFAULTS_VERSION
+    DEFAULTS_VERSION bumped and the record rewritten; new settings may be added without either. Settings outside
+    the identity (``eval.memory_mb``: how many users are scored at once) only need the record rewritten."""
+    from continual_kd.config import DEFAULTS_VERSION, EVAL_SPEED_FIELDS
 
     record = json.loads((Path(__file__).parent / "data" / "config_defaults.json").read_text())
     if record["version"] != DEFAULTS_VERSION:
         pytest.fail(f"DEFAULTS_VERSION is {DEFAULTS_VERSION}, the record {record['version']}: rewrite "
                     "tests/data/config_defaults.json with the current defaults (_spec_defaults)")
     recorded, current = _flat(record["specs"]), _flat(_spec_defaults())
-    changed = sorted(k for k, v in recorded.items() if k not in current or current[k] != v)
+    changed = sorted(k for k, v in recorded.items() if (k not in current or current[k] != v)
+                     and k.split(".")[-2:] not in [[p, f] for p in ("EvalSpec", "eval") for f in EVAL_SPEED_FIELDS])
     assert not changed, (f"defaults changed: {changed}; bump config.DEFAULTS_VERSION and rewrite "
                          "tests/data/config_defaults.json (lineages relying on them must start anew)")
     assert "ProxySpec.stability" in recorded and "TrainSpec.grid" in recorded  # optional and empty ones too
@@ -422,3 +424,7 @@ def test_a_setting_left_at_its_default_does_not_change_the_lineage():
     assert parse_job({"teachers": T, "distill": {"terms": [{"name": "unkd"}]}}).config_hash() != \
         parse_job({"teachers": T, "distill": {"terms": [{"name": "rrd"}]}}).config_hash()
     assert parse_job({"teachers": [{"name": "a"}]}).config_hash() != parse_job({"teachers": [{"name": "b"}]}).config_hash()
+    # how many users are scored at once changes speed and memory, never a figure: the same lineage
+    assert parse_job({"teachers": T, "eval": {"memory_mb": 64, "chunk_size": 10}}).config_hash() == \
+        parse_job({"teachers": T}).config_hash()
+    assert parse_job({"teachers": T, "eval": {"ks": [5]}}).config_hash() != parse_job({"teachers": T}).config_hash()

@@ -441,7 +441,7 @@ class Learner:
         figures = {}
         if valid is not None:
             relevant, exclude = valid
-            step = users_per_chunk(self.model.num_items)
+            step = users_per_chunk(self.model.num_items, device=self.device)
 
             def ndcg() -> float:
                 out = evaluate_ranking(self.model, relevant, exclude, (20,), step, self.device)
@@ -467,7 +467,7 @@ class Learner:
         with torch.no_grad():  # the model's own scores of the sample's pairs, one chunk of users at a time
             uniq, where = torch.unique(users, return_inverse=True)
             scores = torch.empty(len(users), dtype=torch.float32)
-            step = users_per_chunk(self.model.num_items)
+            step = users_per_chunk(self.model.num_items, device=self.device)
             for start in range(0, len(uniq), step):
                 rows = (where >= start) & (where < start + step)
                 full = self.model.full_scores(uniq[start : start + step].to(self.device)).float().cpu()
@@ -748,7 +748,7 @@ class Learner:
         self.observe(seen)
         popularity = self.pairs.popularity(seen)  # training pairs only (eval.protocol.training_popularity)
         groups = popularity_groupings(popularity, spec.mass_groups)  # head/mid/tail + UnKD's eq groups
-        step = users_per_chunk(self.model.num_items, spec.chunk_size, spec.memory_mb)  # users per chunk
+        step = users_per_chunk(self.model.num_items, spec.chunk_size, spec.memory_mb, self.device)  # users per chunk
         if spec.mask == "standard" and len(blocks) > 1:
             # one hidden set (train + valid) for every block's targets: every user ranked once for all of
             # them (one pass, not one per block), the same figures as a pass per block

@@ -29,18 +29,45 @@ def ndcg_at_k(hits: torch.Tensor, n_relevant: torch.Tensor) -> torch.Tensor:
 METRICS = {"recall": recall_at_k, "ndcg": ndcg_at_k}
 
 
-SCORE_MEMORY_MB = 256  # default memory budget of one chunk of full scores (knowledge, evaluation)
+SCORE_MEMORY_MB = 256  # default memory budget of one chunk of full scores on the CPU (knowledge, evaluation)
 SCORE_COPIES = 3  # (B, I) float32 buffers alive at once: the scores, a model's temporaries, top-k's work
+CUDA_SCORE_SHARE = 0.25  # on a CUDA device with no budget given: this share of the GPU's free memory ...
+CUDA_SCORE_MAX_MB = 4096  # ... up to this much (and never less than SCORE_MEMORY_MB)
 
 
-def users_per_chunk(num_items: int, chunk_size: int | None = None, memory_mb: float | None = None) -> int:
+def cuda_budget_mb(free_bytes: int) -> float:
+    """A chunk's budget on a CUDA device with ``free_bytes`` free: a share of it, between the CPU's budget and
+    ``CUDA_SCORE_MAX_MB`` (a GPU scores thousands of users at once; small chunks leave it waiting on launches)."""
+    return max(float(SCORE_MEMORY_MB), min(float(CUDA_SCORE_MAX_MB), CUDA_SCORE_SHARE * free_bytes / 2**20))
+
+
+def score_budget_mb(device: str | torch.device | None = None) -> float:
+    """The default budget of one chunk of full scores where the scores live: ``SCORE_MEMORY_MB`` on the CPU,
+    ``cuda_budget_mb`` of the device's free memory on a CUDA device."""
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        return cuda_budget_mb(torch.cuda.mem_get_info(device)[0])
+    return float(SCORE_MEMORY_MB)
+
+
+def users_per_chunk(num_items: int, chunk_size: int | None = None, memory_mb: float | None = None,
+                    device: str | torch.device | None = None) -> int:
     """Users whose full scores are ranked at once: ``chunk_size`` when given (> 0), else as many as fit
-    ``memory_mb`` (default ``SCORE_MEMORY_MB``) with ``SCORE_COPIES`` float32 (B, I) buffers, so a chunk
-    never holds more than the budget whatever the number of items (20k items: 1,118 users at 256 MB)."""
+    ``memory_mb`` (default ``score_budget_mb(device)``: 256 MB on the CPU, a share of a GPU's free memory)
+    with ``SCORE_COPIES`` float32 (B, I) buffers, so a chunk never holds more than the budget whatever the
+    number of items (20k items: 1,118 users at 256 MB)."""
     if chunk_size:
         return int(chunk_size)
-    budget = (SCORE_MEMORY_MB if memory_mb is None else memory_mb) * 2**20
+    budget = (score_budget_mb(device) if memory_mb is None else memory_mb) * 2**20
     return max(1, int(budget // (SCORE_COPIES * 4 * max(int(num_items), 1))))
+
+
+def device_of(model) -> torch.device | None:
+    """Where a model's scores are computed (its first parameter's device; None for a model without any)."""
+    try:
+        return next(iter(model.parameters())).device
+    except (AttributeError, StopIteration, TypeError):
+        return None
 
 
 @torch.no_grad()
@@ -53,7 +80,7 @@ def top_k_items(model, users: torch.Tensor, k: int, exclude: UserItemSet | None 
     (B, I) scores and the (U, k) answer are ever held.
     With ``only``, just the user's pairs in that set are ranked (slots past them: item -1, score -inf).
     """
-    step = users_per_chunk(_items_of(model, exclude, only), chunk_size)
+    step = users_per_chunk(_items_of(model, exclude, only), chunk_size, device=device_of(model))
     ids = scores = None  # the (U, k) answer, filled chunk by chunk (no list of chunks joined at the end)
     for start in range(0, len(users), step):
         cu = users[start : start + step]
@@ -170,7 +197,7 @@ def evaluate_many(model, relevants: dict, exclude: UserItemSet | None, ks=(10, 2
         union = users  # the sampled order of the single set (the same figures either way)
     max_k = max(ks)
     width = _items_of(model, *relevants.values())
-    step = users_per_chunk(width, chunk_size)
+    step = users_per_chunk(width, chunk_size, device=device)
     for start in range(0, len(union), step):
         cu = union[start : start + step]
         s = model.full_scores(cu)
