@@ -697,7 +697,7 @@ class EvalSpec(_Spec):
     ks: Annotated[tuple[Annotated[int, Field(ge=1)], ...], BeforeValidator(_as_tuple),
                   Field(min_length=1)] = (10, 20, 50)
     chunk_size: int = Field(0, ge=0)  # users scored at once; 0: as many as fit memory_mb (eval.metrics.users_per_chunk)
-    # memory budget of one chunk of full scores; None: 256 MB on the CPU, a quarter of a GPU's free memory (≤ 4 GB)
+    # memory budget of one chunk of full scores; None: 256 MB on the CPU, an eighth of a GPU's free memory (≤ 4 GB)
     memory_mb: int | None = Field(None, ge=1)
     sample_users: int | None = Field(None, ge=1)  # evaluate a seeded sample of this many users per test set (None: all)
     # what a ranking hides: standard = the user's train + valid pairs (the standard full-ranking protocol)

@@ -31,7 +31,9 @@ METRICS = {"recall": recall_at_k, "ndcg": ndcg_at_k}
 
 SCORE_MEMORY_MB = 256  # default memory budget of one chunk of full scores on the CPU (knowledge, evaluation)
 SCORE_COPIES = 3  # (B, I) float32 buffers alive at once: the scores, a model's temporaries, top-k's work
-CUDA_SCORE_SHARE = 0.25  # on a CUDA device with no budget given: this share of the GPU's free memory ...
+# on a CUDA device with no budget given: this share of the GPU's free memory (an eighth: several actors may share
+# one GPU, each sizing its chunks by what is free when it scores) ...
+CUDA_SCORE_SHARE = 0.125
 CUDA_SCORE_MAX_MB = 4096  # ... up to this much (and never less than SCORE_MEMORY_MB)
 
 
