@@ -890,6 +890,11 @@ class JobSpec(_Spec):
         adds an option (its default keeps the old behaviour) leaves every lineage as it was, so a stream carries
         on after an upgrade; a release that changes a default bumps the version (tests/test_config.py holds the
         defaults and fails until it is bumped), and every lineage that relied on it starts anew."""
+        return self._digest(speed=False)
+
+    def _digest(self, speed: bool) -> str:
+        """``config_hash``; with ``speed``, as releases before session 21 hashed it: ``eval.chunk_size`` and
+        ``eval.memory_mb`` (then 256 by default) written out when set."""
         d = self.model_dump(exclude_defaults=True)
         for k in ("runtime", "snapshots", "tune"):
             d.pop(k, None)
@@ -902,8 +907,10 @@ class JobSpec(_Spec):
             if which in d.get("distill", {}):  # a term's name is its kind, even where it is the field's default
                 d["distill"][which] = [{**t, "name": spec.name} for t, spec in
                                        zip(d["distill"][which], getattr(self.distill, which))]
-        for k in EVAL_ONLY_FIELDS + EVAL_SPEED_FIELDS:
+        for k in EVAL_ONLY_FIELDS + (() if speed else EVAL_SPEED_FIELDS):
             d.get("eval", {}).pop(k, None)
+        if speed and d.get("eval", {}).get("memory_mb") == 256:  # those releases' default: not written out
+            d["eval"].pop("memory_mb")
         if d.get("eval") == {}:  # only evaluation-only settings: the same lineage as none
             d.pop("eval")
         d["defaults"] = DEFAULTS_VERSION
@@ -915,7 +922,8 @@ class JobSpec(_Spec):
 
     def lineage_aliases(self) -> tuple[str, ...]:
         """Hashes this job had under earlier releases' ``config_hash`` (every field, defaults included; before
-        terms had ``models``): a stream committed by such a release is relabelled and carries on."""
+        terms had ``models``; ``eval.memory_mb`` / ``chunk_size`` hashed when set, before session 21): a stream
+        committed by such a release is relabelled and carries on."""
         d = self.to_dict()
         for k in ("runtime", "snapshots", "tune"):
             d.pop(k)
@@ -930,7 +938,9 @@ class JobSpec(_Spec):
             for t in d["distill"][which]:
                 if not t.get("models"):
                     t.pop("models", None)
-        return (hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16],)
+        aliases = (hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16],)
+        before = self._digest(speed=True)  # a job that set eval.memory_mb or chunk_size, as hashed before session 21
+        return aliases + ((before,) if before != self._digest(speed=False) else ())
 
 
 # ------------------------------------------------------------------------- errors → one sentence
