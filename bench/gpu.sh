@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a machine with a CUDA build of torch (issue 12: "the same bench on the GPU";
-# issue 11's terms on CUDA). Ray is not needed: every part runs the stages in one process.
+# issue 11's terms on CUDA). Ray is not needed: every part runs the stages in one process. Parts 1 and 3 read
+# MovieLens-100K: from the cache (CKD_CACHE_DIR, default ~/.cache/continual-kd: copy it over to an offline machine)
+# or the network.
 #   bash bench/gpu.sh [OUT_DIR]          # logs and JSON land in OUT_DIR (default /tmp/ckd-gpu)
 #   CKD_GPU_DEVICE=cpu CKD_GPU_H2H_S=60 bash bench/gpu.sh /tmp/x   # a dry run of the script on the CPU
 # Parts, each bounded by its own timeout (a part that runs out keeps the log of what it finished):

@@ -140,7 +140,8 @@ def floor_check(learner, seen, block: int, size: int) -> dict:
     knowledge = time.perf_counter() - t0
     relevant, hidden = learner.pairs.eval_sets(seen, block, TEST)
     t0 = time.perf_counter()
-    evaluate_ranking(learner.model, relevant, hidden, (10, 20, 50), device=learner.device, keep_relevant=True)
+    evaluate_ranking(learner.model, relevant, hidden, (10, 20, 50), users_per_chunk(learner.model.num_items,
+                     device=learner.device), device=learner.device, keep_relevant=True)  # the bare call's chunks
     sync()
     evaluation = time.perf_counter() - t0
     eval_users = torch.nonzero(relevant.degree > 0).flatten()

@@ -689,7 +689,8 @@ EXCLUDE_TO_MASK = {"known": "standard", "train": "train"}  # issue 11's spelling
 DEFAULTS_VERSION = 1
 # options read only by `ckd evaluate` (estimates past the log): not part of a lineage's identity
 EVAL_ONLY_FIELDS = ("ips_exponent", "ips_clip", "intervened_per_item", "mar_test", "mar_positive", "truth_items")
-# how many users are scored at once: how fast and in how much memory, never which figures (not identity either)
+# how many users are scored at once: how fast and in how much memory, never a model or its figures (only `ckd
+# evaluate`'s uniformly drawn truth labels follow an explicit chunk_size, and those are evaluation-only): not identity
 EVAL_SPEED_FIELDS = ("chunk_size", "memory_mb")
 
 

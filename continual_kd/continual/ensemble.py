@@ -52,6 +52,7 @@ def evaluate_ensemble(teachers: list, seen, block: int, spec) -> dict:
     ones ``Learner.evaluate`` uses (``eval.mask``: by default the user's train + valid pairs)."""
     from ..eval import eval_sets, evaluate_ranking, plasticity_stability
     from ..eval.bias import popularity_groupings
+    from ..eval.metrics import users_per_chunk
     from ..eval.protocol import training_popularity
 
     device = teachers[0].device
@@ -63,7 +64,9 @@ def evaluate_ensemble(teachers: list, seen, block: int, spec) -> dict:
     for b in range(block + 1):
         relevant, exclude = eval_sets(seen, b, device=device, mask=spec.mask)
         model = RankFusionEnsemble([t.model for t in teachers], exclude=exclude)
-        per_block[b] = evaluate_ranking(model, relevant, exclude, spec.ks, spec.chunk_size, device,
+        # the fusion holds about twice a model's (B, I) buffers (every teacher's scores, their ranks): a doubled width
+        step = users_per_chunk(2 * seen.num_items, spec.chunk_size, spec.memory_mb, device)
+        per_block[b] = evaluate_ranking(model, relevant, exclude, spec.ks, step, device,
                                         item_popularity=popularity, item_group=groups)
     return {"test": per_block[block], "earlier": {b: m for b, m in per_block.items() if b < block},
             "continual": plasticity_stability(per_block, block)}

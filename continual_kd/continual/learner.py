@@ -470,8 +470,8 @@ class Learner:
             step = users_per_chunk(self.model.num_items, device=self.device)
             for start in range(0, len(uniq), step):
                 rows = (where >= start) & (where < start + step)
-                full = self.model.full_scores(uniq[start : start + step].to(self.device)).float().cpu()
-                scores[rows] = full[where[rows] - start, items[rows]]
+                full = self.model.full_scores(uniq[start : start + step].to(self.device))  # only the sample's pairs
+                scores[rows] = full[(where[rows] - start).to(full.device), items[rows].to(full.device)].float().cpu()
         vector, info = calibrate(scores, items, labels, self.pairs.popularity(seen), self.model.num_items,
                                  self.spec.calibrate_l2, derive_seed(self.seed, self.spec.name, "calibrate"))
         if vector is not None:  # fitted: the result replaces the last one
@@ -538,7 +538,7 @@ class Learner:
         best = None
         if valid is not None:
             best = BestEpoch(self.model, *valid, patience=train_spec.patience, every=train_spec.valid_every,
-                             cap=epochs, chunk_size=1024, device=self.device,
+                             cap=epochs, chunk_size=0, device=self.device,
                              item_popularity=self.pairs.popularity(seen) if keep else None,
                              sample=train_spec.valid_users, seed=derive_seed(self.seed, "valid", block))
             hooks.append(best)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..config import parse_job
 from ..eval import plasticity_stability
 from ..errors import CkdError
-from ..eval.metrics import defined_mean
+from ..eval.metrics import defined_mean, users_per_chunk
 from ..sparse import UserItemSet
 from ..types import Interactions
 from .learner import Learner
@@ -130,17 +130,18 @@ def evaluate_snapshot(snapshot, seen: Interactions, device: str = "cpu", mask: s
                 per_block[b].update({f"holdout_{k}": v for k, v in m.items()
                                      if k == "users" or k.startswith(("ndcg@", "recall@"))})
         model = learner.model
+        step = users_per_chunk(model.num_items, spec.chunk_size, spec.memory_mb, device)  # eval.memory_mb honoured
         pooled = {}
         for b in [*blocks, None]:
             relevant, exclude, iv = targets[b]
             if b is None:
-                pooled = evaluate_ranking(model, relevant, exclude, ks, spec.chunk_size, device,
+                pooled = evaluate_ranking(model, relevant, exclude, ks, step, device,
                                           item_popularity=popularity, item_group=groups, item_weight=weight)
                 extra = pooled
             else:
-                extra = {k: v for k, v in evaluate_ranking(model, relevant, exclude, ks, spec.chunk_size, device,
+                extra = {k: v for k, v in evaluate_ranking(model, relevant, exclude, ks, step, device,
                                                            item_weight=weight).items() if k.startswith("ips_")}
-            ivm = evaluate_ranking(model, iv, exclude, ks, spec.chunk_size, device)
+            ivm = evaluate_ranking(model, iv, exclude, ks, step, device)
             extra.update({f"iv_{k}": v for k, v in ivm.items() if k != "users"})
             extra["iv_users"] = ivm["users"]
             if b is not None:

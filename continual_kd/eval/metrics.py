@@ -353,7 +353,7 @@ def top_k_users(model, items: torch.Tensor, k: int, exclude: UserItemSet | None 
     k = min(k, num_users)
     best = torch.full((len(items), 0), float("-inf"), device=items.device)
     best_ids = torch.zeros(len(items), 0, dtype=torch.int64, device=items.device)
-    step = users_per_chunk(getattr(model, "num_items", 0) or len(items), chunk_size)
+    step = users_per_chunk(getattr(model, "num_items", 0) or len(items), chunk_size, device=device_of(model))
     for start in range(0, num_users, step):
         cu = torch.arange(start, min(start + step, num_users), device=items.device)
         s = model.full_scores(cu)  # (B, I)
