@@ -61,11 +61,11 @@ def evaluate_ensemble(teachers: list, seen, block: int, spec) -> dict:
     popularity = training_popularity(seen, device)
     groups = popularity_groupings(popularity, spec.mass_groups)
     per_block = {}
+    # the fusion holds about twice a model's (B, I) buffers (every teacher's scores, their ranks): a doubled width
+    step = users_per_chunk(2 * seen.num_items, spec.chunk_size, spec.memory_mb, device)
     for b in range(block + 1):
         relevant, exclude = eval_sets(seen, b, device=device, mask=spec.mask)
         model = RankFusionEnsemble([t.model for t in teachers], exclude=exclude)
-        # the fusion holds about twice a model's (B, I) buffers (every teacher's scores, their ranks): a doubled width
-        step = users_per_chunk(2 * seen.num_items, spec.chunk_size, spec.memory_mb, device)
         per_block[b] = evaluate_ranking(model, relevant, exclude, spec.ks, step, device,
                                         item_popularity=popularity, item_group=groups)
     return {"test": per_block[block], "earlier": {b: m for b, m in per_block.items() if b < block},
