@@ -633,6 +633,10 @@ class DistillSpec(_Spec):
     # each teacher's lists' NDCG@20 on the block's validation pairs, p ∈ {0 (uniform), 1, 2, 4, ∞ (the best
     # teacher alone)} the one whose fused lists have the most validation NDCG@20 summed over every block so far
     teacher_weights: Literal[TEACHER_WEIGHTS] = "uniform"
+    # none | least_teacher: the fused ranking the student learns (RRD, RD) ordered by the fused score less
+    # β·log(1 + training count), β (per block) the least whose fused top-20 is no more popular on average than
+    # the least popular teacher's (distill/fusion.py): fusing by rank favours the items every teacher lists
+    fusion_popularity: Literal["none", "least_teacher"] = "none"
 
     @model_validator(mode="before")
     @classmethod

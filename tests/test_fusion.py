@@ -126,3 +126,59 @@ def test_fusion_evidence_rewards_the_weighting_whose_fused_list_finds_the_held_o
     assert sums[0.0] == pytest.approx(1 / math.log2(3)) and sums[math.inf] == pytest.approx(2.0)
     assert choose_power(sums) == min(p for p in WEIGHT_POWERS if sums[p] == max(sums.values()))
     assert choose_power({p: 0.0 for p in WEIGHT_POWERS}) == 0.0  # no evidence: uniform
+
+
+def test_an_item_penalty_reorders_the_fused_candidates():
+    # rank_power 1, user 0's fused scores: item1 2/3, item0 1/2, item2 4/9, item3 1/9 (above)
+    penalty = torch.tensor([0.0, 0.3, 0.0, 0.0, 0.0, 0.0])  # item1: 2/3 - 0.3 = 0.367, now below items 0 and 2
+    items, scores = fuse_rankings(LISTS, 4, "rank", num_items=6, rank_power=1.0, item_penalty=penalty)
+    assert items[0].tolist() == [0, 2, 1, 3]
+    assert torch.allclose(scores[0], torch.tensor([1 / 2, 4 / 9, 2 / 3 - 0.3, 1 / 9]))
+    assert items[1].tolist() == [4, 5, 3, 0, 1][:4]  # user 1: item1 was 5th, only lower now
+
+
+def _popular_consensus(users: int = 200, items: int = 60, seed: int = 0):
+    """Three teachers whose lists agree on popular items and each add their own unpopular ones: the rank
+    fusion of them is more popular than every teacher (the consensus rises)."""
+    g = torch.Generator().manual_seed(seed)
+    popularity = torch.arange(items, 0, -1).float() ** 2  # item 0 the most popular
+    lists = []
+    for t in range(3):
+        score = -torch.arange(items).float() / 4 + torch.randn(users, items, generator=g)  # popular first, noisy
+        own = torch.arange(items) % 3 == t
+        score[:, own & (torch.arange(items) >= 20)] += 5.0  # this teacher's own unpopular favourites
+        lists.append(score.topk(30, dim=1).indices)
+    return lists, popularity
+
+
+def test_popularity_matched_beta_is_the_least_penalty_that_matches_the_least_popular_teacher():
+    from continual_kd.distill.fusion import popularity_matched_beta
+
+    lists, popularity = _popular_consensus()
+    log_pop = torch.log1p(popularity)
+
+    def avgpop(beta):
+        fused = fuse_rankings(lists, 20, num_items=60, item_penalty=beta * log_pop)[0]
+        return float(popularity[fused].mean())
+
+    teachers = [float(popularity[lst[:, :20]].mean()) for lst in lists]
+    assert avgpop(0.0) > min(teachers) * 1.05  # the consensus is more popular than every teacher
+    beta, figures = popularity_matched_beta(lists, popularity, num_items=60)
+    assert beta > 0
+    assert figures["target_avgpop"] == pytest.approx(min(teachers))
+    assert figures["fused_avgpop"] == pytest.approx(avgpop(0.0))
+    assert avgpop(beta) <= min(teachers) + 1e-6  # matched ...
+    assert avgpop(0.9 * beta) > min(teachers)  # ... by the least such penalty (to the bisection's precision)
+    assert figures["fused_avgpop_after"] == pytest.approx(avgpop(beta))
+    # a sample of users: the same kind of answer from a seeded part of them, the same for the same seed
+    b1, f1 = popularity_matched_beta(lists, popularity, num_items=60, sample=50, seed=3)
+    assert f1["users"] == 50 and (b1, f1) == popularity_matched_beta(lists, popularity, num_items=60, sample=50, seed=3)
+    assert 0.5 * beta < b1 < 2 * beta
+
+
+def test_popularity_matched_beta_is_zero_when_the_fusion_adds_no_popularity():
+    from continual_kd.distill.fusion import popularity_matched_beta
+
+    lists, popularity = _popular_consensus()
+    beta, figures = popularity_matched_beta(lists, popularity.flip(0), num_items=60)  # popular = the lists' tails
+    assert beta == 0.0 and figures["fused_avgpop"] <= figures["target_avgpop"]

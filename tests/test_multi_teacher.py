@@ -75,11 +75,33 @@ def test_multi_teacher_methods_run_in_process(tiny_job, tmp_path, distill, one_t
         assert shared > 3 * chance, (teacher, shared, chance)
 
 
+def test_popularity_matched_fusion_runs_in_process_and_is_logged(tiny_job, tmp_path, one_thread):
+    distill = ("distill: {terms: [{name: rrd, k: 10, pool: 30, uninteresting: 10}], fusion_popularity: least_teacher}\n")
+    (tmp_path / "p.yaml").write_text(_three_teacher_job(tiny_job, "p", distill))
+    job = load_job(tmp_path / "p.yaml")
+    assert job.distill.fusion_popularity == "least_teacher"
+    store = open_source(job.source)
+    plan = store.ensure_plan(0.5, 2, (0.8, 0.1, 0.1), job.seed)
+    results = run_stream_local(job, lambda k: store.read_blocks(plan.plan_id, k), plan.num_blocks,
+                               learners=make_learners(job))
+    logs = [r.updates["student"]["fusion_popularity"] for r in results]
+    for log in logs:
+        assert log["beta"] >= 0 and len(log["teachers_avgpop"]) == 3
+        assert log["target_avgpop"] == pytest.approx(min(log["teachers_avgpop"]))
+        assert log["fused_avgpop_after"] <= log["target_avgpop"] + 1e-6
+        assert (log["beta"] > 0) == (log["fused_avgpop"] > log["target_avgpop"])
+    assert any(log["beta"] > 0 for log in logs), logs  # rank fusion raised the popularity somewhere
+    for r in results:
+        assert "fusion_popularity" not in r.updates["teacher:mf"]  # the teachers' own updates fuse nothing
+
+
 def test_bad_multi_teacher_specs_are_refused():
     from continual_kd.errors import CkdError
 
     with pytest.raises(CkdError, match="distill.fusion"):
         parse_job({"teachers": [{"name": "t"}], "distill": {"fusion": "vote"}}, "j.yaml")
+    with pytest.raises(CkdError, match="distill.fusion_popularity"):
+        parse_job({"teachers": [{"name": "t"}], "distill": {"fusion_popularity": "least"}}, "j.yaml")
     with pytest.raises(CkdError, match=r"distill.terms\[0\]"):
         parse_job({"teachers": [{"name": "t"}], "distill": {"terms": [{"name": "unkd", "groups": 4, "pairs": 2}]}},
                   "j.yaml")

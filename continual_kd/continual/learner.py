@@ -172,6 +172,7 @@ class Learner:
         self.fusion_evidence: dict[str, float] = {}
         self.penalty: torch.Tensor | None = None  # rank_penalty: β · log(1 + count) (I,), on full_scores; None: off
         self.penalty_beta = 0.0
+        self.fusion_penalty: torch.Tensor | None = None  # distill.fusion_popularity: (I,) off the fused scores, this update
         self.pairs = PairState(device)  # known pairs, counts, eval sets: kept between blocks (continual/pairs.py)
         self.parallel = None  # on a Ray Train worker: its part of data-parallel training (runtime/train.py)
 
@@ -263,7 +264,8 @@ class Learner:
     def update(self, seen: Interactions, block: int, knowledge=(), terms=(), fusion: str = "rank",
                weights: list[float] | None = None, trajectory: tuple[int, int] | None = None,
                strategy: str = "warm", proxies=None, replay: float = 0.0, replay_by: str = "user",
-               knowledge_users: str = "block", choose_weights: bool = False) -> dict:
+               knowledge_users: str = "block", choose_weights: bool = False,
+               fusion_popularity: str = "none") -> dict:
         """Grow to the block's id spaces, then train (warm start; ``strategy="retrain"``: a new model on
         every pair it may see, for the base block's epochs).
 
@@ -282,6 +284,8 @@ class Learner:
         choice is kept, saved in the snapshot, and used by every later update). ``choose_weights``: the
         fusion weights of several teachers' lists are chosen on the block's validation pairs
         (``distill.teacher_weights: chosen``; ``_fusion_weights``), replacing ``weights``.
+        ``fusion_popularity="least_teacher"``: the fused ranking the terms learn is matched in popularity to the
+        least popular list (``_fusion_penalty``; ``distill.fusion_popularity``).
         """
         t0, started = time.perf_counter(), time.time()
         retrain = strategy in ("retrain", "scratch")
@@ -319,6 +323,7 @@ class Learner:
         fusion_choice = None
         if choose_weights and len(knowledge) > 1 and valid is not None:
             weights, fusion_choice = self._fusion_weights(knowledge, fusion, valid)
+        self.fusion_penalty, matched = self._fusion_penalty(seen, block, knowledge, fusion, weights, fusion_popularity)
         grid = self._grid() if not self.chosen else [{}]
         warm = had is not None and not retrain  # a trained model continuing on a new block
         if warm and self.spec.train.grid_block:  # chosen again at every warm update, on this block's validation
@@ -399,7 +404,7 @@ class Learner:
         return {
             "model": self.spec.name, "block": block, "epochs": len(logs), "best_epoch": fit["best_epoch"],
             "valid_ndcg@20": fit["valid"], "train_rows": len(positives), "replay_rows": fit["replay_rows"],
-            "terms": fit["terms"], "chosen": dict(self.chosen), **(fusion_choice or {}),
+            "terms": fit["terms"], "chosen": dict(self.chosen), **(fusion_choice or {}), **matched,
             "chosen_block": {name: float(v) for name, v in overrides.items()
                              if name in self.spec.train.grid_block or name == KEEP_WEIGHT},
             "grid": [{**o, "valid_ndcg@20": f["valid"], "valid_avgpop@20": f["valid_avgpop"], "best_epoch": f["best_epoch"],
@@ -510,6 +515,27 @@ class Learner:
         weights = sharpened_weights(ndcgs, power)
         return weights, {"teacher_weights": weights, "weight_power": power, "teacher_valid_ndcg@20": ndcgs_now,
                          "fusion_valid_ndcg@20": {str(p): t / max(n, 1) for p, t in sums.items()}}
+
+    def _fusion_penalty(self, seen, block, knowledge: list[Knowledge], fusion: str, weights, mode: str):
+        """(penalty (I,) or None, what the update's log records) of ``distill.fusion_popularity``: with
+        ``least_teacher`` and several lists, β · log(1 + training count) with β the least whose fused top-20 is
+        no more popular than the least popular list's (``popularity_matched_beta``, on a seeded sample of users)."""
+        if mode == "none" or len(knowledge) < 2:
+            return None, {}
+        from ..distill.fusion import popularity_matched_beta
+
+        lists = [torch.as_tensor(k.items, dtype=torch.int64, device=self.device) for k in knowledge]
+        counts = self.pairs.item_counts(seen)
+        usable = weights if weights is not None and len(weights) == len(lists) else None
+        beta, figures = popularity_matched_beta(lists, counts, fusion, usable, num_items=self.model.num_items,
+                                                seed=derive_seed(self.seed, "fusion_popularity", block))
+        penalty = None
+        if beta > 0:
+            log_pop = torch.zeros(self.model.num_items, dtype=torch.float64, device=self.device)
+            c = counts.detach().to(self.device, torch.float64)[: self.model.num_items]
+            log_pop[: len(c)] = torch.log1p(c)
+            penalty = beta * log_pop
+        return penalty, {"fusion_popularity": {"beta": beta, **figures}}
 
     def _grid(self, grid: dict | None = None) -> list[dict]:
         """Every combination of ``grid`` (default ``train.grid``; one empty combination without a grid)."""
@@ -654,6 +680,7 @@ class Learner:
                           num_items=self.model.num_items, block=block, epochs=epochs, device=self.device,
                           role=self.role, fusion=fusion,
                           weights=weights if weights is not None and len(weights) == len(knowledge) else None,
+                          fusion_penalty=self.fusion_penalty,
                           item_popularity=self.pairs.item_counts(seen), own=own, meta=seen.meta,
                           block_users=self._users(seen, block, "block") if "keep" in names else None)
         built = []

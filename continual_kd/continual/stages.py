@@ -181,6 +181,7 @@ def update_student(run: BlockRun, ex: Executor) -> None:
     [log] = ex.get(ex.call([STUDENT], "update", knowledge=run.knowledge.get("teachers", []), terms=job.distill.terms,
                            fusion=job.distill.fusion, weights=weights, **update_options(job),
                            choose_weights=job.distill.teacher_weights == "chosen",
+                           fusion_popularity=job.distill.fusion_popularity,
                            proxies=job.continual.proxies))
     run.updates[STUDENT] = log
 

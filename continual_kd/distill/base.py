@@ -45,6 +45,7 @@ class TermContext:
     role: str = "student"  # "student" or "teacher": which side the trained model is on (BD's weights differ)
     fusion: str = "rank"  # how several lists become one (distill.fusion)
     weights: list[float] | None = None  # per-knowledge fusion weights (None: uniform)
+    fusion_penalty: torch.Tensor | None = None  # (I,) taken off the fused scores (distill.fusion_popularity)
     item_popularity: torch.Tensor | None = None  # (I,) training interactions per item
     own: list[Knowledge] = field(default_factory=list)  # the model's own lists: its pre-update top-K, proxies
     state: dict | None = None  # what this term carried from the previous block (``KDTerm.carry``)
@@ -60,13 +61,15 @@ class TermContext:
         return self.tensor(self.knowledge[0].users)
 
     def fused_items(self, size: int) -> torch.Tensor:
-        """(U, size) one ranking from every knowledge list: as is for one list, else ``fusion``."""
+        """(U, size) one ranking from every knowledge list: as is for one list, else ``fusion`` (ordered by the
+        fused score less ``fusion_penalty`` when one is set)."""
         from .fusion import fuse_rankings
 
         lists = [self.tensor(k.items) for k in self.knowledge]
         if len(lists) == 1:
             return lists[0][:, :size]
-        return fuse_rankings(lists, size, self.fusion, self.weights, num_items=self.num_items)[0]
+        return fuse_rankings(lists, size, self.fusion, self.weights, num_items=self.num_items,
+                             item_penalty=self.fusion_penalty)[0]
 
 
 def knowledge_rows(row: torch.Tensor, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

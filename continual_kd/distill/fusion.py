@@ -11,6 +11,12 @@ Two scorings of an item ``i`` for user ``u`` from each teacher ``t`` that lists 
 A teacher that does not list an item contributes 0 for it (it is outside that teacher's top-N_t;
 it is *not* treated as rank N_t + 1). Entries < 0 in a list are padding and ignored.
 
+A popularity-matched fusion (``distill.fusion_popularity: least_teacher``) ranks the candidates by the
+fused score less ``β · log(1 + n_i)`` (``n_i`` the item's training count), with β the least for which the
+fused top-20 is on average no more popular than the least popular teacher's top-20
+(``popularity_matched_beta``): fusing by rank rewards the items every teacher lists, the popular ones, so
+the fused ranking is more popular than any teacher's, and a student that learns it inherits that.
+
 Implemented as a sparse (user, item) aggregation: per user chunk, every listed pair becomes a key
 ``row · num_items + item``; ``unique`` + ``index_add_`` sum the contributions, one sort orders each
 user's candidates. Memory is O(chunk · Σ_t N_t), never users × items.
@@ -48,13 +54,16 @@ def rank_contribution(n: int, method: str, rank_power: float, temperature: float
 
 def fuse_rankings(item_lists: list[torch.Tensor], k: int, method: str = "rank",
                   weights: list[float] | None = None, *, num_items: int, rank_power: float = 0.05,
-                  temperature: float = 10.0, chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+                  temperature: float = 10.0, chunk_size: int = 4096,
+                  item_penalty: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fuse per-teacher top-N lists into one top-``k`` list per user.
 
     item_lists: one (U, N_t) int64 tensor per teacher, best first, same U users in the same order;
     N_t may differ; entries < 0 are padding. Each list should hold distinct items.
     Returns (U, k) item ids and (U, k) float32 fused scores, best first; ties go to the smaller item
-    id. A user with fewer than ``k`` candidates is padded with item -1 and score 0.
+    id. A user with fewer than ``k`` candidates is padded with item -1 and score 0. ``item_penalty``
+    (I,): subtracted from every candidate's fused score before the order is taken (the scores returned
+    are the penalised ones).
     """
     if not item_lists:
         raise ValueError("fuse_rankings needs at least one teacher list")
@@ -77,13 +86,14 @@ def fuse_rankings(item_lists: list[torch.Tensor], k: int, method: str = "rank",
     out_scores = torch.zeros(n_users, k, dtype=torch.float32, device=device)
     for start in range(0, n_users, chunk_size):
         end = min(start + chunk_size, n_users)
-        items, scores = _fuse_chunk([lst[start:end].long() for lst in item_lists], contrib, k, num_items)
+        items, scores = _fuse_chunk([lst[start:end].long() for lst in item_lists], contrib, k, num_items,
+                                    item_penalty)
         out_items[start:end], out_scores[start:end] = items, scores
     return out_items, out_scores
 
 
 def _fuse_chunk(lists: list[torch.Tensor], contrib: list[torch.Tensor], k: int,
-                num_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+                num_items: int, item_penalty: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     b = lists[0].shape[0]
     device = lists[0].device
     rows, items, values = [], [], []
@@ -99,8 +109,10 @@ def _fuse_chunk(lists: list[torch.Tensor], contrib: list[torch.Tensor], k: int,
     keys, inverse = torch.unique(rows * num_items + items, return_inverse=True)  # sorted by (row, item)
     score = torch.zeros(len(keys), dtype=torch.float64, device=device).index_add_(0, inverse, values)
     rows, items = keys // num_items, keys % num_items
+    if item_penalty is not None:
+        score = score - item_penalty.to(device, torch.float64)[items]
     # order by (row asc, score desc, item asc): two stable sorts over the (row, item)-sorted keys
-    quant = torch.round(score * _SCORE_QUANT).long()  # scores compared on a 2^-40 grid
+    quant = torch.round(score * _SCORE_QUANT).long()  # scores compared on a 2^-40 grid (|score| < 2^23 fits)
     order = torch.sort(-quant, stable=True).indices
     order = order[torch.sort(rows[order], stable=True).indices]
     rows, items, score = rows[order], items[order], score[order]
@@ -113,6 +125,58 @@ def _fuse_chunk(lists: list[torch.Tensor], contrib: list[torch.Tensor], k: int,
     out_items[rows[keep], pos[keep]] = items[keep]
     out_scores[rows[keep], pos[keep]] = score[keep].float()
     return out_items, out_scores
+
+
+FUSION_POPULARITY = ("none", "least_teacher")
+
+
+def popularity_matched_beta(item_lists: list[torch.Tensor], popularity: torch.Tensor, method: str = "rank",
+                            weights: list[float] | None = None, *, num_items: int, k: int = 20, sample: int = 1024,
+                            seed: int = 0, iterations: int = 16) -> tuple[float, dict]:
+    """(β, figures): the least β ≥ 0 (to a 2^-``iterations`` share of its bracket) for which the lists fused
+    with the penalty β · log(1 + n_i) have a top-``k`` no more popular on average than the least popular
+    teacher's top-``k`` — over ``sample`` users drawn with ``seed`` (every user when fewer). ``popularity``:
+    (I',) training counts n (items past its end count 0). Such a β exists: at a large β the fused top-``k``
+    is the ``k`` least popular candidates, and every teacher's top-``k`` is among the candidates.
+    ``figures``: the teachers' and the fused lists' average popularity@``k`` on the sample, before and after."""
+    n_users = item_lists[0].shape[0]
+    device = item_lists[0].device
+    counts = torch.zeros(num_items, dtype=torch.float64, device=device)
+    pop = popularity.detach().to(device, torch.float64)[:num_items]
+    counts[: len(pop)] = pop
+    if n_users > sample:
+        take = torch.randperm(n_users, generator=torch.Generator().manual_seed(seed))[:sample].to(device)
+        item_lists = [lst[take] for lst in item_lists]
+    item_lists = [lst.long() for lst in item_lists]
+
+    def avgpop(items: torch.Tensor) -> float:
+        top = items[:, :k]
+        listed = top >= 0
+        return float(counts[top.clamp(min=0)][listed].mean()) if bool(listed.any()) else 0.0
+
+    # every candidate of every user once, with its fused score: each β then re-ranks them (one top-k), no fusing
+    width = sum(lst.shape[1] for lst in item_lists)
+    cand, score = fuse_rankings(item_lists, width, method, weights, num_items=num_items)
+    listed = cand >= 0
+    score = torch.where(listed, score.double(), -math.inf)
+    log_pop = torch.log1p(counts)[cand.clamp(min=0)]
+    top_k = min(k, width)
+
+    def fused(beta: float) -> float:
+        return avgpop(cand.gather(1, (score - beta * log_pop).topk(top_k, dim=1).indices)) if beta > 0 else avgpop(cand)
+
+    teachers = [avgpop(lst) for lst in item_lists]
+    target, before = min(teachers), fused(0.0)
+    figures = {"teachers_avgpop": teachers, "fused_avgpop": before, "target_avgpop": target, "users": len(cand)}
+    if before <= target:
+        return 0.0, {**figures, "fused_avgpop_after": before}
+    lo, hi = 0.0, 1.0 / 64
+    while fused(hi) > target and hi < 2.0**20:  # bracket: at a large β the k least popular candidates
+        lo, hi = hi, hi * 2
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fused(mid) > target else (lo, mid)
+    return hi, {**figures, "fused_avgpop_after": fused(hi)}
 
 
 def teacher_weights_from_ndcg(ndcgs: list[float], floor: float = 1e-3) -> list[float]:
