@@ -75,11 +75,13 @@ def test_multi_teacher_methods_run_in_process(tiny_job, tmp_path, distill, one_t
         assert shared > 3 * chance, (teacher, shared, chance)
 
 
-def test_popularity_matched_fusion_runs_in_process_and_is_logged(tiny_job, tmp_path, one_thread):
-    distill = ("distill: {terms: [{name: rrd, k: 10, pool: 30, uninteresting: 10}], fusion_popularity: least_teacher}\n")
+@pytest.mark.parametrize("tolerance", [None, 0.01])
+def test_popularity_matched_fusion_runs_in_process_and_is_logged(tiny_job, tmp_path, one_thread, tolerance):
+    distill = ("distill: {terms: [{name: rrd, k: 10, pool: 30, uninteresting: 10}], fusion_popularity: least_teacher, "
+               f"fusion_popularity_tolerance: {'null' if tolerance is None else tolerance}}}\n")
     (tmp_path / "p.yaml").write_text(_three_teacher_job(tiny_job, "p", distill))
     job = load_job(tmp_path / "p.yaml")
-    assert job.distill.fusion_popularity == "least_teacher"
+    assert job.distill.fusion_popularity == "least_teacher" and job.distill.fusion_popularity_tolerance == tolerance
     store = open_source(job.source)
     plan = store.ensure_plan(0.5, 2, (0.8, 0.1, 0.1), job.seed)
     results = run_stream_local(job, lambda k: store.read_blocks(plan.plan_id, k), plan.num_blocks,
@@ -90,7 +92,14 @@ def test_popularity_matched_fusion_runs_in_process_and_is_logged(tiny_job, tmp_p
         assert log["target_avgpop"] == pytest.approx(min(log["teachers_avgpop"]))
         assert log["fused_avgpop_after"] <= log["target_avgpop"] + 1e-6
         assert (log["beta"] > 0) == (log["fused_avgpop"] > log["target_avgpop"])
+        if tolerance is None:  # always used where a penalty was needed
+            assert log["used"] == (log["beta"] > 0) and "valid_ndcg_sum_fused" not in log
+        elif log["beta"] > 0:  # used while the matched lists' validation NDCG so far is within 1% of the plain ones'
+            assert log["used"] == (log["valid_ndcg_sum_matched"] >= 0.99 * log["valid_ndcg_sum_fused"])
     assert any(log["beta"] > 0 for log in logs), logs  # rank fusion raised the popularity somewhere
+    if tolerance is not None:  # the evidence accumulates over the blocks
+        sums = [log["valid_ndcg_sum_fused"] for log in logs if "valid_ndcg_sum_fused" in log]
+        assert len(sums) >= 2 and sums == sorted(sums) and sums[-1] > sums[0]
     for r in results:
         assert "fusion_popularity" not in r.updates["teacher:mf"]  # the teachers' own updates fuse nothing
 

@@ -265,7 +265,7 @@ class Learner:
                weights: list[float] | None = None, trajectory: tuple[int, int] | None = None,
                strategy: str = "warm", proxies=None, replay: float = 0.0, replay_by: str = "user",
                knowledge_users: str = "block", choose_weights: bool = False,
-               fusion_popularity: str = "none") -> dict:
+               fusion_popularity: str = "none", fusion_popularity_tolerance: float | None = None) -> dict:
         """Grow to the block's id spaces, then train (warm start; ``strategy="retrain"``: a new model on
         every pair it may see, for the base block's epochs).
 
@@ -285,7 +285,7 @@ class Learner:
         fusion weights of several teachers' lists are chosen on the block's validation pairs
         (``distill.teacher_weights: chosen``; ``_fusion_weights``), replacing ``weights``.
         ``fusion_popularity="least_teacher"``: the fused ranking the terms learn is matched in popularity to the
-        least popular list (``_fusion_penalty``; ``distill.fusion_popularity``).
+        least popular list (``_fusion_penalty``; ``distill.fusion_popularity``, ``fusion_popularity_tolerance``).
         """
         t0, started = time.perf_counter(), time.time()
         retrain = strategy in ("retrain", "scratch")
@@ -323,7 +323,8 @@ class Learner:
         fusion_choice = None
         if choose_weights and len(knowledge) > 1 and valid is not None:
             weights, fusion_choice = self._fusion_weights(knowledge, fusion, valid)
-        self.fusion_penalty, matched = self._fusion_penalty(seen, block, knowledge, fusion, weights, fusion_popularity)
+        self.fusion_penalty, matched = self._fusion_penalty(seen, block, knowledge, fusion, weights, fusion_popularity,
+                                                            fusion_popularity_tolerance, valid)
         grid = self._grid() if not self.chosen else [{}]
         warm = had is not None and not retrain  # a trained model continuing on a new block
         if warm and self.spec.train.grid_block:  # chosen again at every warm update, on this block's validation
@@ -489,18 +490,12 @@ class Learner:
         NDCG@20 and each candidate power's fused-list NDCG@20, summed over the block's validation users) joins
         what earlier blocks gave; the power with the most so far weights the teachers by their NDCG@20 so far
         (a small block's validation alone would pick a different teacher every block)."""
-        from ..distill.fusion import choose_power, fusion_evidence, sharpened_weights, without
+        from ..distill.fusion import choose_power, fusion_evidence, sharpened_weights
 
-        relevant, hidden = valid
-        users = torch.as_tensor(knowledge[0].users, dtype=torch.int64, device=self.device)
-        inside = users < relevant.num_users
-        users = users[inside]
-        rows = torch.nonzero(relevant.degree[users] > 0).squeeze(1)  # listed users with validation pairs
-        users = users[rows]
-        lists = [without(torch.as_tensor(k.items, dtype=torch.int64, device=self.device)[inside][rows], users, hidden)
-                 for k in knowledge]  # what evaluation would mask, taken out once
+        relevant, _ = valid
+        users, lists = self._valid_lists(knowledge, valid)
         ev = self.fusion_evidence
-        n = len(rows)
+        n = len(users)
         ev["users"] = ev.get("users", 0.0) + n
         teacher_sums = [ev.get(f"teacher{t}", 0.0) for t in range(len(lists))]
         ndcgs_now, _ = fusion_evidence(lists, users, relevant, None, fusion, num_items=self.model.num_items, powers=())
@@ -516,13 +511,31 @@ class Learner:
         return weights, {"teacher_weights": weights, "weight_power": power, "teacher_valid_ndcg@20": ndcgs_now,
                          "fusion_valid_ndcg@20": {str(p): t / max(n, 1) for p, t in sums.items()}}
 
-    def _fusion_penalty(self, seen, block, knowledge: list[Knowledge], fusion: str, weights, mode: str):
+    def _valid_lists(self, knowledge: list[Knowledge], valid) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(users, their lists): the listed users with validation pairs, and each knowledge list of theirs with
+        the pairs validation hides taken out (what evaluation would mask)."""
+        from ..distill.fusion import without
+
+        relevant, hidden = valid
+        users = torch.as_tensor(knowledge[0].users, dtype=torch.int64, device=self.device)
+        inside = users < relevant.num_users
+        users = users[inside]
+        rows = torch.nonzero(relevant.degree[users] > 0).squeeze(1)  # listed users with validation pairs
+        users = users[rows]
+        return users, [without(torch.as_tensor(k.items, dtype=torch.int64, device=self.device)[inside][rows], users,
+                               hidden) for k in knowledge]
+
+    def _fusion_penalty(self, seen, block, knowledge: list[Knowledge], fusion: str, weights, mode: str,
+                        tolerance: float | None, valid):
         """(penalty (I,) or None, what the update's log records) of ``distill.fusion_popularity``: with
         ``least_teacher`` and several lists, β · log(1 + training count) with β the least whose fused top-20 is
-        no more popular than the least popular list's (``popularity_matched_beta``, on a seeded sample of users)."""
+        no more popular than the least popular list's (``popularity_matched_beta``, on a seeded sample of users).
+        With a ``tolerance``, the penalty is used only while the matched fusion's validation NDCG@20, summed over
+        every block's validation users so far (kept with ``fusion_evidence``), is at least (1 − tolerance) × the
+        plain fusion's: where the popular items are what users pick (a sparse stream), matching costs too much."""
         if mode == "none" or len(knowledge) < 2:
             return None, {}
-        from ..distill.fusion import popularity_matched_beta
+        from ..distill.fusion import fuse_rankings, list_ndcg, popularity_matched_beta
 
         lists = [torch.as_tensor(k.items, dtype=torch.int64, device=self.device) for k in knowledge]
         counts = self.pairs.item_counts(seen)
@@ -535,7 +548,23 @@ class Learner:
             c = counts.detach().to(self.device, torch.float64)[: self.model.num_items]
             log_pop[: len(c)] = torch.log1p(c)
             penalty = beta * log_pop
-        return penalty, {"fusion_popularity": {"beta": beta, **figures}}
+        log = {"beta": beta, **figures}
+        if tolerance is not None and penalty is not None:
+            ev = self.fusion_evidence
+            if valid is not None:  # this block's evidence joins the earlier blocks'
+                relevant, _ = valid
+                users, vlists = self._valid_lists(knowledge, valid)
+                if len(users):
+                    for key, pen in (("popularity_fused", None), ("popularity_matched", penalty)):
+                        fused = fuse_rankings(vlists, 20, fusion, usable, num_items=self.model.num_items,
+                                              item_penalty=pen)[0]
+                        ev[key] = ev.get(key, 0.0) + float(list_ndcg(fused, users, relevant).sum())
+            plain, matched = ev.get("popularity_fused", 0.0), ev.get("popularity_matched", 0.0)
+            log.update({"valid_ndcg_sum_fused": plain, "valid_ndcg_sum_matched": matched})
+            if matched < (1.0 - tolerance) * plain:  # (no validation yet: 0 ≥ 0, used)
+                penalty = None
+        log["used"] = penalty is not None
+        return penalty, {"fusion_popularity": log}
 
     def _grid(self, grid: dict | None = None) -> list[dict]:
         """Every combination of ``grid`` (default ``train.grid``; one empty combination without a grid)."""

@@ -182,6 +182,7 @@ def update_student(run: BlockRun, ex: Executor) -> None:
                            fusion=job.distill.fusion, weights=weights, **update_options(job),
                            choose_weights=job.distill.teacher_weights == "chosen",
                            fusion_popularity=job.distill.fusion_popularity,
+                           fusion_popularity_tolerance=job.distill.fusion_popularity_tolerance,
                            proxies=job.continual.proxies))
     run.updates[STUDENT] = log
 
