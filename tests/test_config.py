@@ -46,6 +46,7 @@ def test_job_files_keep_their_settings_in_the_terms_form():
         RRDTermSpec(weight=0.01, k=40, pool=500, uninteresting=40),
         UnKDTermSpec(weight=0.05, groups=4, pairs=32, per_group=200, temperature=20.0))
     assert (stream.distill.fusion, stream.distill.teacher_weights) == ("rank", "uniform")
+    assert (stream.distill.fusion_popularity, stream.distill.fusion_popularity_tolerance) == ("least_teacher", 0.01)
     assert [t.name for t in stream.distill.feedback] == ["bd", "keep"]
     assert stream.distill.feedback[1] == KeepTermSpec(weight=0.001, k=40, uninteresting=40, users="absent",
                                                       models=("lightgcn",))
@@ -59,6 +60,7 @@ def test_job_files_keep_their_settings_in_the_terms_form():
     assert by_name["lightgcn"].grid == {"hard_negatives": (1, 4)} and stream.student.train.hard_negatives == 1
     synthetic = load_job(ROOT / "jobs" / "synthetic-stream.yaml")  # the stream of issue 19's bench: the same models
     assert [t.model_dump() for t in synthetic.teachers] == [t.model_dump() for t in stream.teachers]
+    assert synthetic.distill == stream.distill and synthetic.continual == stream.continual  # kept in step
 
     het = load_job(ROOT / "jobs" / "hetcomp.yaml")
     assert het.distill.terms == (HetCompTermSpec(weight=1.0, checkpoints=4, k=50, observed=10, early_weight=0.01,
