@@ -535,19 +535,14 @@ class Learner:
         plain fusion's: where the popular items are what users pick (a sparse stream), matching costs too much."""
         if mode == "none" or len(knowledge) < 2:
             return None, {}
-        from ..distill.fusion import fuse_rankings, list_ndcg, popularity_matched_beta
+        from ..distill.fusion import fuse_rankings, list_ndcg, log_popularity, popularity_matched_beta
 
         lists = [torch.as_tensor(k.items, dtype=torch.int64, device=self.device) for k in knowledge]
         counts = self.pairs.item_counts(seen)
         usable = weights if weights is not None and len(weights) == len(lists) else None
         beta, figures = popularity_matched_beta(lists, counts, fusion, usable, num_items=self.model.num_items,
                                                 seed=derive_seed(self.seed, "fusion_popularity", block))
-        penalty = None
-        if beta > 0:
-            log_pop = torch.zeros(self.model.num_items, dtype=torch.float64, device=self.device)
-            c = counts.detach().to(self.device, torch.float64)[: self.model.num_items]
-            log_pop[: len(c)] = torch.log1p(c)
-            penalty = beta * log_pop
+        penalty = beta * log_popularity(counts, self.model.num_items, self.device) if beta > 0 else None
         log = {"beta": beta, **figures}
         if tolerance is not None and penalty is not None:
             ev = self.fusion_evidence

@@ -127,7 +127,16 @@ def _fuse_chunk(lists: list[torch.Tensor], contrib: list[torch.Tensor], k: int,
     return out_items, out_scores
 
 
-FUSION_POPULARITY = ("none", "least_teacher")
+def _item_counts(popularity: torch.Tensor, num_items: int, device=None) -> torch.Tensor:
+    counts = torch.zeros(num_items, dtype=torch.float64, device=device)
+    pop = popularity.detach().to(device, torch.float64)[:num_items]
+    counts[: len(pop)] = pop
+    return counts
+
+
+def log_popularity(popularity: torch.Tensor, num_items: int, device=None) -> torch.Tensor:
+    """(``num_items``,) float64 log(1 + n_i) of training counts ``popularity`` (items past its end: n = 0)."""
+    return torch.log1p(_item_counts(popularity, num_items, device))
 
 
 def popularity_matched_beta(item_lists: list[torch.Tensor], popularity: torch.Tensor, method: str = "rank",
@@ -141,9 +150,8 @@ def popularity_matched_beta(item_lists: list[torch.Tensor], popularity: torch.Te
     ``figures``: the teachers' and the fused lists' average popularity@``k`` on the sample, before and after."""
     n_users = item_lists[0].shape[0]
     device = item_lists[0].device
-    counts = torch.zeros(num_items, dtype=torch.float64, device=device)
-    pop = popularity.detach().to(device, torch.float64)[:num_items]
-    counts[: len(pop)] = pop
+    counts = _item_counts(popularity, num_items, device)
+    log_count = torch.log1p(counts)
     if n_users > sample:
         take = torch.randperm(n_users, generator=torch.Generator().manual_seed(seed))[:sample].to(device)
         item_lists = [lst[take] for lst in item_lists]
@@ -159,7 +167,7 @@ def popularity_matched_beta(item_lists: list[torch.Tensor], popularity: torch.Te
     cand, score = fuse_rankings(item_lists, width, method, weights, num_items=num_items)
     listed = cand >= 0
     score = torch.where(listed, score.double(), -math.inf)
-    log_pop = torch.log1p(counts)[cand.clamp(min=0)]
+    log_pop = log_count[cand.clamp(min=0)]
     top_k = min(k, width)
 
     def fused(beta: float) -> float:
@@ -171,7 +179,8 @@ def popularity_matched_beta(item_lists: list[torch.Tensor], popularity: torch.Te
     if before <= target:
         return 0.0, {**figures, "fused_avgpop_after": before}
     lo, hi = 0.0, 1.0 / 64
-    while fused(hi) > target and hi < 2.0**20:  # bracket: at a large β the k least popular candidates
+    while fused(hi) > target and hi < 2.0**16:  # bracket: at a large β the k least popular candidates (and
+        # β·log(1 + n) stays far inside the fused scores' 2^-40 grid's int64 range)
         lo, hi = hi, hi * 2
     for _ in range(iterations):
         mid = (lo + hi) / 2
