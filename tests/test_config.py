@@ -46,7 +46,7 @@ def test_job_files_keep_their_settings_in_the_terms_form():
         RRDTermSpec(weight=0.01, k=40, pool=500, uninteresting=40),
         UnKDTermSpec(weight=0.05, groups=4, pairs=32, per_group=200, temperature=20.0))
     assert (stream.distill.fusion, stream.distill.teacher_weights) == ("rank", "uniform")
-    assert (stream.distill.fusion_popularity, stream.distill.fusion_popularity_tolerance) == ("least_teacher", 0.01)
+    assert (stream.distill.fusion_popularity, stream.distill.fusion_popularity_tolerance) == ("least_teacher", 0.05)
     assert [t.name for t in stream.distill.feedback] == ["bd", "keep"]
     assert stream.distill.feedback[1] == KeepTermSpec(weight=0.001, k=40, uninteresting=40, users="absent",
                                                       models=("lightgcn",))

@@ -75,7 +75,7 @@ def test_multi_teacher_methods_run_in_process(tiny_job, tmp_path, distill, one_t
         assert shared > 3 * chance, (teacher, shared, chance)
 
 
-@pytest.mark.parametrize("tolerance", [None, 0.01])
+@pytest.mark.parametrize("tolerance", [None, 0.05])
 def test_popularity_matched_fusion_runs_in_process_and_is_logged(tiny_job, tmp_path, one_thread, tolerance):
     distill = ("distill: {terms: [{name: rrd, k: 10, pool: 30, uninteresting: 10}], fusion_popularity: least_teacher, "
                f"fusion_popularity_tolerance: {'null' if tolerance is None else tolerance}}}\n")
@@ -94,8 +94,8 @@ def test_popularity_matched_fusion_runs_in_process_and_is_logged(tiny_job, tmp_p
         assert (log["beta"] > 0) == (log["fused_avgpop"] > log["target_avgpop"])
         if tolerance is None:  # always used where a penalty was needed
             assert log["used"] == (log["beta"] > 0) and "valid_ndcg_sum_fused" not in log
-        elif log["beta"] > 0:  # used while the matched lists' validation NDCG so far is within 1% of the plain ones'
-            assert log["used"] == (log["valid_ndcg_sum_matched"] >= 0.99 * log["valid_ndcg_sum_fused"])
+        elif log["beta"] > 0:  # used while the matched lists' validation NDCG so far is within 5% of the plain ones'
+            assert log["used"] == (log["valid_ndcg_sum_matched"] >= 0.95 * log["valid_ndcg_sum_fused"])
     assert any(log["beta"] > 0 for log in logs), logs  # rank fusion raised the popularity somewhere
     if tolerance is not None:  # the evidence accumulates over the blocks
         sums = [log["valid_ndcg_sum_fused"] for log in logs if "valid_ndcg_sum_fused" in log]
