@@ -19,6 +19,22 @@ def manifest_digest(snapshot_path: Path) -> str:
     return file_sha256(Path(snapshot_path) / MANIFEST)
 
 
+def update_choice(log: dict) -> dict:
+    """What one model's update kept, as the snapshot history (``choice``) and the catalog (``choice/<key>``) record
+    it: epochs run, the best validation epoch and its NDCG@20, the replayed rows; for a student that fused several
+    teachers, the fusion's choices (``weight_power`` of ``teacher_weights: chosen``; ``fusion_popularity_beta`` and
+    ``fusion_popularity_used`` (1 / 0) of ``fusion_popularity``)."""
+    out = {"epochs": log.get("epochs"), "best_epoch": log.get("best_epoch"), "valid_ndcg@20": log.get("valid_ndcg@20"),
+           "replay_rows": log.get("replay_rows")}
+    if "weight_power" in log:
+        out["weight_power"] = log["weight_power"]
+    matched = log.get("fusion_popularity")
+    if matched:
+        out["fusion_popularity_beta"] = matched["beta"]
+        out["fusion_popularity_used"] = 1.0 if matched["used"] else 0.0
+    return out
+
+
 def block_results(entry: dict) -> dict[str, dict[str, float | None]]:
     """A history entry's numbers per model, as the catalog's ``block_results`` rows take them: the test
     metrics of the block, plasticity / stability / H-mean, ``valid/<metric>``, ``seconds/update``,

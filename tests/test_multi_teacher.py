@@ -102,6 +102,17 @@ def test_popularity_matched_fusion_runs_in_process_and_is_logged(tiny_job, tmp_p
         assert len(sums) >= 2 and sums == sorted(sums) and sums[-1] > sums[0]
     for r in results:
         assert "fusion_popularity" not in r.updates["teacher:mf"]  # the teachers' own updates fuse nothing
+    # what the snapshot history and the catalog keep of it (runtime/coordinator.py records update_choice)
+    from continual_kd.manifest import block_results, update_choice
+
+    last = results[-1].updates
+    choice = {n: update_choice(u) for n, u in last.items()}
+    assert choice["student"]["fusion_popularity_beta"] == logs[-1]["beta"]
+    assert choice["student"]["fusion_popularity_used"] == (1.0 if logs[-1]["used"] else 0.0)
+    assert "fusion_popularity_beta" not in choice["teacher:mf"]
+    rows = block_results({"metrics": {n: {"ndcg@20": 0.1} for n in last}, "choice": choice})
+    assert rows["student"]["choice/fusion_popularity_used"] == choice["student"]["fusion_popularity_used"]
+    assert rows["student"]["choice/best_epoch"] == last["student"]["best_epoch"]
 
 
 def test_bad_multi_teacher_specs_are_refused():

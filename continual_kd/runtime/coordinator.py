@@ -32,7 +32,7 @@ from ..data.sources import open_source, source_plan
 from ..errors import CkdError
 from ..eval.metrics import undefined_as_none
 from ..locks import single_driver
-from ..manifest import block_manifest, block_results, manifest_digest
+from ..manifest import block_manifest, block_results, manifest_digest, update_choice
 from ..snapshots import (MANIFEST, block_dir_name, list_snapshots, prune_snapshots, remove_job_snapshots, resolve_snapshot,
                          write_snapshot)
 from ..stream import BlockPlan, StreamStore
@@ -236,10 +236,8 @@ def run_job(job: JobSpec, address: str | None = None, restart: bool = False, pro
                     "seconds": res.seconds, "stages": res.stages,
                     "updates": {n: u.get("seconds") for n, u in res.updates.items()},
                     "pooled": res.pooled,  # every block's test pairs as one test set
-                    # what each update kept: epochs run, the best validation epoch and its NDCG@20
-                    "choice": {n: {"epochs": u.get("epochs"), "best_epoch": u.get("best_epoch"),
-                                   "valid_ndcg@20": u.get("valid_ndcg@20"), "replay_rows": u.get("replay_rows")}
-                               for n, u in res.updates.items()}})
+                    # what each update kept: epochs run, the best validation epoch and its NDCG@20, the fusion's choices
+                    "choice": {n: update_choice(u) for n, u in res.updates.items()}})
                 history = [*result.history, entry]
                 manifest = block_manifest(job, plan, store, k, states, res, history)
                 snap = write_snapshot(runs, k, {n: s["weights"] for n, s in states.items()}, manifest)
