@@ -104,6 +104,11 @@ def test_fused_lists_take_the_weighted_mean_of_the_scores_that_exist():
     items, scores = fuse_scored_lists([a_items, b_items], [a_scores, b_scores], 3, "rank", [3.0, 1.0], 5)
     assert items.tolist() == [[1, 0, 2]]
     assert scores[0].tolist() == pytest.approx([(3 * 2.0 + 1 * 8.0) / 4, 4.0, 3.0])
+    # distill.fusion_popularity's penalty (item1 .974 - .3 < item0 .75) reorders them; each keeps its own label
+    penalty = torch.tensor([0.0, 0.3, 0.0, 0.0, 0.0])
+    items, scores = fuse_scored_lists([a_items, b_items], [a_scores, b_scores], 3, "rank", [3.0, 1.0], 5, penalty)
+    assert items.tolist() == [[0, 1, 2]]
+    assert scores[0].tolist() == pytest.approx([4.0, (3 * 2.0 + 1 * 8.0) / 4, 3.0])
 
 
 def test_refresh_recomputes_own_ranks_every_refresh_epochs():

@@ -90,6 +90,12 @@ def test_several_teachers_label_from_the_mean_score():
     term.resample(torch.Generator().manual_seed(0), 0)
     assert term.targets.tolist() == [[0, 1]]
     assert term.target_labels[0].tolist() == pytest.approx([sig(1.5), sig(0.5)])  # σ(mean score / T)
+    # distill.fusion_popularity's penalty on item 0 puts item 1 first in the draw's order; labels stay the lists'
+    ctx.fusion_penalty = torch.tensor([1.0, 0.0, 0.0])
+    term = build_terms([CDTermSpec(samples=2, rank_temperature=1e-3, temperature=2.0)], ctx)[0]
+    term.resample(torch.Generator().manual_seed(0), 0)
+    assert term.targets.tolist() == [[1, 0]]
+    assert term.target_labels[0].tolist() == pytest.approx([sig(0.5), sig(1.5)])
 
 
 def test_training_moves_scores_toward_the_labels():

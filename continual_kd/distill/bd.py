@@ -16,7 +16,7 @@ recomputed from its full scores every ``refresh`` epochs. Per user, KD items are
 one per training pair of the batch, and the loss is Σ BCE(σ(s(u,j)), σ(other(u,j)/τ)), label detached.
 
 Several lists (e.g. teachers for the student, or the student and its proxies for a teacher) become
-one: items and order from ``fuse_rankings`` (``ctx.fusion``, ``ctx.weights``), kept to the longest
+one: items and order from ``fuse_rankings`` (``ctx.fusion``, ``ctx.weights``, ``ctx.fusion_penalty``), kept to the longest
 input list; the score of a fused item is the weighted mean of the raw scores of the lists that hold
 it (a list that misses the item does not count), so the label stays on the models' score scale.
 """
@@ -51,12 +51,14 @@ def bd_sampling_weights(own_rank: torch.Tensor, other_rank: torch.Tensor, role: 
 
 
 def fuse_scored_lists(items: list[torch.Tensor], scores: list[torch.Tensor], size: int, method: str,
-                      weights: list[float] | None, num_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      weights: list[float] | None, num_items: int,
+                      item_penalty: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One (U, size) list from several (U, N_t) scored lists over the same users, and the weighted
-    mean score of each fused item over the lists that hold it (0 for padding, item -1)."""
+    mean score of each fused item over the lists that hold it (0 for padding, item -1). ``item_penalty``
+    (``distill.fusion_popularity``) orders the fused items as in ``fuse_rankings``; the scores stay the lists'."""
     if len(items) == 1:
         return items[0][:, :size], scores[0][:, :size].float()
-    fused, _ = fuse_rankings(items, size, method, weights, num_items=num_items)
+    fused, _ = fuse_rankings(items, size, method, weights, num_items=num_items, item_penalty=item_penalty)
     w = weights if weights is not None else [1.0] * len(items)
     n_users = fused.shape[0]
     row = torch.arange(n_users, device=fused.device).unsqueeze(1)
@@ -170,7 +172,7 @@ class BDTerm(KDTerm):
             self.items, self.other_score = fuse_scored_lists(
                 [ctx.tensor(k.items) for k in ctx.knowledge],
                 [ctx.tensor(k.scores, torch.float32) for k in ctx.knowledge], size, ctx.fusion, ctx.weights,
-                ctx.num_items)  # (U, N) each, best first
+                ctx.num_items, ctx.fusion_penalty)  # (U, N) each, best first
             self.other_pos = torch.arange(self.items.shape[1], device=self.items.device)  # (N,) list positions
             # a candidate is usable if it is a real item the trained model does not already know
             self.valid = (self.items >= 0) & ~ctx.known.contains(self.users.unsqueeze(1).expand_as(self.items),

@@ -7,7 +7,8 @@ learns the other side's soft label of each:
     L_CD = Σ_pairs Σ_j BCE(σ(s(u, j)), σ(t(u, j) / T))      (one user per training pair, as the reference)
 
 ``t(u, j)`` is the score the list carries (``Knowledge.scores``). With several lists they are fused
-first (``ctx.fusion``); the score of a fused item is the weighted mean of the raw scores of the lists
+first (``ctx.fusion``, ordered by the fused score less ``ctx.fusion_penalty`` when
+``distill.fusion_popularity`` sets one); the score of a fused item is the weighted mean of the raw scores of the lists
 that hold it (``bd.fuse_scored_lists``), so the label stays on the models' score scale. The draw is
 one Gumbel-top-k over the (U, pool) table per epoch (``resample``); a batch only gathers.
 """
@@ -53,7 +54,8 @@ class CDTerm(KDTerm):
         size = min(int(spec.pool), max(k.items.shape[1] for k in ctx.knowledge))
         items, scores = fuse_scored_lists([ctx.tensor(k.items) for k in ctx.knowledge],
                                           [ctx.tensor(k.scores, torch.float32) for k in ctx.knowledge],
-                                          size, ctx.fusion, ctx.weights, ctx.num_items)  # (U, P) each
+                                          size, ctx.fusion, ctx.weights, ctx.num_items,
+                                          ctx.fusion_penalty)  # (U, P) each
         self.items = items.long()
         # an item the trained model already knows (a pair learned since the list was made) is no target
         self.valid = (self.items >= 0) & ~ctx.known.contains(self.users.unsqueeze(1).expand_as(self.items),
