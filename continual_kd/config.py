@@ -641,6 +641,10 @@ class DistillSpec(_Spec):
     # so far) is within this share of the plain fusion's (0.05: issue 17's bound on what de-biasing may cost); null:
     # always
     fusion_popularity_tolerance: float | None = Field(0.05, ge=0, lt=1)
+    # a teacher whose lists' validation NDCG@20 (summed over every block's validation users so far) is under this
+    # share of the best teacher's hands the student nothing this block: a teacher collapsed on a stream only
+    # dilutes the fused target (and would set fusion_popularity's target); null: every teacher always
+    teacher_floor: float | None = Field(None, gt=0, lt=1)
 
     @model_validator(mode="before")
     @classmethod

@@ -127,3 +127,36 @@ def test_bad_multi_teacher_specs_are_refused():
                   "j.yaml")
     with pytest.raises(CkdError, match="teacher"):
         parse_job({"distill": {"terms": [{"name": "unkd", "weight": 1}]}}, "j.yaml")
+
+
+def test_a_collapsed_teacher_is_left_out_of_the_fusion_by_the_floor(tiny_job, tmp_path, one_thread):
+    # the MF teacher learns nothing (lr 1e-9): its lists stay random, far under the other teachers' on validation
+    distill = ("distill: {terms: [{name: rrd, k: 10, pool: 30, uninteresting: 10}], teacher_floor: 0.5, "
+               "fusion_popularity: least_teacher, fusion_popularity_tolerance: null}\n")
+    text = _three_teacher_job(tiny_job, "f", distill).replace("batch_size: 64}, resources", "batch_size: 64, lr: 1.0e-9}, "
+                                                               "resources", 1)
+    (tmp_path / "f.yaml").write_text(text)
+    job = load_job(tmp_path / "f.yaml")
+    assert job.teachers[0].train.lr == 1e-9 and job.distill.teacher_floor == 0.5
+    store = open_source(job.source)
+    plan = store.ensure_plan(0.5, 2, (0.8, 0.1, 0.1), job.seed)
+    learners = make_learners(job)
+    results = run_stream_local(job, lambda k: store.read_blocks(plan.plan_id, k), plan.num_blocks, learners=learners)
+    evidence = learners["student"].fusion_evidence
+    for r in results:
+        floor = r.updates["student"]["teacher_floor"]
+        ndcgs = floor["valid_ndcg@20"]
+        assert set(ndcgs) == {"mf", "gcn", "vae"}
+        assert floor["left_out"] == [t for t, v in ndcgs.items() if v < 0.5 * max(ndcgs.values())]
+        assert floor["left_out"] == ["mf"], ndcgs
+        # the fusion after it holds the two teachers kept: fusion_popularity's target is theirs
+        assert len(r.updates["student"]["fusion_popularity"]["teachers_avgpop"]) == 2
+    # the figures are over every block's validation users so far (kept with the fusion evidence)
+    assert ndcgs["gcn"] == pytest.approx(evidence["floor:gcn"] / evidence["floor_users"])
+    from continual_kd.manifest import update_choice
+
+    assert update_choice(results[-1].updates["student"])["teachers_left_out"] == 1.0
+    from continual_kd.errors import CkdError
+
+    with pytest.raises(CkdError, match="distill.teacher_floor"):
+        parse_job({"teachers": [{"name": "t"}], "distill": {"teacher_floor": 1.0}}, "j.yaml")

@@ -265,7 +265,8 @@ class Learner:
                weights: list[float] | None = None, trajectory: tuple[int, int] | None = None,
                strategy: str = "warm", proxies=None, replay: float = 0.0, replay_by: str = "user",
                knowledge_users: str = "block", choose_weights: bool = False,
-               fusion_popularity: str = "none", fusion_popularity_tolerance: float | None = None) -> dict:
+               fusion_popularity: str = "none", fusion_popularity_tolerance: float | None = None,
+               teacher_floor: float | None = None) -> dict:
         """Grow to the block's id spaces, then train (warm start; ``strategy="retrain"``: a new model on
         every pair it may see, for the base block's epochs).
 
@@ -286,6 +287,8 @@ class Learner:
         (``distill.teacher_weights: chosen``; ``_fusion_weights``), replacing ``weights``.
         ``fusion_popularity="least_teacher"``: the fused ranking the terms learn is matched in popularity to the
         least popular list (``_fusion_penalty``; ``distill.fusion_popularity``, ``fusion_popularity_tolerance``).
+        ``teacher_floor``: a list whose validation NDCG@20 over the blocks so far is under this share of the best
+        list's is left out of this update's knowledge (``_teacher_floor``; ``distill.teacher_floor``).
         """
         t0, started = time.perf_counter(), time.time()
         retrain = strategy in ("retrain", "scratch")
@@ -320,6 +323,9 @@ class Learner:
         if self.spec.train.select == "best_valid" and epochs > 0:
             relevant, exclude = self.pairs.eval_sets(seen, block, VALID, exact=True)
             valid = (relevant, exclude) if int((relevant.degree > 0).sum()) > 0 else None
+        floor_log = {}
+        if teacher_floor is not None and len(knowledge) > 1 and valid is not None:
+            knowledge, weights, floor_log = self._teacher_floor(knowledge, weights, valid, teacher_floor)
         fusion_choice = None
         if choose_weights and len(knowledge) > 1 and valid is not None:
             weights, fusion_choice = self._fusion_weights(knowledge, fusion, valid)
@@ -405,7 +411,7 @@ class Learner:
         return {
             "model": self.spec.name, "block": block, "epochs": len(logs), "best_epoch": fit["best_epoch"],
             "valid_ndcg@20": fit["valid"], "train_rows": len(positives), "replay_rows": fit["replay_rows"],
-            "terms": fit["terms"], "chosen": dict(self.chosen), **(fusion_choice or {}), **matched,
+            "terms": fit["terms"], "chosen": dict(self.chosen), **(fusion_choice or {}), **matched, **floor_log,
             "chosen_block": {name: float(v) for name, v in overrides.items()
                              if name in self.spec.train.grid_block or name == KEEP_WEIGHT},
             "grid": [{**o, "valid_ndcg@20": f["valid"], "valid_avgpop@20": f["valid_avgpop"], "best_epoch": f["best_epoch"],
@@ -524,6 +530,30 @@ class Learner:
         users = users[rows]
         return users, [without(torch.as_tensor(k.items, dtype=torch.int64, device=self.device)[inside][rows], users,
                                hidden) for k in knowledge]
+
+    def _teacher_floor(self, knowledge: list[Knowledge], weights, valid, floor: float):
+        """(the lists kept, their weights, what the update's log records) of ``distill.teacher_floor``: each
+        list's validation NDCG@20 summed over every block's validation users so far (this block's added to
+        ``fusion_evidence`` under its source's name); a list under ``floor`` × the best one's is left out — a
+        teacher that has collapsed on a stream (far below the others) only dilutes the fused target."""
+        from ..distill.fusion import fusion_evidence
+
+        relevant, _ = valid
+        users, lists = self._valid_lists(knowledge, valid)
+        ev = self.fusion_evidence
+        ev["floor_users"] = ev.get("floor_users", 0.0) + len(users)
+        measured, _ = fusion_evidence(lists, users, relevant, None, "rank", num_items=self.model.num_items, powers=())
+        for k, value in zip(knowledge, measured if len(users) else ()):
+            ev[f"floor:{k.source}"] = ev.get(f"floor:{k.source}", 0.0) + value * len(users)
+        ndcgs = [ev.get(f"floor:{k.source}", 0.0) / max(ev["floor_users"], 1.0) for k in knowledge]
+        keep = [v >= floor * max(ndcgs) for v in ndcgs]
+        log = {"valid_ndcg@20": {k.source: v for k, v in zip(knowledge, ndcgs)},
+               "left_out": [k.source for k, kept in zip(knowledge, keep) if not kept]}
+        if all(keep):
+            return knowledge, weights, {"teacher_floor": log}
+        usable = weights is not None and len(weights) == len(knowledge)
+        return ([k for k, kept in zip(knowledge, keep) if kept],
+                [w for w, kept in zip(weights, keep) if kept] if usable else weights, {"teacher_floor": log})
 
     def _fusion_penalty(self, seen, block, knowledge: list[Knowledge], fusion: str, weights, mode: str,
                         tolerance: float | None, valid):

@@ -183,6 +183,7 @@ def update_student(run: BlockRun, ex: Executor) -> None:
                            choose_weights=job.distill.teacher_weights == "chosen",
                            fusion_popularity=job.distill.fusion_popularity,
                            fusion_popularity_tolerance=job.distill.fusion_popularity_tolerance,
+                           teacher_floor=job.distill.teacher_floor,
                            proxies=job.continual.proxies))
     run.updates[STUDENT] = log
 
