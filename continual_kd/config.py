@@ -657,6 +657,14 @@ class DistillSpec(_Spec):
                            "write e.g. distill: {terms: [{name: rrd, weight: 0.01, k: 40}, {name: unkd, weight: 0.05}]}")
         return data
 
+    @model_validator(mode="after")
+    def _floor_terms(self):
+        named = [t.name for t in self.terms if t.name in ("ftd", "htd", "skd")]
+        if self.teacher_floor is not None and named:
+            raise _Bad("teacher_floor", f"{named[0]} reads one teacher's vectors or lists, which the floor may leave "
+                       "out", self.teacher_floor, f"drop teacher_floor, or the {named[0]} term")
+        return self
+
     @property
     def needs_teachers(self) -> bool:
         return bool(self.terms)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -153,6 +151,14 @@ def test_a_collapsed_teacher_is_left_out_of_the_fusion_by_the_floor(tiny_job, tm
         assert len(r.updates["student"]["fusion_popularity"]["teachers_avgpop"]) == 2
     # the figures are over every block's validation users so far (kept with the fusion evidence)
     assert ndcgs["gcn"] == pytest.approx(evidence["floor:gcn"] / evidence["floor_users"])
+    # an update without validation pairs decides on the evidence so far, adding none
+    import types
+
+    lists = [types.SimpleNamespace(source=s) for s in ("mf", "gcn", "vae")]
+    before = dict(evidence)
+    kept, weights, log = learners["student"]._teacher_floor(lists, [0.2, 0.3, 0.5], None, 0.5)
+    assert [k.source for k in kept] == ["gcn", "vae"] and weights == [0.3, 0.5] and log["teacher_floor"]["left_out"] == ["mf"]
+    assert learners["student"].fusion_evidence == before
     from continual_kd.manifest import update_choice
 
     assert update_choice(results[-1].updates["student"])["teachers_left_out"] == 1.0
@@ -160,3 +166,10 @@ def test_a_collapsed_teacher_is_left_out_of_the_fusion_by_the_floor(tiny_job, tm
 
     with pytest.raises(CkdError, match="distill.teacher_floor"):
         parse_job({"teachers": [{"name": "t"}], "distill": {"teacher_floor": 1.0}}, "j.yaml")
+    with pytest.raises(CkdError, match="distill.teacher_floor: ftd reads one teacher"):  # a term the floor could starve
+        parse_job({"teachers": [{"name": "t"}], "distill": {"teacher_floor": 0.5, "terms": [{"name": "ftd"}]}}, "j.yaml")
+    # ∞ (the best teacher alone) of teacher_weights: chosen reaches the history and the catalog as a number
+    assert update_choice({"weight_power": float("inf")})["weight_power"] == -1.0
+    assert update_choice({"weight_power": 2.0})["weight_power"] == 2.0
+    # one list left (here: one teacher) fuses nothing: logged as not used
+    assert update_choice({"fusion_popularity": {"beta": 0.0, "used": False, "lists": 1}})["fusion_popularity_used"] == 0.0

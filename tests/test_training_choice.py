@@ -647,6 +647,7 @@ def test_min_batches_shrinks_the_batch_of_a_small_epoch_only():
 
 def test_teacher_weights_chosen_on_validation_add_up_over_blocks_and_survive_a_restore(tmp_path, monkeypatch):
     import math
+    import types
 
     from continual_kd.distill.fusion import WEIGHT_POWERS, choose_power, sharpened_weights
 
@@ -659,10 +660,10 @@ def test_teacher_weights_chosen_on_validation_add_up_over_blocks_and_survive_a_r
     ev = dict(student.fusion_evidence)
     seen = store.read_blocks(plan.plan_id, plan.num_blocks - 1)
     # counted: each block's users with teacher lists (training pairs in the block) and validation pairs there
-    assert ev["users"] == sum(len(set(seen.users[(seen.block == b) & (seen.split == VALID)].tolist())
-                                  & set(seen.users[(seen.block == b) & (seen.split == TRAIN)].tolist()))
-                              for b in range(plan.num_blocks)) > 0
-    ndcgs = [ev["teacher0"] / ev["users"], ev["teacher1"] / ev["users"]]
+    assert ev["users:a"] == ev["users:b"] == sum(len(set(seen.users[(seen.block == b) & (seen.split == VALID)].tolist())
+                                                     & set(seen.users[(seen.block == b) & (seen.split == TRAIN)].tolist()))
+                                                 for b in range(plan.num_blocks)) > 0
+    ndcgs = [ev["teacher:a"] / ev["users:a"], ev["teacher:b"] / ev["users:b"]]  # kept under each teacher's name
     for r in results:
         log = r.updates["student"]
         assert log["weight_power"] in WEIGHT_POWERS and sum(log["teacher_weights"]) == pytest.approx(1.0)
@@ -675,6 +676,12 @@ def test_teacher_weights_chosen_on_validation_add_up_over_blocks_and_survive_a_r
         assert last["teacher_weights"][0] > last["teacher_weights"][1]
     restored = Learner(job.student, job.seed, role="student")
     restored.load(student.state())
+    assert restored.fusion_evidence == pytest.approx(ev)
+    # evidence saved by position (before it was kept by name) is taken over by the teachers in their order
+    old = {k: v for k, v in ev.items() if not k.startswith(("teacher:", "users:"))}
+    old.update({"teacher0": ev["teacher:a"], "teacher1": ev["teacher:b"], "users": ev["users:a"]})
+    restored.fusion_evidence = old
+    restored._named_evidence([types.SimpleNamespace(source="a"), types.SimpleNamespace(source="b")])
     assert restored.fusion_evidence == pytest.approx(ev)
 
 

@@ -324,7 +324,7 @@ class Learner:
             relevant, exclude = self.pairs.eval_sets(seen, block, VALID, exact=True)
             valid = (relevant, exclude) if int((relevant.degree > 0).sum()) > 0 else None
         floor_log = {}
-        if teacher_floor is not None and len(knowledge) > 1 and valid is not None:
+        if teacher_floor is not None and len(knowledge) > 1:
             knowledge, weights, floor_log = self._teacher_floor(knowledge, weights, valid, teacher_floor)
         fusion_choice = None
         if choose_weights and len(knowledge) > 1 and valid is not None:
@@ -495,27 +495,39 @@ class Learner:
         """Teachers' fusion weights chosen on validation pairs: this block's evidence (each teacher's lists'
         NDCG@20 and each candidate power's fused-list NDCG@20, summed over the block's validation users) joins
         what earlier blocks gave; the power with the most so far weights the teachers by their NDCG@20 so far
-        (a small block's validation alone would pick a different teacher every block)."""
+        (a small block's validation alone would pick a different teacher every block). A teacher's evidence is
+        kept under its name (``teacher:<source>``, with the validation users it was measured on), so a teacher
+        left out of some blocks (``distill.teacher_floor``) keeps its own."""
         from ..distill.fusion import choose_power, fusion_evidence, sharpened_weights
 
         relevant, _ = valid
         users, lists = self._valid_lists(knowledge, valid)
         ev = self.fusion_evidence
         n = len(users)
-        ev["users"] = ev.get("users", 0.0) + n
-        teacher_sums = [ev.get(f"teacher{t}", 0.0) for t in range(len(lists))]
+        self._named_evidence(knowledge)
         ndcgs_now, _ = fusion_evidence(lists, users, relevant, None, fusion, num_items=self.model.num_items, powers=())
-        for t, value in enumerate(ndcgs_now if n else ()):  # (no validation user listed: nothing to add)
-            teacher_sums[t] += value * n
-            ev[f"teacher{t}"] = teacher_sums[t]
-        ndcgs = [v / max(ev["users"], 1.0) for v in teacher_sums]  # every block's validation users so far
+        for k, value in zip(knowledge, ndcgs_now if n else ()):  # (no validation user listed: nothing to add)
+            ev[f"teacher:{k.source}"] = ev.get(f"teacher:{k.source}", 0.0) + value * n
+            ev[f"users:{k.source}"] = ev.get(f"users:{k.source}", 0.0) + n
+        ndcgs = [ev.get(f"teacher:{k.source}", 0.0) / max(ev.get(f"users:{k.source}", 0.0), 1.0) for k in knowledge]
         _, sums = fusion_evidence(lists, users, relevant, None, fusion, num_items=self.model.num_items, ndcgs=ndcgs)
         for power, total in sums.items():
             ev[f"power{power}"] = ev.get(f"power{power}", 0.0) + total
         power = choose_power({p: ev.get(f"power{p}", 0.0) for p in sums})
         weights = sharpened_weights(ndcgs, power)
         return weights, {"teacher_weights": weights, "weight_power": power, "teacher_valid_ndcg@20": ndcgs_now,
+                         "teachers": [k.source for k in knowledge],
                          "fusion_valid_ndcg@20": {str(p): t / max(n, 1) for p, t in sums.items()}}
+
+    def _named_evidence(self, knowledge: list[Knowledge]) -> None:
+        """Evidence of ``_fusion_weights`` saved before it was kept by name (``teacher<t>`` by position, one
+        ``users`` count: every teacher every block) moves to each teacher's name, in the order of ``knowledge``."""
+        ev = self.fusion_evidence
+        for t, k in enumerate(knowledge):
+            if f"teacher{t}" in ev and f"teacher:{k.source}" not in ev:
+                ev[f"teacher:{k.source}"], ev[f"users:{k.source}"] = ev.pop(f"teacher{t}"), ev.get("users", 0.0)
+        if not any(key.startswith("teacher") and key[7:].isdigit() for key in ev):
+            ev.pop("users", None)
 
     def _valid_lists(self, knowledge: list[Knowledge], valid) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(users, their lists): the listed users with validation pairs, and each knowledge list of theirs with
@@ -535,17 +547,20 @@ class Learner:
         """(the lists kept, their weights, what the update's log records) of ``distill.teacher_floor``: each
         list's validation NDCG@20 summed over every block's validation users so far (this block's added to
         ``fusion_evidence`` under its source's name); a list under ``floor`` × the best one's is left out — a
-        teacher that has collapsed on a stream (far below the others) only dilutes the fused target."""
+        teacher that has collapsed on a stream (far below the others) only dilutes the fused target. An update
+        without validation pairs decides on the evidence so far (none yet: every list kept)."""
         from ..distill.fusion import fusion_evidence
 
-        relevant, _ = valid
-        users, lists = self._valid_lists(knowledge, valid)
         ev = self.fusion_evidence
-        ev["floor_users"] = ev.get("floor_users", 0.0) + len(users)
-        measured, _ = fusion_evidence(lists, users, relevant, None, "rank", num_items=self.model.num_items, powers=())
-        for k, value in zip(knowledge, measured if len(users) else ()):
-            ev[f"floor:{k.source}"] = ev.get(f"floor:{k.source}", 0.0) + value * len(users)
-        ndcgs = [ev.get(f"floor:{k.source}", 0.0) / max(ev["floor_users"], 1.0) for k in knowledge]
+        if valid is not None:
+            relevant, _ = valid
+            users, lists = self._valid_lists(knowledge, valid)
+            ev["floor_users"] = ev.get("floor_users", 0.0) + len(users)
+            measured, _ = fusion_evidence(lists, users, relevant, None, "rank", num_items=self.model.num_items,
+                                          powers=())
+            for k, value in zip(knowledge, measured if len(users) else ()):
+                ev[f"floor:{k.source}"] = ev.get(f"floor:{k.source}", 0.0) + value * len(users)
+        ndcgs = [ev.get(f"floor:{k.source}", 0.0) / max(ev.get("floor_users", 0.0), 1.0) for k in knowledge]
         keep = [v >= floor * max(ndcgs) for v in ndcgs]
         log = {"valid_ndcg@20": {k.source: v for k, v in zip(knowledge, ndcgs)},
                "left_out": [k.source for k, kept in zip(knowledge, keep) if not kept]}
@@ -563,8 +578,10 @@ class Learner:
         With a ``tolerance``, the penalty is used only while the matched fusion's validation NDCG@20, summed over
         every block's validation users so far (kept with ``fusion_evidence``), is at least (1 − tolerance) × the
         plain fusion's: where the popular items are what users pick (a sparse stream), matching costs too much."""
-        if mode == "none" or len(knowledge) < 2:
+        if mode == "none" or not knowledge:
             return None, {}
+        if len(knowledge) < 2:  # one list (one teacher, or the others left out by teacher_floor): nothing fused
+            return None, {"fusion_popularity": {"beta": 0.0, "used": False, "lists": 1}}
         from ..distill.fusion import fuse_rankings, list_ndcg, log_popularity, popularity_matched_beta
 
         lists = [torch.as_tensor(k.items, dtype=torch.int64, device=self.device) for k in knowledge]
