@@ -206,6 +206,34 @@ def _cell(v, digits: int = 4) -> str:
     return "—" if n is None else f"{n:.{digits}f}"
 
 
+CHOICES = (  # (history choice key, row label, how a value is shown): what validation decided in each update
+    ("best_epoch", "best epoch / run", None),
+    ("valid_ndcg@20", "validation NDCG@20", lambda v, c: _cell(v)),
+    ("fusion_popularity_beta", "fusion popularity β", lambda v, c: f"{v:.4f}" + ("" if c.get("fusion_popularity_used")
+                                                                                   else " (unused)")),
+    ("teachers_left_out", "teachers left out", lambda v, c: f"{int(v)}"),
+    ("weight_power", "fusion weight power", lambda v, c: "∞" if v == -1 else f"{v:g}"),
+)
+
+
+def choices_rows(history: list[dict], models: list[str], labels: dict[str, str]) -> list[list[str]]:
+    """[model label, what, one cell per block] for each choice some update of the model recorded (the snapshot
+    history's ``choice``: ``manifest.update_choice``); a block whose update did not record it shows —."""
+    rows = []
+    for m in models:
+        picks = [(h.get("choice") or {}).get(m) or {} for h in history]
+        for key, what, show in CHOICES:
+            if not any(c.get(key) is not None for c in picks):
+                continue
+            if key == "best_epoch":
+                cells = [f"{c['best_epoch']} / {c.get('epochs', '?')}" if c.get("best_epoch") is not None else "—"
+                         for c in picks]
+            else:
+                cells = [show(c[key], c) if c.get(key) is not None else "—" for c in picks]
+            rows.append([labels.get(m, m), what, *cells])
+    return rows
+
+
 def _html(manifest: dict, history: list[dict], ensemble: dict, k: int, pngs: dict[str, bytes],
           files: dict[str, Path], notes: list[str]) -> str:
     e = html.escape
@@ -237,6 +265,8 @@ def _html(manifest: dict, history: list[dict], ensemble: dict, k: int, pngs: dic
         cells = "".join(f"<td>{_cell((ensemble.get(h['block'], {}).get('metrics') or {}).get(f'ndcg@{k}'))}</td>"
                         for h in history)
         per_block.append(f"<tr><td>teachers' ensemble</td>{cells}</tr>")
+    choices = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>"
+                      for row in choices_rows(history, models, labels))
     captions = {
         "accuracy": f"NDCG@{k} and Recall@{k} of every model on each block's test part (full ranking), "
                     "the teachers' rank-fusion ensemble dashed.",
@@ -275,6 +305,7 @@ store {e(str(manifest.get('store', '')))} · generated {generated}</p>
 <h2>NDCG@{k} per block</h2>
 <table><tr><th>model</th>{per_block_head}</tr>{''.join(per_block)}</table>
 {f'<ul class="meta">{note_html}</ul>' if notes else ''}
+{f'<h2>What each update chose on validation</h2><table><tr><th>model</th><th>choice</th>{per_block_head}</tr>{choices}</table>' if choices else ''}
 {figures}
 <h2>Settings</h2>
 <pre>{e(spec)}</pre>

@@ -69,6 +69,25 @@ def test_fit_tables_splits_value_columns_so_each_table_fits():
     assert len(fit_tables("t", [Column("model", ["mf"])], values, None)) == 1
 
 
+def test_choices_rows_show_what_each_update_chose_per_block():
+    from continual_kd.report import choices_rows
+
+    history = [{"block": 0, "choice": {"student": {"best_epoch": 33, "epochs": 43, "valid_ndcg@20": 0.26124,
+                                                   "fusion_popularity_beta": 0.008, "fusion_popularity_used": 1.0},
+                                       "teacher:mf": {"best_epoch": 6, "epochs": 16}}},
+               {"block": 1, "choice": {"student": {"best_epoch": 17, "epochs": 20, "fusion_popularity_beta": 0.011,
+                                                   "fusion_popularity_used": 0.0, "teachers_left_out": 1.0,
+                                                   "weight_power": -1.0}}}]
+    rows = choices_rows(history, ["teacher:mf", "student"], {"teacher:mf": "mf", "student": "student"})
+    assert rows == [["mf", "best epoch / run", "6 / 16", "—"],
+                    ["student", "best epoch / run", "33 / 43", "17 / 20"],
+                    ["student", "validation NDCG@20", "0.2612", "—"],
+                    ["student", "fusion popularity β", "0.0080", "0.0110 (unused)"],
+                    ["student", "teachers left out", "—", "1"],
+                    ["student", "fusion weight power", "—", "∞"]]
+    assert choices_rows([{"block": 0}], ["student"], {}) == []  # an old history without choices: no table
+
+
 def test_model_labels_shorten_teachers_unless_they_collide():
     labels = model_labels(["teacher:mf", "teacher:student", "student", "teacher:"])
     assert labels == {"teacher:mf": "mf", "teacher:student": "teacher:student", "student": "student",
@@ -220,3 +239,6 @@ def test_report_writes_pngs_and_one_self_contained_html(ckd80, finished_job):
     # settings and the last block's numbers are on the page
     assert "lightgcn16" in html and "rank-fusion ensemble" in html and "keep_last" in html
     assert f"{history[-1]['metrics']['student']['ndcg@20']:.4f}" in html
+    # what each update chose on validation, per block (the history's choice)
+    assert "What each update chose on validation" in html
+    assert f"<td>{history[0]['choice']['student']['best_epoch']} / {history[0]['choice']['student']['epochs']}</td>" in html
