@@ -150,13 +150,14 @@ def test_a_collapsed_teacher_is_left_out_of_the_fusion_by_the_floor(tiny_job, tm
         # the fusion after it holds the two teachers kept: fusion_popularity's target is theirs
         assert len(r.updates["student"]["fusion_popularity"]["teachers_avgpop"]) == 2
     # the figures are over every block's validation users so far (kept with the fusion evidence)
-    assert ndcgs["gcn"] == pytest.approx(evidence["floor:gcn"] / evidence["floor_users"])
+    assert ndcgs["gcn"] == pytest.approx(evidence["teacher:gcn"] / evidence["users:gcn"])
     # an update without validation pairs decides on the evidence so far, adding none
     import types
 
     lists = [types.SimpleNamespace(source=s) for s in ("mf", "gcn", "vae")]
     before = dict(evidence)
-    kept, weights, log = learners["student"]._teacher_floor(lists, [0.2, 0.3, 0.5], None, 0.5)
+    kept, weights, log = learners["student"]._teacher_floor(
+        lists, [0.2, 0.3, 0.5], learners["student"]._teacher_evidence(lists, None), 0.5)
     assert [k.source for k in kept] == ["gcn", "vae"] and weights == [0.3, 0.5] and log["teacher_floor"]["left_out"] == ["mf"]
     assert learners["student"].fusion_evidence == before
     from continual_kd.manifest import update_choice

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import itertools
+import math
 import time
 from dataclasses import replace
 
@@ -323,12 +324,13 @@ class Learner:
         if self.spec.train.select == "best_valid" and epochs > 0:
             relevant, exclude = self.pairs.eval_sets(seen, block, VALID, exact=True)
             valid = (relevant, exclude) if int((relevant.degree > 0).sum()) > 0 else None
-        floor_log = {}
+        floor_log, fusion_choice, evidence = {}, None, {}
+        if len(knowledge) > 1 and (teacher_floor is not None or choose_weights):  # each teacher's figure, once
+            evidence = self._teacher_evidence(knowledge, valid)
         if teacher_floor is not None and len(knowledge) > 1:
-            knowledge, weights, floor_log = self._teacher_floor(knowledge, weights, valid, teacher_floor)
-        fusion_choice = None
+            knowledge, weights, floor_log = self._teacher_floor(knowledge, weights, evidence, teacher_floor)
         if choose_weights and len(knowledge) > 1 and valid is not None:
-            weights, fusion_choice = self._fusion_weights(knowledge, fusion, valid)
+            weights, fusion_choice = self._fusion_weights(knowledge, fusion, valid, evidence)
         self.fusion_penalty, matched = self._fusion_penalty(seen, block, knowledge, fusion, weights, fusion_popularity,
                                                             fusion_popularity_tolerance, valid)
         grid = self._grid() if not self.chosen else [{}]
@@ -491,37 +493,53 @@ class Learner:
         rank_penalty.install(self.model, self.penalty)
         return info
 
-    def _fusion_weights(self, knowledge: list[Knowledge], fusion: str, valid) -> tuple[list[float], dict]:
+    def _fusion_weights(self, knowledge: list[Knowledge], fusion: str, valid, evidence: dict) -> tuple[list[float], dict]:
         """Teachers' fusion weights chosen on validation pairs: this block's evidence (each teacher's lists'
-        NDCG@20 and each candidate power's fused-list NDCG@20, summed over the block's validation users) joins
-        what earlier blocks gave; the power with the most so far weights the teachers by their NDCG@20 so far
-        (a small block's validation alone would pick a different teacher every block). A teacher's evidence is
-        kept under its name (``teacher:<source>``, with the validation users it was measured on), so a teacher
-        left out of some blocks (``distill.teacher_floor``) keeps its own."""
+        NDCG@20 — ``evidence``, from ``_teacher_evidence`` — and each candidate power's fused-list NDCG@20, summed
+        over the block's validation users) joins what earlier blocks gave; the power with the most so far weights
+        the teachers by their NDCG@20 so far (a small block's validation alone would pick a different teacher every
+        block)."""
         from ..distill.fusion import choose_power, fusion_evidence, sharpened_weights
 
         relevant, _ = valid
         users, lists = self._valid_lists(knowledge, valid)
         ev = self.fusion_evidence
-        n = len(users)
-        self._named_evidence(knowledge)
-        ndcgs_now, _ = fusion_evidence(lists, users, relevant, None, fusion, num_items=self.model.num_items, powers=())
-        for k, value in zip(knowledge, ndcgs_now if n else ()):  # (no validation user listed: nothing to add)
-            ev[f"teacher:{k.source}"] = ev.get(f"teacher:{k.source}", 0.0) + value * n
-            ev[f"users:{k.source}"] = ev.get(f"users:{k.source}", 0.0) + n
-        ndcgs = [ev.get(f"teacher:{k.source}", 0.0) / max(ev.get(f"users:{k.source}", 0.0), 1.0) for k in knowledge]
+        ndcgs = [evidence[k.source][1] for k in knowledge]
         _, sums = fusion_evidence(lists, users, relevant, None, fusion, num_items=self.model.num_items, ndcgs=ndcgs)
         for power, total in sums.items():
             ev[f"power{power}"] = ev.get(f"power{power}", 0.0) + total
         power = choose_power({p: ev.get(f"power{p}", 0.0) for p in sums})
         weights = sharpened_weights(ndcgs, power)
-        return weights, {"teacher_weights": weights, "weight_power": power, "teacher_valid_ndcg@20": ndcgs_now,
+        return weights, {"teacher_weights": weights, "weight_power": power,
+                         "teacher_valid_ndcg@20": [evidence[k.source][0] for k in knowledge],
                          "teachers": [k.source for k in knowledge],
-                         "fusion_valid_ndcg@20": {str(p): t / max(n, 1) for p, t in sums.items()}}
+                         "fusion_valid_ndcg@20": {str(p): t / max(len(users), 1) for p, t in sums.items()}}
+
+    def _teacher_evidence(self, knowledge: list[Knowledge], valid) -> dict[str, tuple[float, float]]:
+        """{source: (its lists' validation NDCG@20 on this block — nan without validation users —, the same over
+        every block's validation users so far)}: this block's figure joins the evidence kept under each list's name
+        (``teacher:<source>``, ``users:<source>``; ``teacher_weights: chosen`` and ``teacher_floor`` read it), so a
+        teacher left out of some updates keeps its own. An update without validation pairs adds nothing."""
+        from ..distill.fusion import fusion_evidence
+
+        ev = self.fusion_evidence
+        self._named_evidence(knowledge)
+        now = [math.nan] * len(knowledge)
+        if valid is not None:
+            relevant, _ = valid
+            users, lists = self._valid_lists(knowledge, valid)
+            if len(users):  # (no validation user listed: nothing to add)
+                now, _ = fusion_evidence(lists, users, relevant, None, "rank", num_items=self.model.num_items,
+                                         powers=())
+                for k, value in zip(knowledge, now):
+                    ev[f"teacher:{k.source}"] = ev.get(f"teacher:{k.source}", 0.0) + value * len(users)
+                    ev[f"users:{k.source}"] = ev.get(f"users:{k.source}", 0.0) + len(users)
+        return {k.source: (value, ev.get(f"teacher:{k.source}", 0.0) / max(ev.get(f"users:{k.source}", 0.0), 1.0))
+                for k, value in zip(knowledge, now)}
 
     def _named_evidence(self, knowledge: list[Knowledge]) -> None:
-        """Evidence of ``_fusion_weights`` saved before it was kept by name (``teacher<t>`` by position, one
-        ``users`` count: every teacher every block) moves to each teacher's name, in the order of ``knowledge``."""
+        """Evidence saved before it was kept by name (``teacher<t>`` by position, one ``users`` count: every
+        teacher every block) moves to each teacher's name, in the order of ``knowledge``."""
         ev = self.fusion_evidence
         for t, k in enumerate(knowledge):
             if f"teacher{t}" in ev and f"teacher:{k.source}" not in ev:
@@ -543,32 +561,20 @@ class Learner:
         return users, [without(torch.as_tensor(k.items, dtype=torch.int64, device=self.device)[inside][rows], users,
                                hidden) for k in knowledge]
 
-    def _teacher_floor(self, knowledge: list[Knowledge], weights, valid, floor: float):
-        """(the lists kept, their weights, what the update's log records) of ``distill.teacher_floor``: each
-        list's validation NDCG@20 summed over every block's validation users so far (this block's added to
-        ``fusion_evidence`` under its source's name); a list under ``floor`` × the best one's is left out — a
-        teacher that has collapsed on a stream (far below the others) only dilutes the fused target. An update
-        without validation pairs decides on the evidence so far (none yet: every list kept)."""
-        from ..distill.fusion import fusion_evidence
-
-        ev = self.fusion_evidence
-        if valid is not None:
-            relevant, _ = valid
-            users, lists = self._valid_lists(knowledge, valid)
-            ev["floor_users"] = ev.get("floor_users", 0.0) + len(users)
-            measured, _ = fusion_evidence(lists, users, relevant, None, "rank", num_items=self.model.num_items,
-                                          powers=())
-            for k, value in zip(knowledge, measured if len(users) else ()):
-                ev[f"floor:{k.source}"] = ev.get(f"floor:{k.source}", 0.0) + value * len(users)
-        ndcgs = [ev.get(f"floor:{k.source}", 0.0) / max(ev.get("floor_users", 0.0), 1.0) for k in knowledge]
+    def _teacher_floor(self, knowledge: list[Knowledge], weights, evidence: dict, floor: float):
+        """(the lists kept, their weights, what the update's log records) of ``distill.teacher_floor``: a list whose
+        validation NDCG@20 over every block's validation users so far (``evidence``, from ``_teacher_evidence``) is
+        under ``floor`` × the best one's is left out — a teacher that has collapsed on a stream (far below the
+        others) only dilutes the fused target. No evidence yet: every list kept."""
+        ndcgs = [evidence[k.source][1] for k in knowledge]
         keep = [v >= floor * max(ndcgs) for v in ndcgs]
-        log = {"valid_ndcg@20": {k.source: v for k, v in zip(knowledge, ndcgs)},
-               "left_out": [k.source for k, kept in zip(knowledge, keep) if not kept]}
+        log = {"teacher_floor": {"valid_ndcg@20": {k.source: v for k, v in zip(knowledge, ndcgs)},
+                                 "left_out": [k.source for k, kept in zip(knowledge, keep) if not kept]}}
         if all(keep):
-            return knowledge, weights, {"teacher_floor": log}
+            return knowledge, weights, log
         usable = weights is not None and len(weights) == len(knowledge)
         return ([k for k, kept in zip(knowledge, keep) if kept],
-                [w for w, kept in zip(weights, keep) if kept] if usable else weights, {"teacher_floor": log})
+                [w for w, kept in zip(weights, keep) if kept] if usable else weights, log)
 
     def _fusion_penalty(self, seen, block, knowledge: list[Knowledge], fusion: str, weights, mode: str,
                         tolerance: float | None, valid):
