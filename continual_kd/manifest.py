@@ -23,8 +23,9 @@ def manifest_digest(snapshot_path: Path) -> str:
 def update_choice(log: dict) -> dict:
     """What one model's update kept, as the snapshot history (``choice``) and the catalog (``choice/<key>``) record
     it: epochs run, the best validation epoch and its NDCG@20, the replayed rows; for a student that fused several
-    teachers, the fusion's choices (``weight_power`` of ``teacher_weights: chosen``, −1 for ∞; ``fusion_popularity_beta`` and
-    ``fusion_popularity_used`` (1 / 0) of ``fusion_popularity``; ``teachers_left_out`` of ``teacher_floor``)."""
+    teachers, the fusion's choices (``weight_power`` of ``teacher_weights: chosen``, −1 for ∞;
+    ``fusion_popularity_beta`` and ``fusion_popularity_used`` (1 / 0) of ``fusion_popularity``; ``teachers_left_out``
+    of ``teacher_floor``)."""
     out = {"epochs": log.get("epochs"), "best_epoch": log.get("best_epoch"), "valid_ndcg@20": log.get("valid_ndcg@20"),
            "replay_rows": log.get("replay_rows")}
     if "weight_power" in log:  # ∞ (the best teacher alone) as -1: the history's JSON and the catalog take numbers

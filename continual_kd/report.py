@@ -207,7 +207,7 @@ def _cell(v, digits: int = 4) -> str:
 
 
 CHOICES = (  # (history choice key, row label, how a value is shown): what validation decided in each update
-    ("best_epoch", "best epoch / run", None),
+    ("best_epoch", "best epoch / run", lambda v, c: f"{v} / {c.get('epochs', '?')}"),
     ("valid_ndcg@20", "validation NDCG@20", lambda v, c: _cell(v)),
     ("fusion_popularity_beta", "fusion popularity β", lambda v, c: f"{v:.4f}" + ("" if c.get("fusion_popularity_used")
                                                                                    else " (unused)")),
@@ -225,12 +225,7 @@ def choices_rows(history: list[dict], models: list[str], labels: dict[str, str])
         for key, what, show in CHOICES:
             if not any(c.get(key) is not None for c in picks):
                 continue
-            if key == "best_epoch":
-                cells = [f"{c['best_epoch']} / {c.get('epochs', '?')}" if c.get("best_epoch") is not None else "—"
-                         for c in picks]
-            else:
-                cells = [show(c[key], c) if c.get(key) is not None else "—" for c in picks]
-            rows.append([labels.get(m, m), what, *cells])
+            rows.append([labels.get(m, m), what, *(show(c[key], c) if c.get(key) is not None else "—" for c in picks)])
     return rows
 
 
@@ -267,6 +262,9 @@ def _html(manifest: dict, history: list[dict], ensemble: dict, k: int, pngs: dic
         per_block.append(f"<tr><td>teachers' ensemble</td>{cells}</tr>")
     choices = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>"
                       for row in choices_rows(history, models, labels))
+    if choices:
+        choices = (f"<h2>What each update chose on validation</h2><table><tr><th>model</th><th>choice</th>"
+                   f"{per_block_head}</tr>{choices}</table>")
     captions = {
         "accuracy": f"NDCG@{k} and Recall@{k} of every model on each block's test part (full ranking), "
                     "the teachers' rank-fusion ensemble dashed.",
@@ -305,7 +303,7 @@ store {e(str(manifest.get('store', '')))} · generated {generated}</p>
 <h2>NDCG@{k} per block</h2>
 <table><tr><th>model</th>{per_block_head}</tr>{''.join(per_block)}</table>
 {f'<ul class="meta">{note_html}</ul>' if notes else ''}
-{f'<h2>What each update chose on validation</h2><table><tr><th>model</th><th>choice</th>{per_block_head}</tr>{choices}</table>' if choices else ''}
+{choices}
 {figures}
 <h2>Settings</h2>
 <pre>{e(spec)}</pre>

@@ -493,7 +493,8 @@ class Learner:
         rank_penalty.install(self.model, self.penalty)
         return info
 
-    def _fusion_weights(self, knowledge: list[Knowledge], fusion: str, valid, evidence: dict) -> tuple[list[float], dict]:
+    def _fusion_weights(self, knowledge: list[Knowledge], fusion: str, valid,
+                        evidence: dict) -> tuple[list[float], dict]:
         """Teachers' fusion weights chosen on validation pairs: this block's evidence (each teacher's lists'
         NDCG@20 — ``evidence``, from ``_teacher_evidence`` — and each candidate power's fused-list NDCG@20, summed
         over the block's validation users) joins what earlier blocks gave; the power with the most so far weights

@@ -16,8 +16,8 @@ recomputed from its full scores every ``refresh`` epochs. Per user, KD items are
 one per training pair of the batch, and the loss is Σ BCE(σ(s(u,j)), σ(other(u,j)/τ)), label detached.
 
 Several lists (e.g. teachers for the student, or the student and its proxies for a teacher) become
-one: items and order from ``fuse_rankings`` (``ctx.fusion``, ``ctx.weights``, ``ctx.fusion_penalty``), kept to the longest
-input list; the score of a fused item is the weighted mean of the raw scores of the lists that hold
+one: items and order from ``fuse_rankings`` (``ctx.fusion``, ``ctx.weights``, ``ctx.fusion_penalty``), kept to
+the longest input list; the score of a fused item is the weighted mean of the raw scores of the lists that hold
 it (a list that misses the item does not count), so the label stays on the models' score scale.
 """
 
