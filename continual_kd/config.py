@@ -255,7 +255,7 @@ class BlockSpec(_Spec):
 # -------------------------------------------------------------------------------------- models
 
 
-GRID_FIELDS = ("lr", "weight_decay", "negative_exponent", "hard_negatives", "kd_scale")  # TrainSpec fields a grid may choose on validation
+GRID_FIELDS = ("lr", "weight_decay", "negative_exponent", "hard_negatives", "softmax_negatives", "kd_scale")  # TrainSpec fields a grid may choose on validation
 
 
 class TrainSpec(_Spec):
@@ -298,6 +298,13 @@ class TrainSpec(_Spec):
     # highest, at that batch, of this many candidates drawn as `negatives` says (1: the draw itself). Hard
     # negatives are the items the model wrongly ranks near the top — often popular ones
     hard_negatives: int = Field(1, ge=1)
+    # the model's own loss: 0 — BPR on one negative per positive; N > 0 — a sampled softmax, each positive against
+    # N negatives drawn as `negatives` says (unknown items only): −log(e^{s⁺/τ} / (e^{s⁺/τ} + Σ e^{s⁻/τ})), τ
+    # softmax_temperature. Uncorrected for the sampler, so popularity negatives push popular items down harder (Wu
+    # et al., TOIS'23: the sampled softmax also lifts the tail). Table and graph backbones (MF, LightGCN); MultVAE
+    # already has a softmax over every item
+    softmax_negatives: int = Field(0, ge=0)
+    softmax_temperature: float = Field(1.0, gt=0)
     # de-biasing of the model's own loss (continual/debias.py): none | ips: each positive pair's term
     # weighted by 1/p of its item, p = clip((training count / max)^ips_exponent, ips_clip, 1), weights
     # self-normalised to mean 1 over the update's positives (Saito et al. WSDM'20) | pda: trained on
@@ -353,6 +360,18 @@ class TrainSpec(_Spec):
             if name == "hard_negatives" and any(v < 1 or v != int(v) for v in values):
                 raise _Bad(f"grid.{name}", "a candidate count that is not a whole number ≥ 1", list(values),
                            "use whole numbers ≥ 1 (1: the drawn negative itself)")
+            if name == "softmax_negatives" and any(v != int(v) for v in values):
+                raise _Bad(f"grid.{name}", "a negative count that is not a whole number", list(values),
+                           "use whole numbers ≥ 0 (0: BPR)")
+        softmax = [self.softmax_negatives, *self.grid.get("softmax_negatives", ())]
+        hard = [self.hard_negatives, *self.grid.get("hard_negatives", ())]
+        if max(softmax) > 0 and max(hard) > 1:
+            raise _Bad("softmax_negatives", "a sampled softmax beside hard negatives", {"softmax_negatives": softmax,
+                       "hard_negatives": hard}, "use one: hard_negatives picks one negative for BPR, the softmax "
+                       "weighs all of its negatives by their scores already")
+        if max(softmax) > 0 and self.debias != "none":
+            raise _Bad("softmax_negatives", "a sampled softmax with a de-biased loss", self.debias,
+                       "set debias: none (IPS and PDA shape BPR's terms)")
         for name, values in self.grid_block.items():
             if not values:
                 raise _Bad(f"grid_block.{name}", "an empty list of candidates", [], "give at least one value or drop the key")
@@ -407,6 +426,10 @@ class ModelSpec(_Spec):
                        "keep one: calibrate: mar learns its popularity term from the labelled sample")
         if self.calibrate != "none" and not self.calibrate_l2:
             raise _Bad("calibrate_l2", "no candidate", [], "give at least one L2 weight > 0")
+        softmax = max(self.train.softmax_negatives, *self.train.grid.get("softmax_negatives", (0,)))
+        if softmax > 0 and self.backbone == "multvae":
+            raise _Bad("train.softmax_negatives", "a sampled softmax for MultVAE", softmax,
+                       "drop it: MultVAE's own loss is a softmax over every item already")
         return self
 
     def backbone_params(self) -> dict:

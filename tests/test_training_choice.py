@@ -776,3 +776,69 @@ def test_grid_of_hard_negatives_takes_whole_counts():
         TrainSpec(grid={"hard_negatives": [1.5]})
     with pytest.raises((CkdError, ValueError)):
         TrainSpec(hard_negatives=0)
+
+
+def test_softmax_loss_is_the_positives_log_softmax_against_its_negatives():
+    """train.softmax_negatives: −log(e^{s⁺/τ} / (e^{s⁺/τ} + Σ e^{s⁻/τ})) summed over the batch, by hand."""
+    from continual_kd.continual.training import softmax_loss
+    from continual_kd.models.mf import BPRMF
+
+    model = BPRMF(2, 5, dim=2)
+    with torch.no_grad():
+        model.user_emb.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+        model.item_emb.copy_(torch.tensor([[1.0, 1.0], [2.0, 0.0], [0.0, 1.0], [-1.0, 0.5], [0.5, 0.5]]))
+    users, pos, neg = torch.tensor([0, 1]), torch.tensor([0, 2]), torch.tensor([[1, 3], [4, 3]])
+    for tau in (1.0, 0.5):
+        got = float(softmax_loss(model, users, pos, neg, tau).detach())
+        # user 0: s⁺ = 1 (item 0), s⁻ = 2, -1; user 1: s⁺ = 2 (item 2), s⁻ = 1, 1
+        want = (-np.log(np.exp(1 / tau) / (np.exp(1 / tau) + np.exp(2 / tau) + np.exp(-1 / tau)))
+                - np.log(np.exp(2 / tau) / (np.exp(2 / tau) + 2 * np.exp(1 / tau))))
+        assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_softmax_training_draws_unknown_negatives_and_learns_the_order(monkeypatch):
+    """In training every positive meets softmax_negatives negatives, none of them known pairs, and the model
+    learns to rank the positives first (a hand-made preference: each user likes one block of items)."""
+    from continual_kd.config import TrainSpec
+    from continual_kd.continual import training
+    from continual_kd.continual.training import train_epochs
+    from continual_kd.models.mf import BPRMF
+
+    users = torch.arange(40).repeat_interleave(3)  # 40 users × 3 items each: user u likes items 3(u % 4) + 0..2
+    items = (3 * (users % 4)).view(-1, 3).add(torch.arange(3)).reshape(-1)
+    known = UserItemSet(users.numpy(), items.numpy(), 40, 12)
+    seen = []
+    original = training.softmax_loss
+
+    def spy(model, u, pos, neg, tau):
+        seen.append((u.clone(), neg.clone()))
+        return original(model, u, pos, neg, tau)
+
+    monkeypatch.setattr(training, "softmax_loss", spy)
+    torch.manual_seed(0)
+    model = BPRMF(40, 12, dim=4)
+    spec = TrainSpec(lr=0.05, batch_size=32, weight_decay=0.0, softmax_negatives=5)
+    train_epochs(model, users, items, known, 30, spec, torch.Generator().manual_seed(0))
+    u = torch.cat([s[0] for s in seen])
+    neg = torch.cat([s[1] for s in seen])
+    assert neg.shape == (30 * 120, 5)
+    assert not bool(known.contains(u.unsqueeze(1).expand_as(neg).reshape(-1), neg.reshape(-1)).any())
+    top = model.full_scores(torch.arange(40)).topk(3, dim=1).indices.sort(1).values
+    assert torch.equal(top, items.view(40, 3))
+
+
+def test_softmax_negatives_are_refused_where_they_cannot_apply():
+    from continual_kd.config import ModelSpec, TrainSpec
+    from continual_kd.errors import CkdError
+
+    assert TrainSpec(grid={"softmax_negatives": [0, 64]}).grid["softmax_negatives"] == (0, 64)
+    with pytest.raises((CkdError, ValueError), match="whole number"):
+        TrainSpec(grid={"softmax_negatives": [0.5]})
+    with pytest.raises((CkdError, ValueError), match="hard negatives"):
+        TrainSpec(softmax_negatives=8, hard_negatives=4)
+    with pytest.raises((CkdError, ValueError), match="hard negatives"):
+        TrainSpec(grid={"softmax_negatives": [0, 8], "hard_negatives": [1, 4]})
+    with pytest.raises((CkdError, ValueError), match="de-biased"):
+        TrainSpec(softmax_negatives=8, debias="ips")
+    with pytest.raises((CkdError, ValueError), match="MultVAE"):
+        ModelSpec(backbone="multvae", train={"softmax_negatives": 8})

@@ -94,6 +94,7 @@ def iter_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserItem
         # train.debias (continual/debias.py): IPS weights / PDA's popularity factor, handed to base_loss
         shaping = loss_shaping(spec, model.num_items, block_items, item_popularity)
         shaped = {} if shaping is None else {"shaping": shaping}
+        softmax = 0 if by_user else int(spec.softmax_negatives)  # a grid's choice arrives as a float
         for epoch in range(epochs):
             started = time.perf_counter()
             for term in terms:
@@ -116,19 +117,23 @@ def iter_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserItem
                 p_all = n_all = u_all
             else:
                 p_all = items[perm]
-                candidates = int(spec.hard_negatives)  # a grid's choice arrives as a float
+                candidates = softmax or int(spec.hard_negatives)
                 n_all = sample_excluding(u_all, candidates, model.num_items, [known], generator,
                                          weights=neg_weights)  # (n, candidates)
-                n_all = n_all.squeeze(1) if candidates == 1 else n_all
+                n_all = n_all.squeeze(1) if candidates == 1 and not softmax else n_all
             base_sum = kd_sum = torch.zeros((), device=device)  # summed on the device: no host sync per batch
             for start in range(0, n, size):
                 batch = Batch(u_all[start : start + size], p_all[start : start + size], n_all[start : start + size])
                 if parallel is not None:  # this worker's part of the batch
                     batch = parallel.shard(batch)
                 with batch_scope():  # the batch's losses may share one forward of the model (LightGCN)
-                    if batch.neg.dim() == 2:  # train.hard_negatives: the candidate the model scores highest now
-                        batch = Batch(batch.users, batch.pos, hardest(model, batch.users, batch.neg))
-                    loss = model.base_loss(batch.users, batch.pos, batch.neg, **shaped)
+                    if softmax:  # train.softmax_negatives: the positive against all of its negatives
+                        loss = softmax_loss(model, batch.users, batch.pos, batch.neg, spec.softmax_temperature)
+                        batch = Batch(batch.users, batch.pos, batch.neg[:, 0])  # KD terms and L2 see one, as BPR's
+                    else:
+                        if batch.neg.dim() == 2:  # train.hard_negatives: the candidate the model scores highest now
+                            batch = Batch(batch.users, batch.pos, hardest(model, batch.users, batch.neg))
+                        loss = model.base_loss(batch.users, batch.pos, batch.neg, **shaped)
                     base_sum = base_sum + loss.detach()
                     loss = base_weight * loss
                     if spec.weight_decay > 0:
@@ -158,6 +163,14 @@ def iter_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserItem
         model.eval()
         if hasattr(model, "row_tape"):
             model.row_tape = None  # dense gradients again outside this update's steps
+
+
+def softmax_loss(model, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Σ over the batch of −log softmax(s/τ) at the positive, each (B,) positive against its (B, N) negatives
+    (``train.softmax_negatives``); the scores of one gather of the batch's rows (LightGCN: the batch's shared
+    propagation)."""
+    scores = model.score(users, torch.cat([pos.unsqueeze(1), neg], 1)) / temperature  # (B, 1 + N)
+    return -torch.log_softmax(scores, 1)[:, 0].sum()
 
 
 def hardest(model, users: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
