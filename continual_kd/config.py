@@ -659,7 +659,10 @@ class DistillSpec(_Spec):
     # none | least_teacher: the fused ranking the student learns (RRD, RD) ordered by the fused score less
     # β·log(1 + training count), β (per block) the least whose fused top-20 is no more popular on average than
     # the least popular teacher's (distill/fusion.py): fusing by rank favours the items every teacher lists
-    fusion_popularity: Literal["none", "least_teacher"] = "none"
+    # served: as least_teacher, the target corrected after every update by where the student's own top-20 landed
+    # against the least popular teacher's on the same users (× their ratio, accumulated over the updates, within
+    # [1/2, 2]): what is matched is the served student, not only the target it learns from
+    fusion_popularity: Literal["none", "least_teacher", "served"] = "none"
     # least_teacher is used while the matched fusion's validation NDCG@20 (summed over every block's validation users
     # so far) is within this share of the plain fusion's (0.05: issue 17's bound on what de-biasing may cost); null:
     # always

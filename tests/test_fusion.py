@@ -176,6 +176,22 @@ def test_popularity_matched_beta_is_the_least_penalty_that_matches_the_least_pop
     assert 0.5 * beta < b1 < 2 * beta
 
 
+def test_popularity_matched_beta_scales_its_target():
+    """fusion_popularity: served moves the target to the least popular teacher's × a scale: a lower target
+    takes a larger penalty, a higher one a smaller, each the least that reaches it."""
+    from continual_kd.distill.fusion import popularity_matched_beta
+
+    lists, popularity = _popular_consensus()
+    beta, figures = popularity_matched_beta(lists, popularity, num_items=60)
+    low, f_low = popularity_matched_beta(lists, popularity, num_items=60, target_scale=0.95)
+    high, f_high = popularity_matched_beta(lists, popularity, num_items=60, target_scale=1.03)
+    assert f_low["least_avgpop"] == f_high["least_avgpop"] == figures["target_avgpop"]
+    assert f_low["target_avgpop"] == pytest.approx(0.95 * figures["target_avgpop"])
+    assert high < beta < low
+    assert f_low["fused_avgpop_after"] <= f_low["target_avgpop"] + 1e-6
+    assert f_high["fused_avgpop_after"] <= f_high["target_avgpop"] + 1e-6
+
+
 def test_popularity_matched_beta_is_zero_when_the_fusion_adds_no_popularity():
     from continual_kd.distill.fusion import popularity_matched_beta
 

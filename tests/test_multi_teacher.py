@@ -113,6 +113,55 @@ def test_popularity_matched_fusion_runs_in_process_and_is_logged(tiny_job, tmp_p
     assert rows["student"]["choice/best_epoch"] == last["student"]["best_epoch"]
 
 
+def test_served_popularity_corrects_the_target_by_where_the_student_landed(tiny_job, tmp_path, one_thread):
+    """fusion_popularity: served — after every update where the match is used, the student's own top-20 on the
+    match's users against the least popular teacher's; the next update's target is the least popular teacher's ×
+    the accumulated correction (Π 1 / ratio, within [1/2, 2]), kept in the student's state."""
+    import math
+
+    distill = ("distill: {terms: [{name: rrd, k: 10, pool: 30, uninteresting: 10}], fusion_popularity: served, "
+               "fusion_popularity_tolerance: null}\n")
+    (tmp_path / "s.yaml").write_text(_three_teacher_job(tiny_job, "s", distill))
+    job = load_job(tmp_path / "s.yaml")
+    store = open_source(job.source)
+    plan = store.ensure_plan(0.5, 2, (0.8, 0.1, 0.1), job.seed)
+    learners = make_learners(job)
+    results = run_stream_local(job, lambda k: store.read_blocks(plan.plan_id, k), plan.num_blocks, learners=learners)
+    logs = [r.updates["student"]["fusion_popularity"] for r in results]
+    scale = 1.0
+    for log in logs:
+        assert log["served_scale"] == pytest.approx(scale)
+        assert log["target_avgpop"] == pytest.approx(scale * log["least_avgpop"])
+        if not log["used"]:
+            assert "served_ratio" not in log
+            continue
+        assert log["served_ratio"] == pytest.approx(log["student_avgpop"] / log["least_avgpop"])
+        if log["beta"] > 0 or log["served_ratio"] > 1:
+            scale = min(max(scale / log["served_ratio"], 0.5), 2.0)
+        assert log["served_scale_next"] == pytest.approx(scale)
+    assert any("served_ratio" in log for log in logs)
+    assert math.exp(learners["student"].fusion_evidence["served_log_scale"]) == pytest.approx(scale)
+    # the student's own lists are its top-20 unseen items for the match's users, by hand on three users
+    import types
+
+    student = learners["student"]
+    block = plan.num_blocks - 1
+    seen = store.read_blocks(plan.plan_id, block)
+    known = student.observe(seen, block)
+    users = torch.tensor([0, 2, 5]).numpy()
+    before = dict(student.fusion_evidence)
+    got = student._served_popularity(seen, block, [types.SimpleNamespace(users=users)], known,
+                                     {"least_avgpop": 10.0, "beta": 0.5})
+    scores = student.model.full_scores(torch.as_tensor(users))
+    scores[torch.as_tensor(known.contains(torch.as_tensor(users).repeat_interleave(seen.num_items),
+                                          torch.arange(seen.num_items).repeat(3))).view(3, -1)] = -float("inf")
+    counts = student.pairs.item_counts(seen)
+    assert got["student_avgpop"] == pytest.approx(float(counts[scores.topk(20, dim=1).indices].mean()), rel=1e-5)
+    assert got["served_ratio"] == pytest.approx(got["student_avgpop"] / 10.0)
+    assert student.fusion_evidence["served_log_scale"] == pytest.approx(
+        min(max(before["served_log_scale"] - math.log(got["served_ratio"]), -math.log(2)), math.log(2)))
+
+
 def test_bad_multi_teacher_specs_are_refused():
     from continual_kd.errors import CkdError
 

@@ -39,6 +39,8 @@ from .calibrate import calibrate
 from .pairs import PairState
 from .training import BestEpoch, iter_epochs
 
+SERVED_SCALE = "served_log_scale"  # fusion_evidence: log of fusion_popularity: served's correction of its target
+
 AUX = "aux."  # prefix of non-model tensors (proxies, KD term state) inside a saved state's weights
 
 
@@ -407,6 +409,9 @@ class Learner:
                 self.proxies = Proxies.from_spec(proxies)
             self.proxies.update(self.model)
         self.block = block
+        served = matched.get("fusion_popularity", {})
+        if fusion_popularity == "served" and served.get("used"):  # where the served student's lists landed
+            served.update(self._served_popularity(seen, block, knowledge, known, served))
         penalty_grid = self._choose_penalty(seen, valid)
         calibration = self._calibrate(seen) if self.spec.calibrate == "mar" else None
         logs = fit["logs"]
@@ -594,10 +599,12 @@ class Learner:
         lists = [torch.as_tensor(k.items, dtype=torch.int64, device=self.device) for k in knowledge]
         counts = self.pairs.item_counts(seen)
         usable = weights if weights is not None and len(weights) == len(lists) else None
+        scale = math.exp(self.fusion_evidence.get(SERVED_SCALE, 0.0)) if mode == "served" else 1.0
         beta, figures = popularity_matched_beta(lists, counts, fusion, usable, num_items=self.model.num_items,
-                                                seed=derive_seed(self.seed, "fusion_popularity", block))
+                                                seed=derive_seed(self.seed, "fusion_popularity", block),
+                                                target_scale=scale)
         penalty = beta * log_popularity(counts, self.model.num_items, self.device) if beta > 0 else None
-        log = {"beta": beta, **figures}
+        log = {"beta": beta, **figures, **({"served_scale": scale} if mode == "served" else {})}
         if tolerance is not None and penalty is not None:
             ev = self.fusion_evidence
             if valid is not None:  # this block's evidence joins the earlier blocks'
@@ -614,6 +621,27 @@ class Learner:
                 penalty = None
         log["used"] = penalty is not None
         return penalty, {"fusion_popularity": log}
+
+    @torch.no_grad()
+    def _served_popularity(self, seen, block, knowledge: list[Knowledge], known, log: dict) -> dict:
+        """``fusion_popularity: served``, after the student's update: its own top-20 on the users the match was
+        measured on, against the least popular teacher's there. The ratio r corrects the next updates' target:
+        log scale −= log r (within [log 1/2, log 2]); not raised while the fused lists needed no penalty (β 0)."""
+        from ..distill.fusion import sampled_rows
+
+        users = torch.as_tensor(knowledge[0].users, dtype=torch.int64)
+        take = sampled_rows(len(users), 1024, derive_seed(self.seed, "fusion_popularity", block))
+        users = (users if take is None else users[take]).to(self.device)
+        items, _ = top_k_items(self.model, users, min(20, self.model.num_items), known)
+        counts = self.pairs.item_counts(seen).to(self.device).double()
+        listed = (items >= 0) & (items < len(counts))
+        own = float(counts[items.clamp(0, len(counts) - 1)][listed].mean()) if bool(listed.any()) else 0.0
+        ratio = own / log["least_avgpop"] if log["least_avgpop"] > 0 else 1.0
+        scale = self.fusion_evidence.get(SERVED_SCALE, 0.0)
+        if ratio > 0 and (log["beta"] > 0 or ratio > 1):
+            scale = min(max(scale - math.log(ratio), -math.log(2.0)), math.log(2.0))
+        self.fusion_evidence[SERVED_SCALE] = scale
+        return {"student_avgpop": own, "served_ratio": ratio, "served_scale_next": math.exp(scale)}
 
     def _grid(self, grid: dict | None = None) -> list[dict]:
         """Every combination of ``grid`` (default ``train.grid``; one empty combination without a grid)."""

@@ -139,22 +139,29 @@ def log_popularity(popularity: torch.Tensor, num_items: int, device=None) -> tor
     return torch.log1p(_item_counts(popularity, num_items, device))
 
 
+def sampled_rows(n: int, sample: int, seed: int) -> torch.Tensor | None:
+    """The rows of ``n`` that ``popularity_matched_beta`` measures on: ``sample`` of them drawn with ``seed`` (None:
+    every row, when there are no more than ``sample``)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:sample] if n > sample else None
+
+
 def popularity_matched_beta(item_lists: list[torch.Tensor], popularity: torch.Tensor, method: str = "rank",
                             weights: list[float] | None = None, *, num_items: int, k: int = 20, sample: int = 1024,
-                            seed: int = 0, iterations: int = 16) -> tuple[float, dict]:
+                            seed: int = 0, iterations: int = 16, target_scale: float = 1.0) -> tuple[float, dict]:
     """(β, figures): the least β ≥ 0 (to a 2^-``iterations`` share of its bracket) for which the lists fused
     with the penalty β · log(1 + n_i) have a top-``k`` no more popular on average than the least popular
     teacher's top-``k`` — over ``sample`` users drawn with ``seed`` (every user when fewer). ``popularity``:
     (I',) training counts n (items past its end count 0). Such a β exists: at a large β the fused top-``k``
     is the ``k`` least popular candidates, and every teacher's top-``k`` is among the candidates.
+    ``target_scale``: the target is that teacher's popularity × this (``fusion_popularity: served``'s correction).
     ``figures``: the teachers' and the fused lists' average popularity@``k`` on the sample, before and after."""
     n_users = item_lists[0].shape[0]
     device = item_lists[0].device
     counts = _item_counts(popularity, num_items, device)
     log_count = torch.log1p(counts)
-    if n_users > sample:
-        take = torch.randperm(n_users, generator=torch.Generator().manual_seed(seed))[:sample].to(device)
-        item_lists = [lst[take] for lst in item_lists]
+    take = sampled_rows(n_users, sample, seed)
+    if take is not None:
+        item_lists = [lst[take.to(device)] for lst in item_lists]
     item_lists = [lst.long() for lst in item_lists]
 
     def avgpop(items: torch.Tensor) -> float:
@@ -174,8 +181,10 @@ def popularity_matched_beta(item_lists: list[torch.Tensor], popularity: torch.Te
         return avgpop(cand.gather(1, (score - beta * log_pop).topk(top_k, dim=1).indices)) if beta > 0 else avgpop(cand)
 
     teachers = [avgpop(lst) for lst in item_lists]
-    target, before = min(teachers), fused(0.0)
-    figures = {"teachers_avgpop": teachers, "fused_avgpop": before, "target_avgpop": target, "users": len(cand)}
+    least, before = min(teachers), fused(0.0)
+    target = least * target_scale
+    figures = {"teachers_avgpop": teachers, "fused_avgpop": before, "least_avgpop": least, "target_avgpop": target,
+               "users": len(cand)}
     if before <= target:
         return 0.0, {**figures, "fused_avgpop_after": before}
     lo, hi = 0.0, 1.0 / 64
