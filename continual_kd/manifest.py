@@ -24,7 +24,8 @@ def update_choice(log: dict) -> dict:
     """What one model's update kept, as the snapshot history (``choice``) and the catalog (``choice/<key>``) record
     it: epochs run, the best validation epoch and its NDCG@20, the replayed rows; for a student that fused several
     teachers, the fusion's choices (``weight_power`` of ``teacher_weights: chosen``, −1 for ∞;
-    ``fusion_popularity_beta`` and ``fusion_popularity_used`` (1 / 0) of ``fusion_popularity``; ``teachers_left_out``
+    ``fusion_popularity_beta`` and ``fusion_popularity_used`` (1 / 0) of ``fusion_popularity``, with ``served`` its
+    target's correction ``fusion_popularity_scale``; ``teachers_left_out``
     of ``teacher_floor``)."""
     out = {"epochs": log.get("epochs"), "best_epoch": log.get("best_epoch"), "valid_ndcg@20": log.get("valid_ndcg@20"),
            "replay_rows": log.get("replay_rows")}
@@ -34,6 +35,8 @@ def update_choice(log: dict) -> dict:
     if matched:
         out["fusion_popularity_beta"] = matched["beta"]
         out["fusion_popularity_used"] = 1.0 if matched["used"] else 0.0
+        if "served_scale" in matched:  # fusion_popularity: served — the target's correction this update
+            out["fusion_popularity_scale"] = matched["served_scale"]
     floor = log.get("teacher_floor")
     if floor:
         out["teachers_left_out"] = float(len(floor["left_out"]))

@@ -211,6 +211,7 @@ CHOICES = (  # (history choice key, row label, how a value is shown): what valid
     ("valid_ndcg@20", "validation NDCG@20", lambda v, c: _cell(v)),
     ("fusion_popularity_beta", "fusion popularity β", lambda v, c: f"{v:.4f}" + ("" if c.get("fusion_popularity_used")
                                                                                    else " (unused)")),
+    ("fusion_popularity_scale", "fusion popularity target ×", lambda v, c: f"{v:.3f}"),
     ("teachers_left_out", "teachers left out", lambda v, c: f"{int(v)}"),
     ("weight_power", "fusion weight power", lambda v, c: "∞" if v == -1 else f"{v:g}"),
 )

@@ -132,7 +132,7 @@ def test_served_popularity_corrects_the_target_by_where_the_student_landed(tiny_
     for log in logs:
         assert log["served_scale"] == pytest.approx(scale)
         assert log["target_avgpop"] == pytest.approx(scale * log["least_avgpop"])
-        if not log["used"]:
+        if not (log["used"] or log["beta"] == 0):  # refused by the tolerance: nothing to correct
             assert "served_ratio" not in log
             continue
         assert log["served_ratio"] == pytest.approx(log["student_avgpop"] / log["least_avgpop"])
@@ -140,6 +140,9 @@ def test_served_popularity_corrects_the_target_by_where_the_student_landed(tiny_
             scale = min(max(scale / log["served_ratio"], 0.5), 2.0)
         assert log["served_scale_next"] == pytest.approx(scale)
     assert any("served_ratio" in log for log in logs)
+    from continual_kd.manifest import update_choice
+
+    assert update_choice(results[-1].updates["student"])["fusion_popularity_scale"] == logs[-1]["served_scale"]
     assert math.exp(learners["student"].fusion_evidence["served_log_scale"]) == pytest.approx(scale)
     # the student's own lists are its top-20 unseen items for the match's users, by hand on three users
     import types

@@ -409,11 +409,13 @@ class Learner:
                 self.proxies = Proxies.from_spec(proxies)
             self.proxies.update(self.model)
         self.block = block
-        served = matched.get("fusion_popularity", {})
-        if fusion_popularity == "served" and served.get("used"):  # where the served student's lists landed
-            served.update(self._served_popularity(seen, block, knowledge, known, served))
         penalty_grid = self._choose_penalty(seen, valid)
         calibration = self._calibrate(seen) if self.spec.calibrate == "mar" else None
+        served = matched.get("fusion_popularity", {})
+        # where the served student's lists landed (its rank penalty or calibration installed): the match ran and
+        # was used, or needed no penalty (β 0); a match the tolerance refused taught nothing to correct
+        if fusion_popularity == "served" and "least_avgpop" in served and (served["used"] or served["beta"] == 0):
+            served.update(self._served_popularity(seen, block, knowledge, known, served))
         logs = fit["logs"]
         return {
             "model": self.spec.name, "block": block, "epochs": len(logs), "best_epoch": fit["best_epoch"],
@@ -624,9 +626,11 @@ class Learner:
 
     @torch.no_grad()
     def _served_popularity(self, seen, block, knowledge: list[Knowledge], known, log: dict) -> dict:
-        """``fusion_popularity: served``, after the student's update: its own top-20 on the users the match was
-        measured on, against the least popular teacher's there. The ratio r corrects the next updates' target:
-        log scale −= log r (within [log 1/2, log 2]); not raised while the fused lists needed no penalty (β 0)."""
+        """``fusion_popularity: served``, after the student's update: its own top-20 (as it ranks when served) on the
+        users the match was measured on, against the least popular teacher's there. The ratio r (student ÷ that
+        teacher) corrects the next updates' target: log scale −= log r, within [log 1/2, log 2]; where the fused
+        lists needed no penalty (β 0) the scale only comes down (a student under the teacher then owes nothing to
+        the target, and raising it would only wind the correction up)."""
         from ..distill.fusion import sampled_rows
 
         users = torch.as_tensor(knowledge[0].users, dtype=torch.int64)

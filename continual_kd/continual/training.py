@@ -117,13 +117,18 @@ def iter_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserItem
                 p_all = n_all = u_all
             else:
                 p_all = items[perm]
-                candidates = softmax or int(spec.hard_negatives)
-                n_all = sample_excluding(u_all, candidates, model.num_items, [known], generator,
-                                         weights=neg_weights)  # (n, candidates)
-                n_all = n_all.squeeze(1) if candidates == 1 and not softmax else n_all
+                candidates = int(spec.hard_negatives)
+                n_all = None if softmax else sample_excluding(u_all, candidates, model.num_items, [known], generator,
+                                                               weights=neg_weights)  # (n, candidates)
+                n_all = n_all.squeeze(1) if candidates == 1 and n_all is not None else n_all
             base_sum = kd_sum = torch.zeros((), device=device)  # summed on the device: no host sync per batch
             for start in range(0, n, size):
-                batch = Batch(u_all[start : start + size], p_all[start : start + size], n_all[start : start + size])
+                bu = u_all[start : start + size]
+                if n_all is None:  # softmax: a batch's N negatives a positive drawn with it (an epoch's would hold N × its rows)
+                    bn = sample_excluding(bu, softmax, model.num_items, [known], generator, weights=neg_weights)
+                else:
+                    bn = n_all[start : start + size]
+                batch = Batch(bu, p_all[start : start + size], bn)
                 if parallel is not None:  # this worker's part of the batch
                     batch = parallel.shard(batch)
                 with batch_scope():  # the batch's losses may share one forward of the model (LightGCN)
