@@ -301,8 +301,8 @@ class TrainSpec(_Spec):
     # the model's own loss: 0 — BPR on one negative per positive; N > 0 — a sampled softmax, each positive against
     # N negatives drawn as `negatives` says (unknown items only): −log(e^{s⁺/τ} / (e^{s⁺/τ} + Σ e^{s⁻/τ})), τ
     # softmax_temperature. Uncorrected for the sampler, so popularity negatives push popular items down harder (Wu
-    # et al., TOIS'23: the sampled softmax also lifts the tail). Table and graph backbones (MF, LightGCN); MultVAE
-    # already has a softmax over every item
+    # et al., TOIS'23: the sampled softmax also lifts the tail). Every backbone scored per pair (MF, LightGCN, PathRec);
+    # MultVAE already has a softmax over every item; softmax_temperature matters only with it
     softmax_negatives: int = Field(0, ge=0)
     softmax_temperature: float = Field(1.0, gt=0)
     # de-biasing of the model's own loss (continual/debias.py): none | ips: each positive pair's term
