@@ -26,6 +26,18 @@ def _three_teacher_job(tiny_job, name: str, distill: str) -> str:
     return head + THREE_TEACHERS + student + distill + "eval: {ks: [10, 20]}\n"
 
 
+def _run_in_process(tmp_path, name: str, text: str):
+    """The job ``text`` (written as ``name``.yaml) on its store's 3-block plan, in this process: (job, store, plan,
+    learners, results)."""
+    (tmp_path / f"{name}.yaml").write_text(text)
+    job = load_job(tmp_path / f"{name}.yaml")
+    store = open_source(job.source)
+    plan = store.ensure_plan(0.5, 2, (0.8, 0.1, 0.1), job.seed)
+    learners = make_learners(job)
+    results = run_stream_local(job, lambda k: store.read_blocks(plan.plan_id, k), plan.num_blocks, learners=learners)
+    return job, store, plan, learners, results
+
+
 @pytest.mark.slow
 def test_three_teacher_actors_update_in_parallel_and_fuse(ray_cluster, tiny_job, tmp_path):
     text = _three_teacher_job(tiny_job, "three", "distill: {terms: [{name: rrd, k: 10, pool: 30, uninteresting: 10}, "
@@ -49,12 +61,7 @@ def test_three_teacher_actors_update_in_parallel_and_fuse(ray_cluster, tiny_job,
     "distill: {terms: [{name: rrd, k: 10, pool: 30, uninteresting: 10}], fusion: importance, teacher_weights: valid_ndcg}\n",
 ], ids=["hetcomp", "importance-fusion-weighted"])
 def test_multi_teacher_methods_run_in_process(tiny_job, tmp_path, distill, one_thread):
-    (tmp_path / "m.yaml").write_text(_three_teacher_job(tiny_job, "m", distill))
-    job = load_job(tmp_path / "m.yaml")
-    store = open_source(job.source)
-    plan = store.ensure_plan(0.5, 2, (0.8, 0.1, 0.1), job.seed)
-    learners = make_learners(job)
-    results = run_stream_local(job, lambda k: store.read_blocks(plan.plan_id, k), plan.num_blocks, learners=learners)
+    job, store, plan, learners, results = _run_in_process(tmp_path, "m", _three_teacher_job(tiny_job, "m", distill))
     assert len(results) == 3
     for r in results:
         assert r.updates["student"]["kd_loss"] > 0
@@ -77,13 +84,8 @@ def test_multi_teacher_methods_run_in_process(tiny_job, tmp_path, distill, one_t
 def test_popularity_matched_fusion_runs_in_process_and_is_logged(tiny_job, tmp_path, one_thread, tolerance):
     distill = ("distill: {terms: [{name: rrd, k: 10, pool: 30, uninteresting: 10}], fusion_popularity: least_teacher, "
                f"fusion_popularity_tolerance: {'null' if tolerance is None else tolerance}}}\n")
-    (tmp_path / "p.yaml").write_text(_three_teacher_job(tiny_job, "p", distill))
-    job = load_job(tmp_path / "p.yaml")
+    job, _, _, _, results = _run_in_process(tmp_path, "p", _three_teacher_job(tiny_job, "p", distill))
     assert job.distill.fusion_popularity == "least_teacher" and job.distill.fusion_popularity_tolerance == tolerance
-    store = open_source(job.source)
-    plan = store.ensure_plan(0.5, 2, (0.8, 0.1, 0.1), job.seed)
-    results = run_stream_local(job, lambda k: store.read_blocks(plan.plan_id, k), plan.num_blocks,
-                               learners=make_learners(job))
     logs = [r.updates["student"]["fusion_popularity"] for r in results]
     for log in logs:
         assert log["beta"] >= 0 and len(log["teachers_avgpop"]) == 3
@@ -121,12 +123,7 @@ def test_served_popularity_corrects_the_target_by_where_the_student_landed(tiny_
 
     distill = ("distill: {terms: [{name: rrd, k: 10, pool: 30, uninteresting: 10}], fusion_popularity: served, "
                "fusion_popularity_tolerance: null}\n")
-    (tmp_path / "s.yaml").write_text(_three_teacher_job(tiny_job, "s", distill))
-    job = load_job(tmp_path / "s.yaml")
-    store = open_source(job.source)
-    plan = store.ensure_plan(0.5, 2, (0.8, 0.1, 0.1), job.seed)
-    learners = make_learners(job)
-    results = run_stream_local(job, lambda k: store.read_blocks(plan.plan_id, k), plan.num_blocks, learners=learners)
+    _, store, plan, learners, results = _run_in_process(tmp_path, "s", _three_teacher_job(tiny_job, "s", distill))
     logs = [r.updates["student"]["fusion_popularity"] for r in results]
     scale = 1.0
     for log in logs:
@@ -185,13 +182,8 @@ def test_a_collapsed_teacher_is_left_out_of_the_fusion_by_the_floor(tiny_job, tm
                "fusion_popularity: least_teacher, fusion_popularity_tolerance: null}\n")
     text = _three_teacher_job(tiny_job, "f", distill).replace("batch_size: 64}, resources", "batch_size: 64, lr: 1.0e-9}, "
                                                                "resources", 1)
-    (tmp_path / "f.yaml").write_text(text)
-    job = load_job(tmp_path / "f.yaml")
+    job, _, _, learners, results = _run_in_process(tmp_path, "f", text)
     assert job.teachers[0].train.lr == 1e-9 and job.distill.teacher_floor == 0.5
-    store = open_source(job.source)
-    plan = store.ensure_plan(0.5, 2, (0.8, 0.1, 0.1), job.seed)
-    learners = make_learners(job)
-    results = run_stream_local(job, lambda k: store.read_blocks(plan.plan_id, k), plan.num_blocks, learners=learners)
     evidence = learners["student"].fusion_evidence
     for r in results:
         floor = r.updates["student"]["teacher_floor"]
