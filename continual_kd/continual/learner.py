@@ -631,15 +631,13 @@ class Learner:
         teacher) corrects the next updates' target: log scale −= log r, within [log 1/2, log 2]; where the fused
         lists needed no penalty (β 0) the scale only comes down (a student under the teacher then owes nothing to
         the target, and raising it would only wind the correction up)."""
-        from ..distill.fusion import sampled_rows
+        from ..distill.fusion import lists_avgpop, padded_counts, sampled_rows
 
         users = torch.as_tensor(knowledge[0].users, dtype=torch.int64)
         take = sampled_rows(len(users), 1024, derive_seed(self.seed, "fusion_popularity", block))
         users = (users if take is None else users[take]).to(self.device)
         items, _ = top_k_items(self.model, users, min(20, self.model.num_items), known)
-        counts = self.pairs.item_counts(seen).to(self.device).double()
-        listed = (items >= 0) & (items < len(counts))
-        own = float(counts[items.clamp(0, len(counts) - 1)][listed].mean()) if bool(listed.any()) else 0.0
+        own = lists_avgpop(items, padded_counts(self.pairs.item_counts(seen), self.model.num_items, self.device))
         ratio = own / log["least_avgpop"] if log["least_avgpop"] > 0 else 1.0
         scale = self.fusion_evidence.get(SERVED_SCALE, 0.0)
         if ratio > 0 and (log["beta"] > 0 or ratio > 1):

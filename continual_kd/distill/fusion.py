@@ -127,7 +127,8 @@ def _fuse_chunk(lists: list[torch.Tensor], contrib: list[torch.Tensor], k: int,
     return out_items, out_scores
 
 
-def _item_counts(popularity: torch.Tensor, num_items: int, device=None) -> torch.Tensor:
+def padded_counts(popularity: torch.Tensor, num_items: int, device=None) -> torch.Tensor:
+    """(``num_items``,) float64 training counts ``popularity`` (items past its end: 0)."""
     counts = torch.zeros(num_items, dtype=torch.float64, device=device)
     pop = popularity.detach().to(device, torch.float64)[:num_items]
     counts[: len(pop)] = pop
@@ -136,7 +137,15 @@ def _item_counts(popularity: torch.Tensor, num_items: int, device=None) -> torch
 
 def log_popularity(popularity: torch.Tensor, num_items: int, device=None) -> torch.Tensor:
     """(``num_items``,) float64 log(1 + n_i) of training counts ``popularity`` (items past its end: n = 0)."""
-    return torch.log1p(_item_counts(popularity, num_items, device))
+    return torch.log1p(padded_counts(popularity, num_items, device))
+
+
+def lists_avgpop(items: torch.Tensor, counts: torch.Tensor, k: int = 20) -> float:
+    """Mean of ``counts`` (I,) over the listed items of every row's top-``k`` of ``items`` (U, N; -1 = padding);
+    0 when nothing is listed."""
+    top = items[:, :k]
+    listed = top >= 0
+    return float(counts[top.clamp(min=0)][listed].mean()) if bool(listed.any()) else 0.0
 
 
 def sampled_rows(n: int, sample: int, seed: int) -> torch.Tensor | None:
@@ -157,7 +166,7 @@ def popularity_matched_beta(item_lists: list[torch.Tensor], popularity: torch.Te
     ``figures``: the teachers' and the fused lists' average popularity@``k`` on the sample, before and after."""
     n_users = item_lists[0].shape[0]
     device = item_lists[0].device
-    counts = _item_counts(popularity, num_items, device)
+    counts = padded_counts(popularity, num_items, device)
     log_count = torch.log1p(counts)
     take = sampled_rows(n_users, sample, seed)
     if take is not None:
@@ -165,9 +174,7 @@ def popularity_matched_beta(item_lists: list[torch.Tensor], popularity: torch.Te
     item_lists = [lst.long() for lst in item_lists]
 
     def avgpop(items: torch.Tensor) -> float:
-        top = items[:, :k]
-        listed = top >= 0
-        return float(counts[top.clamp(min=0)][listed].mean()) if bool(listed.any()) else 0.0
+        return lists_avgpop(items, counts, k)
 
     # every candidate of every user once, with its fused score: each β then re-ranks them (one top-k), no fusing
     width = sum(lst.shape[1] for lst in item_lists)
