@@ -369,6 +369,9 @@ class TrainSpec(_Spec):
             raise _Bad("softmax_negatives", "a sampled softmax beside hard negatives", {"softmax_negatives": softmax,
                        "hard_negatives": hard}, "use one: hard_negatives picks one negative for BPR, the softmax "
                        "weighs all of its negatives by their scores already")
+        if max(softmax) == 0 and self.softmax_temperature != 1.0:  # (1.0, the default, is what a dumped spec repeats)
+            raise _Bad("softmax_temperature", "a softmax temperature without a sampled softmax",
+                       self.softmax_temperature, "set softmax_negatives: N > 0 (or grid it), or drop the temperature")
         if max(softmax) > 0 and self.debias != "none":
             raise _Bad("softmax_negatives", "a sampled softmax with a de-biased loss", self.debias,
                        "set debias: none (IPS and PDA shape BPR's terms)")

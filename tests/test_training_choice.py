@@ -842,3 +842,6 @@ def test_softmax_negatives_are_refused_where_they_cannot_apply():
         TrainSpec(softmax_negatives=8, debias="ips")
     with pytest.raises((CkdError, ValueError), match="MultVAE"):
         ModelSpec(backbone="multvae", train={"softmax_negatives": 8})
+    with pytest.raises((CkdError, ValueError), match="temperature without"):
+        TrainSpec(softmax_temperature=0.5)
+    assert TrainSpec(softmax_temperature=0.5, grid={"softmax_negatives": [0, 8]}).softmax_temperature == 0.5
