@@ -13,7 +13,8 @@ NDCG@20 of every model and of the teachers' rank-fusion ensemble, the student's 
 teacher and to the ensemble, tail Recall@20, average popularity@20 and coverage@20 of every model;
 plus the pooled NDCG@20 (every block's test pairs as one test set) and the mean validation NDCG@20.
 The sparse rows have ~75 test users a block: their figures move by a third between runs that differ in
-anything; ``--seeds N`` runs every synthetic row on N streams of the same shape and averages them.
+anything; ``--seeds N`` runs every synthetic row on N streams of the same shape and MovieLens-100K with N
+job seeds (each its own cut of the blocks and draws), and averages them.
 """
 
 from __future__ import annotations
@@ -169,7 +170,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--only", default="", help="run only the rows whose name contains this text (e.g. '0.5%%')")
     ap.add_argument("--seeds", type=int, default=1,
-                    help="synthetic rows: run each on this many streams (seeds 0..N-1) and average (small rows are noisy)")
+                    help="run every row this many times and average: a synthetic row on streams of seeds 0..N-1, "
+                         "MovieLens-100K with the job's seed + 0..N-1 (small rows are noisy; one run moves by ±1%%)")
     ap.add_argument("--set", action="append", default=[], metavar="PATH=JSON",
                     help="override a job setting, e.g. --set student.train.negative_exponent=0 (repeatable)")
     args = ap.parse_args()
@@ -181,8 +183,12 @@ def main() -> None:
     for index, (name, _) in enumerate(rows(args.rows)):
         if args.only and args.only not in name:
             continue
-        seeds = range(args.seeds) if name.startswith("synthetic") else range(1)
-        report[name] = mean_rows([run_row(job_dict, rows(args.rows, seed)[index][1], name) for seed in seeds])
+        if name.startswith("synthetic"):  # another stream of the same shape per seed, the job as it is
+            runs = [run_row(job_dict, rows(args.rows, seed)[index][1], name) for seed in range(args.seeds)]
+        else:  # one dataset: the job's seed per run (its own cut of the blocks, draws and initialisations)
+            runs = [run_row({**job_dict, "seed": job_dict.get("seed", 0) + seed}, rows(args.rows)[index][1], name)
+                    for seed in range(args.seeds)]
+        report[name] = mean_rows(runs)
         print_row(name, report[name])
     print("\nsummary: student NDCG@20 / best teacher, / ensemble; student tail R@20 / best teacher's; "
           "student avgpop@20 / least-biased teacher's")
