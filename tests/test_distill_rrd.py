@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from continual_kd.distill import RRDConfig, RRDTargets, relaxed_ranking_loss
@@ -143,3 +144,55 @@ def test_uninteresting_items_drawn_by_popularity_avoid_the_pool_and_follow_the_w
     assert int(drawn[[0, 1, 2, 3, 12]].sum()) == 0  # never the pool or a known item
     assert 3.3 < float(drawn[10]) / float(drawn[11]) < 4.8
     assert float(drawn[10]) > 0.5 * 4000 * 100 / (100 + 25 + 34)  # most of the mass goes to the popular items
+
+
+def _reference_rrd(s1: list[list[float]], s2: list[list[float]]) -> float:
+    """The RRD loss slot by slot, each log-sum-exp in float64 shifted by its own largest term."""
+    total = 0.0
+    for a, b in zip(s1, s2):
+        for k in range(len(a)):
+            rest = a[k:] + b
+            m = max(rest)
+            total += m + math.log(sum(math.exp(x - m) for x in rest)) - a[k]
+    return total
+
+
+def test_rrd_loss_is_exact_and_finite_whatever_the_spread_of_a_row():
+    # a slot ~1,500 below its row's largest score with nothing near it further down: exp(-1500) underflows even in
+    # float64 (the 10M stream's student reached such spreads at its first warm update and its loss became inf)
+    s1 = [[900.0, -600.0, -601.0, -2000.0], [1.0, 0.5, 0.0, -0.5]]
+    s2 = [[-2500.0, -2600.0], [-1.0, 0.2]]
+    a = torch.tensor(s1, dtype=torch.float32, requires_grad=True)
+    b = torch.tensor(s2, dtype=torch.float32, requires_grad=True)
+    loss = relaxed_ranking_loss(a, b)
+    assert math.isfinite(float(loss.detach()))
+    assert math.isclose(float(loss.detach()), _reference_rrd(s1, s2), rel_tol=1e-6)
+    ga, gb = torch.autograd.grad(loss, (a, b))
+    assert bool(torch.isfinite(ga).all()) and bool(torch.isfinite(gb).all())
+    # the first row alone: only -600 over -601 costs anything, log(1 + e⁻¹)
+    assert math.isclose(float(relaxed_ranking_loss(a[:1], b[:1]).detach()), math.log1p(math.exp(-1)), rel_tol=1e-6)
+    # a slot ~740 below its row's largest score: its exp-space sum is subnormal, finite in the forward and inf in
+    # the backward (1 / sum) — the gradients must stay finite and exact all the same
+    near = torch.tensor([[0.0, -740.0, -741.0], [0.0, -0.5, -1.0]], dtype=torch.float32, requires_grad=True)
+    far = torch.tensor([[-742.0], [-2.0]], dtype=torch.float32, requires_grad=True)
+    loss = relaxed_ranking_loss(near, far)
+    assert math.isclose(float(loss.detach()), _reference_rrd(near.tolist(), far.tolist()), rel_tol=1e-6)
+    g_near, g_far = torch.autograd.grad(loss, (near, far))
+    assert bool(torch.isfinite(g_near).all()) and bool(torch.isfinite(g_far).all())
+    # d/ds of the slot -740 over -741 and -742: softmax weight - 1, as in any row
+    assert float(g_near[0, 1]) == pytest.approx(1 / (1 + math.exp(-1) + math.exp(-2)) - 1, rel=1e-5)
+    # a padded list (listed False at its end) still counts as the shorter list
+    from continual_kd.distill.rrd import ranked_above_loss
+
+    listed = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    padded = ranked_above_loss(torch.cat([a, b], 1).detach(), 4, listed)
+    short = _reference_rrd([s1[0][:3]], [s2[0]]) + _reference_rrd([s1[1]], [s2[1]])
+    assert math.isclose(float(padded), short, rel_tol=1e-6)
+
+
+def test_rrd_loss_takes_the_same_value_in_exp_space_and_in_log_space():
+    from continual_kd.distill.rrd import _log_space_terms, ranked_above_loss
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(64, 30, generator=g, dtype=torch.float64) * 5
+    assert float(ranked_above_loss(scores, 20)) == pytest.approx(float(_log_space_terms(scores, 20).sum()), rel=1e-12)

@@ -180,3 +180,19 @@ def test_cli_in_a_fresh_process_starts_and_stops_an_embedded_ray(tiny_job, tmp_p
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "teacher:mf32" in p.stdout and "student" in p.stdout
+
+
+def test_a_diverging_update_stops_the_job_in_one_line_and_keeps_what_was_committed(ray_cluster, cli, tiny_job,
+                                                                                 tmp_path):
+    # the warm updates step the student's old rows at an absurd rate: block 0 trains, block 1 diverges on its actor
+    job = tiny_job("wild")
+    job.write_text(job.read_text().replace("student:\n  dim: 8\n  train: {",
+                                           "student:\n  dim: 8\n  train: {lr_block: 1.0e+30, "))
+    r = cli("submit", job)
+    assert r.exit_code == 2, r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in r.output, r.output
+    assert "student 'student', block 1: training diverged at epoch 1" in r.output and "lower train.lr" in r.output
+    assert list_snapshots(tmp_path / "runs" / "wild") == [0]  # block 0 committed, nothing of block 1
+    snap, _ = resolve_snapshot(tmp_path / "runs" / "wild", "latest")
+    assert snap.block == 0

@@ -11,6 +11,7 @@ from continual_kd.config import load_job, parse_job
 from continual_kd.continual import Learner, make_learners, run_stream_local
 from continual_kd.continual.training import BestEpoch
 from continual_kd.data.sources import open_source
+from continual_kd.errors import CkdError
 from continual_kd.eval import model_pairs_mask
 from continual_kd.sparse import UserItemSet
 from continual_kd.types import TRAIN, VALID
@@ -845,3 +846,30 @@ def test_softmax_negatives_are_refused_where_they_cannot_apply():
     with pytest.raises((CkdError, ValueError), match="temperature without"):
         TrainSpec(softmax_temperature=0.5)
     assert TrainSpec(softmax_temperature=0.5, grid={"softmax_negatives": [0, 8]}).softmax_temperature == 0.5
+
+
+def test_an_update_whose_training_diverges_stops_with_one_error_and_keeps_nothing(tmp_path, monkeypatch):
+    # a rate no model survives: scores overflow float32 in the first epoch, the losses stop being finite
+    job, store, plan = _job(tmp_path, monkeypatch)
+    spec = job.teachers[0]
+    seen = store.read_blocks(plan.plan_id, 0)
+    wild = Learner(spec.model_copy(update={"train": spec.train.model_copy(update={"lr": 1e30})}), job.seed,
+                   role="teacher")
+    with pytest.raises(CkdError, match=r"teacher 'mf', block 0: training diverged at epoch 1: .*not finite"):
+        wild.update(seen, 0)
+    # the same settings at a sane rate train to the end, and every epoch is checked the same way
+    log = Learner(spec, job.seed, role="teacher").update(seen, 0)
+    assert log["epochs"] >= 1 and np.isfinite(log["base_loss"])
+
+
+def test_check_finite_names_the_loss_or_the_weights_that_broke():
+    from continual_kd.continual.training import EpochLog, TrainingDiverged, check_finite
+
+    model = _Fixed(np.zeros((2, 3)))
+    check_finite(model, EpochLog(0, 0.5, 0.1))  # all finite: nothing raised
+    with pytest.raises(TrainingDiverged, match="epoch 3: KD loss not finite"):
+        check_finite(model, EpochLog(2, 0.5, float("nan")))
+    with torch.no_grad():
+        model.table[1, 2] = float("inf")
+    with pytest.raises(TrainingDiverged, match="epoch 1: weights table not finite"):
+        check_finite(model, EpochLog(0, 0.5, 0.1))

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..config import EvalSpec, ModelSpec
+from ..errors import CkdError
 from ..distill import TERMS, TermContext, popularity_groups, teacher_group_rankings
 from ..eval import evaluate_ranking, model_pairs_mask, plasticity_stability, top_k_items
 from ..eval.metrics import evaluate_many
@@ -37,7 +38,7 @@ from ..distill.replay import PROXY_PREFIX
 from . import rank_penalty
 from .calibrate import calibrate
 from .pairs import PairState
-from .training import BestEpoch, iter_epochs
+from .training import BestEpoch, TrainingDiverged, iter_epochs
 
 SERVED_SCALE = "served_log_scale"  # fusion_evidence: log of fusion_popularity: served's correction of its target
 
@@ -690,7 +691,7 @@ class Learner:
                                   if train_spec.negatives == "popularity" or train_spec.debias != "none" else None,
                                   parallel=self.parallel, slow_rows=slow_rows, warmup=warmup)
         return {"model": self.model, "epochs": epochs_left, "logs": [], "built": built, "best": best,
-                "replayed": replayed, "done": False}
+                "replayed": replayed, "done": False, "who": f"{self.role} {self.spec.name!r}, block {block}"}
 
     @staticmethod
     def _advance(run: dict, epochs: int | None = None) -> bool:
@@ -699,7 +700,11 @@ class Learner:
         if run["done"]:
             return True
         for _ in range(epochs) if epochs is not None else itertools.count():
-            log = next(run["epochs"], None)
+            try:
+                log = next(run["epochs"], None)
+            except TrainingDiverged as e:
+                raise CkdError(f"{run['who']}: training diverged at {e} (its last committed snapshot stays as it "
+                               f"was); lower train.lr or the KD terms' weights, then `ckd submit` again") from None
             if log is None:
                 run["done"] = True
                 break

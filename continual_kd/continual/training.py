@@ -6,6 +6,7 @@ One visible loop over epochs and mini-batches; sampling is a tensor operation pe
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -13,6 +14,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..config import TrainSpec
+from ..errors import CkdError
 from ..distill.base import Batch, KDTerm
 from ..sparse import UserItemSet, popularity_weights, sample_excluding
 from .debias import loss_shaping
@@ -156,6 +158,7 @@ def iter_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserItem
             if parallel is not None:
                 base_sum, kd_sum = parallel.total(base_sum), parallel.total(kd_sum)
             log = EpochLog(epoch, float(base_sum) / n, float(kd_sum) / n, time.perf_counter() - started, pairs)
+            check_finite(model, log)
             model.eval()
             for term in terms:
                 term.on_epoch_end(model, epoch + 1)
@@ -168,6 +171,19 @@ def iter_epochs(model, users: torch.Tensor, items: torch.Tensor, known: UserItem
         model.eval()
         if hasattr(model, "row_tape"):
             model.row_tape = None  # dense gradients again outside this update's steps
+
+
+class TrainingDiverged(CkdError):
+    """An epoch's loss or the model's weights stopped being finite: the update cannot be kept."""
+
+
+def check_finite(model, log: EpochLog) -> None:
+    """Raise ``TrainingDiverged`` when ``log``'s losses or any of ``model``'s weights are not finite (one check per
+    epoch: a diverged model must never be chosen, saved or served)."""
+    bad = [part for part, v in (("base loss", log.base_loss), ("KD loss", log.kd_loss)) if not math.isfinite(v)]
+    bad += [f"weights {name}" for name, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+    if bad:
+        raise TrainingDiverged(f"epoch {log.epoch + 1}: {', '.join(bad)} not finite")
 
 
 def softmax_loss(model, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -9,6 +9,7 @@ the teacher's top-``pool``) only have to fall below all of them:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,19 +28,37 @@ def ranked_above_loss(scores: torch.Tensor, k: int, listed: torch.Tensor | None 
     the rest the uninteresting ones. ``listed`` (B, K) bool: False where a user's list ran out (a padding
     slot at its end): those slots neither count nor stand above anything (the loss of the shorter list).
 
-    Σ_{l≥k} exp(S1_l) + Σ_j exp(S2_j) is a reversed cumulative sum in exp space, shifted by the row's
-    largest score (exact, and cheaper than logcumsumexp); float64 keeps it finite for any spread of
-    scores up to ~700 within a row."""
+    Σ_{l≥k} exp(S1_l) + Σ_j exp(S2_j) is exact for any spread of scores: on the CPU a reversed cumulative sum in
+    exp space shifted by the row's largest score (float64; about 5× cheaper than a scan in log space) while every
+    slot's sum stays above e⁻⁶⁰⁰ (its backward divides by it: a sum near float64's smallest normal gives inf
+    and then NaN gradients although the loss is finite, as an 8-dim student's new users reached at 10M
+    interactions); past that, and always on a GPU (no host sync per batch), in log space (``logcumsumexp``)."""
     s = scores.double()
-    if listed is not None:
-        s = torch.cat([s[..., :k].masked_fill(~listed, float("-inf")), s[..., k:]], -1)
-    top = s.max(-1, keepdim=True).values.detach()  # (B, 1)
-    e = torch.exp(s - top)  # (B, K + L), ≤ 1
-    tail = e[..., :k].flip(-1).cumsum(-1).flip(-1) + e[..., k:].sum(-1, keepdim=True)  # (B, K)
-    terms = torch.log(tail) - (s[..., :k] - top)
+    if listed is not None:  # a finite floor, not -inf: no inf - inf in the backward of the log-space scan
+        s = torch.cat([s[..., :k].masked_fill(~listed, -1e300), s[..., k:]], -1)
+    terms = None
+    if not s.is_cuda:
+        top = s.max(-1, keepdim=True).values.detach()  # (B, 1)
+        e = torch.exp(s - top)  # (B, K + L), ≤ 1
+        tail = e[..., :k].flip(-1).cumsum(-1).flip(-1) + e[..., k:].sum(-1, keepdim=True)  # (B, K)
+        if bool((tail > SAFE_TAIL).all()):  # padding slots too: their zero upstream gradient is divided by it
+            terms = torch.log(tail) - (s[..., :k] - top)
+    if terms is None:
+        terms = _log_space_terms(s, k)
     if listed is not None:
         terms = terms.masked_fill(~listed, 0.0)
     return terms.sum().to(scores.dtype)
+
+
+SAFE_TAIL = math.exp(-600.0)  # the smallest exp-space sum whose reciprocal, summed over a list, stays finite
+
+
+def _log_space_terms(s: torch.Tensor, k: int) -> torch.Tensor:
+    """log(Σ_{l≥k} exp(S1_l) + Σ_j exp(S2_j)) - S1_k per slot, every sum taken in log space."""
+    tail = torch.logcumsumexp(s[..., :k].flip(-1), -1).flip(-1)  # (B, K)
+    if s.shape[-1] > k:
+        tail = torch.logaddexp(tail, torch.logsumexp(s[..., k:], -1, keepdim=True))
+    return tail - s[..., :k]
 
 
 LEAN_POOL_PAIRS = 1 << 24  # users × pool above which the pool is kept as sorted keys alone (ListSet)
