@@ -84,6 +84,26 @@ def test_table_growth_keeps_old_rows_and_uses_neighbour_mean(name):
     assert model.full_scores(torch.tensor([3])).shape == (1, 5)
 
 
+@pytest.mark.parametrize("name", ["mf", "lightgcn"])
+def test_scaled_neighbour_growth_takes_the_direction_of_the_mean_and_the_norm_of_its_own_table(name):
+    model = build_backbone(name, 3, 4, **BACKBONE_CASES[name])
+    with torch.no_grad():  # tables on different scales, as a dot-product model's drift apart
+        model.user_emb.mul_(0.1)
+        model.item_emb.mul_(20.0)
+    users_before, items_before = model.user_emb.detach().clone(), model.item_emb.detach().clone()
+    model.grow(4, 5, GROW_USERS, GROW_ITEMS, init="neighbor_scaled")
+    ue, ie = model.user_emb.detach(), model.item_emb.detach()
+    assert torch.equal(ue[:3], users_before) and torch.equal(ie[:4], items_before)
+    mean_u, mean_i = (items_before[0] + items_before[2]) / 2, (users_before[1] + users_before[2]) / 2
+    # the same direction as the plain 1-hop mean ...
+    assert float(torch.nn.functional.cosine_similarity(ue[3], mean_u, dim=0)) == pytest.approx(1.0, abs=1e-5)
+    assert float(torch.nn.functional.cosine_similarity(ie[4], mean_i, dim=0)) == pytest.approx(1.0, abs=1e-5)
+    # ... at the median norm of the old rows of its own table, not of the table it was averaged from
+    assert float(ue[3].norm()) == pytest.approx(float(users_before.norm(dim=1).median()), rel=1e-5)
+    assert float(ie[4].norm()) == pytest.approx(float(items_before.norm(dim=1).median()), rel=1e-5)
+    assert float(ue[3].norm()) < 0.05 * float(mean_u.norm())  # the plain mean would be ~200× a user's scale
+
+
 def test_multvae_growth_keeps_old_weights_and_uses_co_consumed_item_mean():
     model = build_backbone("multvae", 3, 4, **BACKBONE_CASES["multvae"])
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -209,7 +209,7 @@ class MultVAE(nn.Module):
         over the old items it consumed there (1-hop mean of the users' item means); items without
         such users, and "random", get N(0, 0.01) from ``generator``. Old rows are kept as they are.
         """
-        if init not in ("neighbor", "random"):
+        if init not in ("neighbor", "neighbor_scaled", "random"):  # (one table: nothing to rescale)
             raise ValueError(f"unknown init {init!r}")
         self.num_users = max(self.num_users, num_users)
         old_i = self.num_items
@@ -219,7 +219,7 @@ class MultVAE(nn.Module):
         device, dtype = self.item_out.device, self.item_out.dtype
         table = torch.cat([self.item_in, self.item_out, self.item_bias.unsqueeze(1)], 1)  # (I, 2·hidden+1)
         new = (torch.randn(n_new, table.shape[1], generator=generator) * INIT_STD).to(device, dtype)
-        if init == "neighbor" and users is not None and items is not None and len(users):
+        if init != "random" and users is not None and items is not None and len(users):
             size = int(users.max()) + 1
             keys = torch.unique(users.to(device) * num_items + items.to(device))  # each pair once
             users, items = keys // num_items, keys % num_items
