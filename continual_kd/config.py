@@ -403,7 +403,7 @@ class ModelSpec(_Spec):
     dropout: float = Field(0.5, ge=0, lt=1)  # MultVAE input dropout
     beta: float = Field(0.2, ge=0)  # MultVAE KL weight
     # new users/items start: neighbor (1-hop mean) | neighbor_scaled (its direction, the own table's median norm) | random
-    init: Literal["neighbor", "neighbor_scaled", "random"] = "neighbor"
+    init: Literal["neighbor", "neighbor_scaled", "random"] = "neighbor_scaled"
     # ranking after training: score − β · log(1 + training count of the item), β chosen after every update on the
     # block's validation among these candidates (0 always one): the largest whose validation NDCG@20 is within
     # rank_penalty_tolerance (relative) of β = 0's. Training never sees it; evaluation, knowledge and serving do
@@ -736,7 +736,7 @@ EVAL_MASKS = ("standard", "train", "all_seen")  # eval/protocol.py's MASKS (conf
 MASK_LABELS = {"standard": "train + valid masked", "train": "train masked", "all_seen": "every seen pair masked"}
 EXCLUDE_TO_MASK = {"known": "standard", "train": "train"}  # issue 11's spelling `eval: {exclude: ...}`
 # bumped whenever the default of an existing setting changes (config_hash: only non-default settings are hashed)
-DEFAULTS_VERSION = 1
+DEFAULTS_VERSION = 2
 # options read only by `ckd evaluate` (estimates past the log): not part of a lineage's identity
 EVAL_ONLY_FIELDS = ("ips_exponent", "ips_clip", "intervened_per_item", "mar_test", "mar_positive", "truth_items")
 # how many users are scored at once: how fast and in how much memory, never a model or its figures (only `ckd
