@@ -402,8 +402,8 @@ class ModelSpec(_Spec):
     hidden: int = Field(600, ge=1)  # MultVAE hidden width
     dropout: float = Field(0.5, ge=0, lt=1)  # MultVAE input dropout
     beta: float = Field(0.2, ge=0)  # MultVAE KL weight
-    # new users/items start: neighbor (1-hop mean) | neighbor_scaled (its direction, the own table's median norm) | random
-    init: Literal["neighbor", "neighbor_scaled", "random"] = "neighbor_scaled"
+    # new users/items start: neighbor_capped (1-hop mean, no longer than the own table's median row) | neighbor (the plain mean) | random
+    init: Literal["neighbor", "neighbor_capped", "random"] = "neighbor_capped"
     # ranking after training: score − β · log(1 + training count of the item), β chosen after every update on the
     # block's validation among these candidates (0 always one): the largest whose validation NDCG@20 is within
     # rank_penalty_tolerance (relative) of β = 0's. Training never sees it; evaluation, knowledge and serving do

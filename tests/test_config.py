@@ -435,7 +435,7 @@ def test_a_setting_left_at_its_default_does_not_change_the_lineage():
         job = parse_job({"teachers": T, "eval": ev})
         assert job._digest(speed=True) != job.config_hash() and job.is_lineage(job._digest(speed=True))
     # the release before session 21 hashed under DEFAULTS_VERSION 1 (these hashes computed with its code): since
-    # version 2 (init: neighbor_scaled) every lineage that relied on the old defaults starts anew
+    # version 2 (init: neighbor_capped) every lineage that relied on the old defaults starts anew
     for ev, before in (({"memory_mb": 512}, "4607450852386237"), ({"chunk_size": 10}, "bcdae64349ab6708"),
                        ({}, "5473b95655ee8743"), ({"memory_mb": 256}, "5473b95655ee8743")):
         assert not parse_job({"teachers": T, "eval": ev}).is_lineage(before)

@@ -107,36 +107,38 @@ def grow_tables(user_emb: torch.Tensor, item_emb: torch.Tensor, num_users: int, 
     """User and item tables extended to the new sizes; old rows unchanged (the one growth rule of
     the table backbones). New rows: "neighbor" — mean of their 1-hop neighbours among the given
     (users, items) pairs (new users from old items, new items from old users), N(0, std) where a
-    row has none; "neighbor_scaled" — the same means rescaled to the median norm of their own table's old rows
-    (``on_scale``; N(0, std) where a row has none, as "neighbor"); "random" — N(0, std) drawn from ``generator``."""
-    if init not in ("neighbor", "neighbor_scaled", "random"):
+    row has none; "neighbor_capped" — the same means, each no longer than its own table's median row norm
+    (``capped``; N(0, std) where a row has none, as "neighbor"); "random" — N(0, std) drawn from ``generator``."""
+    if init not in ("neighbor", "neighbor_capped", "random"):
         raise ValueError(f"unknown init {init!r}")
     old_u, old_i, dim = user_emb.shape[0], item_emb.shape[0], user_emb.shape[1]
     device, dtype = user_emb.device, user_emb.dtype
     new_u = (torch.randn(max(num_users - old_u, 0), dim, generator=generator) * std).to(device, dtype)
     new_i = (torch.randn(max(num_items - old_i, 0), dim, generator=generator) * std).to(device, dtype)
-    if init in ("neighbor", "neighbor_scaled") and users is not None and items is not None:
+    if init in ("neighbor", "neighbor_capped") and users is not None and items is not None:
         users, items = users.to(device), items.to(device)
         if len(new_u):
             sel = (users >= old_u) & (items < old_i)
             mean, cnt = neighbor_mean(item_emb, users[sel] - old_u, items[sel], len(new_u))
-            mean = on_scale(mean, user_emb) if init == "neighbor_scaled" else mean  # items' direction, users' scale
+            mean = capped(mean, user_emb) if init == "neighbor_capped" else mean  # no longer than a user's row
             new_u = torch.where(cnt.unsqueeze(1) > 0, mean, new_u)
         if len(new_i):
             sel = (items >= old_i) & (users < old_u)
             mean, cnt = neighbor_mean(user_emb, items[sel] - old_i, users[sel], len(new_i))
-            mean = on_scale(mean, item_emb) if init == "neighbor_scaled" else mean
+            mean = capped(mean, item_emb) if init == "neighbor_capped" else mean
             new_i = torch.where(cnt.unsqueeze(1) > 0, mean, new_i)
     return torch.cat([user_emb, new_u]), torch.cat([item_emb, new_i])
 
 
-def on_scale(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """``new`` rows rescaled to the median norm of the ``old`` rows of their own table (direction kept). A new
-    user's 1-hop mean is a mean of item rows, on the item table's scale: a dot-product model's scores do not change
-    when one table is scaled by c and the other by 1/c, so the two tables' scales drift apart (an 8-dim student with
-    little L2: items ~3-50×, users ~0.3-1×), and the mean put new users' scores 10-100× every old user's — their
-    losses saturated, and RRD's list of a new user spread over ~1,500 (issue 12, 10M interactions)."""
-    if not len(new) or not len(old):
+def capped(new: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """``new`` rows (1-hop means of the other table's rows) no longer than the median row norm of their ``own`` table;
+    shorter ones are left as they are. A dot-product model's scores do not change when one table is scaled by c and
+    the other by 1/c, so the two tables' scales drift apart (an 8-dim student with little L2: items up to 20-50 long,
+    users ~0.3-1), and a new user's plain mean of (popular, long) item rows put its scores 10-100× every old user's —
+    its losses saturated, and RRD's list of a new user spread over ~1,500 (issue 12, 10M interactions). A mean shorter
+    than the table's typical row (its neighbours disagree, or the tables share a scale, as an L2-regularised teacher's
+    do) keeps its length: that shortness is the model's uncertainty about the new row."""
+    if not len(new) or not len(own):
         return new
-    norm = new.norm(dim=1, keepdim=True)  # (a row without neighbours: a zero mean, left as it is)
-    return torch.where(norm > 0, new / norm.clamp(min=1e-30) * old.norm(dim=1).median(), new)
+    norm = new.norm(dim=1, keepdim=True)
+    return new * (own.norm(dim=1).median() / norm.clamp(min=1e-30)).clamp(max=1.0)

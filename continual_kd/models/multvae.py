@@ -209,7 +209,7 @@ class MultVAE(nn.Module):
         over the old items it consumed there (1-hop mean of the users' item means); items without
         such users, and "random", get N(0, 0.01) from ``generator``. Old rows are kept as they are.
         """
-        if init not in ("neighbor", "neighbor_scaled", "random"):  # (one table: nothing to rescale)
+        if init not in ("neighbor", "neighbor_capped", "random"):  # (one table: nothing to rescale)
             raise ValueError(f"unknown init {init!r}")
         self.num_users = max(self.num_users, num_users)
         old_i = self.num_items
