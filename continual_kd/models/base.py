@@ -100,6 +100,9 @@ def neighbor_mean(table: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, siz
     return sums / counts.clamp(min=1).unsqueeze(1), counts
 
 
+INITS = ("neighbor", "neighbor_capped", "random")  # growth rules of new rows (config's ModelSpec.init)
+
+
 @torch.no_grad()
 def grow_tables(user_emb: torch.Tensor, item_emb: torch.Tensor, num_users: int, num_items: int,
                 users: torch.Tensor | None, items: torch.Tensor | None, init: str,
@@ -109,7 +112,7 @@ def grow_tables(user_emb: torch.Tensor, item_emb: torch.Tensor, num_users: int, 
     (users, items) pairs (new users from old items, new items from old users), N(0, std) where a
     row has none; "neighbor_capped" — the same means, each no longer than its own table's median row norm
     (``capped``; N(0, std) where a row has none, as "neighbor"); "random" — N(0, std) drawn from ``generator``."""
-    if init not in ("neighbor", "neighbor_capped", "random"):
+    if init not in INITS:
         raise ValueError(f"unknown init {init!r}")
     old_u, old_i, dim = user_emb.shape[0], item_emb.shape[0], user_emb.shape[1]
     device, dtype = user_emb.device, user_emb.dtype

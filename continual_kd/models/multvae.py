@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import neighbor_mean, register
+from .base import INITS, neighbor_mean, register
 from .debias import LossShaping
 
 INIT_STD = 0.01  # new items' random rows, as the protocol's random init
@@ -209,7 +209,7 @@ class MultVAE(nn.Module):
         over the old items it consumed there (1-hop mean of the users' item means); items without
         such users, and "random", get N(0, 0.01) from ``generator``. Old rows are kept as they are.
         """
-        if init not in ("neighbor", "neighbor_capped", "random"):  # (one table: nothing to rescale)
+        if init not in INITS:  # neighbor_capped as neighbor (one table: nothing to rescale)
             raise ValueError(f"unknown init {init!r}")
         self.num_users = max(self.num_users, num_users)
         old_i = self.num_items

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..errors import CkdError
 from ..sparse import UserItemSet
-from .base import register
+from .base import INITS, register
 from .debias import LossShaping, bpr_loss
 
 RELATION_SLOTS = 256  # relation ids the weights can index (the catalog's relations must fit)
@@ -268,7 +268,7 @@ class PathRec(nn.Module):
              generator: torch.Generator | None = None) -> None:
         """New items start with bias 0 ("neighbor": the paths to them carry their score) or N(0, 0.01)
         ("random"); new users need nothing (a user is the items it rated)."""
-        if init not in ("neighbor", "neighbor_capped", "random"):  # (one table: nothing to rescale)
+        if init not in INITS:  # neighbor_capped as neighbor (one table: nothing to rescale)
             raise ValueError(f"unknown init {init!r}")
         self._num_users = max(self._num_users, int(num_users))
         extra = int(num_items) - self.num_items
