@@ -73,7 +73,7 @@ class RowTape:
             self._scratch[table] = scratch
         total, touched = scratch
         total.index_put_((ids,), grads, accumulate=True)  # on the CPU far cheaper than index_add_ for many ids
-        touched[ids] = True
+        touched.index_fill_(0, ids, True)
         if masked and len(ids) >= MASKED_ABOVE * table.shape[0]:
             return total, touched
         rows = torch.nonzero(touched).flatten()  # ascending, each once
