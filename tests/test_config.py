@@ -439,3 +439,14 @@ def test_a_setting_left_at_its_default_does_not_change_the_lineage():
     for ev, before in (({"memory_mb": 512}, "4607450852386237"), ({"chunk_size": 10}, "bcdae64349ab6708"),
                        ({}, "5473b95655ee8743"), ({"memory_mb": 256}, "5473b95655ee8743")):
         assert not parse_job({"teachers": T, "eval": ev}).is_lineage(before)
+
+
+def test_the_job_file_offers_exactly_the_growth_rules_the_models_know():
+    """``init`` in a job file is checked by the config's Literal; the models check theirs against
+    ``models.base.INITS``: one list, so a rule added to one side only fails here, not mid-stream."""
+    import typing
+
+    from continual_kd.config import ModelSpec
+    from continual_kd.models.base import INITS
+
+    assert set(typing.get_args(ModelSpec.model_fields["init"].annotation)) == set(INITS)
