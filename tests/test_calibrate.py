@@ -87,6 +87,19 @@ def test_calibration_finds_the_quality_the_scores_miss(rows):
     assert calibrate(scores, items, torch.zeros(len(scores)), popularity, 60, (1.0,))[0] is None
 
 
+@pytest.mark.parametrize("rows", [300, 3000])
+def test_a_sample_that_says_nothing_beyond_the_scores_leaves_the_ranking_as_it_is(rows):
+    g = torch.Generator().manual_seed(0)
+    items = torch.randint(0, 60, (rows,), generator=g)
+    popularity = torch.randint(0, 500, (60,), generator=g).float()
+    scores = torch.randn(rows, generator=g)
+    labels = torch.bernoulli(torch.sigmoid(2 * scores - 1), generator=g)  # the labels follow the scores alone
+    vector, info = calibrate(scores, items, labels, popularity, 60, (0.3, 1.0, 3.0, 10.0, 30.0))
+    assert info["kept"] == "scores" and info["l2"] is None
+    assert info["log_loss"]["none"] < min(v for k, v in info["log_loss"].items() if k != "none")
+    assert torch.equal(vector, torch.zeros(60))  # installed: replaces an earlier calibration, ranks as the model does
+
+
 def _store_with_sample(tmp_path, timestamps=True):
     stream, _, _ = write_simulation(tmp_path / "sim", SimulationConfig(**SIM), uniform_per_user=10)
     store = StreamStore.open(tmp_path / "store", create=True)
