@@ -263,6 +263,8 @@ def ingest_labelled(
         out.print(_m("[bold]{}[/]: {:,} labelled rows taken ({:,} positive, label ≥ {}), {:,} dropped (no user, item, "
                      "numeric label or readable time); {:,} name a user and item the store knows now", r.source,
                      r.rows_taken, r.positives, positive, r.rows_dropped, r.rows_known))
+        if r.relabelled:
+            out.print(_m("[yellow]ingested before with another --positive: its stored labels are replaced by these"))
         if r.rows_taken and r.positives in (0, r.rows_taken):
             out.print(_m("[yellow]every label is {}: nothing to calibrate on (for ratings, set --positive)",
                          "positive" if r.positives else "negative"))
@@ -585,6 +587,7 @@ def evaluate(
 ):
     """Full-ranking metrics of every model in a snapshot, on the test part of every block seen so far."""
     from .continual.snapshot_eval import evaluate_snapshot
+    from .manifest import block_manifest_problem
     from .snapshots import resolve_snapshot
     from .stream import StreamStore
 
@@ -603,7 +606,7 @@ def evaluate(
             raise CkdError(f"--snapshot {snapshot!r}: use 'latest' or a block number such as 3")
         which = int(snapshot)
     job_dir = _find_job_runs(runs, job)
-    snap, warnings = resolve_snapshot(job_dir, which)
+    snap, warnings = resolve_snapshot(job_dir, which, check=block_manifest_problem)
     for w in warnings:
         err.print(_m("[yellow]warning:[/] {}", w))
     m = snap.manifest
@@ -625,9 +628,13 @@ def evaluate(
         ids = ({x: d for d, x in enumerate(store.external_ids("user", range(seen.num_users)))},
                {x: d for d, x in enumerate(store.external_ids("item", range(seen.num_items)))})
         *mar, dropped = read_labelled_file(mar_path, *ids, positive=job_eval.mar_positive)
+        if len(mar[0]) == 0:
+            raise CkdError(f"{mar_path}: none of its rows names a user and an item of this snapshot ({snap.path}) with "
+                           f"a numeric label ({dropped:,} rows left out); give a missing-at-random test file of this "
+                           f"stream's users and items (the ids `ckd ingest` read into {m['store']})")
         if dropped:
-            err.print(_m("[yellow]warning:[/] {}: {} rows name a user or item this snapshot does not know; left out",
-                         mar_path, f"{dropped:,}"))
+            err.print(_m("[yellow]warning:[/] {}: {} rows name a user or item this snapshot does not know, or have no "
+                         "numeric label; left out", mar_path, f"{dropped:,}"))
     res = evaluate_snapshot(snap, seen, mask=mask, truth=truth_in, mar=mar, overrides=overrides)
     if mar_path is not None:
         res["mar_test"] = str(mar_path)
@@ -656,6 +663,7 @@ def recommend(
 ):
     """Serve a snapshot's student: the top-k unseen items for each --user (external ids in and out)."""
     from .continual.snapshot_eval import recommend_from_snapshot
+    from .manifest import block_manifest_problem
     from .snapshots import resolve_snapshot
     from .stream import StreamStore
 
@@ -664,7 +672,7 @@ def recommend(
     which: str | int = int(snapshot) if snapshot.isdigit() else snapshot
     if which != "latest" and not isinstance(which, int):
         raise CkdError(f"--snapshot {snapshot!r}: use 'latest' or a block number such as 3")
-    snap, warnings = resolve_snapshot(_find_job_runs(runs, job), which)
+    snap, warnings = resolve_snapshot(_find_job_runs(runs, job), which, check=block_manifest_problem)
     for w in warnings:
         err.print(_m("[yellow]warning:[/] {}", w))
     store = StreamStore.open(snap.manifest["store"])

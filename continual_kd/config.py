@@ -24,6 +24,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from .errors import CkdError
 
+MAX_SEED = 2**63 - 1  # seeds are stored in the catalog as BIGINT and feed torch / numpy generators
+
 DATASETS = ("movielens-100k", "synthetic", "store", "files")
 SPLIT_FILES = ("train", "valid", "test")  # source.dataset files: the fixed split's files
 # backbone name → the ModelSpec fields its constructor takes (kept in step with models.BACKBONES by
@@ -86,7 +88,7 @@ class SyntheticSpec(_Spec):
     new_item_fraction: float = Field(0.3, ge=0, lt=1)  # share of items first available after period 0
     latent_dim: int = Field(8, ge=1)
     temperature: float = Field(0.5, gt=0)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
     @model_validator(mode="after")
     def _fits(self):
@@ -639,7 +641,7 @@ class RationaleTermSpec(_Term):
     name: Literal["rationale"] = "rationale"
     weight: float = Field(0.05, ge=0)  # λ on Σ over the batch's items of (1 − cos(W v_i, r_i))
     dim: int = Field(64, ge=2)  # LSA components of the rationale embedding
-    seed: int = Field(0, ge=0)  # the LSA's randomized SVD and the projection's init
+    seed: int = Field(0, ge=0, le=MAX_SEED)  # the LSA's randomized SVD and the projection's init
 
 
 TERM_SPECS = {c.model_fields["name"].default: c for c in (
@@ -861,7 +863,7 @@ class TuneSpec(_Spec):
 
 class JobSpec(_Spec):
     name: str = "stream"  # a safe path component: runs/<name>, catalog lineage
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     source: SourceSpec = SourceSpec()
     blocks: BlockSpec = BlockSpec()
     teachers: _tuple(ModelSpec) = ()
@@ -1148,12 +1150,26 @@ def parse_job(data, source: str = "<job>") -> JobSpec:
     return parse_spec(JobSpec, data, source)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, refusing a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+
 def load_job(path: str | Path) -> JobSpec:
     path = Path(path)
     if not path.is_file():
         raise CkdError(f"{path}: job file not found; pass the path of a YAML job such as jobs/stream.yaml")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_StrictLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

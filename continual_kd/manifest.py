@@ -63,6 +63,25 @@ def block_results(entry: dict) -> dict[str, dict[str, float | None]]:
 
 
 
+# what every reader of a block's snapshot takes from its manifest (``block_manifest`` writes them all): key → type
+BLOCK_KEYS = {"job": str, "job_spec": dict, "plan_id": str, "store": str, "rows_covered": int, "model_info": dict}
+_KINDS = {str: "a string", dict: "an object", int: "an integer"}
+
+
+def block_manifest_problem(manifest: dict) -> str | None:
+    """What a block snapshot's manifest lacks for the stream's readers (``ckd evaluate``, ``recommend``, ``report``,
+    serving, a resumed ``submit``), in words, or None: ``resolve_snapshot``'s ``check``."""
+    for key, kind in BLOCK_KEYS.items():
+        value = manifest.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return f"{key!r} is missing" if value is None else f"{key!r} is not {_KINDS[kind]}"
+    for name in manifest["models"]:
+        info = manifest["model_info"].get(name)
+        if not isinstance(info, dict) or not all(isinstance(info.get(k), int) for k in ("num_users", "num_items")):
+            return f"model_info[{name!r}] lacks its num_users / num_items"
+    return None
+
+
 def block_manifest(job: JobSpec, plan: BlockPlan, store: StreamStore, k: int, states: dict, res: BlockResult,
               history: list[dict]) -> dict:
     info = plan.blocks[k]

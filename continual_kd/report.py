@@ -48,6 +48,7 @@ def ensemble_history(job_dir: Path, manifest: dict, blocks: list[int], device: s
     from .continual.snapshot_eval import learners_from_snapshot
     from .config import parse_job
     from .errors import CkdError
+    from .manifest import block_manifest_problem
     from .snapshots import list_snapshots, resolve_snapshot
     from .stream import StreamStore
 
@@ -65,7 +66,7 @@ def ensemble_history(job_dir: Path, manifest: dict, blocks: list[int], device: s
         if k not in on_disk:
             continue
         try:
-            snap, _ = resolve_snapshot(job_dir, k)
+            snap, _ = resolve_snapshot(job_dir, k, check=block_manifest_problem)
         except CkdError as e:
             notes.append(f"ensemble at block {k} skipped: {e}")
             continue
@@ -330,9 +331,10 @@ def output_paths(out: Path) -> tuple[Path, dict[str, Path]]:
 def write_report(job_dir: Path, out: Path, ensemble: bool = True, device: str = "cpu") -> Report:
     """Read the newest snapshot of ``job_dir``, draw the plots, write the PNGs and the HTML page."""
     from .errors import CkdError
+    from .manifest import block_manifest_problem
     from .snapshots import resolve_snapshot
 
-    snap, warnings = resolve_snapshot(job_dir, "latest")
+    snap, warnings = resolve_snapshot(job_dir, "latest", check=block_manifest_problem)
     manifest = snap.manifest
     history = list(manifest.get("history") or [])
     if not history:

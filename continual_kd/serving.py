@@ -25,6 +25,7 @@ import torch
 
 from .checksums import file_sha256
 from .errors import CkdError
+from .manifest import block_manifest_problem
 from .snapshots import MANIFEST, block_dir_name, load_state_file, resolve_snapshot
 
 MAX_K = 1000  # the most items one request may ask for
@@ -118,7 +119,7 @@ def load_served(store, job_name: str, runs_dir: Path, commit: Commit, device: st
     if not (path / MANIFEST).is_file():
         raise CkdError(f"Snapshot {path} of committed block {commit.block} is missing (pruned or moved); "
                        f"keep it (snapshots.keep_last / keep) or rerun the block with `ckd submit`.")
-    snap, _ = resolve_snapshot(path.parent, commit.block)  # every file's size and sha256 against the manifest
+    snap, _ = resolve_snapshot(path.parent, commit.block, check=block_manifest_problem)  # every file's size and sha256 against the manifest
     digest = file_sha256(path / MANIFEST)
     if digest != commit.snapshot_digest:
         raise CkdError(f"Snapshot {path} is not the one committed as block {commit.block} (its manifest's sha256 "

@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -143,8 +144,11 @@ def verify_snapshot(path: Path) -> None:
                        f"(--snapshot N) or rewrite this block with `ckd submit --resume`.")
 
 
-def resolve_snapshot(runs_dir: Path, which: str | int = "latest") -> tuple[Snapshot, list[str]]:
-    """The snapshot ``which`` ("latest" or a block number) and warnings about damaged ones skipped."""
+def resolve_snapshot(runs_dir: Path, which: str | int = "latest",
+                     check: Callable[[dict], str | None] | None = None) -> tuple[Snapshot, list[str]]:
+    """The snapshot ``which`` ("latest" or a block number) and warnings about damaged ones skipped.
+    ``check(manifest)``: what a reader also needs of the manifest (a problem in words, or None); a snapshot
+    whose manifest it finds wanting counts as damaged."""
     runs_dir = Path(runs_dir)
     blocks = list_snapshots(runs_dir)
     available = ", ".join(str(b) for b in blocks) or "none"
@@ -154,7 +158,7 @@ def resolve_snapshot(runs_dir: Path, which: str | int = "latest") -> tuple[Snaps
         damaged = []
         for block in reversed(blocks):
             path = runs_dir / block_dir_name(block)
-            problem = _damage(path)
+            problem = _damage(path) or _wanting(path, check)
             if problem is None:
                 warnings = [f"{bad.name} is damaged ({file} {reason}); using {path.name}"
                             for bad, (file, reason) in damaged]
@@ -169,7 +173,17 @@ def resolve_snapshot(runs_dir: Path, which: str | int = "latest") -> tuple[Snaps
                        "(use one of them, or run `ckd submit` first to create it).")
     path = runs_dir / block_dir_name(block)
     verify_snapshot(path)
+    problem = _wanting(path, check)
+    if problem is not None:
+        raise CkdError(f"Snapshot file {path / MANIFEST} is damaged ({problem[1]}); use an earlier snapshot "
+                       f"(--snapshot N) or rewrite this block with `ckd submit --resume`.")
     return Snapshot(path, block, _read_manifest(path)), []
+
+
+def _wanting(path: Path, check: Callable[[dict], str | None] | None) -> tuple[str, str] | None:
+    """(MANIFEST, what is wanting) when ``check`` finds the (parsed, intact) manifest of ``path`` wanting."""
+    problem = None if check is None else check(_read_manifest(path))
+    return None if problem is None else (MANIFEST, problem)
 
 
 def prune_snapshots(runs_dir: Path, keep_last: int, keep: set[int] = frozenset()) -> list[int]:

@@ -260,3 +260,24 @@ def _with_calibration(path):
     from continual_kd.config import load_job
 
     return load_job(path)
+
+
+def test_a_file_read_again_with_another_positive_replaces_its_labels_and_a_nan_threshold_is_refused(tmp_path):
+    store = StreamStore.open(tmp_path / "store", create=True)
+    ratings = tmp_path / "ratings.csv"
+    ratings.write_text("user,item,label\nu1,i1,5\nu1,i2,3\nu2,i1,4\nu2,i3,1\n")
+    import continual_kd.cli as cli_module
+
+    r = CliRunner().invoke(cli_module.app, ["ingest-labelled", str(ratings), "--store", str(tmp_path / "store"),
+                                            "--positive", "nan"])
+    assert r.exit_code == 2 and "--positive nan" in r.output and "Traceback" not in r.output
+    from continual_kd.stream.labelled import labelled_status
+
+    assert labelled_status(store)["rows"] == 0
+    first = ingest_labelled_file(store, ratings)  # the default threshold 1: every rating is a positive
+    assert (first.positives, first.relabelled) == (4, False)
+    assert ingest_labelled_file(store, ratings).already_ingested  # the same file, the same labels: nothing added
+    again = ingest_labelled_file(store, ratings, positive=4)  # the fix the warning asks for
+    assert (again.already_ingested, again.relabelled, again.positives) == (False, True, 2)
+    assert labelled_status(store) == {"ingests": 1, "rows": 4, "positives": 2}  # replaced, not counted twice
+    assert ingest_labelled_file(store, ratings, positive=3.5).already_ingested  # {≥ 3.5} = {≥ 4} here

@@ -48,6 +48,8 @@ CASES = [
     ("missing-column", lambda: ["ingest", _file("nocol.csv", "user,timestamp\nu1,1600000000\n"), "--store", "store"], "item"),
     ("parquet-missing-column", lambda: ["ingest", _file("nocol.parquet", pa.table({"user": ["u1"], "ts": [1]})),
                                         "--store", "store"], "item"),
+    ("duplicate-column", lambda: ["ingest", _file("dup.csv", "user,user,item,timestamp\nu7,u8,i1,1600000000\n"),
+                                  "--store", "store"], "'user' appears 2 times"),
     ("header-only", lambda: ["ingest", _file("header.csv", "user,item,timestamp\n"), "--store", "store"], "header.csv"),
     ("ragged-rows", lambda: ["ingest", _file("ragged.csv", "user,item,timestamp\nu1,i1,1600000000,9,9\n"),
                              "--store", "store"], "ragged.csv"),
@@ -59,6 +61,7 @@ CASES = [
     ("store-is-a-file", lambda: ["ingest", "good.csv", "--store", "good.csv"], "is a file"),
     ("yaml-syntax", lambda: ["submit", _job("name: x\nteachers: [\n")], "not valid YAML at line"),
     ("yaml-not-a-mapping", lambda: ["submit", _job("- a\n- b\n")], "must be a YAML mapping"),
+    ("yaml-duplicate-key", lambda: ["submit", _job(JOB_HEAD + "seed: 1\nseed: 2\n")], "key 'seed' is given twice"),
     ("yaml-unknown-key", lambda: ["submit", _job(JOB_HEAD + "colour: red\n")], "colour: unknown top-level key"),
     ("yaml-wrong-type", lambda: ["submit", _job(JOB_HEAD + "student: {train: {epochs_base: many}}\n")],
      "student.train.epochs_base"),
@@ -67,6 +70,7 @@ CASES = [
     ("k-larger-than-items", lambda: ["submit", _job(JOB_HEAD.replace("terms: []", "terms: [{name: rrd, k: 10, pool: 10}]"))],
      "distill.terms[0].k: 10 is larger than the 3 items"),
     ("job-file-missing", lambda: ["submit", "nope.yaml"], "nope.yaml: job file not found"),
+    ("seed-past-int64", lambda: ["submit", _job(JOB_HEAD + "seed: 99999999999999999999999\n")], "seed: must be ≤"),
     ("max-blocks-zero", lambda: ["submit", _job(JOB_HEAD), "--max-blocks", "0"], "--max-blocks"),
     ("restart-and-resume", lambda: ["submit", _job(JOB_HEAD), "--restart", "--resume"], "contradict"),
     ("unreachable-cluster", lambda: ["submit", _job(JOB_HEAD), "--address", "127.0.0.1:1"], "ray start --head"),
@@ -90,6 +94,26 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(cli, store, make_ar
     assert [line for line in r.output.splitlines() if line.startswith("error:")].__len__() == 1
     assert StreamStore.open(store).fingerprint() == before
     assert not Path("not-a-store").exists() and not Path("runs").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zeroed"])
+def test_a_damaged_catalog_is_named_in_one_line_and_its_segments_stay(cli, store, damage):
+    catalog = store / "catalog.duckdb"
+    segments = sorted((p.name, p.read_bytes()) for p in (store / "segments").iterdir())
+    size = catalog.stat().st_size
+    with open(catalog, "r+b") as f:
+        if damage == "truncated":  # a copy cut short: blocks past the end
+            f.truncate(size // 2)
+        else:  # blocks overwritten past the headers: their checksums no longer match
+            f.seek(3 * 4096)
+            f.write(bytes(size - 3 * 4096))
+    for args in (["ingest", _file("new.csv", GOOD_CSV.replace("u1", "u7")), "--store", "store"],
+                 ["status", "--store", "store"]):
+        r = cli(*args)
+        assert r.exit_code == 2, r.output
+        assert "catalog of the stream store store is damaged" in r.output and "Traceback" not in r.output
+        assert len([line for line in r.output.splitlines() if line.startswith("error:")]) == 1
+    assert sorted((p.name, p.read_bytes()) for p in (store / "segments").iterdir()) == segments
 
 
 def test_bad_rows_are_quarantined_and_counted(cli, store):
@@ -123,3 +147,13 @@ def test_duplicate_batch_is_a_noop_and_out_of_order_rows_are_ordered_by_time(cli
     plan = st.ensure_plan(0.5, 1, (1.0, 0.0, 0.0), 0)
     rows = st.read_blocks(plan.plan_id, 1)
     assert list(rows.ts) == sorted(rows.ts)  # the stream is cut by time, whatever the arrival order
+
+
+def test_a_float_id_column_quarantines_nan_as_a_missing_id(cli, store):
+    path = _file("floatid.parquet", pa.table({"user": [7.0, float("nan"), 8.0], "item": ["i1", "i2", "i3"],
+                                              "timestamp": [1600000300, 1600000400, 1600000500]}))
+    r = cli("ingest", path, "--store", store)
+    assert r.exit_code == 0, r.output
+    assert "2 rows taken, 1 quarantined" in r.output and "1 × missing user id" in r.output
+    st = StreamStore.open(store)
+    assert st.status()["users"] == 4 and sorted(st.external_ids("user", range(4))) == ["7", "8", "u1", "u2"]

@@ -63,6 +63,10 @@ def test_submit_snapshots_and_evaluate(ray_cluster, cli, tiny_job, tmp_path):
     assert cli("evaluate", "--snapshot", "1").exit_code == 0
     r = cli("evaluate", "--snapshot", "9")
     assert r.exit_code == 2 and "9" in r.output and "Traceback" not in r.output
+    # a missing-at-random test file of another stream's ids: one line, not an empty table
+    (tmp_path / "mar.csv").write_text("user,item,label\nnobody,nothing,1\nghost,nothing,0\n")
+    r = cli("evaluate", "--snapshot", "latest", "--mar-test", "mar.csv")
+    assert r.exit_code == 2 and "mar.csv: none of its rows" in r.output and "Traceback" not in r.output
 
     # status sees the store and the snapshots
     r = cli("status", "--store", "stores/tiny")

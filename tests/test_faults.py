@@ -102,23 +102,31 @@ def test_driver_sigkill_at_any_point_then_resume_gives_the_uninterrupted_result(
     assert len(everything) == 3  # nothing revoked, nothing consumed twice
 
 
-def test_damaged_snapshot_is_refused_and_resume_falls_back(reference, cli, tiny_job, tmp_path):
+@pytest.mark.parametrize("damage", ["weights", "manifest"])
+def test_damaged_snapshot_is_refused_and_resume_falls_back(reference, cli, tiny_job, tmp_path, damage):
     job = tiny_job("flip")
     assert cli("submit", job).exit_code == 0
-    target = tmp_path / "runs" / "flip" / "block-0002" / "student.pt"
-    data = bytearray(target.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    target.write_bytes(bytes(data))
+    snapshot = tmp_path / "runs" / "flip" / "block-0002"
+    if damage == "weights":  # a flipped byte: the manifest's checksum no longer matches
+        target, needle = snapshot / "student.pt", "student.pt"
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+    else:  # an edited manifest: still valid JSON, but without what every reader takes from it
+        target, needle = snapshot / "manifest.json", "model_info"
+        manifest = json.loads(target.read_text())
+        del manifest["model_info"]
+        target.write_text(json.dumps(manifest))
 
     r = cli("evaluate", "--snapshot", "2")
-    assert r.exit_code == 2 and "student.pt" in r.output and "damaged" in r.output
+    assert r.exit_code == 2 and needle in r.output and "damaged" in r.output and "Traceback" not in r.output
     r = cli("evaluate", "--snapshot", "latest", "--json", "ev.json")
-    assert r.exit_code == 0 and "block-0002 is damaged" in r.output and "student.pt" in r.output
+    assert r.exit_code == 0 and "block-0002 is damaged" in r.output and needle in r.output
     assert json.loads((tmp_path / "ev.json").read_text())["block"] == 1
 
-    r = cli("submit", job, "--json", "resumed.json")  # block 2 is revoked and trained again
+    r = cli("submit", job, "--json", "resumed.json")  # block 2 is revoked and trained again (never rolled forward)
     assert r.exit_code == 0, r.output
-    assert "revoked 1 committed block" in r.output
+    assert "revoked 1 committed block" in r.output and "committed it now" not in r.output
     history = json.loads((tmp_path / "resumed.json").read_text())["history"]
     everything = assert_clean_lineage(tmp_path, "flip", reference, history)
     revoked = [c for c in everything if c["revoked_at"] is not None]

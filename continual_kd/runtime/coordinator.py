@@ -32,7 +32,7 @@ from ..data.sources import open_source, source_plan
 from ..errors import CkdError
 from ..eval.metrics import undefined_as_none
 from ..locks import single_driver
-from ..manifest import block_manifest, block_results, manifest_digest, update_choice
+from ..manifest import block_manifest, block_manifest_problem, block_results, manifest_digest, update_choice
 from ..snapshots import (MANIFEST, block_dir_name, list_snapshots, prune_snapshots, remove_job_snapshots, resolve_snapshot,
                          write_snapshot)
 from ..stream import BlockPlan, StreamStore
@@ -100,7 +100,7 @@ def _recover(job: JobSpec, store: StreamStore, runs: Path, restart: bool, emit: 
     good = None
     for c in reversed(commits):  # the newest commit whose snapshot is intact and is the one committed
         try:
-            snap, _ = resolve_snapshot(runs, c["block"])
+            snap, _ = resolve_snapshot(runs, c["block"], check=block_manifest_problem)
         except CkdError as e:
             emit({"type": "warning", "message": f"committed block {c['block']}: {e}"})
             continue
@@ -119,7 +119,7 @@ def _recover(job: JobSpec, store: StreamStore, runs: Path, restart: bool, emit: 
     on_disk = set(list_snapshots(runs))
     while last + 1 in on_disk:
         try:
-            snap, _ = resolve_snapshot(runs, last + 1)
+            snap, _ = resolve_snapshot(runs, last + 1, check=block_manifest_problem)
         except CkdError:
             break  # damaged: it will be rewritten
         m = snap.manifest

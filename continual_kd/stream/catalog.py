@@ -149,7 +149,11 @@ def connect(root: Path, write: bool, lock_wait_s: float = LOCK_WAIT_S) -> Iterat
         try:
             con = duckdb.connect(str(path), read_only=not write)
             break
-        except duckdb.IOException as e:
+        except duckdb.Error as e:
+            if _damaged(e):
+                raise _damaged_catalog(root, path, e) from None
+            if not isinstance(e, duckdb.IOException):
+                raise
             if "lock" not in str(e).lower():
                 reason = str(e).splitlines()[0]
                 raise CkdError(f"Cannot open the catalog of the stream store {root}: {reason}.") from None
@@ -161,15 +165,32 @@ def connect(root: Path, write: bool, lock_wait_s: float = LOCK_WAIT_S) -> Iterat
             time.sleep(0.1)
     try:
         yield con
-    except duckdb.IOException as e:  # a full disk, a read-only folder
-        raise CkdError(f"Reading or writing the stream store {root} failed ({_first_line(e)}); free space or make "
-                       f"it writable, then run the command again (a write that failed changed nothing).") from None
     except duckdb.OutOfMemoryException as e:
         raise CkdError(f"The stream store {root}: DuckDB ran out of the memory it may use ({_first_line(e)}); raise "
                        f"CKD_INGEST_MEMORY (an ingest's budget, default 128MB) or free memory or disk space for its "
                        f"spill files, then run the command again (a write that failed changed nothing).") from None
+    except duckdb.Error as e:
+        if _damaged(e):  # a checksum mismatch, a file shorter than its blocks: the catalog itself, not the disk
+            raise _damaged_catalog(root, path, e) from None
+        if not isinstance(e, duckdb.IOException):
+            raise
+        # a full disk, a read-only folder
+        raise CkdError(f"Reading or writing the stream store {root} failed ({_first_line(e)}); free space or make "
+                       f"it writable, then run the command again (a write that failed changed nothing).") from None
     finally:
         con.close()
+
+
+def _damaged(e: duckdb.Error) -> bool:
+    """Whether DuckDB's error says the database file is damaged (a checksum that does not match, a block past the
+    file's end) rather than that the disk or the folder refused."""
+    text = str(e).lower()
+    return "corrupt" in text or "checksum" in text or "could not read enough bytes" in text
+
+
+def _damaged_catalog(root: Path, path: Path, e: duckdb.Error) -> CkdError:
+    return CkdError(f"The catalog of the stream store {root} is damaged ({_first_line(e)}); restore {path} from a "
+                    f"backup, or ingest the source files again into a new --store (nothing was written).")
 
 
 def _first_line(e: BaseException) -> str:

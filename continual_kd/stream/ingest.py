@@ -229,6 +229,10 @@ def resolve_columns(names: list[str], columns: ColumnMap, source: str) -> dict[s
         name = _match(names, "weight") or _match(names, "rating")
         if name is not None:
             found["weight"] = name
+    for role, name in found.items():  # which of two columns of one name holds the ids is anyone's guess
+        if names.count(name) > 1:
+            raise CkdError(f"Cannot ingest {source}: the {role} column '{name}' appears {names.count(name)} times "
+                           f"(columns: {', '.join(names)}); rename the extra ones")
     return found
 
 
@@ -242,6 +246,8 @@ def _ids(col: pa.Array, source: str, name: str) -> pa.Array:
     """Normalised string ids (surrounding whitespace trimmed), null where missing or empty."""
     if pa.types.is_dictionary(col.type):
         col = col.cast(col.type.value_type)
+    if pa.types.is_floating(col.type):  # NaN is a missing id, not the id "nan"
+        col = pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
     if not pa.types.is_string(col.type):
         try:
             col = pc.cast(col, pa.string())

@@ -12,6 +12,7 @@ file with times) a readable time are dropped and counted; one ingest is one tran
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class LabelledIngestReport:
     positives: int
     already_ingested: bool
     rows_known: int = 0  # taken rows whose user and item the store knows now (the rest wait for the stream)
+    relabelled: bool = False  # the file was ingested before with another --positive: its stored labels were replaced
 
 
 def ingest_labelled_file(store, path: str | Path, positive: float = 1.0) -> LabelledIngestReport:
@@ -45,6 +47,8 @@ def ingest_labelled_file(store, path: str | Path, positive: float = 1.0) -> Labe
     label stored as 1 when ≥ ``positive`` (ratings: e.g. 4), else 0. Ids are read as ``ckd ingest`` reads
     them; times likewise (seconds, milliseconds or ISO text)."""
     path = Path(path)
+    if not math.isfinite(positive):
+        raise CkdError(f"ingest-labelled --positive {positive}: give a finite number (a label ≥ it is a positive)")
     if not path.is_file():
         raise CkdError(f"ingest-labelled {path}: no such file")
     users, items, label, when = read_labelled_columns(path, "ingest-labelled", times=True)
@@ -61,21 +65,32 @@ def ingest_labelled_file(store, path: str | Path, positive: float = 1.0) -> Labe
     keep = pa.array(ok)
     table = pa.table({"user": users.filter(keep), "item": items.filter(keep),
                       "label": pa.array(binary[ok], pa.float64()), "ts": pa.array(ts[ok], pa.int64())})
+    positives = int(binary[ok].sum())
     with store._connect(write=True) as con:
-        prior = con.sql("SELECT rows_read FROM labelled_ingests WHERE content_hash = ?", params=[content_hash]).fetchall()
-        if prior:
-            return LabelledIngestReport(str(path), content_hash, int(prior[0][0]), 0, 0, 0, True)
+        prior = con.sql("SELECT ingest_id, rows_read FROM labelled_ingests WHERE content_hash = ?",
+                        params=[content_hash]).fetchall()
+        if prior:  # the same file again: nothing to add, unless another --positive labels its rows otherwise
+            ingest_id = int(prior[0][0])
+            stored = int(catalog.scalar(con, "SELECT coalesce(sum(CASE WHEN label > 0 THEN 1 ELSE 0 END), 0) "
+                                             "FROM labelled WHERE ingest_id = ?", [ingest_id]))
+            if stored == positives:  # a threshold's positives are {label ≥ it}: as many means the same rows
+                return LabelledIngestReport(str(path), content_hash, int(prior[0][1]), 0, 0, 0, True)
         with catalog.transaction(con):
-            ingest_id = int(catalog.scalar(con, "SELECT coalesce(max(ingest_id) + 1, 0) FROM labelled_ingests"))
+            if prior:  # its labels replace the stored ones (never counted twice)
+                con.execute("DELETE FROM labelled WHERE ingest_id = ?", [ingest_id])
+                con.execute("UPDATE labelled_ingests SET source = ?, created_at = now() WHERE ingest_id = ?",
+                            [str(path), ingest_id])
+            else:
+                ingest_id = int(catalog.scalar(con, "SELECT coalesce(max(ingest_id) + 1, 0) FROM labelled_ingests"))
+                con.execute("INSERT INTO labelled_ingests VALUES (?, ?, ?, ?, ?, now())",
+                            [ingest_id, content_hash, str(path), len(label), int(ok.sum())])
             con.register("_ckd_labelled", table)
             con.execute("INSERT INTO labelled SELECT ?, \"user\", item, label, ts FROM _ckd_labelled", [ingest_id])
             con.unregister("_ckd_labelled")
-            con.execute("INSERT INTO labelled_ingests VALUES (?, ?, ?, ?, ?, now())",
-                        [ingest_id, content_hash, str(path), len(label), int(ok.sum())])
         known = int(catalog.scalar(con, 'SELECT count(*) FROM labelled l JOIN users u ON u.external_id = l."user" '
                                         'JOIN items i ON i.external_id = l.item WHERE l.ingest_id = ?', [ingest_id]))
     return LabelledIngestReport(str(path), content_hash, len(label), int(ok.sum()), int((~ok).sum()),
-                                int(binary[ok].sum()), False, known)
+                                positives, False, known, relabelled=bool(prior))
 
 
 def _has_table(con: duckdb.DuckDBPyConnection) -> bool:
