@@ -815,6 +815,7 @@ def status(
 
     out = _human(json_path)  # this command's human output (stderr under --json -)
     st = StreamStore.open(store)
+    catalog_rows = st.verify_catalog() if verify else None  # a damaged catalog stops here, named in one line
     s = st.status()
     if verify:
         checked = {seg["id"]: seg["problem"] for seg in st.segment_problems(checksum=True)}
@@ -860,6 +861,7 @@ def status(
         first = damaged[0]
         raise damaged_error(st.root, first["path"], first["source"], first["problem"], len(damaged) - 1)
     if verify:
+        out.print(_m("verified the catalog: {:,} rows read, every block's checksum matches", catalog_rows))
         out.print(_m("verified {} segments: size, rows and sha256 checksum match the catalog", len(s["segments"])))
         from .stream.compact import verify_block_digests
 

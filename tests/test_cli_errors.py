@@ -108,7 +108,7 @@ def test_a_damaged_catalog_is_named_in_one_line_and_its_segments_stay(cli, store
             f.seek(3 * 4096)
             f.write(bytes(size - 3 * 4096))
     for args in (["ingest", _file("new.csv", GOOD_CSV.replace("u1", "u7")), "--store", "store"],
-                 ["status", "--store", "store"]):
+                 ["status", "--store", "store"], ["status", "--store", "store", "--verify"]):
         r = cli(*args)
         assert r.exit_code == 2, r.output
         assert "catalog of the stream store store is damaged" in r.output and "Traceback" not in r.output

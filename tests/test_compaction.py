@@ -170,6 +170,11 @@ def test_compaction_keeps_every_block_and_its_digest_and_merges_segments(store_d
                        params=[str(store_dir / segs[0]["path"])]).fetchall() == [(0, 199)]
     r = cli("status", "--store", store_dir, "--verify", "--runs", store_dir / "none")
     assert r.exit_code == 0 and "verified 8 committed blocks" in r.output, r.output
+    with duckdb.connect(str(store_dir / "catalog.duckdb"), read_only=True) as con:  # every table's every row read
+        tables = [t for (t,) in con.sql("SELECT table_name FROM information_schema.tables "
+                                        "WHERE table_type = 'BASE TABLE'").fetchall()]
+        total = sum(con.sql(f'SELECT count(*) FROM "{t}"').fetchall()[0][0] for t in tables)
+    assert f"verified the catalog: {total:,} rows read" in r.output
     # the new ingest took id 13 (never a merged-away id); a larger target merges all three
     report = compact_store(StreamStore.open(store_dir), 1000)
     assert (report.segments_before, report.segments_after, report.rows) == (3, 1, 325)
