@@ -12,7 +12,7 @@ distillation and continual settings, every model trained with SMALL epochs (``EP
 in a few minutes on one core, or (``--epochs job``) with the job's own epochs and best-epoch choice.
 
 Training options (applied to every model, teachers and student alike):
-  none     the job's training (biased: learns what the log shows)
+  none     the job's training (biased: learns what the log shows), calibration off (`calibrate: none`)
   ips      train.debias: ips — each positive pair weighted by 1/propensity of its item (clipped,
            self-normalised; Saito et al., WSDM'20); MultVAE: weights on its row's log-likelihood terms
   pda      train.debias: pda — trained on ELU'(f)·m^γ, scored by f (Zhang et al., SIGIR'21); MultVAE:
@@ -21,8 +21,8 @@ Training options (applied to every model, teachers and student alike):
            it is trained as with none)
   mar      calibrate: mar — trained as with none, then every model's ranking calibrated after each update on
            the stream's missing-at-random sample (UNIFORM_PER_USER items drawn uniformly per user, labelled
-           by the truth, collected over the stream; continual/calibrate.py). MovieLens-100K has no such
-           sample: there it is none
+           by the truth, collected over the stream; continual/calibrate.py) — the default job's own setting.
+           MovieLens-100K has no such sample: there it is none
 
 After the last block, every model is scored on the pooled test pairs of all blocks (train + valid masked):
 logged NDCG@20, average popularity and coverage of the top-20; with a truth, the share of the best
@@ -65,7 +65,10 @@ from continual_kd.types import TEST  # noqa: E402
 
 OPTIONS = {"none": {}, "ips": {"debias": "ips"}, "pda": {"debias": "pda"}, "popneg": {"negatives": "popularity"},
            "mar": {}}
-MODEL_OPTIONS = {"mar": {"calibrate": "mar"}}  # options that are a model's setting, not its train's
+# options that are a model's setting, not its train's: every option but mar trains and ranks without the sample (the
+# default job calibrates on one when the store has it: option none is the job with that turned off)
+MODEL_OPTIONS = {"mar": {"calibrate": "mar"}}
+NO_CALIBRATION = {"calibrate": "none"}
 UNIFORM_PER_USER = 10  # the simulated streams' missing-at-random sample: items shown uniformly to each user
 SKEWS = (0.6, 1.0, 1.4)  # Zipf exponent of the exposure propensity
 CORRELATIONS = (0.0, 0.5)  # correlation of true quality with exposure popularity
@@ -97,7 +100,7 @@ def variant_job(job_dict: dict, option: str, blocks: dict, name: str, epochs: st
         train = {**model.get("train", {}), **OPTIONS[option]}
         if epochs == "small":
             train["epochs_base"], train["epochs_block"] = EPOCHS.get(model.get("backbone", "mf"), DEFAULT_EPOCHS)
-        return {**model, **MODEL_OPTIONS.get(option, {}), "train": train}
+        return {**model, **MODEL_OPTIONS.get(option, NO_CALIBRATION), "train": train}
 
     slug = "".join(c if c.isalnum() or c in "-." else "_" for c in name)
     spec = {**job_dict, "name": f"debias-{slug}-{option}", "blocks": blocks,

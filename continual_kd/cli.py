@@ -169,14 +169,22 @@ def ingest(
         raise CkdError("give FILE... or --watch DIR, not both")
     if watch is None and not files:
         raise CkdError("nothing to ingest: give FILE... or --watch DIR")
+    fresh = not Path(store).exists()
     st = StreamStore.open(store, create=True)
     st.lock_wait_s = 60.0  # a job following the store holds its catalog for moments (a block cut, a commit)
     cols = ColumnMap(user=user_col, item=item_col, timestamp=time_col, weight=weight_col)
     if watch is not None:
         _watch(st, watch, cols, poll, settle, once)
         return
-    for f in files:
-        _print_report(st.ingest_file(f, cols))
+    try:
+        for f in files:
+            _print_report(st.ingest_file(f, cols))
+    except CkdError:
+        if fresh and not st.status()["ingests"]:  # the store this command made took nothing: it goes again
+            import shutil
+
+            shutil.rmtree(store, ignore_errors=True)
+        raise
 
 
 def _watch(st, folder: Path, cols, poll: str, settle: str, once: bool) -> None:

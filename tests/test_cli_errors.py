@@ -58,6 +58,8 @@ CASES = [
     ("id-of-wrong-type", lambda: ["ingest", _file("listid.parquet", pa.table({"user": [[1, 2]], "item": ["i"],
                                                                                "timestamp": [1600000000]})),
                                   "--store", "store"], "user"),
+    ("refused-into-a-new-store", lambda: ["ingest", _file("bad.csv", "user,timestamp\nu1,1600000000\n"), "--store",
+                                          "not-a-store"], "item"),
     ("store-is-a-file", lambda: ["ingest", "good.csv", "--store", "good.csv"], "is a file"),
     ("yaml-syntax", lambda: ["submit", _job("name: x\nteachers: [\n")], "not valid YAML at line"),
     ("yaml-not-a-mapping", lambda: ["submit", _job("- a\n- b\n")], "must be a YAML mapping"),

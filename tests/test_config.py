@@ -58,6 +58,8 @@ def test_job_files_keep_their_settings_in_the_terms_form():
     by_name = {t.backbone: t.train for t in stream.teachers}  # hard negatives (DNS) or not, chosen on validation
     assert by_name["mf"].grid == {"weight_decay": (0.0001, 0.001, 0.01), "hard_negatives": (1, 4)}
     assert by_name["lightgcn"].grid == {"hard_negatives": (1, 4)} and stream.student.train.hard_negatives == 1
+    # every model calibrated on a missing-at-random sample when the store holds one (MovieLens-100K: none)
+    assert [m.calibrate for m in (*stream.teachers, stream.student)] == ["mar"] * 4
     synthetic = load_job(ROOT / "jobs" / "synthetic-stream.yaml")  # the stream of issue 19's bench: the same models
     assert [t.model_dump() for t in synthetic.teachers] == [t.model_dump() for t in stream.teachers]
     assert synthetic.distill == stream.distill and synthetic.continual == stream.continual  # kept in step
