@@ -159,3 +159,14 @@ def test_a_float_id_column_quarantines_nan_as_a_missing_id(cli, store):
     assert "2 rows taken, 1 quarantined" in r.output and "1 × missing user id" in r.output
     st = StreamStore.open(store)
     assert st.status()["users"] == 4 and sorted(st.external_ids("user", range(4))) == ["7", "8", "u1", "u2"]
+
+
+def test_binary_bytes_of_a_bad_file_never_reach_the_message(cli, store):
+    from continual_kd.errors import excerpt
+
+    assert excerpt("a\x00\x01\ufffd\ufffdb\nsecond line") == "a?b" and excerpt("x" * 300, 10) == "x" * 9 + "…"
+    junk = _file("junk.csv", b"user,item,label\n" + bytes(range(128, 256)) * 8 + b"\n1,2,3,4\n")
+    r = cli("ingest-labelled", junk, "--store", "store")
+    assert r.exit_code == 2 and "junk.csv" in r.output, r.output
+    line = next(line for line in r.output.splitlines() if line.startswith("error:"))
+    assert "\ufffd" not in r.output and all(ch.isprintable() for ch in line) and len(line) < 400

@@ -23,7 +23,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from ..config import SPLIT_FILES, SourceSpec
-from ..errors import CkdError
+from ..errors import CkdError, excerpt
 from ..stream import StreamStore
 from ..stream.ingest import MAX_ID_CHARS, sniff_delimiter, table_content_hash
 from ..types import TEST, TRAIN, VALID
@@ -42,7 +42,7 @@ def _column(names: list[str], kind: str, role: str, path: Path) -> str:
         found = next((n for n in names if base[n] == wanted), None)
         if found is not None:
             return found
-    raise CkdError(f"{_where(role, path)}: no {kind} column (columns: {', '.join(names) or 'none'}); name it "
+    raise CkdError(f"{_where(role, path)}: no {kind} column (columns: {excerpt(', '.join(names)) or 'none'}); name it "
                    f"{kind} or {kind}_id")
 
 

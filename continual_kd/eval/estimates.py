@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..errors import CkdError
+from ..errors import CkdError, excerpt
 from ..sparse import UserItemSet
 from .metrics import METRICS
 
@@ -131,7 +131,7 @@ def read_labelled_columns(path: str | Path, what: str = "eval.mar_test", times: 
     try:
         table = pq.read_table(path) if path.suffix.lower() in (".parquet", ".pq") else pacsv.read_csv(path)
     except (OSError, ValueError) as e:
-        raise CkdError(f"{what} {path}: cannot read it ({e}); give a CSV or Parquet file with user, item "
+        raise CkdError(f"{what} {path}: cannot read it ({excerpt(e)}); give a CSV or Parquet file with user, item "
                        f"and label columns") from None
     missing = [c for c in ("user", "item", "label") if c not in table.column_names]
     if missing:

@@ -26,7 +26,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from continual_kd.checksums import file_sha256
-from continual_kd.errors import CkdError
+from continual_kd.errors import CkdError, excerpt
 
 # Quarantine reasons, in order of precedence (a row gets the first that applies).
 MISSING_USER = "missing user id"
@@ -151,8 +151,7 @@ def _decode_head(head: bytes) -> str | None:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    return excerpt(e) if str(e).strip() else type(e).__name__
 
 
 def sniff_delimiter(header: str, path: Path) -> str:
@@ -213,7 +212,7 @@ def resolve_columns(names: list[str], columns: ColumnMap, source: str) -> dict[s
         if name is None:
             raise CkdError(
                 f"Cannot ingest {source}: required {role} column '{wanted}' not found "
-                f"(columns: {', '.join(names) or 'none'}); name the right columns with "
+                f"(columns: {excerpt(', '.join(names)) or 'none'}); name the right columns with "
                 f"--user-col/--item-col/--time-col."
             )
         found[role] = name

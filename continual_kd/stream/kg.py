@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from continual_kd.errors import CkdError
+from continual_kd.errors import CkdError, excerpt
 from continual_kd.stream import catalog
 from continual_kd.stream.ingest import (
     MAX_ID_CHARS, RAW_MAX_CHARS, check_input_file, file_content_hash, sniff_delimiter,
@@ -75,7 +75,7 @@ def _resolve(names: list[str], path: Path) -> dict[str, str]:
     for role, aliases in _COLUMNS.items():
         hit = next((by_base[a] for a in aliases if a in by_base), None)
         if hit is None and role != "tail_name":
-            raise CkdError(f"Cannot ingest triples from {path}: no {role} column (columns: {', '.join(names) or 'none'}); "
+            raise CkdError(f"Cannot ingest triples from {path}: no {role} column (columns: {excerpt(', '.join(names)) or 'none'}); "
                            f"a triples file has the columns item (the item id as in your interactions), relation "
                            f"and tail (optional tail_name).")
         if hit is not None:
