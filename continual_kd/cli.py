@@ -82,6 +82,17 @@ def _fmt(v: float | None, digits: int = 4) -> str:
     return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
 
 
+def _check_json_target(path: Optional[Path]) -> None:
+    """Refuse up front a --json path that cannot be written (a folder, a read-only place), before a long run."""
+    if path is None or str(path) == "-":
+        return
+    if path.is_dir():
+        raise CkdError(f"--json {path}: is a folder; give a file path (or '-' for stdout)")
+    parent = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CkdError(f"--json {path}: cannot write there ({parent} is not a writable folder); choose a writable path")
+
+
 def _write_json(path: Optional[Path], payload) -> None:
     """``--json``: strict JSON (an undefined metric is null, never NaN), to stdout for '-'."""
     from .eval.metrics import undefined_as_none
@@ -426,6 +437,7 @@ def submit(
 
     if restart and resume:
         raise CkdError("--restart and --resume contradict each other; pass one")
+    _check_json_target(json_path)
     from .config import parse_duration
 
     try:
@@ -594,6 +606,7 @@ def evaluate(
     threads: Annotated[Optional[int], typer.Option(help="Torch threads (default: 1 on a machine with ≤ 2 cores, else half the cores up to 4).")] = None,
 ):
     """Full-ranking metrics of every model in a snapshot, on the test part of every block seen so far."""
+    _check_json_target(json_path)
     from .continual.snapshot_eval import evaluate_snapshot
     from .manifest import block_manifest_problem
     from .snapshots import resolve_snapshot

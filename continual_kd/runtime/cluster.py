@@ -44,6 +44,9 @@ def check_address(address: str, timeout: float = 5.0) -> None:
             return
         raise CkdError(f"--address {address!r}: expected host:port of a Ray head (e.g. 127.0.0.1:6379) or 'auto'")
     host, port = m.group(1), int(m.group(2))
+    if not 1 <= port <= 65535:
+        raise CkdError(f"--address {address!r}: port {port} is not a TCP port (1–65535); a Ray head listens on "
+                       f"6379 unless told otherwise")
     try:
         with socket.create_connection((host, port), timeout=timeout):
             pass
