@@ -271,22 +271,33 @@ def ingest_labelled(
     """Add a missing-at-random labelled sample to a stream store: models with `calibrate: mar` calibrate their
     ranking on the rows collected up to each block (continual/calibrate.py)."""
     from .stream import StreamStore
-    from .stream.labelled import ingest_labelled_file
+    from .stream.labelled import ingest_labelled_file, labelled_status
 
+    fresh = not Path(store).exists()
     st = StreamStore.open(store, create=True)
-    for f in files:
-        r = ingest_labelled_file(st, f, positive)
-        if r.already_ingested:
-            out.print(_m("[yellow]{}[/]: already ingested (content {}); store unchanged", r.source, r.content_hash[:12]))
-            continue
-        out.print(_m("[bold]{}[/]: {:,} labelled rows taken ({:,} positive, label ≥ {}), {:,} dropped (no user, item, "
-                     "numeric label or readable time); {:,} name a user and item the store knows now", r.source,
-                     r.rows_taken, r.positives, positive, r.rows_dropped, r.rows_known))
-        if r.relabelled:
-            out.print(_m("[yellow]ingested before with another --positive: its stored labels are replaced by these"))
-        if r.rows_taken and r.positives in (0, r.rows_taken):
-            out.print(_m("[yellow]every label is {}: nothing to calibrate on (for ratings, set --positive)",
-                         "positive" if r.positives else "negative"))
+    try:
+        for f in files:
+            _print_labelled(ingest_labelled_file(st, f, positive), positive)
+    except CkdError:
+        if fresh and not labelled_status(st)["ingests"]:  # the store this command made took nothing: it goes again
+            import shutil
+
+            shutil.rmtree(store, ignore_errors=True)
+        raise
+
+
+def _print_labelled(r, positive: float) -> None:
+    if r.already_ingested:
+        out.print(_m("[yellow]{}[/]: already ingested (content {}); store unchanged", r.source, r.content_hash[:12]))
+        return
+    out.print(_m("[bold]{}[/]: {:,} labelled rows taken ({:,} positive, label ≥ {}), {:,} dropped (no user, item, "
+                 "numeric label or readable time); {:,} name a user and item the store knows now", r.source,
+                 r.rows_taken, r.positives, positive, r.rows_dropped, r.rows_known))
+    if r.relabelled:
+        out.print(_m("[yellow]ingested before with another --positive: its stored labels are replaced by these"))
+    if r.rows_taken and r.positives in (0, r.rows_taken):
+        out.print(_m("[yellow]every label is {}: nothing to calibrate on (for ratings, set --positive)",
+                     "positive" if r.positives else "negative"))
 
 
 @data_app.command("movielens-100k")

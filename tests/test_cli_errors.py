@@ -60,6 +60,8 @@ CASES = [
                                   "--store", "store"], "user"),
     ("refused-into-a-new-store", lambda: ["ingest", _file("bad.csv", "user,timestamp\nu1,1600000000\n"), "--store",
                                           "not-a-store"], "item"),
+    ("labelled-refused-into-a-new-store", lambda: ["ingest-labelled", _file("lab.csv", "user,item\nu1,i1\n"),
+                                                   "--store", "not-a-store"], "label"),
     ("store-is-a-file", lambda: ["ingest", "good.csv", "--store", "good.csv"], "is a file"),
     ("yaml-syntax", lambda: ["submit", _job("name: x\nteachers: [\n")], "not valid YAML at line"),
     ("yaml-not-a-mapping", lambda: ["submit", _job("- a\n- b\n")], "must be a YAML mapping"),
