@@ -64,14 +64,15 @@ def block_results(entry: dict) -> dict[str, dict[str, float | None]]:
 
 
 # what every reader of a block's snapshot takes from its manifest (``block_manifest`` writes them all): key → type
-BLOCK_KEYS = {"job": str, "job_spec": dict, "plan_id": str, "store": str, "rows_covered": int, "model_info": dict}
+BLOCK_KEYS = {"job": str, "job_spec": dict, "plan_id": str, "store": str, "model_info": dict}
 _KINDS = {str: "a string", dict: "an object", int: "an integer"}
 
 
-def block_manifest_problem(manifest: dict) -> str | None:
+def block_manifest_problem(manifest: dict, commit: bool = False) -> str | None:
     """What a block snapshot's manifest lacks for the stream's readers (``ckd evaluate``, ``recommend``, ``report``,
-    serving, a resumed ``submit``), in words, or None: ``resolve_snapshot``'s ``check``."""
-    for key, kind in BLOCK_KEYS.items():
+    serving, a resumed ``submit``), in words, or None: ``resolve_snapshot``'s ``check``. ``commit``: also what
+    committing it takes (``rows_covered``: a resumed ``submit`` rolling a finished snapshot forward)."""
+    for key, kind in (BLOCK_KEYS | {"rows_covered": int} if commit else BLOCK_KEYS).items():
         value = manifest.get(key)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             return f"{key!r} is missing" if value is None else f"{key!r} is not {_KINDS[kind]}"

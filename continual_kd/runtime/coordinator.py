@@ -119,7 +119,7 @@ def _recover(job: JobSpec, store: StreamStore, runs: Path, restart: bool, emit: 
     on_disk = set(list_snapshots(runs))
     while last + 1 in on_disk:
         try:
-            snap, _ = resolve_snapshot(runs, last + 1, check=block_manifest_problem)
+            snap, _ = resolve_snapshot(runs, last + 1, check=lambda m: block_manifest_problem(m, commit=True))
         except CkdError:
             break  # damaged: it will be rewritten
         m = snap.manifest
