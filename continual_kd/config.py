@@ -16,6 +16,7 @@ import json
 import re
 import types
 import typing
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -1157,6 +1158,8 @@ class _StrictLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # SafeLoader's own check names it
+                break
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
             seen.add(key)
