@@ -155,7 +155,8 @@ def resolve_snapshot(runs_dir: Path, which: str | int = "latest",
     if not blocks:
         raise CkdError(f"No snapshots in {runs_dir}; run `ckd submit JOB.yaml` first to create them.")
     if which == "latest":
-        damaged = []
+        damaged = [(runs_dir / block_dir_name(b), (MANIFEST, "missing")) for b in _without_manifest(runs_dir)
+                   if b > blocks[-1]]  # newer than every snapshot: a lost manifest, not an older leftover
         for block in reversed(blocks):
             path = runs_dir / block_dir_name(block)
             problem = _damage(path) or _wanting(path, check)
@@ -168,6 +169,9 @@ def resolve_snapshot(runs_dir: Path, which: str | int = "latest",
         raise CkdError(f"Every snapshot in {runs_dir} is damaged ({details}); "
                        "rerun the stream with `ckd submit JOB.yaml`.")
     block = _parse_which(which)
+    if block in _without_manifest(runs_dir):
+        raise CkdError(f"Snapshot file {runs_dir / block_dir_name(block) / MANIFEST} is damaged (missing); use an "
+                       f"earlier snapshot (--snapshot N) or rewrite this block with `ckd submit --resume`.")
     if block not in blocks:
         raise CkdError(f"No snapshot for block {block} in {runs_dir}; available blocks: {available} "
                        "(use one of them, or run `ckd submit` first to create it).")
@@ -178,6 +182,16 @@ def resolve_snapshot(runs_dir: Path, which: str | int = "latest",
         raise CkdError(f"Snapshot file {path / MANIFEST} is damaged ({problem[1]}); use an earlier snapshot "
                        f"(--snapshot N) or rewrite this block with `ckd submit --resume`.")
     return Snapshot(path, block, _read_manifest(path)), []
+
+
+def _without_manifest(runs_dir: Path) -> list[int]:
+    """Blocks whose snapshot folder holds files but no manifest (lost or deleted; ``list_snapshots`` skips them)."""
+    out = []
+    for entry in runs_dir.iterdir():
+        m = _BLOCK_DIR.fullmatch(entry.name)
+        if m and entry.is_dir() and not (entry / MANIFEST).exists() and any(entry.iterdir()):
+            out.append(int(m.group(1)))
+    return sorted(out)
 
 
 def _wanting(path: Path, check: Callable[[dict], str | None] | None) -> tuple[str, str] | None:

@@ -121,6 +121,18 @@ def test_missing_and_truncated_files_and_bad_manifest(tmp_path):
         resolve_snapshot(tmp_path)
 
 
+def test_a_snapshot_folder_that_lost_its_manifest_is_named_not_skipped_silently(tmp_path):
+    _write_blocks(tmp_path, [2, 3, 4])
+    (tmp_path / "block-0004" / "manifest.json").unlink()  # its model files stay
+    snap, warnings = resolve_snapshot(tmp_path)
+    assert snap.block == 3 and warnings == ["block-0004 is damaged (manifest.json missing); using block-0003"]
+    with pytest.raises(CkdError, match=r"block-0004/manifest\.json is damaged \(missing\)"):
+        resolve_snapshot(tmp_path, 4)
+    (tmp_path / "block-0002" / "manifest.json").unlink()  # an older one, under the newest intact snapshot: not named
+    snap, warnings = resolve_snapshot(tmp_path, "latest")
+    assert snap.block == 3 and not any("block-0002" in w for w in warnings)
+
+
 def test_unknown_or_no_snapshot(tmp_path):
     with pytest.raises(CkdError, match=r"No snapshots in .*ckd submit"):
         resolve_snapshot(tmp_path / "nothing-here")
