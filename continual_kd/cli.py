@@ -647,11 +647,12 @@ def evaluate(
     overrides = {} if ips_exponent is None else {"ips_exponent": ips_exponent}
     truth_in = mar = None
     if truth is not None:
-        from .continual.snapshot_eval import truth_index
+        from .continual.snapshot_eval import check_truth_fits, truth_index
         from .data.simulate import load_truth
 
         truth_in = truth_index(load_truth(truth), store.external_ids("user", range(seen.num_users)),
                                store.external_ids("item", range(seen.num_items)))
+        check_truth_fits(truth_in, seen, f"--truth {truth}")
     job_eval = _snapshot_eval_spec(snap)
     mar_path = mar_test if mar_test is not None else (Path(job_eval.mar_test) if job_eval.mar_test else None)
     if mar_path is not None:

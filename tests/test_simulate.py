@@ -123,3 +123,8 @@ def test_evaluate_a_snapshot_against_the_truth(tmp_path, monkeypatch, one_thread
     assert old.exit_code == 0 and json.loads(old.stdout)["mask"] == "all_seen"
     bad = CliRunner().invoke(cli_module.app, ["evaluate", "--runs", str(tmp_path / "runs"), "--mask", "none"])
     assert bad.exit_code == 2 and "--mask 'none'" in bad.output
+    # the truth of another simulation with the same ids (u0, i0, …): its arrivals and births contradict the store
+    _, other, _ = write_simulation(tmp_path / "other", SimulationConfig(users=120, items=80, clicks=1500, periods=3,
+                                                                        dim=4, seed=3))
+    wrong = CliRunner().invoke(cli_module.app, ["evaluate", "--runs", str(tmp_path / "runs"), "--truth", str(other)])
+    assert wrong.exit_code == 2 and "the truth of another simulation" in wrong.output, wrong.output

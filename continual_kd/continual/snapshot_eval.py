@@ -181,6 +181,29 @@ def truth_index(truth, user_ids: list[str], item_ids: list[str]) -> tuple:
     return truth, users, items
 
 
+def check_truth_fits(truth_in: tuple, seen: Interactions, where: str = "--truth") -> None:
+    """Refuse a truth that is not this stream's: in a simulated stream no user clicks before the period it arrived
+    and no item is clicked before the period it was born; a truth of another simulation (the same u0, u1, … ids)
+    contradicts the store's timestamps for many of them (more than 1% of the pairs it covers)."""
+    import numpy as np
+
+    truth, rows, cols = truth_in
+    start, length = truth.config.get("start_ts"), truth.config.get("period_seconds")
+    if start is None or not length or len(seen) == 0:
+        return
+    period = (np.asarray(seen.ts, dtype=np.int64) - int(start)) // int(length)
+    u = rows[np.minimum(seen.users, len(rows) - 1)]
+    i = cols[np.minimum(seen.items, len(cols) - 1)]
+    known = (seen.users < len(rows)) & (seen.items < len(cols)) & (u >= 0) & (i >= 0)
+    if not known.any():
+        return
+    early = (period[known] < truth.user_arrival[u[known]]) | (period[known] < truth.item_birth[i[known]])
+    if early.mean() > 0.01:
+        raise CkdError(f"{where}: {early.mean():.0%} of the store's interactions it covers happen before their user "
+                       f"arrived or their item was born in it: the truth of another simulation; give the truth.npz "
+                       f"written with the stream this store ingested")
+
+
 def _truth_inputs(truth, seen: Interactions, spec, device, seed: int) -> dict:
     """The truth's preference as a function of store ids, the users it is measured on (with a training pair
     and known to the truth), the mask, and the uniformly drawn labelled set (the same for every model)."""
