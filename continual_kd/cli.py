@@ -5,11 +5,13 @@ Set ``CKD_DEBUG=1`` to see the traceback behind an error message.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
 import math
 import os
+import shutil
 import string
 import sys
 from pathlib import Path
@@ -187,13 +189,19 @@ def ingest(
     if watch is not None:
         _watch(st, watch, cols, poll, settle, once)
         return
-    try:
+    with _gone_if_empty(store, fresh, lambda: st.status()["ingests"]):
         for f in files:
             _print_report(st.ingest_file(f, cols))
-    except CkdError:
-        if fresh and not st.status()["ingests"]:  # the store this command made took nothing: it goes again
-            import shutil
 
+
+@contextlib.contextmanager
+def _gone_if_empty(store: Path, fresh: bool, taken):
+    """On a refused input, remove the store folder this command created (``fresh``) if ``taken()`` says it holds
+    nothing: a refusal leaves no empty store behind; a store that took anything stays."""
+    try:
+        yield
+    except CkdError:
+        if fresh and not taken():
             shutil.rmtree(store, ignore_errors=True)
         raise
 
@@ -275,15 +283,9 @@ def ingest_labelled(
 
     fresh = not Path(store).exists()
     st = StreamStore.open(store, create=True)
-    try:
+    with _gone_if_empty(store, fresh, lambda: labelled_status(st)["ingests"]):
         for f in files:
             _print_labelled(ingest_labelled_file(st, f, positive), positive)
-    except CkdError:
-        if fresh and not labelled_status(st)["ingests"]:  # the store this command made took nothing: it goes again
-            import shutil
-
-            shutil.rmtree(store, ignore_errors=True)
-        raise
 
 
 def _print_labelled(r, positive: float) -> None:

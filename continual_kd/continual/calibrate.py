@@ -11,8 +11,9 @@ that sample collected so far (``Interactions.meta["labelled"]``, ingested with `
 z the model's own score standardised over the sample's pairs, n_i the item's training count, δ_i a
 per-item offset with an L2 penalty λ‖δ‖² (λ chosen by K-fold log-loss on the sample among the
 candidates; when the model's own scores, σ(a · z + b) alone, predict the held-out labels at least as well as
-every candidate, the ranking is left as it is: a sample too small or too noisy to say more changes nothing). β learns from the uniform labels how much of the log's popularity is exposure; δ_i what the
-sample says of an item beyond it (its quality). The model then ranks by z + (β · log(1 + n_i) + δ_i) / a —
+every candidate, the ranking is left as it is: a sample too small or too noisy to say more changes nothing).
+β learns from the uniform labels how much of the log's popularity is exposure; δ_i what the sample says of an
+item beyond it (its quality). The model then ranks by z + (β · log(1 + n_i) + δ_i) / a —
 installed as a per-item vector on ``full_scores`` exactly as ``rank_penalty`` (continual/rank_penalty.py):
 training never sees it; evaluation, the ranked lists a teacher hands the student, snapshots and serving do (the
 vectors BD reads and CCD's proxies are the model's own). a is fitted as ``A_FLOOR`` + softplus(·): where the
