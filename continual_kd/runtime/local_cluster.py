@@ -19,6 +19,7 @@ What was started is recorded in ``<state dir>/cluster.json`` (default ``~/.cache
 from __future__ import annotations
 
 import json
+import random
 import os
 import shutil
 import socket
@@ -108,11 +109,23 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+AGENT_PORTS = (20000, 32000)  # above Ray's worker ports (10002-19999), below Linux's ephemeral range (32768+)
+_HANDED_OUT: set[int] = set()
+
+
 def _agent_port() -> list[str]:
     """Each raylet's dashboard agent on a port of its own: Ray's default (52365) is one per machine, so a second
     node here — or any other Ray on this machine, e.g. an embedded one — leaves a node without its agent, and a
-    head without one refuses Jobs API submissions ("No available agent")."""
-    return ["--dashboard-agent-listen-port", str(_free_port())]
+    head without one refuses Jobs API submissions ("No available agent"). The port is free now, not one handed to
+    an earlier node of this process (whose agent may not listen yet), and outside the ephemeral range, where the
+    outgoing connections of a starting cluster could take it before the agent binds it."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(*AGENT_PORTS)
+        if port not in _HANDED_OUT and _port_free(port):
+            _HANDED_OUT.add(port)
+            return ["--dashboard-agent-listen-port", str(port)]
+    raise CkdError(f"no free port for a dashboard agent in {AGENT_PORTS[0]}-{AGENT_PORTS[1] - 1} on this machine")
 
 
 def _port_free(port: int) -> bool:
