@@ -123,3 +123,41 @@ def local_snapshot():
                                        for n, s in states.items()}})
 
     return write
+
+
+@pytest.fixture
+def same_as_local():
+    """Check a Ray run against the same job run in-process (one torch thread, as a 1-CPU actor): every block's
+    metrics, plasticity / stability and the KD terms each model trained with, to the digit — knowledge vectors,
+    term state and the stages handled on the actors exactly as in one process. (job, ray_result) → None."""
+    import math
+
+    import torch
+
+    from continual_kd.continual import run_stream_local
+    from continual_kd.data.sources import open_source
+
+    def check(job, ray_result) -> None:
+        store = open_source(job.source)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            local = run_stream_local(job, lambda k: store.read_blocks(ray_result.plan.plan_id, k),
+                                     ray_result.plan.num_blocks)
+        finally:
+            torch.set_num_threads(threads)
+        assert [r.block for r in local] == [r.block for r in ray_result.results]
+        close = lambda a, b: (a is None and b is None) or (  # noqa: E731
+            a is not None and b is not None and ((math.isnan(a) and math.isnan(b))
+                                                 or math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7)))
+        for a, b in zip(local, ray_result.results):
+            assert set(a.metrics) == set(b.metrics)
+            for model in a.metrics:
+                for key, value in a.metrics[model].items():
+                    assert close(value, b.metrics[model][key]), (a.block, model, key, value, b.metrics[model][key])
+                for key, value in a.continual[model].items():
+                    assert close(value, b.continual[model][key]), (a.block, model, key)
+                assert a.updates[model].get("terms") == b.updates[model].get("terms")
+                assert close(a.updates[model].get("kd_loss"), b.updates[model].get("kd_loss")), (a.block, model)
+
+    return check

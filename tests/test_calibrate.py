@@ -238,7 +238,9 @@ def test_under_ray_the_sample_travels_with_the_blocks_and_calibrates_as_in_proce
     ingest_labelled_file(store, path)
     ray_result = run_job(job)
     local = run_stream_local(job, lambda k: store.read_blocks(ray_result.plan.plan_id, k), ray_result.plan.num_blocks)
+    assert [r.block for r in local] == [r.block for r in ray_result.results] == list(range(ray_result.plan.num_blocks))
     for a, b in zip(local, ray_result.results):
+        assert set(a.metrics) == set(b.metrics)
         for model in a.metrics:
             for key, value in a.metrics[model].items():
                 other = b.metrics[model][key]

@@ -206,6 +206,7 @@ try:
     out["job_seconds"] = time.monotonic() - t
     out["placement"] = {n: p["node"] for n, p in result.placement.items()}
     out["history"] = result.history
+    out["base_loss"] = {n: u.get("base_loss") for n, u in result.results[-1].updates.items()}
     out["snapshot_rows"] = result.plan.blocks[-1].rows
 
     # the driver is alive: its gauges are on its node's Prometheus endpoint (every node is scraped)
@@ -268,7 +269,7 @@ def test_teachers_spread_over_nodes_give_the_single_node_metrics_and_export_them
     # where each actor ran: one teacher per worker node
     p = out["placement"]
     assert sorted([p["teacher:mf16"], p["teacher:mf32"]]) == ["ckd_node_w1", "ckd_node_w2"]
-    assert p["student"] in ("ckd_node_head", "ckd_node_w1", "ckd_node_w2")
+    assert set(p) == {"teacher:mf16", "teacher:mf32", "student"}
 
     # the same numbers as the single-process run
     assert [h["block"] for h in out["history"]] == [0, 1, 2]
@@ -299,14 +300,15 @@ def test_teachers_spread_over_nodes_give_the_single_node_metrics_and_export_them
                             last["continual"][model]["plasticity/ndcg@20"], rel_tol=1e-6)
         assert math.isclose(value("ray_ckd_stability_ndcg_at_20", job="spread", model=model),
                             last["continual"][model]["stability/ndcg@20"], rel_tol=1e-6)
-        assert value("ray_ckd_loss_base", job="spread", model=model) > 0
+        assert math.isclose(value("ray_ckd_loss_base", job="spread", model=model), out["base_loss"][model],
+                            rel_tol=1e-6) and out["base_loss"][model] > 0
     tail = last["metrics"]["student"].get("recall@20/tail")
-    if tail is not None:
-        assert math.isclose(value("ray_ckd_recall_at_20", model="student", group="tail"), tail, rel_tol=1e-6)
+    assert tail is not None
+    assert math.isclose(value("ray_ckd_recall_at_20", model="student", group="tail"), tail, rel_tol=1e-6)
     stages = {labels["stage"]: v for n, labels, v in out["samples"] if n == "ray_ckd_stage_seconds"}
     assert len({labels["WorkerId"] for n, labels, v in out["samples"]}) == 1  # all from the driver
     assert set(stages) == set(last["stages"]) and all(v >= 0 for v in stages.values())
-    assert 0 <= value("ray_ckd_snapshot_age_seconds", job="spread") < 120
+    assert 0 <= value("ray_ckd_snapshot_age_seconds", job="spread") < 600  # the gauge ages from the last commit
 
 
 # ------------------------------------------------------------------------------ the Jobs API, for real

@@ -162,7 +162,7 @@ eval: {ks: [10, 20]}
 
 
 @pytest.mark.slow
-def test_rd_cd_and_de_run_under_ray_with_two_teachers(ray_cluster, tiny_job):
+def test_rd_cd_and_de_run_under_ray_with_two_teachers(ray_cluster, tiny_job, same_as_local):
     tiny_job("unused")  # a fresh working directory
     path = tiny_job("unused").parent / "rd-cd-de.yaml"
     path.write_text(JOB)
@@ -174,6 +174,7 @@ def test_rd_cd_and_de_run_under_ray_with_two_teachers(ray_cluster, tiny_job):
         assert r.updates["student"]["terms"] == ["rd", "cd", "de"]
         assert r.updates["student"]["kd_loss"] > 0
         assert r.metrics["student"]["ndcg@20"] > 0
+    same_as_local(job, result)
     from continual_kd.snapshots import resolve_snapshot
 
     saved = resolve_snapshot(result.runs_dir, "latest")[0].load_states()["student"]

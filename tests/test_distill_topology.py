@@ -269,7 +269,7 @@ def test_htd_parameters_are_the_terms_not_the_models():
 
 @pytest.mark.parametrize("term", ["{name: ftd, weight: 0.01}", "{name: htd, weight: 0.01, groups: 4}"],
                          ids=["ftd", "htd"])
-def test_topology_term_runs_through_a_job_under_ray(ray_cluster, tiny_job, tmp_path, term):
+def test_topology_term_runs_through_a_job_under_ray(ray_cluster, tiny_job, tmp_path, term, same_as_local):
     from continual_kd.runtime.coordinator import run_job
     from continual_kd.snapshots import resolve_snapshot
 
@@ -278,13 +278,15 @@ def test_topology_term_runs_through_a_job_under_ray(ray_cluster, tiny_job, tmp_p
                                     f"distill: {{terms: [{term}]}}")
     text = text.replace("blocks: {base_fraction: 0.5, incremental: 2}", "blocks: {base_fraction: 0.5, incremental: 1}")
     path.write_text(text)
-    result = run_job(load_job(path))
+    job = load_job(path)
+    result = run_job(job)
     assert [r.block for r in result.results] == [0, 1]
     name = term.split(",")[0].split()[-1]
     for r in result.results:
         assert r.updates["student"]["terms"] == [name]
         assert r.updates["student"]["kd_loss"] > 0
         assert 0 < r.metrics["student"]["ndcg@20"] <= 1
+    same_as_local(job, result)
     snap, _ = resolve_snapshot(tmp_path / "runs" / "topo", "latest")
     weights = torch.load(snap.path / "student.pt", weights_only=True)
     weights = weights.get("weights", weights)

@@ -58,6 +58,11 @@ def test_submit_snapshots_and_evaluate(ray_cluster, cli, tiny_job, tmp_path):
             assert math.isclose(res["blocks"]["2"][key], value, rel_tol=1e-5, abs_tol=1e-7), (model, key)
         mean = sum(res["blocks"][b]["ndcg@20"] for b in res["blocks"]) / 3
         assert math.isclose(res["mean"]["ndcg@20"], mean, rel_tol=1e-9)
+        # plasticity is block 2's figure, stability the mean of blocks 0 and 1 (CCD's protocol)
+        cont, blocks = res["continual"], res["blocks"]
+        assert cont["plasticity/ndcg@20"] == blocks["2"]["ndcg@20"]
+        assert math.isclose(cont["stability/ndcg@20"], (blocks["0"]["ndcg@20"] + blocks["1"]["ndcg@20"]) / 2,
+                            rel_tol=1e-9)
 
     # an earlier snapshot by number; an unknown one is a clean error
     assert cli("evaluate", "--snapshot", "1").exit_code == 0
@@ -109,6 +114,7 @@ def test_resume_continues_after_the_last_snapshot_with_identical_results(ray_clu
     assert list_snapshots(tmp_path / "runs" / "part") == [0, 1, 2]
     assert [h["block"] for h in _history(tmp_path / "p2.json")] == [0, 1, 2]
     full_h, part_h = _history(tmp_path / "full.json"), _history(tmp_path / "p2.json")
+    assert [h["block"] for h in full_h] == [h["block"] for h in part_h] == [0, 1, 2]
     for a, b in zip(full_h, part_h):
         assert a["metrics"] == b["metrics"], a["block"]
     r = cli("submit", part)
@@ -135,7 +141,10 @@ def test_in_process_loop_gives_the_same_metrics_as_ray(ray_cluster, cli, tiny_jo
         local = run_stream_local(job, lambda k: store.read_blocks(plan.plan_id, k), plan.num_blocks)
     finally:
         torch.set_num_threads(threads)
-    for res, h in zip(local, _history(tmp_path / "ray.json")):
+    history = _history(tmp_path / "ray.json")
+    assert [r.block for r in local] == [h["block"] for h in history] == [0, 1, 2]
+    for res, h in zip(local, history):
+        assert set(res.metrics) == set(h["metrics"]) == {"teacher:mf32", "student"}
         for model, metrics in res.metrics.items():
             for key, value in metrics.items():
                 assert math.isclose(h["metrics"][model][key], value, rel_tol=1e-5, abs_tol=1e-7), (res.block, model, key)

@@ -266,6 +266,19 @@ def test_cli_recommend_explain_on_a_real_snapshot(cli, tmp_path: Path):
         "film.film.directed_by", "movielens.genre", "collaborative"}
     for r in recs:  # the reasons shown are a part of the item's path score (every path weighs > 0)
         assert 0 < sum(rs["share"] for rs in r["reasons"]) <= 1 + 1e-6
+    rated = set(store.external_ids("item", seen.items[seen.users == store.dense_ids("user", ["u1"])[0]]))
+    for r in recs:
+        target = int(r["item"][1:])
+        for rs in r["reasons"]:
+            cited = int(rs["item"][1:])
+            assert rs["item"] in rated and rs["item"] != r["item"]  # a film u1 rated, not the one recommended
+            assert rs["weight"] == pytest.approx(sum(p["weight"] for p in rs["paths"]), rel=1e-5)
+            assert rs["share"] == pytest.approx(rs["weight"] / r["path_score"], rel=1e-5)
+            for path in rs["paths"]:  # each knowledge path is a fact both films share in the triples
+                if path["type"] == "movielens.genre":
+                    assert target % 3 == cited % 3 and path["entity"] == f"Genre{target % 3}"
+                elif path["type"] == "film.film.directed_by":
+                    assert target % 4 == cited % 4
     f = data["faithfulness"]
     assert f["cases"] == 6 and 0.5 <= f["cited_wins"] <= 1.0
     # the human output says it in words

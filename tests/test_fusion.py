@@ -198,3 +198,43 @@ def test_popularity_matched_beta_is_zero_when_the_fusion_adds_no_popularity():
     lists, popularity = _popular_consensus()
     beta, figures = popularity_matched_beta(lists, popularity.flip(0), num_items=60)  # popular = the lists' tails
     assert beta == 0.0 and figures["fused_avgpop"] <= figures["target_avgpop"]
+
+
+class _Fixed(torch.nn.Module):
+    """A member whose scores are a given matrix."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = torch.tensor(scores, dtype=torch.float32)
+        self.num_users, self.num_items = self.scores.shape
+
+    def observe(self, users, items):
+        pass
+
+    def full_scores(self, users):
+        return self.scores[users].clone()
+
+
+def test_the_evaluated_ensemble_fuses_full_rankings_by_hand():
+    from continual_kd.continual.ensemble import RankFusionEnsemble
+    from continual_kd.eval import evaluate_ranking
+    from continual_kd.sparse import UserItemSet
+
+    a = _Fixed([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
+    b = _Fixed([[0.0, 3.0, 2.0, 1.0], [0.0, 1.0, 2.0, 3.0]])
+    users = torch.tensor([0, 1])
+    # weights 1 : 3, rank power 1: user 0's ranks a 1 2 3 4, b 4 1 2 3
+    fused = RankFusionEnsemble([a, b], weights=[1.0, 3.0], power=1.0).full_scores(users)
+    assert torch.allclose(fused[0], torch.tensor([0.25 + 0.75 / 4, 0.25 / 2 + 0.75, 0.25 / 3 + 0.75 / 2,
+                                                  0.25 / 4 + 0.75 / 3]))
+    # a known pair is ranked last by every member before the fusion: user 0's item 1 masked,
+    # a's ranks become 1 4 2 3 and b's 3 4 1 2
+    known = UserItemSet([0], [1], 2, 4)
+    fused = RankFusionEnsemble([a, b], power=1.0, exclude=known).full_scores(users)
+    assert torch.allclose(fused[0], torch.tensor([(1 + 1 / 3) / 2, 1 / 4, (1 / 2 + 1) / 2, (1 / 3 + 1 / 2) / 2]))
+    assert fused[0].argsort(descending=True).tolist() == [2, 0, 3, 1]
+    # a model fused with itself ranks as the model: the same metrics
+    relevant = UserItemSet([0, 1, 1], [2, 3, 0], 2, 4)
+    alone = evaluate_ranking(a, relevant, known, ks=(1, 2), chunk_size=2)
+    twice = evaluate_ranking(RankFusionEnsemble([a, a], exclude=known), relevant, known, ks=(1, 2), chunk_size=2)
+    assert alone == twice and alone["ndcg@2"] > 0

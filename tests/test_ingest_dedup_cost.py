@@ -6,6 +6,8 @@ widened on open). Real DuckDB catalogs and Parquet segments throughout.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import duckdb
 import numpy as np
 import pyarrow as pa
@@ -310,4 +312,10 @@ def test_an_ingest_bounds_duckdb_threads_as_well_as_memory(tmp_path):
     store_module._tune(con, tmp_path)
     threads = con.execute("SELECT current_setting('threads')").fetchone()[0]
     assert threads == store_module.INGEST_THREADS <= 4
-    assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] != ""
+    # DuckDB reads the limit back in its own units: the same setting applied to a fresh connection
+    fresh = duckdb.connect()
+    fresh.execute(f"SET memory_limit = '{store_module.INGEST_MEMORY_LIMIT}'")
+    expected = fresh.execute("SELECT current_setting('memory_limit')").fetchone()[0]
+    default = duckdb.connect().execute("SELECT current_setting('memory_limit')").fetchone()[0]
+    assert con.execute("SELECT current_setting('memory_limit')").fetchone()[0] == expected != default
+    assert Path(con.execute("SELECT current_setting('temp_directory')").fetchone()[0]) == tmp_path / "spill"

@@ -85,3 +85,20 @@ def test_no_user_to_evaluate_gives_none_not_nan_and_means_skip_it():
     assert defined_mean([None, None]) == (None, 0)
     assert undefined_as_none({"a": [1.0, float("nan")], "b": (float("inf"), "x", None, 2)}) == \
         {"a": [1.0, None], "b": [None, "x", None, 2]}
+
+
+def test_plasticity_stability_and_their_harmonic_mean_by_hand():
+    from continual_kd.eval.continual import harmonic_mean, plasticity_stability
+
+    per_block = {0: {"ndcg@20": 0.2, "recall@20": 0.3}, 1: {"ndcg@20": 0.4, "recall@20": float("nan")},
+                 2: {"ndcg@20": 0.1, "recall@20": 0.5}}
+    out = plasticity_stability(per_block, 2)
+    assert out["plasticity/ndcg@20"] == 0.1
+    assert math.isclose(out["stability/ndcg@20"], 0.3)  # blocks 0 and 1, not block 2 itself
+    assert math.isclose(out["hmean/ndcg@20"], 2 * 0.1 * 0.3 / 0.4)
+    assert math.isclose(out["stability/recall@20"], 0.3)  # the NaN of block 1 is left out, not averaged in
+    first = plasticity_stability(per_block, 0)
+    assert first["plasticity/ndcg@20"] == 0.2 and first["stability/ndcg@20"] is None and first["hmean/ndcg@20"] is None
+    nan_now = plasticity_stability(per_block, 1)
+    assert nan_now["plasticity/recall@20"] is None and nan_now["hmean/recall@20"] is None
+    assert harmonic_mean(0.0, 0.0) == 0.0 and math.isclose(harmonic_mean(0.2, 0.6), 0.3)

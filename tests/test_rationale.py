@@ -174,19 +174,22 @@ def _job_dict(store: str, *terms: str) -> dict:
             "eval": {"ks": [10, 20]}}
 
 
-def test_rationale_term_runs_through_a_job_under_ray(ray_cluster, tmp_path: Path, monkeypatch, one_thread):
+def test_rationale_term_runs_through_a_job_under_ray(ray_cluster, tmp_path: Path, monkeypatch, one_thread,
+                                                    same_as_local):
     from continual_kd.runtime.coordinator import run_job
     from continual_kd.snapshots import resolve_snapshot
 
     monkeypatch.chdir(tmp_path)
     store = _stream_store(tmp_path / "store")
     (tmp_path / "rat.yaml").write_text(json.dumps(_job_dict(str(store.root), "rationale")))  # JSON is YAML
-    result = run_job(load_job(tmp_path / "rat.yaml"))
+    job = load_job(tmp_path / "rat.yaml")
+    result = run_job(job)
     assert [r.block for r in result.results] == [0, 1]
     for r in result.results:
         assert r.updates["student"]["terms"] == ["rrd", "rationale"]
         assert r.updates["student"]["kd_loss"] > 0
         assert 0 < r.metrics["student"]["ndcg@20"] <= 1
+    same_as_local(job, result)
     snap, _ = resolve_snapshot(tmp_path / "runs" / "rat", "latest")
     weights = torch.load(snap.path / "student.pt", weights_only=True)
     weights = weights.get("weights", weights)

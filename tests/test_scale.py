@@ -239,7 +239,13 @@ def test_bd_full_mode_past_its_memory_budget_draws_from_the_same_weights_without
     assert freq[1] == 0  # the known item is never drawn
     assert torch.allclose(freq, w / w.sum(), atol=0.015)
     loss = term.loss(own, Batch(torch.tensor([0, 0]), torch.tensor([0, 0]), torch.tensor([2, 2])), 1)
-    assert torch.isfinite(loss) and float(loss.detach()) > 0
+    # by hand: the term's generator (seed 0) picks one of the user's draws per pair; the label is the teacher's
+    # σ(<user vector, item vector> / T), the logit the student's own score
+    pick = term.drawn[0, torch.randint(20_000, (2,), generator=torch.Generator().manual_seed(0))]
+    own_score = own.item_emb.detach()[pick, 0]
+    label = torch.sigmoid(torch.tensor([1.0, 2.0, 3.0, 4.0])[pick] / 5.0)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(own_score, label, reduction="sum")
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_chunk_budget_follows_the_device():

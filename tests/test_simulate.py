@@ -69,7 +69,9 @@ def test_files_round_trip_and_ingest(tmp_path):
     store = StreamStore.open(tmp_path / "store", create=True)
     report = store.ingest_file(stream)
     assert store.num_users == len(set(pq.read_table(stream).column("user").to_pylist()))
-    assert report is not None
+    # every simulated click is a valid, distinct row (each item is shown to a user once): nothing quarantined
+    assert (report.rows_read, report.rows_taken, report.rows_quarantined) == (n, n, 0)
+    assert report.new_items == len(set(pq.read_table(stream).column("item").to_pylist()))
     with pytest.raises(CkdError, match="not a simulator's truth"):
         load_truth(stream)
     csv, _, n_csv = write_simulation(tmp_path / "csv", SimulationConfig(**SMALL), "csv")
@@ -110,6 +112,28 @@ def test_evaluate_a_snapshot_against_the_truth(tmp_path, monkeypatch, one_thread
     assert res["mask"] == "standard" and res["mask_label"] == "train + valid masked"
     seen = store.read_blocks(plan.plan_id, plan.num_blocks - 1)
     assert res["pooled_users"] == len(np.unique(seen.users[seen.split == 2]))
+    # the share recomputed here from the truth's own ids (u<k>, i<k>) and the snapshot's student, train + valid masked
+    import torch
+
+    from continual_kd.continual.snapshot_eval import learners_from_snapshot
+    from continual_kd.snapshots import resolve_snapshot
+
+    truth = load_truth(truth_path)
+    row = np.array([int(u[1:]) for u in store.external_ids("user", np.arange(store.num_users))])
+    col = np.array([int(i[1:]) for i in store.external_ids("item", np.arange(store.num_items))])
+    model = learners_from_snapshot(resolve_snapshot(tmp_path / "runs" / "sim", "latest")[0])["student"].model
+    users = np.unique(seen.users[seen.split == 0])
+    with torch.no_grad():
+        scores = model.full_scores(torch.as_tensor(users)).numpy().astype(np.float64)
+    pref = truth.preference(row[users])[:, col].astype(np.float64)
+    masked = np.zeros_like(scores, dtype=bool)
+    known = np.isin(seen.users, users) & (seen.split != 2)
+    masked[np.searchsorted(users, seen.users[known]), seen.items[known]] = True
+    scores[masked], best = -np.inf, np.where(masked, -np.inf, pref)
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+    share = np.take_along_axis(pref, top, 1).sum(1) / -np.sort(-best, axis=1)[:, :10].sum(1)
+    assert res["models"]["student"]["truth"]["truth_users"] == len(users)
+    assert res["models"]["student"]["truth"]["truth_share@10"] == pytest.approx(share.mean(), rel=1e-5)
     for name, m in res["models"].items():
         assert 0 < m["truth"]["truth_share@10"] <= 1 and m["truth"]["truth_users"] > 0
         assert 0 <= m["truth"]["truth_ndcg@5"] <= 1

@@ -235,8 +235,9 @@ def test_grid_of_negative_exponents_needs_popularity_negatives():
     assert TrainSpec(negatives="popularity", grid={"negative_exponent": [0, 0.25]}).grid["negative_exponent"] == (0, 0.25)
     with pytest.raises((CkdError, ValueError), match="negative exponent"):
         TrainSpec(grid={"negative_exponent": [0, 0.25]})
-    with pytest.raises((CkdError, ValueError)):
+    with pytest.raises((CkdError, ValueError), match="learning rate ≤ 0"):
         TrainSpec(grid={"lr": [0.0, 0.01]})
+    assert TrainSpec(grid={"lr": [0.001, 0.01]}).grid["lr"] == (0.001, 0.01)
     with pytest.raises((CkdError, ValueError), match="without validation"):
         TrainSpec(select="last", grid={"lr": [0.001, 0.01]})
 
@@ -775,7 +776,7 @@ def test_grid_of_hard_negatives_takes_whole_counts():
     assert TrainSpec(grid={"hard_negatives": [1, 4]}).grid["hard_negatives"] == (1, 4)
     with pytest.raises((CkdError, ValueError), match="whole number"):
         TrainSpec(grid={"hard_negatives": [1.5]})
-    with pytest.raises((CkdError, ValueError)):
+    with pytest.raises((CkdError, ValueError), match="hard_negatives"):
         TrainSpec(hard_negatives=0)
 
 

@@ -118,8 +118,10 @@ def explain_recommendations(learners: dict, store, seen: Interactions, users: np
                 rs.append({"item": ext[v], "title": labels[v], "weight": w, "share": w / ps if ps > 0 else None,
                            "paths": [{"type": n, "weight": pw, "entity": e} for n, pw, e in parts],
                            "text": reason_text(labels[v], parts)})
-            entry = {"item": ext[i], "title": labels[i], "score": float(scores[b, j]), "path_score": total,
-                     "reasons": rs}
+            # path_score: Σ over the user's known items (what each reason's share and the faithfulness drops are
+            # of); the path model's score of the item adds its item bias
+            entry = {"item": ext[i], "title": labels[i], "score": float(scores[b, j]), "path_score": ps,
+                     "item_bias": total - ps, "reasons": rs}
             if rationales is not None:
                 entry["rationale"] = {"text": rationale_text(rationales, i), "shared": [
                     {"fact": f["fact"], "with": [labels[h] for h in f["items"]]} for f in shared[b][j]]}
