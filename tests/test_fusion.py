@@ -33,6 +33,8 @@ def test_rank_fusion_with_the_ccd_exponent():
     assert items[0].tolist() == [1, 0]
     assert math.isclose(float(scores[0, 0]), (2 * r2 + 1) / 3, rel_tol=1e-6)
     assert math.isclose(float(scores[0, 1]), (1 + r2) / 3, rel_tol=1e-6)
+    items, scores = fuse_rankings(LISTS, 3, num_items=6)
+    assert items[0].tolist() == [1, 0, 2] and math.isclose(float(scores[0, 2]), (r3 + 1) / 3, rel_tol=1e-6)
 
 
 def test_weights_change_the_order():
