@@ -19,8 +19,8 @@ What was started is recorded in ``<state dir>/cluster.json`` (default ``~/.cache
 from __future__ import annotations
 
 import json
-import random
 import os
+import random
 import shutil
 import socket
 import subprocess
