@@ -12,8 +12,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import string
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -56,11 +58,28 @@ RunsOpt = Annotated[Path, typer.Option("--runs", help="Directory holding the job
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
+# a path given to the command that cannot be what it must be: a file where a folder is needed (or the reverse), a
+# missing parent, a name too long
+_PATH_ERRNOS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.ENAMETOOLONG}
+_INTERRUPTED = threading.Event()
+
+
+def _on_sigint(signum, frame) -> None:
+    _INTERRUPTED.set()  # whatever a library makes of the KeyboardInterrupt (DuckDB: "query interrupted"), it was ^C
+    signal.default_int_handler(signum, frame)
+
+
 def _guard(fn):
-    """Turn a CkdError into one red line on stderr and exit code 2 (CKD_DEBUG=1 keeps the traceback)."""
+    """Turn a CkdError into one red line on stderr and exit code 2 (CKD_DEBUG=1 keeps the traceback); an error of
+    the environment or of a path given likewise; Ctrl-C into one line and exit code 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        watch = (threading.current_thread() is threading.main_thread()
+                 and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        if watch:
+            _INTERRUPTED.clear()
+            signal.signal(signal.SIGINT, _on_sigint)
         try:
             return fn(*args, **kwargs)
         except CkdError as e:
@@ -69,12 +88,28 @@ def _guard(fn):
             err.print(_m("[bold red]error:[/] {}", e), highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except OSError as e:  # the environment, not a bug: a full disk, a read-only folder, no permission
-            if os.environ.get("CKD_DEBUG") or e.errno not in _ENVIRONMENT_ERRNOS:
+            if os.environ.get("CKD_DEBUG") or e.errno not in _ENVIRONMENT_ERRNOS | _PATH_ERRNOS:
                 raise
-            err.print(_m("[bold red]error:[/] {} ({}); free space or fix the permissions, then run the command "
-                         "again (`ckd submit` resumes after the last committed block).",
-                         e.strerror or e, e.filename or "a file it writes"), highlight=False, soft_wrap=True)
+            if e.errno in _PATH_ERRNOS:
+                err.print(_m("[bold red]error:[/] {}: {}; give a path that can be used there (a folder where a folder "
+                             "is expected, a file where a file is).", e.filename or "a path given", e.strerror or e),
+                          highlight=False, soft_wrap=True)
+            else:
+                err.print(_m("[bold red]error:[/] {} ({}); free space or fix the permissions, then run the command "
+                             "again (`ckd submit` resumes after the last committed block).",
+                             e.strerror or e, e.filename or "a file it writes"), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except BaseException:
+            if os.environ.get("CKD_DEBUG") or not _INTERRUPTED.is_set():
+                raise
+            err.print(_m("[bold red]interrupted[/] (Ctrl-C): what was committed or ingested before stays as it was; "
+                         "run the command again to carry on."), highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
+        finally:
+            if watch:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
 
     return wrapper
 
@@ -601,7 +636,17 @@ def _find_job_runs(runs: Path, job: Optional[str]) -> Path:
     candidates = [d for d in runs.iterdir() if d.is_dir() and list_snapshots(d)] if runs.is_dir() else []
     if not candidates:
         raise CkdError(f"{runs}: no snapshots found; run `ckd submit JOB.yaml` here first or pass --runs DIR")
-    return max(candidates, key=lambda d: d.stat().st_mtime)
+    if len(candidates) == 1:
+        return candidates[0]
+
+    def newest(d: Path) -> float:  # its last snapshot's time (a submit that only took the job's lock changes nothing)
+        return max((m.stat().st_mtime for m in d.glob("block-*/manifest.json")), default=0.0)
+
+    chosen = max(candidates, key=newest)
+    err.print(_m("[dim]{} holds the snapshots of {} jobs ({}): using {}, the most recently snapshotted; pass --job "
+                 "NAME for another[/]", runs, len(candidates), ", ".join(sorted(d.name for d in candidates)),
+                 chosen.name), soft_wrap=True)
+    return chosen
 
 
 @app.command()
@@ -704,6 +749,11 @@ def recommend(
 
     if k < 1:
         raise CkdError(f"-k: must be at least 1, got {k}")
+    if reasons < 1:
+        raise CkdError(f"--reasons: must be at least 1, got {reasons}")
+    if reasons != 3 and not explain:
+        raise CkdError("--reasons: only applies with --explain (the reasons shown per item); add --explain")
+    user = list(dict.fromkeys(user))  # a user named twice is served once
     which: str | int = int(snapshot) if snapshot.isdigit() else snapshot
     if which != "latest" and not isinstance(which, int):
         raise CkdError(f"--snapshot {snapshot!r}: use 'latest' or a block number such as 3")
@@ -717,7 +767,7 @@ def recommend(
         raise CkdError(f"--user: {user[int((dense >= seen.num_users).argmax())]!r} first appears after block "
                        f"{snap.block}; use a later snapshot")
     if explain:
-        return _explained(snap, store, seen, user, dense, k, model, max(1, reasons), json_path)
+        return _explained(snap, store, seen, user, dense, k, model, reasons, json_path)
     items, scores = recommend_from_snapshot(snap, seen, dense, k, model)
     names = store.external_ids("item", items.flatten().numpy())
     payload = {}

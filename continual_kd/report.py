@@ -49,7 +49,7 @@ def ensemble_history(job_dir: Path, manifest: dict, blocks: list[int], device: s
     from .config import parse_job
     from .errors import CkdError
     from .manifest import block_manifest_problem
-    from .snapshots import list_snapshots, resolve_snapshot
+    from .snapshots import block_dir_name, list_snapshots, resolve_snapshot
     from .stream import StreamStore
 
     teachers = [n for n in manifest.get("model_info", {}) if n.startswith("teacher:")]
@@ -61,9 +61,14 @@ def ensemble_history(job_dir: Path, manifest: dict, blocks: list[int], device: s
         return {}, [f"no ensemble: {e}"]
     job = parse_job(manifest["job_spec"], f"{job_dir}/manifest.json")
     on_disk = set(list_snapshots(job_dir))
-    out, notes = {}, []
+    out, notes, pruned = {}, [], []
     for k in blocks:
         if k not in on_disk:
+            if (job_dir / block_dir_name(k)).is_dir():  # a folder that lost its manifest: damaged, not pruned
+                notes.append(f"ensemble at block {k} skipped: its snapshot {block_dir_name(k)} has no manifest "
+                             f"(damaged)")
+            else:
+                pruned.append(k)
             continue
         try:
             snap, _ = resolve_snapshot(job_dir, k, check=block_manifest_problem)
@@ -78,11 +83,10 @@ def ensemble_history(job_dir: Path, manifest: dict, blocks: list[int], device: s
         seen = store.read_blocks(snap.manifest["plan_id"], k)
         res = evaluate_ensemble([learners[n] for n in teachers], seen, k, job.eval)
         out[k] = {"metrics": res["test"], "continual": res["continual"]}
-    missing = [k for k in blocks if k not in out]
-    if missing and len(missing) < len(blocks):
-        notes.append(f"ensemble not scored for block(s) {', '.join(map(str, missing))}: their snapshots were pruned "
+    if pruned and len(pruned) < len(blocks):
+        notes.append(f"ensemble not scored for block(s) {', '.join(map(str, pruned))}: their snapshots were pruned "
                      f"(snapshots.keep_last)")
-    elif missing:
+    elif pruned:
         notes.append("ensemble not scored: no snapshot of the job's blocks is on disk")
     return out, notes
 

@@ -155,16 +155,19 @@ def resolve_snapshot(runs_dir: Path, which: str | int = "latest",
     if not blocks:
         raise CkdError(f"No snapshots in {runs_dir}; run `ckd submit JOB.yaml` first to create them.")
     if which == "latest":
-        damaged = [(runs_dir / block_dir_name(b), (MANIFEST, "missing")) for b in _without_manifest(runs_dir)
-                   if b > blocks[-1]]  # newer than every snapshot: a lost manifest, not an older leftover
+        lost = _without_manifest(runs_dir)  # folders that lost their manifest: damaged, when newer than the one used
+        damaged = []
         for block in reversed(blocks):
             path = runs_dir / block_dir_name(block)
             problem = _damage(path) or _wanting(path, check)
             if problem is None:
+                skipped = sorted([*damaged, *((runs_dir / block_dir_name(b), (MANIFEST, "missing"))
+                                              for b in lost if b > block)], key=lambda d: d[0].name, reverse=True)
                 warnings = [f"{bad.name} is damaged ({file} {reason}); using {path.name}"
-                            for bad, (file, reason) in damaged]
+                            for bad, (file, reason) in skipped]
                 return Snapshot(path, block, _read_manifest(path)), warnings
             damaged.append((path, problem))
+        damaged += [(runs_dir / block_dir_name(b), (MANIFEST, "missing")) for b in lost]
         details = "; ".join(f"{bad.name}: {file} {reason}" for bad, (file, reason) in damaged)
         raise CkdError(f"Every snapshot in {runs_dir} is damaged ({details}); "
                        "rerun the stream with `ckd submit JOB.yaml`.")

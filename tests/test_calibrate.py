@@ -163,6 +163,14 @@ def test_rows_without_a_time_count_from_the_first_block_and_bad_files_are_refuse
     words.write_text("user,item,label\nu1,i1,yes\n")
     with pytest.raises(CkdError, match="label column is not numeric"):
         ingest_labelled_file(store, words)
+    some = tmp_path / "some.csv"  # a CSV whose label column has some text: those rows are dropped and counted
+    some.write_text("user,item,label\nu1,i1,1\nu1,i2,five\nu2,i1,0\n")
+    r = ingest_labelled_file(store, some)
+    assert (r.rows_read, r.rows_taken, r.rows_dropped, r.positives) == (3, 2, 1, 1)
+    header = tmp_path / "header.csv"
+    header.write_text("user,item,label\n")
+    r = CliRunner().invoke(cli_module.app, ["ingest-labelled", str(header), "--store", str(tmp_path / "store")])
+    assert r.exit_code == 2 and "header.csv: the file has no rows" in r.output
     holes = tmp_path / "holes.parquet"  # rows without a user, a label or a time are dropped and counted
     pq.write_table(pa.table({"user": ["u1", None, "u2", "u3"], "item": ["i1", "i2", "i3", "i4"],
                              "label": [1.0, 0.0, None, 1.0], "timestamp": [1_600_000_000, 1, 2, None]}), holes)

@@ -88,6 +88,18 @@ CASES = [
     ("snapshot-not-a-number", lambda: ["evaluate", "--snapshot", "abc"], "'abc'"),
     ("snapshot-runs-missing", lambda: ["evaluate", "--runs", "elsewhere"], "elsewhere"),
     ("status-not-a-store", lambda: ["status", "--store", "not-a-store"], "not-a-store"),
+    ("store-without-interactions", lambda: (StreamStore.open("bare", create=True),  # a store made, nothing ingested
+                                            ["submit", _job(JOB_HEAD.replace("store: store", "store: bare"))])[1],
+     "holds no interactions yet"),
+    ("reasons-zero", lambda: ["recommend", "--user", "u1", "--explain", "--reasons", "0"], "--reasons: must be at least 1"),
+    ("reasons-without-explain", lambda: ["recommend", "--user", "u1", "--reasons", "5"], "only applies with --explain"),
+    # a path under a file: one line naming it (the OS's own refusal, not a traceback)
+    ("simulate-under-a-file", lambda: ["data", "simulate", "good.csv/sim", "--users", "100", "--items", "80",
+                                       "--clicks", "500"], "good.csv"),
+    ("synthetic-store-under-a-file", lambda: ["data", "synthetic", "--store", "good.csv/s", "--users", "60",
+                                              "--items", "50", "--interactions", "1200"], "good.csv"),
+    ("tune-out-under-a-file", lambda: ["tune", _job(JOB_HEAD + "tune: {space: {student.train.lr: {grid: [0.001]}}}\n"),
+                                       "--out", "good.csv/best.yaml"], "good.csv"),
 ]
 
 

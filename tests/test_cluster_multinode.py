@@ -328,16 +328,19 @@ def test_cluster_up_submit_through_the_jobs_api_then_evaluate(tmp_path):
     api = f"http://127.0.0.1:{dport}"
     temp = ""
     try:
-        up = _ckd("cluster", "up", "--workers", "1", "--cpus-per-worker", "2", "--port", port, "--dashboard-port",
+        # two workers: each one's runtime-env agent must leave alone the package a job's driver runs in on the head
+        up = _ckd("cluster", "up", "--workers", "2", "--cpus-per-worker", "1", "--port", port, "--dashboard-port",
                   dport, "--state-dir", state_dir, cwd=tmp_path, timeout=240)
         temp = json.loads((state_dir / "cluster.json").read_text())["temp_dir"] if (state_dir / "cluster.json").exists() else ""
         assert up.returncode == 0, up.stdout + up.stderr
         st = _ckd("cluster", "status", "--state-dir", state_dir, "--json", "-", cwd=tmp_path)
         assert st.returncode == 0, st.stderr
         nodes = {n["name"]: n for n in json.loads(st.stdout)["nodes_now"]}
-        assert set(nodes) == {"head", "w1"} and all(n["state"] == "ALIVE" for n in nodes.values())
-        assert (nodes["head"]["cpus"], nodes["w1"]["cpus"]) == (0, 2)
+        assert set(nodes) == {"head", "w1", "w2"} and all(n["state"] == "ALIVE" for n in nodes.values())
+        assert (nodes["head"]["cpus"], nodes["w1"]["cpus"], nodes["w2"]["cpus"]) == (0, 1, 1)
         assert nodes["w1"]["resources"]["ckd_node_w1"] == 1 and "ckd_node_w1" not in nodes["head"]["resources"]
+        # each worker runs under its own temp folder inside the cluster's
+        assert sorted(p.name for p in Path(temp).iterdir() if p.name in ("w1", "w2")) == ["w1", "w2"]
 
         job = _job(tmp_path, "viajobs", "pack")
         sub = _ckd("submit", job, "--address", api, cwd=tmp_path)
@@ -361,6 +364,13 @@ def test_cluster_up_submit_through_the_jobs_api_then_evaluate(tmp_path):
 
         wrong = _ckd("status", "--address", api, cwd=tmp_path, env={**_env(), "RAY_AUTH_TOKEN": "not-the-token"})
         assert wrong.returncode == 2 and "refused the token" in wrong.stderr and "Traceback" not in wrong.stderr
+        # --restart through a cluster that refuses the driver's token: refused before anything is revoked
+        restart = _ckd("submit", job, "--address", f"127.0.0.1:{port}", "--restart", cwd=tmp_path,
+                       env={**_env(), "RAY_AUTH_TOKEN": "not-the-token"})
+        assert restart.returncode == 2 and "could not join the Ray cluster" in restart.stderr, restart.stderr[-2000:]
+        assert "revoked" not in restart.stdout + restart.stderr
+        assert sorted(p.name for p in (tmp_path / "runs" / "viajobs").glob("block-*")) == [
+            "block-0000", "block-0001", "block-0002"]
 
         ev = _ckd("evaluate", "--snapshot", "latest", "--runs", tmp_path / "runs", "--job", "viajobs", "--json", "-",
                   cwd=tmp_path)

@@ -172,10 +172,13 @@ def test_interrupted_store_build_leaves_no_store_and_the_next_build_works(cli, h
     assert proc.poll() is None, "the build finished before it could be interrupted; make it bigger"
     proc.send_signal(sig)
     proc.wait(timeout=60)
+    said = proc.stdout.read()
     proc.stdout.close()
     assert not (stores / "s").exists()  # no half-built (or empty) store at the store's path
     if sig == signal.SIGINT:
         assert not stores.exists()  # its temp folder, and the stores/ folder it made, were removed on the way out
+        # one line and the shell's code for ^C, whatever the library under it made of the interrupt
+        assert proc.returncode == 130 and "interrupted (Ctrl-C)" in said and "Traceback" not in said, said[-2000:]
 
     r = cli("data", "synthetic", "--store", "stores/s", "--users", "60", "--items", "50", "--interactions", "1200",
             "--periods", "2", "--seed", "3")

@@ -276,3 +276,33 @@ def test_a_stream_committed_under_the_previous_lineage_hash_carries_on(ray_clust
     assert [r.block for r in first.results] == [0, 1] and [r.block for r in resumed.results] == [2]
     assert [c["lineage"] for c in store.committed_blocks(job.name)] == [new] * 3
     assert {r["lineage"] for r in store.results(job.name)} == {new}
+
+
+def test_a_multvae_restored_from_its_snapshot_trains_the_next_block_as_the_uninterrupted_one(tiny_job):
+    """MultVAE's noise comes from a seed drawn when the model is first built (after its item-sized init); a model
+    rebuilt at a later snapshot's larger size drew another, unless the snapshot carries it: resumed runs of the
+    default job trained the next block differently from the uninterrupted run."""
+    job = load_job(_write(tiny_job("unused").parent, "vae-resume", "rrd+unkd"))
+    store = open_source(job.source)
+    plan = store.ensure_plan(0.5, 2, (0.8, 0.1, 0.1), job.seed)
+    spec = next(t for t in job.teachers if t.backbone == "multvae")
+    blocks = [store.read_blocks(plan.plan_id, k) for k in range(3)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        straight = Learner(spec, job.seed)
+        straight.update(blocks[0], 0)
+        built_with = straight.model.num_items
+        straight.update(blocks[1], 1)
+        state = straight.state()
+        assert state["num_items"] > built_with  # the snapshot's model is larger than the one first built
+        assert int(state["weights"]["aux.noise_seed"]) == straight.model._noise_seed
+        resumed = Learner(spec, job.seed)
+        resumed.load(state)
+        assert resumed.model._noise_seed == straight.model._noise_seed
+        straight.update(blocks[2], 2)
+        resumed.update(blocks[2], 2)
+    finally:
+        torch.set_num_threads(threads)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name

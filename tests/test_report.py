@@ -242,3 +242,21 @@ def test_report_writes_pngs_and_one_self_contained_html(ckd80, finished_job):
     # what each update chose on validation, per block (the history's choice)
     assert "What each update chose on validation" in html
     assert f"<td>{history[0]['choice']['student']['best_epoch']} / {history[0]['choice']['student']['epochs']}</td>" in html
+
+
+@pytest.mark.slow
+def test_the_ensemble_notes_tell_a_pruned_snapshot_from_a_damaged_one(finished_job, tmp_path):
+    import shutil
+
+    from continual_kd.report import ensemble_history
+
+    work, _ = finished_job
+    runs = tmp_path / "two"
+    shutil.copytree(work / "runs" / "two", runs)
+    manifest = json.loads((runs / "block-0002" / "manifest.json").read_text())
+    shutil.rmtree(runs / "block-0000")  # pruned (keep_last)
+    (runs / "block-0001" / "manifest.json").unlink()  # damaged
+    scored, notes = ensemble_history(runs, manifest, [0, 1, 2])
+    assert sorted(scored) == [2]
+    assert notes == ["ensemble at block 1 skipped: its snapshot block-0001 has no manifest (damaged)",
+                     "ensemble not scored for block(s) 0: their snapshots were pruned (snapshots.keep_last)"]

@@ -131,6 +131,12 @@ def test_a_snapshot_folder_that_lost_its_manifest_is_named_not_skipped_silently(
     (tmp_path / "block-0002" / "manifest.json").unlink()  # an older one, under the newest intact snapshot: not named
     snap, warnings = resolve_snapshot(tmp_path, "latest")
     assert snap.block == 3 and not any("block-0002" in w for w in warnings)
+    # a damaged newest snapshot above a lost manifest: both are named on the way down
+    _write_blocks(tmp_path, [5])
+    _flip_byte(tmp_path / "block-0005" / "student.pt")
+    snap, warnings = resolve_snapshot(tmp_path)
+    assert snap.block == 3 and warnings == ["block-0005 is damaged (student.pt checksum mismatch); using block-0003",
+                                            "block-0004 is damaged (manifest.json missing); using block-0003"]
 
 
 def test_unknown_or_no_snapshot(tmp_path):

@@ -114,6 +114,15 @@ def test_the_shipped_tune_job_checks_out():
     assert job.tune.blocks == 2 and job.config_hash() == parse_job({**yaml.safe_load(path.read_text()), "tune": None}).config_hash()
 
 
+def test_a_trial_larger_than_every_node_is_refused_before_any_trial(ray_cluster, tiny_job, cli, tmp_path):
+    path = tiny_job(name="huge")
+    _edit(path, lambda d: d.update(tune={"space": {"student.dim": {"grid": [4, 8]}}, "num_samples": 1, "blocks": 2,
+                                         "cpus_per_trial": 64}))
+    r = cli("tune", path, "--storage", tmp_path / "tune-runs")
+    assert r.exit_code == 2 and "tune.cpus_per_trial: 64 CPUs, but no node of the Ray cluster has that many" in r.output
+    assert not (tmp_path / "tune-runs").exists() and not (tmp_path / "huge-best.yaml").exists()
+
+
 def test_tune_two_trials_write_a_best_job_that_runs(ray_cluster, tiny_job, cli, tmp_path):
     path = tiny_job(name="tn")
     _edit(path, lambda d: d.update(tune={"space": {"student.dim": {"grid": [4, 8]}}, "num_samples": 1, "blocks": 2}))

@@ -198,6 +198,8 @@ class Learner:
             weights[f"{AUX}chosen.{name}"] = torch.tensor(float(value), dtype=torch.float64)
         for key, total in self.fusion_evidence.items():
             weights[f"{AUX}fusion.{key}"] = torch.tensor(float(total), dtype=torch.float64)
+        if hasattr(self.model, "_noise_seed"):  # MultVAE's noise: its seed drawn when the model was first built
+            weights[f"{AUX}noise_seed"] = torch.tensor(int(self.model._noise_seed), dtype=torch.int64)
         if self.penalty is not None:
             weights[f"{AUX}rank_penalty"] = self.penalty.detach().cpu()
             weights[f"{AUX}rank_penalty_beta"] = torch.tensor(self.penalty_beta, dtype=torch.float64)
@@ -216,6 +218,9 @@ class Learner:
         self.term_state = {}
         self.chosen = {k[len("chosen."):]: float(v) for k, v in aux.items() if k.startswith("chosen.")}
         self.fusion_evidence = {k[len("fusion."):]: float(v) for k, v in aux.items() if k.startswith("fusion.")}
+        if "noise_seed" in aux and hasattr(self.model, "_noise_seed"):  # rebuilt at the snapshot's size, the
+            self.model._noise_seed = self.model._seed_now = int(aux["noise_seed"])  # model drew another seed: the
+            # run's own comes back (observe derives each block's noise from it)
         self.penalty = aux["rank_penalty"].to(self.device) if "rank_penalty" in aux else None
         self.penalty_beta = float(aux.get("rank_penalty_beta", 0.0))
         rank_penalty.install(self.model, self.penalty)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -254,6 +255,9 @@ def write_simulation(out: str | Path, cfg: SimulationConfig, fmt: str = "parquet
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CkdError(f"{out} is a file; give a folder for the stream and its truth")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:  # refused before the simulation runs
+        raise CkdError(f"{out}: {blocking} is a file, not a folder; give a folder for the stream and its truth")
     table, truth = simulate(cfg)
     out.mkdir(parents=True, exist_ok=True)
     stream = out / f"stream.{fmt}"
@@ -298,7 +302,7 @@ def load_truth(path: str | Path) -> SimulationTruth:
             return SimulationTruth(z["user_factors"], z["item_factors"], z["item_quality"], z["propensity"],
                                    z["exposures"], z["user_arrival"], z["item_birth"], taste, quality, offset,
                                    json.loads(str(z["config"])))
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a truncated file is a bad zip
         raise CkdError(f"--truth {path}: not a simulator's truth file ({e}); give the truth.npz "
                        f"`ckd data simulate OUT` wrote (or OUT itself)") from None
 

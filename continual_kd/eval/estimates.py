@@ -121,6 +121,7 @@ def read_labelled_columns(path: str | Path, what: str = "eval.mar_test", times: 
     """A labelled file (CSV / Parquet; columns user, item, label and, with ``times``, optionally timestamp / ts)
     → (external users and items as `ckd ingest` reads ids — pyarrow strings, trimmed, null where missing —, labels
     float64 (NaN where missing), (seconds int64, bad-time mask) or None). ``what`` names it in errors."""
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -139,8 +140,16 @@ def read_labelled_columns(path: str | Path, what: str = "eval.mar_test", times: 
                        f"name the columns user, item and label")
     ext_u = _ids(table.column("user").combine_chunks(), str(path), "user")
     ext_i = _ids(table.column("item").combine_chunks(), str(path), "item")
+    column = table.column("label").combine_chunks()
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        # a CSV column with some text in it: the numbers count, the rest is a missing label (dropped and counted)
+        text = pc.utf8_trim_whitespace(column)
+        number = pc.fill_null(pc.match_substring_regex(text, r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"), False)
+        if len(column) and not pc.any(number).as_py():
+            raise CkdError(f"{what} {path}: the label column is not numeric; use 0/1 or ratings")
+        column = pc.if_else(number, text, pa.scalar(None, column.type))
     try:
-        label = np.asarray(pc.cast(table.column("label"), "float64").to_numpy(zero_copy_only=False), dtype=np.float64)
+        label = np.asarray(pc.cast(column, "float64").to_numpy(zero_copy_only=False), dtype=np.float64)
     except Exception:  # noqa: BLE001 - any cast failure is the file's
         raise CkdError(f"{what} {path}: the label column is not numeric; use 0/1 or ratings") from None
     name = next((c for c in ("timestamp", "ts") if c in table.column_names), None) if times else None

@@ -167,6 +167,9 @@ def run_job(job: JobSpec, address: str | None = None, restart: bool = False, pro
     if job.blocks.live:  # ingests into the store it follows hold the catalog for moments: wait them out
         store.lock_wait_s = max(store.lock_wait_s, 120.0)
     runs = job.snapshot_dir
+    if (store.num_users == 0 or store.num_items == 0) and not follow:  # a follower may start before the data
+        raise CkdError(f"the stream store {store.root} holds no interactions yet; add some with `ckd ingest FILE "
+                       f"--store {store.root}` (a labelled sample or item knowledge alone is not a stream)")
     for side in ("terms", "feedback"):
         for i, term in enumerate(getattr(job.distill, side)):
             if getattr(term, "k", 0) > store.num_items:
@@ -176,6 +179,11 @@ def run_job(job: JobSpec, address: str | None = None, restart: bool = False, pro
                 raise CkdError(f"distill.{side}[{i}]: the rationale term needs item knowledge (titles, genres or "
                                f"triples) in the store {store.root}, which has none; add it with `ckd data "
                                f"movielens-100k --kg` or `ckd ingest-kg FILE`, or remove the term")
+    if restart and address and not ray.is_initialized():
+        # join (and leave) the cluster before --restart revokes anything: one that refuses this driver (another
+        # token, another Ray version) must do so while every commit and snapshot is still there
+        with ray_session(address, job.runtime.num_cpus, namespace=f"ckd-{job.name}"):
+            pass
     rec = _recover(job, store, runs, restart, emit)
     if job.blocks.live:  # a live plan grows: the blocks complete now are appended (cut once, never changed)
         plan, waiting = store.advance_live_plan(policy_of(job.blocks, job.seed), flush=flush)

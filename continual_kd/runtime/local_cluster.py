@@ -273,9 +273,13 @@ def cluster_up(workers: int, cpus_per_worker: float | None = None, gpus_per_work
                            "--temp-dir", temp_dir, "--object-store-memory", store, *_agent_port()], env, "head")
         _finish(head, "head", timeout_s)
         for n in state["nodes"][1:]:  # one after the other: raylets joining at once can time out on a small box
+            # each worker under a temp folder of its own: in the head's, a worker's runtime-env agent deleted the
+            # packages of a job's working folder it no longer used — the driver's working directory on the head
+            own = os.path.join(temp_dir, n["name"])
+            os.makedirs(own, exist_ok=True)
             _finish(_ray_start(["--address", state["address"], "--num-cpus", f"{cpus_per_worker:g}", "--num-gpus",
                                 str(gpus_per_worker), "--resources", json.dumps({n["resource"]: 1}), "--temp-dir",
-                                temp_dir, "--object-store-memory", store, *_agent_port()], env, n["name"]),
+                                own, "--object-store-memory", store, *_agent_port()], env, n["name"]),
                     f"worker {n['name']}",
                     timeout_s)
         wait_for_nodes(state, timeout_s)
@@ -313,7 +317,8 @@ def wait_for_nodes(state: dict, timeout_s: float = 60.0) -> list[dict]:
             return rows
         if time.monotonic() > deadline:
             raise CkdError(f"the local cluster's nodes {', '.join(sorted(want - alive))} did not join within "
-                           f"{timeout_s:g} s; see the logs under {state['temp_dir']}/session_latest/logs")
+                           f"{timeout_s:g} s; see the logs under {state['temp_dir']}/session_latest/logs (a worker's: "
+                           f"{state['temp_dir']}/<name>/session_latest/logs)")
         time.sleep(0.5)
 
 

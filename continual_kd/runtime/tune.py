@@ -217,7 +217,7 @@ def run_tune(job_file: Path, address: str | None = None, out: Path | None = None
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from ..data.sources import open_source, source_plan
-    from .cluster import ray_session
+    from .cluster import _alive_nodes, _nodes_text, ray_session
 
     emit = progress or (lambda _e: None)
     job_file = Path(job_file)
@@ -231,18 +231,28 @@ def run_tune(job_file: Path, address: str | None = None, out: Path | None = None
                        f"of the job with blocks: {{base_fraction: 0.5, incremental: N}}")
     raw = yaml.safe_load(job_file.read_text())
     check_space(job, raw, str(job_file))
+    out = Path(out) if out is not None else job_file.with_name(f"{job_file.stem}-best.yaml")
+    if out.is_dir():
+        raise CkdError(f"--out {out}: is a folder; give the path of the job file to write")
+    for folder in (out.parent, Path(storage)):  # a file in the way fails now, not after every trial
+        if any(p.exists() and not p.is_dir() for p in (folder, *folder.parents)):
+            raise CkdError(f"{folder}: a file stands where a folder is needed (--out / --storage); give another path")
     store = open_source(job.source)
     plan = source_plan(store, job)
     if spec.blocks > plan.num_blocks:
         raise CkdError(f"{job_file}: tune.blocks: {spec.blocks} is more than the {plan.num_blocks} blocks of the job's "
                        f"plan; lower it to at most {plan.num_blocks}")
     blocks = [store.read_block(plan.plan_id, k) for k in range(spec.blocks)]
-    out = Path(out) if out is not None else job_file.with_name(f"{job_file.stem}-best.yaml")
     trial_raw = {k: v for k, v in raw.items() if k != "tune"}
     key, label = METRICS[spec.metric]
     emit({"type": "info", "message": f"{spec.num_samples} sample(s) of {len(spec.space)} field(s), first "
                                      f"{spec.blocks} block(s), ASHA on the student's {label}"})
     with ray_session(address, job.runtime.num_cpus, namespace=f"ckd-tune-{job.name}"):
+        nodes = _alive_nodes()  # a trial no node can hold would wait for ever: refused before any trial starts
+        if not any(n.get("CPU", 0.0) + 1e-9 >= spec.cpus_per_trial for n in nodes):
+            raise CkdError(f"{job_file}: tune.cpus_per_trial: {spec.cpus_per_trial:g} CPUs, but no node of the Ray "
+                           f"cluster has that many (nodes: {_nodes_text(nodes)}); lower it (each trial's torch "
+                           f"threads follow it)")
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, raw=trial_raw, source=str(job_file), blocks=blocks,
                                  threads=max(1, int(spec.cpus_per_trial)), metric=spec.metric),

@@ -52,6 +52,8 @@ def ingest_labelled_file(store, path: str | Path, positive: float = 1.0) -> Labe
     if not path.is_file():
         raise CkdError(f"ingest-labelled {path}: no such file")
     users, items, label, when = read_labelled_columns(path, "ingest-labelled", times=True)
+    if len(label) == 0:  # as `ckd ingest` refuses a file without rows
+        raise CkdError(f"ingest-labelled {path}: the file has no rows (a header at most); nothing to add")
     content_hash = file_content_hash(path)
     ok = np.isfinite(label)
     for ids in (users, items):  # present and not absurdly long (a whole line in one field)
