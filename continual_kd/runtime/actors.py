@@ -128,9 +128,10 @@ def spawn_learner(role_name: str, spec: ModelSpec, seed: int, device: str, state
     ``scheduling_strategy``: where it goes, e.g. ``reserve_actors(...).strategies[role_name]`` (its
     bundle of the job's placement group); None: Ray's default placement.
 
-    Ray restarts it up to ``max_restarts`` times if its process dies (re-running ``__init__`` with
-    the state it started the job with); the coordinator then calls ``restore`` with the last
-    committed state. Calls are not retried by Ray: the coordinator retries whole blocks.
+    Ray restarts it up to ``max_restarts`` times if its process dies (re-running ``__init__`` with the
+    arguments it was started with: the coordinator passes no ``state`` and hands the committed one over by
+    ``restore``, at the start and after a restart). Calls are not retried by Ray: the coordinator retries
+    whole blocks.
     """
     cls = ray.remote(LearnerActor).options(
         name=role_name,

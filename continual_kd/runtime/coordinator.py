@@ -213,8 +213,11 @@ def run_job(job: JobSpec, address: str | None = None, restart: bool = False, pro
             check_resources({**demands, **trainers})
         reservation = reserve_actors(demands, timeout_s=job.runtime.placement_timeout_s,
                                      strategy=job.runtime.placement)  # fails here, in one line
-        actors = {n: spawn_learner(n, s, job.seed, job.runtime.device, (rec.states or {}).get(n),
-                                   max_restarts=job.runtime.max_restarts, scheduling_strategy=reservation.strategies[n])
+        # no state in the constructor: Ray keeps a restartable actor's constructor arguments in the object store
+        # for its restarts (and warns about it); the committed state is handed over by `restore` instead, as
+        # after a restart
+        actors = {n: spawn_learner(n, s, job.seed, job.runtime.device, max_restarts=job.runtime.max_restarts,
+                                   scheduling_strategy=reservation.strategies[n])
                   for n, s in specs.items()}
         feed = None
         try:
@@ -222,6 +225,8 @@ def run_job(job: JobSpec, address: str | None = None, restart: bool = False, pro
             refused = [p["error"] for p in result.placement.values() if p.get("error")]
             if refused:  # e.g. a GPU was asked for and the actor's process sees none: no silent CPU fallback
                 raise CkdError(refused[0])
+            if rec.states:
+                ray.get([actors[n].restore.remote(st) for n, st in rec.states.items() if n in actors])
             if any(p.get("node") for p in result.placement.values()):  # nodes of `ckd cluster up` name themselves
                 emit({"type": "info", "message": "actors: " + ", ".join(
                     f"{n} on {p['node'] or p['node_id'][:8]} ({p['device']})" for n, p in result.placement.items())})
