@@ -931,14 +931,23 @@ def status(
         out.print(_m("job {} (lineage {}): committed blocks {}{}", c["job"], c["lineage"],
                      ", ".join(map(str, c["blocks"])) or "none", f"; {c['revoked']} revoked" if c["revoked"] else ""))
     s["commits"] = commits
-    snaps = {}
+    snaps, snaps_damaged = {}, {}
     if runs.is_dir():
+        from .snapshots import MANIFEST as MANIFEST_NAME, _damage, _without_manifest, block_dir_name
+
         for d in sorted(runs.iterdir()):
             blocks = list_snapshots(d) if d.is_dir() else []
-            if blocks:
+            lost = _without_manifest(d) if d.is_dir() else []
+            if blocks or lost:
                 snaps[d.name] = blocks
-                out.print(_m("snapshots {}: blocks {}", d, ", ".join(map(str, blocks))))
-    _write_json(json_path, {**s, "snapshots": snaps, "verified": verify})
+                bad = {b: f"{MANIFEST_NAME} missing" for b in lost}
+                if verify:  # every file of every snapshot against its manifest's sha256
+                    bad.update({b: f"{p[0]} {p[1]}" for b in blocks
+                                if (p := _damage(d / block_dir_name(b))) is not None})
+                snaps_damaged.update({d.name: {str(b): why for b, why in sorted(bad.items())}} if bad else {})
+                note = "; damaged: " + ", ".join(f"{b} ({why})" for b, why in sorted(bad.items())) if bad else ""
+                out.print(_m("snapshots {}: blocks {}{}", d, ", ".join(map(str, blocks)) or "none", note))
+    _write_json(json_path, {**s, "snapshots": snaps, "snapshots_damaged": snaps_damaged, "verified": verify})
     damaged = [seg for seg in s["segments"] if seg.get("problem")]
     if damaged:  # named after the overview, in one line, exit code 2
         from .stream.segments import damaged_error

@@ -260,3 +260,26 @@ def test_the_ensemble_notes_tell_a_pruned_snapshot_from_a_damaged_one(finished_j
     assert sorted(scored) == [2]
     assert notes == ["ensemble at block 1 skipped: its snapshot block-0001 has no manifest (damaged)",
                      "ensemble not scored for block(s) 0: their snapshots were pruned (snapshots.keep_last)"]
+
+
+@pytest.mark.slow
+def test_status_names_damaged_snapshots(ckd80, finished_job, tmp_path):
+    import shutil
+
+    work, _ = finished_job
+    runs = tmp_path / "runs"
+    shutil.copytree(work / "runs", runs)
+    (runs / "two" / "block-0001" / "manifest.json").unlink()
+    student = runs / "two" / "block-0002" / "student.pt"
+    data = bytearray(student.read_bytes())
+    data[100] ^= 0xFF
+    student.write_bytes(bytes(data))
+    r = ckd80("status", "--store", "stores/two", "--runs", runs, "--json", "-")
+    assert r.exit_code == 0, r.output
+    st = json.loads(r.stdout)
+    assert st["snapshots"] == {"two": [0, 2]} and st["snapshots_damaged"] == {"two": {"1": "manifest.json missing"}}
+    r = ckd80("status", "--store", "stores/two", "--runs", runs, "--verify", "--json", "-")
+    assert r.exit_code == 0, r.output
+    st = json.loads(r.stdout)
+    assert st["snapshots_damaged"] == {"two": {"1": "manifest.json missing", "2": "student.pt checksum mismatch"}}
+    assert "damaged: 1 (manifest.json missing), 2 (student.pt checksum mismatch)" in r.stderr.replace("\n", " ")
