@@ -458,7 +458,8 @@ class _BlockProgress:
             self.console.print(_m(f"[{style}]{{}}[/]", e["message"]))
 
     def stop(self) -> None:
-        self.bar.stop()
+        if self.task is not None:  # a bar never started would still end its line: a blank line before an error
+            self.bar.stop()
 
 
 @app.command()

@@ -111,6 +111,7 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(cli, store, make_ar
     assert needle in r.output
     assert "Traceback" not in r.output
     assert [line for line in r.output.splitlines() if line.startswith("error:")].__len__() == 1
+    assert r.output.strip() and not r.output.startswith("\n")  # no blank line before it (a progress bar never shown)
     assert StreamStore.open(store).fingerprint() == before
     assert not Path("not-a-store").exists() and not Path("runs").exists()
 
