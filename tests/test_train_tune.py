@@ -185,3 +185,31 @@ def test_tune_on_the_held_out_share_reports_the_mean_over_every_block_so_far(ray
         run_stream_local(one, lambda k: store.read_blocks(plan.plan_id, k), 2, on_block=held, learners=learners)
         assert trial["per_block"] == pytest.approx(figures, abs=1e-6)
         assert all(0 < f <= 1 for f in figures)
+
+
+@pytest.mark.slow
+def test_ctrl_c_interrupts_a_search_in_one_line_and_writes_no_job(tiny_job, tmp_path):
+    """Tune's own SIGINT handler ended the trials and returned, and the search then wrote a "best" job from the
+    trials finished so far (exit 0); now ^C ends `ckd tune` as it ends any command."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    path = tiny_job(name="cc")
+    _edit(path, lambda d: d.update(tune={"space": {"student.dim": {"grid": [4, 8]}}, "num_samples": 20, "blocks": 3}))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    code = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\nfrom continual_kd.cli import main; main()"
+    proc = subprocess.Popen([sys.executable, "-c", code, "tune", str(path), "--storage", str(tmp_path / "tr")],
+                            cwd=path.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "tr").is_dir() or not any((tmp_path / "tr").rglob("params.json")):  # trials are running
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    said = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "interrupted (Ctrl-C)" in said and "Traceback" not in said, said[-2000:]
+    assert not (path.parent / "cc-best.yaml").exists()

@@ -266,15 +266,20 @@ def run_tune(job_file: Path, address: str | None = None, out: Path | None = None
                                         search_alg=BasicVariantGenerator(random_state=job.seed)),
             run_config=tune.RunConfig(name=f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(Path(storage).resolve()),
                                       verbose=0))
-        quiet = os.environ.get("RAY_AIR_NEW_OUTPUT")
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's older output engine honours verbose=0 (no boxes on stdout)
+        # Tune's older output engine honours verbose=0 (no boxes on stdout). Ctrl-C interrupts the search as it
+        # interrupts any command (one line, exit 130, no job file written): Tune's own handler ended the trials
+        # and returned, and the search went on to write a "best" job from the trials finished so far
+        settings = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_SIGINT_HANDLER": "1"}
+        saved = {k: os.environ.get(k) for k in settings}
+        os.environ.update(settings)
         try:
             grid = tuner.fit()
         finally:
-            if quiet is None:
-                os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-            else:
-                os.environ["RAY_AIR_NEW_OUTPUT"] = quiet
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         experiment = grid.experiment_path
         rows = [_row(i, r, spec.blocks, key) for i, r in enumerate(grid)]
     done = [r for r in rows if r.status == "done"]
