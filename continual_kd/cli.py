@@ -934,19 +934,15 @@ def status(
     s["commits"] = commits
     snaps, snaps_damaged = {}, {}
     if runs.is_dir():
-        from .snapshots import MANIFEST as MANIFEST_NAME, _damage, _without_manifest, block_dir_name
+        from .snapshots import damaged_snapshots
 
         for d in sorted(runs.iterdir()):
             blocks = list_snapshots(d) if d.is_dir() else []
-            lost = _without_manifest(d) if d.is_dir() else []
-            if blocks or lost:
+            bad = damaged_snapshots(d, verify) if d.is_dir() else {}
+            if blocks or bad:
                 snaps[d.name] = blocks
-                bad = {b: f"{MANIFEST_NAME} missing" for b in lost}
-                if verify:  # every file of every snapshot against its manifest's sha256
-                    bad.update({b: f"{p[0]} {p[1]}" for b in blocks
-                                if (p := _damage(d / block_dir_name(b))) is not None})
-                snaps_damaged.update({d.name: {str(b): why for b, why in sorted(bad.items())}} if bad else {})
-                note = "; damaged: " + ", ".join(f"{b} ({why})" for b, why in sorted(bad.items())) if bad else ""
+                snaps_damaged.update({d.name: {str(b): why for b, why in bad.items()}} if bad else {})
+                note = "; damaged: " + ", ".join(f"{b} ({why})" for b, why in bad.items()) if bad else ""
                 out.print(_m("snapshots {}: blocks {}{}", d, ", ".join(map(str, blocks)) or "none", note))
     _write_json(json_path, {**s, "snapshots": snaps, "snapshots_damaged": snaps_damaged, "verified": verify})
     damaged = [seg for seg in s["segments"] if seg.get("problem")]

@@ -23,3 +23,12 @@ def excerpt(text: str, limit: int = 120) -> str:
         junk = bad
     line = "".join(out)
     return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def file_in_the_way(path):
+    """The first existing file among ``path`` and its parents (a file where the command needs a folder), or None:
+    checked before a long step, so such a path is refused before the work, not after it. → a ``Path`` or None."""
+    from pathlib import Path
+
+    path = Path(path)
+    return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)

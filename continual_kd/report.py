@@ -49,7 +49,7 @@ def ensemble_history(job_dir: Path, manifest: dict, blocks: list[int], device: s
     from .config import parse_job
     from .errors import CkdError
     from .manifest import block_manifest_problem
-    from .snapshots import block_dir_name, list_snapshots, resolve_snapshot
+    from .snapshots import block_dir_name, damaged_snapshots, list_snapshots, resolve_snapshot
     from .stream import StreamStore
 
     teachers = [n for n in manifest.get("model_info", {}) if n.startswith("teacher:")]
@@ -61,10 +61,11 @@ def ensemble_history(job_dir: Path, manifest: dict, blocks: list[int], device: s
         return {}, [f"no ensemble: {e}"]
     job = parse_job(manifest["job_spec"], f"{job_dir}/manifest.json")
     on_disk = set(list_snapshots(job_dir))
+    lost = damaged_snapshots(job_dir)  # folders that lost their manifest: damaged, not pruned
     out, notes, pruned = {}, [], []
     for k in blocks:
         if k not in on_disk:
-            if (job_dir / block_dir_name(k)).is_dir():  # a folder that lost its manifest: damaged, not pruned
+            if k in lost:
                 notes.append(f"ensemble at block {k} skipped: its snapshot {block_dir_name(k)} has no manifest "
                              f"(damaged)")
             else:

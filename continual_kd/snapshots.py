@@ -187,6 +187,21 @@ def resolve_snapshot(runs_dir: Path, which: str | int = "latest",
     return Snapshot(path, block, _read_manifest(path)), []
 
 
+def damaged_snapshots(runs_dir: Path, verify: bool = False) -> dict[int, str]:
+    """block → what is wrong, for the snapshot folders of ``runs_dir`` that cannot be read: those that lost their
+    manifest (``list_snapshots`` skips them) and, with ``verify``, those whose files no longer match it."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return {}
+    bad = {b: f"{MANIFEST} missing" for b in _without_manifest(runs_dir)}
+    if verify:  # every file of every snapshot against its manifest's size and sha256
+        for b in list_snapshots(runs_dir):
+            problem = _damage(runs_dir / block_dir_name(b))
+            if problem is not None:
+                bad[b] = f"{problem[0]} {problem[1]}"
+    return dict(sorted(bad.items()))
+
+
 def _without_manifest(runs_dir: Path) -> list[int]:
     """Blocks whose snapshot folder holds files but no manifest (lost or deleted; ``list_snapshots`` skips them)."""
     out = []

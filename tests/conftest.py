@@ -129,7 +129,8 @@ def local_snapshot():
 def same_as_local():
     """Check a Ray run against the same job run in-process (one torch thread, as a 1-CPU actor): every block's
     metrics, plasticity / stability and the KD terms each model trained with, to the digit — knowledge vectors,
-    term state and the stages handled on the actors exactly as in one process. (job, ray_result) → None."""
+    term state and the stages handled on the actors exactly as in one process. (job, ray_result) → the in-process
+    run's block results."""
     import math
 
     import torch
@@ -137,7 +138,7 @@ def same_as_local():
     from continual_kd.continual import run_stream_local
     from continual_kd.data.sources import open_source
 
-    def check(job, ray_result) -> None:
+    def check(job, ray_result) -> list:
         store = open_source(job.source)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -159,5 +160,6 @@ def same_as_local():
                     assert close(value, b.continual[model][key]), (a.block, model, key)
                 assert a.updates[model].get("terms") == b.updates[model].get("terms")
                 assert close(a.updates[model].get("kd_loss"), b.updates[model].get("kd_loss")), (a.block, model)
+        return local
 
     return check

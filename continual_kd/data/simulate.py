@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ..errors import CkdError
+from ..errors import CkdError, file_in_the_way
 from .synthetic import _arrivals, _around, _unit  # the same latent-space helpers as the synthetic stream
 
 CHUNK_CELLS = 1 << 22  # user × item cells drawn at a time (~16 MB of float32 uniforms)
@@ -255,7 +255,7 @@ def write_simulation(out: str | Path, cfg: SimulationConfig, fmt: str = "parquet
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CkdError(f"{out} is a file; give a folder for the stream and its truth")
-    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(out.parent)
     if blocking is not None:  # refused before the simulation runs
         raise CkdError(f"{out}: {blocking} is a file, not a folder; give a folder for the stream and its truth")
     table, truth = simulate(cfg)

@@ -25,7 +25,7 @@ from typing import Callable
 import yaml
 
 from ..config import JobSpec, TuneDomainSpec, load_job, parse_job
-from ..errors import CkdError
+from ..errors import CkdError, file_in_the_way
 
 METRIC = "valid_ndcg_at_20"  # the student's validation NDCG@20 on the block just run
 HOLDOUT_METRIC = "holdout_ndcg_at_20"  # tune.metric: holdout — its mean NDCG@20 over every held-out part so far
@@ -235,7 +235,7 @@ def run_tune(job_file: Path, address: str | None = None, out: Path | None = None
     if out.is_dir():
         raise CkdError(f"--out {out}: is a folder; give the path of the job file to write")
     for folder in (out.parent, Path(storage)):  # a file in the way fails now, not after every trial
-        if any(p.exists() and not p.is_dir() for p in (folder, *folder.parents)):
+        if file_in_the_way(folder) is not None:
             raise CkdError(f"{folder}: a file stands where a folder is needed (--out / --storage); give another path")
     store = open_source(job.source)
     plan = source_plan(store, job)
