@@ -25,6 +25,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import CkdError
+from .stopping import StopFlag, catch_stop_signals, restore_signals
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="continual-kd: continual knowledge distillation for recommenders, on Ray.")
@@ -61,7 +62,7 @@ _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, er
 # a path given to the command that cannot be what it must be: a file where a folder is needed (or the reverse), a
 # missing parent, a name too long
 _PATH_ERRNOS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.ENAMETOOLONG}
-_INTERRUPTED = threading.Event()
+_INTERRUPTED = StopFlag()  # not a threading.Event: a handler setting one can deadlock (stopping.py)
 
 
 def _on_sigint(signum, frame) -> None:
@@ -242,9 +243,6 @@ def _gone_if_empty(store: Path, fresh: bool, taken):
 
 
 def _watch(st, folder: Path, cols, poll: str, settle: str, once: bool) -> None:
-    import signal
-    import threading
-
     from .config import parse_duration
     from .stream.watch import watch_folder
 
@@ -252,8 +250,8 @@ def _watch(st, folder: Path, cols, poll: str, settle: str, once: bool) -> None:
         poll_s, settle_s = parse_duration(poll), (0.0 if settle.strip() in ("0", "0s") else parse_duration(settle))
     except ValueError:
         raise CkdError(f"--poll {poll!r} / --settle {settle!r}: not a duration; write e.g. 2s or 1m") from None
-    stop = threading.Event()
-    old = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop = StopFlag()
+    old = catch_stop_signals(stop)
     retries = []
 
     def on_event(e) -> None:
@@ -270,8 +268,7 @@ def _watch(st, folder: Path, cols, poll: str, settle: str, once: bool) -> None:
             out.print(_m("watching {} (every {:g}s; SIGINT/SIGTERM stops)", folder, poll_s))
         watch_folder(st, folder, cols, poll_s, settle_s, once, stop, on_event)
     finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+        restore_signals(old)
     if once and retries:
         raise CkdError(f"{len(retries)} file(s) in {folder} were left for the next look: {retries[0].reason}")
 
@@ -743,6 +740,8 @@ def recommend(
     reasons: Annotated[int, typer.Option("--reasons", help="Reasons shown per item with --explain.")] = 3,
 ):
     """Serve a snapshot's student: the top-k unseen items for each --user (external ids in and out)."""
+    import numpy as np
+
     from .continual.snapshot_eval import recommend_from_snapshot
     from .manifest import block_manifest_problem
     from .snapshots import resolve_snapshot
@@ -770,14 +769,15 @@ def recommend(
     if explain:
         return _explained(snap, store, seen, user, dense, k, model, reasons, json_path)
     items, scores = recommend_from_snapshot(snap, seen, dense, k, model)
-    names = store.external_ids("item", items.flatten().numpy())
+    names = np.asarray(store.external_ids("item", items.flatten().numpy()), dtype=object).reshape(tuple(items.shape))
+    unseen = scores > float("-inf")  # k past a user's unseen items: the list ends with them (seen ones score -inf)
     payload = {}
     t = Table(title=_m("{} @ block-{:04d}: top-{}", model, snap.block, k))
     t.add_column("user", overflow="fold")
     t.add_column("items (best first)", overflow="fold")
     for row, u in enumerate(user):
-        ids = names[row * items.shape[1] : (row + 1) * items.shape[1]]
-        payload[u] = [{"item": i, "score": float(sc)} for i, sc in zip(ids, scores[row].tolist())]
+        ids = names[row][unseen[row].numpy()].tolist()
+        payload[u] = [{"item": i, "score": float(sc)} for i, sc in zip(ids, scores[row][unseen[row]].tolist())]
         t.add_row(_e(u), _e(", ".join(ids)))
     _human(json_path).print(t)
     _write_json(json_path, {"snapshot": str(snap.path), "model": model, "recommendations": payload})

@@ -89,6 +89,11 @@ def test_submit_snapshots_and_evaluate(ray_cluster, cli, tiny_job, tmp_path):
     mine = set(store.external_ids("item", seen.items[seen.users == 0]))
     assert len(recs) == 5 and not {x["item"] for x in recs} & mine
     assert [x["score"] for x in recs] == sorted((x["score"] for x in recs), reverse=True)
+    r = cli("recommend", "--user", user, "-k", "100000", "--json", "all.json")  # k past the user's unseen items
+    assert r.exit_code == 0, r.output
+    every = json.loads((tmp_path / "all.json").read_text())["recommendations"][user]
+    assert len(every) == seen.num_items - len(mine) and not {x["item"] for x in every} & mine  # those and no others
+    assert all(math.isfinite(x["score"]) for x in every) and every[:5] == recs
     r = cli("recommend", "--user", user, "--user", user, "-k", "3", "--json", "twice.json")  # served once
     assert r.exit_code == 0 and list(json.loads((tmp_path / "twice.json").read_text())["recommendations"]) == [user]
     assert sum(line.count(user) for line in r.stdout.splitlines()) == 1, r.stdout

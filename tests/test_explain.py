@@ -281,6 +281,13 @@ def test_cli_recommend_explain_on_a_real_snapshot(cli, tmp_path: Path):
                     assert target % 4 == cited % 4
     f = data["faithfulness"]
     assert f["cases"] == 6 and 0.5 <= f["cited_wins"] <= 1.0
+    # k past the user's unseen items: those items and no others, each case of the summary one of them
+    res = cli("recommend", "--runs", tmp_path / "runs", "--user", "u1", "-k", "1000", "--explain", "--json", "-")
+    assert res.exit_code == 0, res.stderr
+    every = json.loads(res.stdout)
+    unseen = seen.num_items - len(rated)
+    assert len(every["recommendations"]["u1"]) == unseen and every["faithfulness"]["cases"] == unseen
+    assert not {r["item"] for r in every["recommendations"]["u1"]} & rated
     # the human output says it in words
     res = cli("recommend", "--runs", tmp_path / "runs", "--user", "u1", "-k", "2", "--explain")
     assert res.exit_code == 0, res.stderr

@@ -35,15 +35,17 @@ def removal_drops(model: PathRec, users: torch.Tensor, items: torch.Tensor, remo
 
 @torch.no_grad()
 def faithfulness(model: PathRec, users: torch.Tensor, items: torch.Tensor, generator: torch.Generator,
-                 chunk: int = 256) -> dict:
+                 chunk: int = 256, listed: torch.Tensor | None = None) -> dict:
     """Over (user, recommended item) cases: mean drop when the cited interaction (the top reason) is removed,
-    mean drop for a random other known item, and how often the cited one drops more (ties count ½)."""
+    mean drop for a random other known item, and how often the cited one drops more (ties count ½).
+    ``listed`` (B, k): the cases that count (a list shorter than k, padded with items the user knows: False)."""
     known = model.graphs().known
     cited_all, random_all = [], []
     for start in range(0, len(users), chunk):  # chunks bound the (B, k, I) contributions' memory
         u, it = users[start : start + chunk], items[start : start + chunk]
         ok = known.degree[u] >= 2
         u, it = u[ok], it[ok]
+        keep = (torch.ones_like(it, dtype=torch.bool) if listed is None else listed[start : start + chunk][ok]).reshape(-1)
         if len(u) == 0:
             continue
         r = reasons(model, u, it, top=1)
@@ -52,9 +54,9 @@ def faithfulness(model: PathRec, users: torch.Tensor, items: torch.Tensor, gener
         mask.scatter_(2, cited.clamp(min=0).unsqueeze(-1), False)
         weights = mask.reshape(-1, mask.shape[-1]).to(torch.float32)
         rand = torch.multinomial(weights.cpu(), 1, generator=generator).to(u.device).reshape(cited.shape)
-        cited_all.append(removal_drops(model, u, it, cited, r).reshape(-1))
-        random_all.append(removal_drops(model, u, it, rand, r).reshape(-1))
-    if not cited_all:
+        cited_all.append(removal_drops(model, u, it, cited, r).reshape(-1)[keep])
+        random_all.append(removal_drops(model, u, it, rand, r).reshape(-1)[keep])
+    if not cited_all or not sum(len(c) for c in cited_all):
         return {"cases": 0, "cited_drop": None, "random_drop": None, "cited_wins": None}
     c, r = torch.cat(cited_all), torch.cat(random_all)
     wins = (c > r).float() + 0.5 * (c == r).float()

@@ -46,6 +46,9 @@ def explain_recommendations(learners: dict, store, seen: Interactions, users: np
     served.observe(known.users, known.items)
     u = torch.as_tensor(np.asarray(users), dtype=torch.int64)
     recs, scores = top_k_items(served, u, k, known)
+    listed = scores > float("-inf")  # k past a user's unseen items: the list ends there (known items score -inf)
+    width = int(listed.sum(1).max()) if len(u) else 0
+    recs, scores, listed = recs[:, :width], scores[:, :width], listed[:, :width]
     t_rec = time.perf_counter() - t0
 
     path, path_name = path_model_of(learners, seen)
@@ -104,7 +107,7 @@ def explain_recommendations(learners: dict, store, seen: Interactions, users: np
     out_users = []
     for b in range(len(u)):
         items = []
-        for j in range(recs.shape[1]):
+        for j in range(int(listed[b].sum())):
             i = int(recs[b, j])
             total = float(path_scores[b, j])
             ps = float(r.path_score[b, j])
@@ -132,6 +135,6 @@ def explain_recommendations(learners: dict, store, seen: Interactions, users: np
                                          "random_drop": float(drops_random[b, j])}
             items.append(entry)
         out_users.append(items)
-    summary = faithfulness(path, u, recs, torch.Generator().manual_seed(seed))
+    summary = faithfulness(path, u, recs, torch.Generator().manual_seed(seed), listed=listed)
     return {"path_model": path_name, "users": out_users, "faithfulness": summary,
             "seconds": {"recommend": t_rec, "explain": time.perf_counter() - t0 - t_rec}}

@@ -33,6 +33,7 @@ from ..errors import CkdError
 from ..eval.metrics import undefined_as_none
 from ..locks import single_driver
 from ..manifest import block_manifest, block_manifest_problem, block_results, manifest_digest, update_choice
+from ..stopping import StopFlag, catch_stop_signals, nap_until, restore_signals
 from ..snapshots import (MANIFEST, block_dir_name, list_snapshots, prune_snapshots, remove_job_snapshots, resolve_snapshot,
                          write_snapshot)
 from ..stream import BlockPlan, StreamStore
@@ -148,7 +149,7 @@ def run_job(job: JobSpec, address: str | None = None, restart: bool = False, pro
     complete now (``flush``: the incomplete rest too); ``follow`` then waits for new data and runs each new block
     as soon as it is complete, until SIGINT / SIGTERM or ``stop`` is set (the running block is abandoned at its
     next stage, uncommitted: a re-submit runs it again from the last commit)."""
-    stop = stop if stop is not None else threading.Event()
+    stop = stop if stop is not None else StopFlag()
     emit = _stop_at_stage(progress or (lambda _e: None), stop)
     if (follow or flush) and not job.blocks.live:
         raise CkdError(f"--{'follow' if follow else 'flush'}: job {job.name!r} cuts a fixed plan (blocks.base_fraction / "
@@ -304,7 +305,8 @@ class _BlockFeed:
             store, plan, start, follow, poll_s, stop, emit
         self.policy = policy_of(job.blocks, job.seed) if job.blocks.live else None
         self.limit = None if max_blocks is None else start + max_blocks
-        self._handlers = _catch_signals(stop, emit) if follow else {}  # after ray.init: it sets its own SIGTERM
+        # after ray.init, which sets its own SIGTERM handler; a second signal interrupts at once
+        self._handlers = catch_stop_signals(stop, interrupt_on_second=True) if follow else {}
 
     def __iter__(self):
         k = self.start
@@ -338,29 +340,12 @@ class _BlockFeed:
             if waiting is not None:
                 self.emit({"type": "wait", "done": k, "pending_rows": waiting["pending_rows"],
                            "needs": waiting["needs"], "waited_s": time.monotonic() - since, "poll_s": self.poll_s})
-            deadline = time.monotonic() + self.poll_s
-            while not self.stop.is_set() and time.monotonic() < deadline:
-                time.sleep(min(0.2, self.poll_s))
+            nap_until(self.stop, self.poll_s, nap=0.2)
         return False
 
     def close(self) -> None:
-        for sig, handler in self._handlers.items():
-            signal.signal(sig, handler)
+        restore_signals(self._handlers)
         self._handlers = {}
-
-
-def _catch_signals(stop: threading.Event, emit: Progress) -> dict:
-    """SIGINT / SIGTERM → ``stop`` (the follower ends after the running stage); a second one → KeyboardInterrupt
-    (at once; a re-submit resumes after the last commit). → the handlers replaced (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-
-    def handler(signum, _frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
 def _run_block_with_retries(job: JobSpec, k: int, block_refs: list, actors: dict, states: dict | None,

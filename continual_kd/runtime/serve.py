@@ -16,7 +16,6 @@ import http.client
 import json
 import logging
 import re
-import signal
 import socket
 import threading
 from pathlib import Path
@@ -28,6 +27,7 @@ from starlette.responses import JSONResponse
 
 from ..errors import CkdError
 from ..serving import MAX_K, SnapshotFollower, UnknownUser
+from ..stopping import StopFlag, catch_stop_signals, nap_until, restore_signals
 
 logger = logging.getLogger("ray.serve")
 APP_NAME = "ckd"
@@ -154,7 +154,7 @@ def serve_job(job, host: str, port: int, poll_s: float, replicas: int, torch_thr
     ``stop`` is set or, in the main thread, SIGINT / SIGTERM arrives; then shut Serve and Ray down."""
     from .cluster import ray_session
 
-    stop = stop or threading.Event()
+    stop = stop or StopFlag()
 
     store_root = Path(job.source.store).resolve()
     if not (store_root / "catalog.duckdb").is_file():
@@ -163,7 +163,7 @@ def serve_job(job, host: str, port: int, poll_s: float, replicas: int, torch_thr
     check_port_free(host, port)
     runs_dir = job.snapshot_dir.resolve()
     with ray_session(namespace="ckd-serve", dashboard_port=dashboard_port or free_port()) as session:
-        handlers = _catch_signals(stop)  # after ray.init, which sets its own SIGTERM handler
+        handlers = catch_stop_signals(stop)  # after ray.init, which sets its own SIGTERM handler
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's driver-side start-up chatter
         serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
         try:
@@ -185,16 +185,12 @@ def serve_job(job, host: str, port: int, poll_s: float, replicas: int, torch_thr
                 if state != last:
                     emit({"event": "health", **health})
                     last = state
-                if stop.wait(min(poll_s, 1.0)):
+                if nap_until(stop, min(poll_s, 1.0)):
                     break
         finally:
-            serve.shutdown()
-            for sig, previous in handlers.items():
-                signal.signal(sig, previous)
-
-
-def _catch_signals(stop: threading.Event) -> dict:
-    """SIGINT / SIGTERM → ``stop`` (Serve and Ray are then shut down); → the handlers replaced (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+            # a Ray this call joined (a test's) keeps running, so Serve is taken down in it; our own embedded Ray
+            # goes down whole with the session (Serve's shutdown there only printed the raylet's noise that its
+            # controller's graceful_shutdown "failed")
+            if not session.started_here:
+                serve.shutdown()
+            restore_signals(handlers)

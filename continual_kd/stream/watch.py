@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from continual_kd.errors import CkdError
+from continual_kd.stopping import StopFlag, nap_until
 from continual_kd.stream.ingest import ColumnMap
 from continual_kd.stream.store import IngestReport, StreamStore
 
@@ -94,7 +95,7 @@ def watch_folder(store: StreamStore, folder: Path, columns: ColumnMap = ColumnMa
     if not os.access(folder, os.W_OK | os.X_OK):
         raise CkdError(f"--watch {folder}: the folder is not writable; taken files are moved to {folder}/{INGESTED}/ "
                        f"(refused ones to {folder}/{REFUSED}/), so make it writable")
-    stop = stop if stop is not None else threading.Event()
+    stop = stop if stop is not None else StopFlag()
     taken = 0
     while not stop.is_set():
         for path in ready_files(folder, settle_s):
@@ -105,7 +106,5 @@ def watch_folder(store: StreamStore, folder: Path, columns: ColumnMap = ColumnMa
             on_event(event)
         if once:
             break
-        deadline = time.monotonic() + poll_s
-        while not stop.is_set() and time.monotonic() < deadline:
-            time.sleep(min(0.2, poll_s))
+        nap_until(stop, poll_s, nap=0.2)
     return taken
