@@ -27,6 +27,7 @@ SHAPES = {"1M": (50_000, 20_000, 45_000, 166_667, 400_000), "10M": (300_000, 100
 
 
 def measure(label: str, threads: int = 1) -> dict:
+    import continual_kd  # noqa: F401  (before torch: huge pages for its large buffers, as in `ckd`)
     import torch
 
     from continual_kd.config import TrainSpec

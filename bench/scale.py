@@ -38,10 +38,11 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import continual_kd  # noqa: E402,F401  (before torch: huge pages for its large buffers, as in `ckd`)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from continual_kd.config import SyntheticSpec, parse_job  # noqa: E402
 from continual_kd.continual import make_learners  # noqa: E402
