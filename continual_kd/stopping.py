@@ -13,8 +13,17 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from typing import Protocol
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Stop(Protocol):
+    """What a loop that can be stopped reads (and a handler or another thread sets): ``StopFlag`` or ``threading.Event``."""
+
+    def set(self) -> None: ...
+
+    def is_set(self) -> bool: ...
 
 
 class StopFlag:

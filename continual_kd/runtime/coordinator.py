@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from ..errors import CkdError
 from ..eval.metrics import undefined_as_none
 from ..locks import single_driver
 from ..manifest import block_manifest, block_manifest_problem, block_results, manifest_digest, update_choice
-from ..stopping import StopFlag, catch_stop_signals, nap_until, restore_signals
+from ..stopping import Stop, StopFlag, catch_stop_signals, nap_until, restore_signals
 from ..snapshots import (MANIFEST, block_dir_name, list_snapshots, prune_snapshots, remove_job_snapshots, resolve_snapshot,
                          write_snapshot)
 from ..stream import BlockPlan, StreamStore
@@ -144,7 +143,7 @@ def _recover(job: JobSpec, store: StreamStore, runs: Path, restart: bool, emit: 
 def run_job(job: JobSpec, address: str | None = None, restart: bool = False, progress: Progress | None = None,
             max_blocks: int | None = None, dashboard_host: str = "127.0.0.1",
             node_ip_address: str | None = None, follow: bool = False, poll_s: float = 30.0, flush: bool = False,
-            stop: threading.Event | None = None) -> JobResult:
+            stop: Stop | None = None) -> JobResult:
     """Run the job's blocks. A live block policy (``blocks.window`` / ``blocks.rows``) appends the blocks that are
     complete now (``flush``: the incomplete rest too); ``follow`` then waits for new data and runs each new block
     as soon as it is complete, until SIGINT / SIGTERM or ``stop`` is set (the running block is abandoned at its
@@ -283,7 +282,7 @@ class _Stopped(Exception):
     """A stop was asked for: the running block is abandoned at its next stage; nothing of it is committed."""
 
 
-def _stop_at_stage(emit: Progress, stop: threading.Event) -> Progress:
+def _stop_at_stage(emit: Progress, stop: Stop) -> Progress:
     """``emit``, raising ``_Stopped`` when a stage starts after a stop was asked for (the running stage ends first)."""
 
     def wrapped(e: dict) -> None:
@@ -300,7 +299,7 @@ class _BlockFeed:
     follows, SIGINT / SIGTERM set ``stop`` (a second one interrupts at once)."""
 
     def __init__(self, store: StreamStore, job: JobSpec, plan: BlockPlan, start: int, max_blocks: int | None,
-                 follow: bool, poll_s: float, stop: threading.Event, emit: Progress):
+                 follow: bool, poll_s: float, stop: Stop, emit: Progress):
         self.store, self.plan, self.start, self.follow, self.poll_s, self.stop, self.emit = \
             store, plan, start, follow, poll_s, stop, emit
         self.policy = policy_of(job.blocks, job.seed) if job.blocks.live else None

@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse
 
 from ..errors import CkdError
 from ..serving import MAX_K, SnapshotFollower, UnknownUser
-from ..stopping import StopFlag, catch_stop_signals, nap_until, restore_signals
+from ..stopping import Stop, StopFlag, catch_stop_signals, nap_until, restore_signals
 
 logger = logging.getLogger("ray.serve")
 APP_NAME = "ckd"
@@ -148,7 +148,7 @@ def get_json(host: str, port: int, path: str, timeout: float = 5.0) -> tuple[int
 
 
 def serve_job(job, host: str, port: int, poll_s: float, replicas: int, torch_threads: int,
-              emit: Callable[[dict], None], stop: threading.Event | None = None,
+              emit: Callable[[dict], None], stop: Stop | None = None,
               dashboard_port: int | None = None) -> None:
     """Start an embedded Ray (loopback, token auth) and the Serve app; report what it serves (``emit``) until
     ``stop`` is set or, in the main thread, SIGINT / SIGTERM arrives; then shut Serve and Ray down."""

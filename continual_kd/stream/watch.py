@@ -15,14 +15,13 @@ between an ingest and the move takes the file again at its next start without ad
 from __future__ import annotations
 
 import os
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from continual_kd.errors import CkdError
-from continual_kd.stopping import StopFlag, nap_until
+from continual_kd.stopping import Stop, StopFlag, nap_until
 from continual_kd.stream.ingest import ColumnMap
 from continual_kd.stream.store import IngestReport, StreamStore
 
@@ -86,7 +85,7 @@ def take_file(store: StreamStore, path: Path, columns: ColumnMap) -> WatchEvent:
 
 
 def watch_folder(store: StreamStore, folder: Path, columns: ColumnMap = ColumnMap(), poll_s: float = 2.0,
-                 settle_s: float = 2.0, once: bool = False, stop: threading.Event | None = None,
+                 settle_s: float = 2.0, once: bool = False, stop: Stop | None = None,
                  on_event: Callable[[WatchEvent], None] = lambda e: None) -> int:
     """Take the folder's files as they appear until ``stop`` is set (``once``: one look). → files taken."""
     folder = Path(folder)
