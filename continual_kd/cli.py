@@ -208,7 +208,7 @@ def ingest(
     weight_col: Annotated[Optional[str], typer.Option(help="Name of a rating/weight column (default: 'weight' or 'rating' if present).")] = None,
     watch: Annotated[Optional[Path], typer.Option("--watch", help="Take each new file that appears in this folder, exactly once (moved to DIR/ingested/, or DIR/refused/ with the reason), until SIGINT/SIGTERM.")] = None,
     poll: Annotated[str, typer.Option("--poll", help="With --watch: how often to look (2s, 1m, ...).")] = "2s",
-    settle: Annotated[str, typer.Option("--settle", help="With --watch: a file is taken once unchanged this long (a file moved in qualifies at once); 0 takes every file seen.")] = "2s",
+    settle: Annotated[str, typer.Option("--settle", help="With --watch: a file is taken once unchanged this long (a file moved in keeps its time and qualifies at once; one just written or copied waits); 0 takes every file seen.")] = "2s",
     once: Annotated[bool, typer.Option("--once", help="With --watch: one look, then exit.")] = False,
 ):
     """Validate and append interaction files to a stream store (bad rows are quarantined with a reason)."""
@@ -244,7 +244,7 @@ def _gone_if_empty(store: Path, fresh: bool, taken):
 
 def _watch(st, folder: Path, cols, poll: str, settle: str, once: bool) -> None:
     from .config import parse_duration
-    from .stream.watch import watch_folder
+    from .stream.watch import ready_files, watch_folder
 
     try:
         poll_s, settle_s = parse_duration(poll), (0.0 if settle.strip() in ("0", "0s") else parse_duration(settle))
@@ -269,6 +269,13 @@ def _watch(st, folder: Path, cols, poll: str, settle: str, once: bool) -> None:
         watch_folder(st, folder, cols, poll_s, settle_s, once, stop, on_event)
     finally:
         restore_signals(old)
+    if once:  # files still there that were not retried: written or copied in within the last --settle
+        unsettled = set(ready_files(folder, 0.0)) - {e.path for e in retries}
+        if unsettled:
+            err.print(_m("[yellow]{} file(s) in {} changed within the last {:g}s (--settle), so they may still be "
+                         "written: left for the next look[/] ({})", len(unsettled), folder, settle_s,
+                         ", ".join(sorted(p.name for p in unsettled)[:3]) + (", …" if len(unsettled) > 3 else "")),
+                      soft_wrap=True)
     if once and retries:
         raise CkdError(f"{len(retries)} file(s) in {folder} were left for the next look: {retries[0].reason}")
 
@@ -291,10 +298,9 @@ def ingest_kg(
     store: StoreOpt,
 ):
     """Add item knowledge (item, relation, tail) triples to a stream store; bad rows are quarantined with a reason."""
-    from .stream import StreamStore
     from .stream.kg import ingest_triples_file
 
-    st = StreamStore.open(store, create=True)
+    st = _existing_store(store, "item knowledge")
     for f in files:
         _print_kg_report(ingest_triples_file(st, f))
 
@@ -310,14 +316,23 @@ def ingest_labelled(
 ):
     """Add a missing-at-random labelled sample to a stream store: models with `calibrate: mar` calibrate their
     ranking on the rows collected up to each block (continual/calibrate.py)."""
-    from .stream import StreamStore
-    from .stream.labelled import ingest_labelled_file, labelled_status
+    from .stream.labelled import ingest_labelled_file
 
-    fresh = not Path(store).exists()
-    st = StreamStore.open(store, create=True)
-    with _gone_if_empty(store, fresh, lambda: labelled_status(st)["ingests"]):
-        for f in files:
-            _print_labelled(ingest_labelled_file(st, f, positive), positive)
+    st = _existing_store(store, "a labelled sample")
+    for f in files:
+        _print_labelled(ingest_labelled_file(st, f, positive), positive)
+
+
+def _existing_store(store: Path, what: str):
+    """The stream store at ``store``, which must exist: what these commands add (``what``) belongs to a store's
+    interactions, so a mistyped ``--store`` is refused instead of starting a store that holds only it."""
+    from .stream import StreamStore
+    from .stream.catalog import CATALOG_FILE
+
+    if not Path(store).is_file() and not (Path(store) / CATALOG_FILE).exists():  # a file: open() names it
+        raise CkdError(f"--store {store}: no stream store there (no {CATALOG_FILE}); {what} is added to a store that "
+                       f"holds interactions: `ckd ingest FILE --store {store}` or `ckd data …` first, or name that store")
+    return StreamStore.open(store)
 
 
 def _print_labelled(r, positive: float) -> None:
@@ -421,8 +436,10 @@ class _BlockProgress:
         kind = e["type"]
         if kind == "plan":
             plan = e["plan"]
-            self.console.print(_m("block plan {}: {} blocks ({} rows), running {}..{}", plan.plan_id, plan.num_blocks,
-                                  ", ".join(f"{b.rows:,}" for b in plan.blocks), e["start"], e["end"] - 1))
+            todo = (f"running {e['start']}..{e['end'] - 1}" if e["end"] > e["start"] + 1 else
+                    f"running {e['start']}" if e["end"] > e["start"] else "every block done; waiting for new data")
+            self.console.print(_m("block plan {}: {} blocks ({} rows), {}", plan.plan_id, plan.num_blocks,
+                                  ", ".join(f"{b.rows:,}" for b in plan.blocks), todo))
             self.bar.start()
             self.task = self.bar.add_task("starting", total=e["end"] - e["start"])
         elif kind == "ray":
@@ -1040,7 +1057,7 @@ def tune(
     job_file: Annotated[Path, typer.Argument(help="Job spec with a tune: section, e.g. jobs/tune.yaml.")],
     out_path: Annotated[Optional[Path], typer.Option("--out", help="Where the best trial's job file goes (default <job>-best.yaml next to the job file).")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (host:port); default: an embedded local Ray.", envvar="CKD_RAY_ADDRESS")] = None,
-    storage: Annotated[Path, typer.Option(help="Folder of Ray Tune's experiment records.")] = Path("runs/tune"),
+    storage: Annotated[Path, typer.Option(help="Folder of Ray Tune's experiment records (a hidden folder under runs/: never a job's snapshot folder).")] = Path("runs/.tune"),
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write every trial's figures as JSON ('-' for stdout).")] = None,
 ):
     """Search the job's tune.space with Ray Tune + ASHA on the first blocks; write the best job file."""

@@ -157,7 +157,7 @@ def test_rows_without_a_time_count_from_the_first_block_and_bad_files_are_refuse
         ingest_labelled_file(store, bad)
     import continual_kd.cli as cli_module
 
-    r = CliRunner().invoke(cli_module.app, ["ingest-labelled", str(bad), "--store", str(tmp_path / "store")])
+    r = CliRunner().invoke(cli_module.app, ["ingest-labelled", str(bad), "--store", str(store.root)])
     assert r.exit_code == 2 and "bad.csv" in r.output
     words = tmp_path / "words.csv"
     words.write_text("user,item,label\nu1,i1,yes\n")
@@ -169,7 +169,7 @@ def test_rows_without_a_time_count_from_the_first_block_and_bad_files_are_refuse
     assert (r.rows_read, r.rows_taken, r.rows_dropped, r.positives) == (3, 2, 1, 1)
     header = tmp_path / "header.csv"
     header.write_text("user,item,label\n")
-    r = CliRunner().invoke(cli_module.app, ["ingest-labelled", str(header), "--store", str(tmp_path / "store")])
+    r = CliRunner().invoke(cli_module.app, ["ingest-labelled", str(header), "--store", str(store.root)])
     assert r.exit_code == 2 and "header.csv: the file has no rows" in r.output
     holes = tmp_path / "holes.parquet"  # rows without a user, a label or a time are dropped and counted
     pq.write_table(pa.table({"user": ["u1", None, "u2", "u3"], "item": ["i1", "i2", "i3", "i4"],

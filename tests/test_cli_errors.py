@@ -51,8 +51,8 @@ CASES = [
     ("duplicate-column", lambda: ["ingest", _file("dup.csv", "user,user,item,timestamp\nu7,u8,i1,1600000000\n"),
                                   "--store", "store"], "'user' appears 2 times"),
     ("header-only", lambda: ["ingest", _file("header.csv", "user,item,timestamp\n"), "--store", "store"], "header.csv"),
-    ("ragged-rows", lambda: ["ingest", _file("ragged.csv", "user,item,timestamp\nu1,i1,1600000000,9,9\n"),
-                             "--store", "store"], "ragged.csv"),
+    ("ragged-rows", lambda: ["ingest", _file("ragged.csv", "user,item,timestamp\nu7,i1,1600000000\n\nu8,i1,1600000000,9,9\n"),
+                             "--store", "store"], "ragged.csv: it could not be parsed as delimited text at line 4"),
     ("unknown-column-flag", lambda: ["ingest", _file("new.csv", GOOD_CSV.replace("u1", "u7")), "--store", "store",
                                      "--user-col", "nope"], "'nope'"),
     ("id-of-wrong-type", lambda: ["ingest", _file("listid.parquet", pa.table({"user": [[1, 2]], "item": ["i"],
@@ -60,8 +60,12 @@ CASES = [
                                   "--store", "store"], "user"),
     ("refused-into-a-new-store", lambda: ["ingest", _file("bad.csv", "user,timestamp\nu1,1600000000\n"), "--store",
                                           "not-a-store"], "item"),
-    ("labelled-refused-into-a-new-store", lambda: ["ingest-labelled", _file("lab.csv", "user,item\nu1,i1\n"),
-                                                   "--store", "not-a-store"], "label"),
+    ("labelled-into-no-store", lambda: ["ingest-labelled", _file("lab.csv", "user,item,label\nu1,i1,1\n"),
+                                        "--store", "not-a-store"], "--store not-a-store: no stream store there"),
+    ("kg-into-no-store", lambda: ["ingest-kg", _file("kg.csv", "item,relation,tail\ni1,genre,g1\n"),
+                                  "--store", "not-a-store"], "--store not-a-store: no stream store there"),
+    ("labelled-without-label", lambda: ["ingest-labelled", _file("lab.csv", "user,item\nu1,i1\n"), "--store",
+                                        "store"], "label"),
     ("store-is-a-file", lambda: ["ingest", "good.csv", "--store", "good.csv"], "is a file"),
     ("yaml-syntax", lambda: ["submit", _job("name: x\nteachers: [\n")], "not valid YAML at line"),
     ("yaml-not-a-mapping", lambda: ["submit", _job("- a\n- b\n")], "must be a YAML mapping"),
@@ -188,3 +192,38 @@ def test_binary_bytes_of_a_bad_file_never_reach_the_message(cli, store):
     assert r.exit_code == 2 and "junk.csv" in r.output, r.output
     line = next(line for line in r.output.splitlines() if line.startswith("error:"))
     assert "\ufffd" not in r.output and all(ch.isprintable() for ch in line) and len(line) < 400
+
+
+def test_watch_once_says_which_files_it_left_because_they_just_changed(cli, store):
+    """A file copied in a moment ago (its time is now) is not taken by `--watch --once` under the default
+    `--settle 2s`: it is named and left, the store unchanged, exit 0; the next look with `--settle 0` takes it."""
+    inbox = Path("inbox")
+    inbox.mkdir()
+    (inbox / "fresh.csv").write_text(GOOD_CSV.replace("u1", "u9"))
+    before = StreamStore.open(store).fingerprint()
+    r = cli("ingest", "--store", "store", "--watch", "inbox", "--once")
+    assert r.exit_code == 0, r.output
+    assert "1 file(s) in inbox changed within the last 2s" in r.stderr and "fresh.csv" in r.stderr
+    assert StreamStore.open(store).fingerprint() == before and (inbox / "fresh.csv").exists()
+    r = cli("ingest", "--store", "store", "--watch", "inbox", "--once", "--settle", "0")
+    assert r.exit_code == 0 and "left for the next look" not in r.stderr and not (inbox / "fresh.csv").exists()
+    assert StreamStore.open(store).fingerprint() != before
+
+
+@pytest.mark.parametrize("start, end, says", [(0, 3, "running 0..2"), (2, 3, "running 2"),
+                                              (3, 3, "every block done; waiting for new data")])
+def test_the_plan_line_says_what_runs(start, end, says):
+    """`submit --follow` after every fixed block was done printed "running 3..2"."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from continual_kd.cli import _BlockProgress
+
+    buf = io.StringIO()
+    progress = _BlockProgress(Console(file=buf, width=200))
+    plan = SimpleNamespace(plan_id="p1", num_blocks=3, blocks=[SimpleNamespace(rows=10)] * 3)
+    progress({"type": "plan", "plan": plan, "start": start, "end": end})
+    progress.stop()
+    assert buf.getvalue().splitlines()[0] == f"block plan p1: 3 blocks (10, 10, 10 rows), {says}"

@@ -74,6 +74,10 @@ def test_files_round_trip_and_ingest(tmp_path):
     assert report.new_items == len(set(pq.read_table(stream).column("item").to_pylist()))
     with pytest.raises(CkdError, match="not a simulator's truth"):
         load_truth(stream)
+    (tmp_path / "job.yaml").write_text("name: x\n")  # a text file np.load would take for a pickle
+    with pytest.raises(CkdError, match=r"not an \.npz archive\); give the truth\.npz") as e:
+        load_truth(tmp_path / "job.yaml")
+    assert "pickle" not in str(e.value)
     csv, _, n_csv = write_simulation(tmp_path / "csv", SimulationConfig(**SMALL), "csv")
     assert csv.suffix == ".csv" and n_csv == n
 

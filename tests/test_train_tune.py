@@ -213,3 +213,15 @@ def test_ctrl_c_interrupts_a_search_in_one_line_and_writes_no_job(tiny_job, tmp_
     said = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130 and "interrupted (Ctrl-C)" in said and "Traceback" not in said, said[-2000:]
     assert not (path.parent / "cc-best.yaml").exists()
+
+
+def test_tunes_records_never_share_a_folder_with_a_jobs_snapshots():
+    """`ckd tune`'s default --storage is a folder no job name can give (a job named `tune` snapshots into
+    runs/tune; its `--restart` refused to delete a folder holding Tune's records)."""
+    import inspect
+
+    from continual_kd.config import SAFE_NAME
+    from continual_kd.runtime.tune import run_tune
+
+    default = inspect.signature(run_tune).parameters["storage"].default
+    assert default.parent.name == "runs" and not SAFE_NAME.fullmatch(default.name)

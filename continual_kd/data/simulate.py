@@ -296,6 +296,9 @@ def load_truth(path: str | Path) -> SimulationTruth:
     path = Path(path)
     if path.is_dir():
         path = path / TRUTH_FILE
+    if path.is_file() and not zipfile.is_zipfile(path):  # np.load would read any other file as a pickle
+        raise CkdError(f"--truth {path}: not a simulator's truth file (not an .npz archive); give the truth.npz "
+                       f"`ckd data simulate OUT` wrote (or OUT itself)")
     try:
         with np.load(path, allow_pickle=False) as z:
             taste, quality, offset = (float(x) for x in z["scalars"])

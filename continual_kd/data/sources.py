@@ -80,7 +80,8 @@ def open_source(source: SourceSpec) -> StreamStore:
         # an empty store of a dataset source (left by a failed build of an older version): fill it now
     elif source.dataset == "store":
         raise CkdError(f"source.store {root}: no stream store there; fill one with `ckd ingest FILE --store {root}` "
-                       f"or set source.dataset to movielens-100k or synthetic")
+                       f"or `ckd data movielens-100k [--kg] --store {root}` (see the job file's comments), or set "
+                       f"source.dataset to movielens-100k or synthetic")
     store, _ = build_store(source.dataset, root, source.synthetic)
     return store
 

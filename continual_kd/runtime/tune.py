@@ -207,7 +207,7 @@ def write_job(path: Path, data: dict, header: str) -> None:
     tmp.replace(path)
 
 
-def run_tune(job_file: Path, address: str | None = None, out: Path | None = None, storage: Path = Path("runs/tune"),
+def run_tune(job_file: Path, address: str | None = None, out: Path | None = None, storage: Path = Path("runs/.tune"),
              progress: Callable[[dict], None] | None = None) -> TuneOutcome:
     """Run the search of ``job_file``'s ``tune`` section; write the best job file (default
     ``<job>-best.yaml`` next to it) and return every trial's figures."""

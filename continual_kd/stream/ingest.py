@@ -17,7 +17,7 @@ import csv
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -135,12 +135,28 @@ def table_batches(table: pa.Table, columns: ColumnMap, source: str) -> tuple[dic
     return cols, iter(table.select(list(dict.fromkeys(cols.values()))).to_batches(max_chunksize=BATCH_ROWS))
 
 
-def _reading(batches: Iterator[pa.RecordBatch], what: str) -> Iterator[pa.RecordBatch]:
-    """``batches``, with a read error part-way through the file turned into one CkdError line."""
+def _reading(batches: Iterator[pa.RecordBatch], what: str | Callable[[BaseException], str]) -> Iterator[pa.RecordBatch]:
+    """``batches``, with a read error part-way through the file turned into one CkdError line (``what``: its
+    beginning, or a function of the error that gives it)."""
     try:
         yield from batches
     except (pa.ArrowException, OSError) as e:
-        raise CkdError(f"{what} ({_first_line(e)}).") from None
+        raise CkdError(f"{what(e) if callable(what) else what} ({_first_line(e)}).") from None
+
+
+def _ragged_line(path: Path, delimiter: str, width: int) -> int | None:
+    """The number of the first line (the header is line 1) whose record has not ``width`` fields; the error path
+    only (pyarrow's message does not say where), so a plain scan with the csv module is enough."""
+    try:
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            rows = csv.reader(f, delimiter=delimiter)
+            next(rows, None)
+            for row in rows:
+                if row and len(row) != width:
+                    return rows.line_num
+    except (OSError, csv.Error):
+        return None
+    return None
 
 
 def _decode_head(head: bytes) -> str | None:
@@ -171,6 +187,11 @@ def _csv_batches(path: Path, columns: ColumnMap) -> tuple[dict[str, str], Iterat
     delimiter = sniff_delimiter(header, path)
     names = [n.strip() for n in next(csv.reader([header], delimiter=delimiter))]
     cols = resolve_columns(names, columns, str(path))
+
+    def not_delimited(e: BaseException) -> str:
+        line = _ragged_line(path, delimiter, len(names)) if "columns, got" in str(e) else None
+        return f"Cannot ingest {path}: it could not be parsed as delimited text{f' at line {line}' if line else ''}"
+
     # Every column as text: ids keep leading zeros, timestamps/weights are parsed row by row later.
     try:
         reader = pacsv.open_csv(
@@ -181,8 +202,8 @@ def _csv_batches(path: Path, columns: ColumnMap) -> tuple[dict[str, str], Iterat
                                                  include_columns=list(dict.fromkeys(cols.values()))),
         )
     except (pa.ArrowException, OSError) as e:
-        raise CkdError(f"Cannot ingest {path}: it could not be parsed as delimited text ({_first_line(e)}).") from None
-    return cols, _reading(reader, f"Cannot ingest {path}: it could not be parsed as delimited text")
+        raise CkdError(f"{not_delimited(e)} ({_first_line(e)}).") from None
+    return cols, _reading(reader, not_delimited)
 
 
 # --- columns -------------------------------------------------------------------------------
