@@ -269,7 +269,7 @@ def _watch(st, folder: Path, cols, poll: str, settle: str, once: bool) -> None:
         watch_folder(st, folder, cols, poll_s, settle_s, once, stop, on_event)
     finally:
         restore_signals(old)
-    if once:  # files still there that were not retried: written or copied in within the last --settle
+    if once and not stop.is_set():  # files still there that were not retried: written or copied in within --settle
         unsettled = set(ready_files(folder, 0.0)) - {e.path for e in retries}
         if unsettled:
             err.print(_m("[yellow]{} file(s) in {} changed within the last {:g}s (--settle), so they may still be "
@@ -758,6 +758,7 @@ def recommend(
 ):
     """Serve a snapshot's student: the top-k unseen items for each --user (external ids in and out)."""
     import numpy as np
+    import torch
 
     from .continual.snapshot_eval import recommend_from_snapshot
     from .manifest import block_manifest_problem
@@ -787,7 +788,7 @@ def recommend(
         return _explained(snap, store, seen, user, dense, k, model, reasons, json_path)
     items, scores = recommend_from_snapshot(snap, seen, dense, k, model)
     names = np.asarray(store.external_ids("item", items.flatten().numpy()), dtype=object).reshape(tuple(items.shape))
-    unseen = scores > float("-inf")  # k past a user's unseen items: the list ends with them (seen ones score -inf)
+    unseen = ~torch.isneginf(scores)  # k past a user's unseen items: the list ends with them (seen ones score -inf)
     payload = {}
     t = Table(title=_m("{} @ block-{:04d}: top-{}", model, snap.block, k))
     t.add_column("user", overflow="fold")

@@ -53,18 +53,24 @@ def nap_until(stop, seconds: float, nap: float = 0.05) -> bool:
 
 
 def catch_stop_signals(stop, interrupt_on_second: bool = False) -> dict:
-    """SIGINT / SIGTERM → ``stop.set()``; with ``interrupt_on_second`` a signal after the stop was asked for raises
-    KeyboardInterrupt (stop now). → the handlers replaced, for ``restore_signals`` ({} off the main thread, where
-    Python cannot install handlers)."""
+    """SIGINT / SIGTERM → ``stop.set()``; with ``interrupt_on_second`` a signal after the stop was asked for stops
+    now: the handler it replaced runs (the CLI's Ctrl-C line for SIGINT, Ray's exit for SIGTERM), else
+    KeyboardInterrupt. → the handlers replaced, for ``restore_signals`` ({} off the main thread, where Python cannot
+    install handlers)."""
     if threading.current_thread() is not threading.main_thread():
         return {}
+    replaced: dict = {}
 
-    def handler(_signum, _frame) -> None:
+    def handler(signum, frame) -> None:
         if interrupt_on_second and stop.is_set():
+            previous = replaced.get(signum)
+            if callable(previous):
+                previous(signum, frame)
             raise KeyboardInterrupt
         stop.set()
 
-    return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    replaced.update({sig: signal.signal(sig, handler) for sig in STOP_SIGNALS})
+    return dict(replaced)
 
 
 def restore_signals(handlers: dict) -> None:

@@ -3,6 +3,8 @@ the problem (file / field / row and the fix), no traceback, and the store's cont
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -200,6 +202,8 @@ def test_watch_once_says_which_files_it_left_because_they_just_changed(cli, stor
     inbox = Path("inbox")
     inbox.mkdir()
     (inbox / "fresh.csv").write_text(GOOD_CSV.replace("u1", "u9"))
+    ahead = time.time() + 30  # its time a little ahead of the clock: "just changed" however slow this box is
+    os.utime(inbox / "fresh.csv", (ahead, ahead))
     before = StreamStore.open(store).fingerprint()
     r = cli("ingest", "--store", "store", "--watch", "inbox", "--once")
     assert r.exit_code == 0, r.output

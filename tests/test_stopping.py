@@ -41,6 +41,34 @@ def test_a_signal_sets_the_flag_a_second_interrupts_and_the_handlers_come_back()
     assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
 
 
+def test_a_second_signal_runs_the_handler_it_replaced():
+    """`submit --follow`: a second Ctrl-C stops at once through the handler that was there before (the CLI's, which
+    prints the "interrupted" line); a handler that is not a function (the default) → KeyboardInterrupt."""
+    calls = []
+
+    def before(signum, frame):
+        calls.append(signum)
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGINT, before)
+    try:
+        stop = StopFlag()
+        handlers = catch_stop_signals(stop, interrupt_on_second=True)
+        assert handlers[signal.SIGINT] is before
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert nap_until(stop, 5.0) and calls == []  # the first only asks for the stop
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+            assert calls == [signal.SIGINT]
+        finally:
+            restore_signals(handlers)
+        assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def test_the_flag_holds_no_lock_a_nested_handler_could_wait_on():
     """A signal handler runs between two bytecodes of whatever the main thread does, even inside an earlier
     handler: a threading.Event's set there waits for its own lock for ever. The flag's set takes none."""
@@ -89,6 +117,7 @@ def test_ctrl_c_twice_stops_serve_at_once_and_quietly(tiny_job, tmp_path):
                 time.sleep(0.3)
         assert health.get("status") == "waiting", health
         proc.send_signal(signal.SIGINT)
+        time.sleep(0.1)  # two deliveries, not one pending signal: the second lands while the first is handled or after
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     finally:

@@ -223,5 +223,8 @@ def test_tunes_records_never_share_a_folder_with_a_jobs_snapshots():
     from continual_kd.config import SAFE_NAME
     from continual_kd.runtime.tune import run_tune
 
+    from continual_kd.cli import tune
+
     default = inspect.signature(run_tune).parameters["storage"].default
     assert default.parent.name == "runs" and not SAFE_NAME.fullmatch(default.name)
+    assert inspect.signature(tune).parameters["storage"].default == default  # what `ckd tune` passes

@@ -46,7 +46,7 @@ def explain_recommendations(learners: dict, store, seen: Interactions, users: np
     served.observe(known.users, known.items)
     u = torch.as_tensor(np.asarray(users), dtype=torch.int64)
     recs, scores = top_k_items(served, u, k, known)
-    listed = scores > float("-inf")  # k past a user's unseen items: the list ends there (known items score -inf)
+    listed = ~torch.isneginf(scores)  # k past a user's unseen items: the list ends there (known items score -inf)
     width = int(listed.sum(1).max()) if len(u) else 0
     recs, scores, listed = recs[:, :width], scores[:, :width], listed[:, :width]
     t_rec = time.perf_counter() - t0

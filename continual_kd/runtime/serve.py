@@ -164,9 +164,11 @@ def serve_job(job, host: str, port: int, poll_s: float, replicas: int, torch_thr
     runs_dir = job.snapshot_dir.resolve()
     with ray_session(namespace="ckd-serve", dashboard_port=dashboard_port or free_port()) as session:
         handlers = catch_stop_signals(stop)  # after ray.init, which sets its own SIGTERM handler
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's driver-side start-up chatter
-        serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
+        started = False
         try:
+            logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's driver-side start-up chatter
+            serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
+            started = True
             app = RecommendServer.options(num_replicas=replicas).bind(
                 str(store_root), job.name, str(runs_dir), poll_s, torch_threads)
             try:
@@ -191,6 +193,6 @@ def serve_job(job, host: str, port: int, poll_s: float, replicas: int, torch_thr
             # a Ray this call joined (a test's) keeps running, so Serve is taken down in it; our own embedded Ray
             # goes down whole with the session (Serve's shutdown there only printed the raylet's noise that its
             # controller's graceful_shutdown "failed")
-            if not session.started_here:
+            if started and not session.started_here:
                 serve.shutdown()
             restore_signals(handlers)

@@ -49,7 +49,7 @@ def ready_files(folder: Path, settle_s: float, now: float | None = None) -> list
             mtime = entry.stat(follow_symlinks=False).st_mtime
         except FileNotFoundError:
             continue  # moved away meanwhile
-        if now - mtime >= settle_s:
+        if settle_s <= 0 or now - mtime >= settle_s:  # 0: every file, even one whose time is ahead of the clock
             found.append((mtime, name))
     return [folder / name for _, name in sorted(found)]
 
