@@ -196,6 +196,16 @@ def test_binary_bytes_of_a_bad_file_never_reach_the_message(cli, store):
     assert "\ufffd" not in r.output and all(ch.isprintable() for ch in line) and len(line) < 400
 
 
+def test_a_ragged_record_is_named_by_the_line_it_starts_on(tmp_path):
+    from continual_kd.stream.ingest import _ragged_line
+
+    f = tmp_path / "q.csv"  # records that span two lines (quoted newlines); the second one has a field too many
+    f.write_text('user,item,timestamp\nu1,"i\n1",1600000000\n\nu2,"i\n2",1600000001,9\n')
+    assert _ragged_line(f, ",", 3) == 5
+    f.write_text("user\titem\ttimestamp\nu1\ti1\t1\n")
+    assert _ragged_line(f, "\t", 3) is None
+
+
 def test_watch_once_says_which_files_it_left_because_they_just_changed(cli, store):
     """A file copied in a moment ago (its time is now) is not taken by `--watch --once` under the default
     `--settle 2s`: it is named and left, the store unchanged, exit 0; the next look with `--settle 0` takes it."""

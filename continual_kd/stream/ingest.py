@@ -151,9 +151,11 @@ def _ragged_line(path: Path, delimiter: str, width: int) -> int | None:
         with open(path, newline="", encoding="utf-8", errors="replace") as f:
             rows = csv.reader(f, delimiter=delimiter)
             next(rows, None)
+            before = rows.line_num  # a record may span lines (quoted newlines): name the line it starts on
             for row in rows:
                 if row and len(row) != width:
-                    return rows.line_num
+                    return before + 1
+                before = rows.line_num
     except (OSError, csv.Error):
         return None
     return None
